@@ -1,0 +1,1 @@
+"""Entry points: one thin module per stage plus the ``mmcorpus`` CLI."""

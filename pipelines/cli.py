@@ -1,0 +1,77 @@
+"""The ``mmcorpus`` command: a thin dispatcher to one module per subcommand.
+
+Each subcommand module exposes ``main(argv: list[str]) -> int``. Modules are imported only when
+their command runs, so ``mmcorpus --help`` stays fast and a missing optional extra only breaks the
+command that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+
+from schemas.errors import UserError
+
+# name -> (module, one-line help). Add a line here to add a command.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "filter": ("pipelines.filter", "ingest raw inputs and apply caption/image filters"),
+    "dedup": ("pipelines.dedup", "exact + near-duplicate removal (MinHash LSH, perceptual hashes)"),
+    "rewrite": ("pipelines.rewrite", "rewrite captions into QA pairs through an OpenAI-compatible endpoint"),
+    "rewriter": ("rewriter.cli", "seed annotation, SFT export, fine-tuning and serving of the rewriter"),
+    "pack": ("pipelines.pack", "token accounting and packing into Parquet/WebDataset training shards"),
+    "export": ("pipelines.export", "export data for other tools (e.g. MiniCPM-V fine-tuning JSON)"),
+    "verify": ("pipelines.verify", "check a stage output's invariants and checksums"),
+    "inspect": ("pipelines.inspect", "show what an output directory holds; trace a key"),
+    "stats": ("pipelines.stats", "statistics and plots of an output directory"),
+    "demo": ("pipelines.demo", "run the whole pipeline on the bundled sample data"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mmcorpus COMMAND [ARGS] [BEAM PIPELINE OPTIONS]", "", "commands:"]
+    for name, (module, help_) in COMMANDS.items():
+        try:
+            available = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            available = False
+        if available:
+            lines.append(f"  {name:<10} {help_}")
+    lines += [
+        "",
+        "Run `mmcorpus COMMAND --help` for a command's flags. Flags a command does not know are",
+        "passed to Apache Beam, e.g. --runner DataflowRunner --project P --region R --temp_location gs://...",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=os.environ.get("MMCORPUS_LOG_LEVEL", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from transforms.stage_io import software_version
+
+        print(f"mmcorpus {software_version()}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"mmcorpus: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except UserError as e:
+        print(f"mmcorpus {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

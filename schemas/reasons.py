@@ -1,0 +1,79 @@
+"""The fixed vocabulary of ledger reasons, one constant per reason, grouped by stage.
+
+Counters and ledger rows only ever use these names; ``check_reason`` guards against typos.
+"""
+
+from __future__ import annotations
+
+OK = "ok"
+
+# --- ingest (read before any filter ran) -----------------------------------------------------
+DOWNLOAD_FAILED = "download_failed"  # img2dataset status != success (its error_message in detail)
+MISSING_FROM_TAR = "missing_from_tar"  # status file says success, but the tar has no such sample
+TAR_TRUNCATED = "tar_truncated"  # tar ends inside a member; the member (and the rest) are lost
+TAR_UNREADABLE = "tar_unreadable"  # not a tar at all / header checksum errors
+UNSAFE_MEMBER_NAME = "unsafe_member_name"  # absolute path, '..', or a key with dots/slashes
+DUPLICATE_KEY = "duplicate_key"  # a second record with a key already seen in this stage
+ROW_UNREADABLE = "row_unreadable"  # malformed csv/jsonl row
+CAPTION_MISSING = "caption_missing"  # no caption at all (null / no .txt member)
+CAPTION_INVALID_UTF8 = "caption_invalid_utf8"
+URL_MISSING = "url_missing"
+
+# --- caption filters -------------------------------------------------------------------------
+CAPTION_EMPTY = "caption_empty"
+CAPTION_TOO_SHORT_CHARS = "caption_too_short_chars"
+CAPTION_TOO_SHORT_WORDS = "caption_too_short_words"
+CAPTION_TOO_LONG_CHARS = "caption_too_long_chars"
+CAPTION_TOO_LONG_WORDS = "caption_too_long_words"
+CAPTION_CONTROL_CHARS = "caption_control_chars"
+CAPTION_NON_ALPHA = "caption_non_alpha"
+CAPTION_REPETITIVE = "caption_repetitive"
+CAPTION_BOILERPLATE = "caption_boilerplate"
+CAPTION_LANGUAGE = "caption_language"
+
+# --- image filters ---------------------------------------------------------------------------
+IMAGE_EMPTY = "image_empty"
+IMAGE_UNDECODABLE = "image_undecodable"
+IMAGE_TRUNCATED = "image_truncated"
+IMAGE_FORMAT = "image_format"
+IMAGE_TOO_MANY_PIXELS = "image_too_many_pixels"  # decompression-bomb guard, checked from the header
+IMAGE_TOO_SMALL = "image_too_small"
+IMAGE_ASPECT_RATIO = "image_aspect_ratio"
+
+# --- dedup -----------------------------------------------------------------------------------
+EXACT_CAPTION = "exact-caption"
+EXACT_IMAGE = "exact-image"
+NEAR_CAPTION = "near-caption"
+NEAR_IMAGE = "near-image"
+
+# --- rewrite ---------------------------------------------------------------------------------
+REWRITE_SKIPPED = "rewrite_skipped"  # kept as is: policy did not select it (status kept)
+REWRITE_INVALID_JSON = "rewrite_invalid_json"
+REWRITE_OFF_FORMAT = "rewrite_off_format"
+REWRITE_TRUNCATED = "rewrite_truncated"
+REWRITE_EMPTY = "rewrite_empty"
+REWRITE_UNFAITHFUL = "rewrite_unfaithful"
+REWRITE_EXHAUSTED_RETRIES = "rewrite_exhausted_retries"
+REWRITE_CLIENT_ERROR = "rewrite_client_error"  # non-retryable 4xx
+
+# --- pack ------------------------------------------------------------------------------------
+PACK_TOO_LONG = "pack_too_long"  # sample longer than the sequence length and splitting is off
+PACK_TOO_MANY_IMAGES = "pack_too_many_images"
+PACK_NO_IMAGE = "pack_no_image"
+PACK_IMAGE_UNDECODABLE = "pack_image_undecodable"
+
+# --- unexpected exceptions (dead letter): "exception_<ExcType>" ------------------------------
+EXCEPTION_PREFIX = "exception_"
+
+ALL = frozenset(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and k != "EXCEPTION_PREFIX")
+
+
+def exception_reason(exc: BaseException) -> str:
+    """Dead-letter reason for an unexpected exception: its type name only, never its text."""
+    return EXCEPTION_PREFIX + type(exc).__name__
+
+
+def check_reason(reason: str) -> str:
+    if reason in ALL or reason.startswith(EXCEPTION_PREFIX):
+        return reason
+    raise ValueError(f"unknown ledger reason {reason!r}; add it to schemas/reasons.py")

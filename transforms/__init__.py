@@ -1,0 +1,1 @@
+"""Beam building blocks: ingest, filters, dedup, rewrite, packing and shard I/O."""
