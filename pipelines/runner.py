@@ -23,7 +23,10 @@ log = logging.getLogger("mmcorpus")
 def add_stage_args(parser: argparse.ArgumentParser) -> None:
     """Flags every stage command shares. Anything not recognised goes to Beam's PipelineOptions."""
     parser.add_argument("--output", required=True, help="output directory (local path or gs://, s3://)")
-    parser.add_argument("--num-shards", type=int, default=8, help="key-hash shards of data and ledger (default 8)")
+    parser.add_argument(
+        "--num-shards", "--num_shards", dest="num_shards", type=int, default=8,
+        help="key-hash shards of data and ledger (default 8)",
+    )
     parser.add_argument("--config", help="TOML config file; its sections override the defaults")
     parser.add_argument("--force", action="store_true", help="rerun even if the output is up to date")
 
@@ -96,7 +99,7 @@ def run_stage(
     output_dir: str,
     config: dict[str, Any],
     input_info: dict[str, Any],
-    build: Callable[[beam.Pipeline], "beam.PCollection | tuple[beam.PCollection, dict]"],
+    build: Callable[[beam.Pipeline], Any],
     beam_args: list[str],
     num_shards: int = 8,
     force: bool = False,
@@ -109,7 +112,9 @@ def run_stage(
         config: resolved stage config (hashed into the manifest; decides whether a rerun is needed).
         input_info: input description with a ``fingerprint``.
         build: ``build(pipeline) -> outcomes`` or ``(outcomes, {name: single-value PCollection})``
-            whose values go into ``manifest.extra``.
+            whose values go into ``manifest.extra``, or a dict ``{"outcomes": .., "extra": {..},
+            "files": PCollection[FileEntry], "write_data": bool}`` for stages that write their own
+            files (see ``WriteStageOutput``).
         beam_args: pass-through Beam flags (``--runner``, ``--project``, ``--direct_num_workers`` ...).
         num_shards: data/ledger shards.
         force: rerun even when up to date.
@@ -124,9 +129,21 @@ def run_stage(
     clear_output(output_dir)
     with beam.Pipeline(options=beam_options(beam_args)) as p:
         built = build(p)
-        outcomes, extra = built if isinstance(built, tuple) else (built, {})
-        _ = outcomes | f"Write_{stage}" >> WriteStageOutput(
-            output_dir, stage, full_config, input_info, num_shards=num_shards, extra=extra
+        if isinstance(built, dict):
+            spec = dict(built)
+        elif isinstance(built, tuple):
+            spec = {"outcomes": built[0], "extra": built[1]}
+        else:
+            spec = {"outcomes": built}
+        _ = spec["outcomes"] | f"Write_{stage}" >> WriteStageOutput(
+            output_dir,
+            stage,
+            full_config,
+            input_info,
+            num_shards=num_shards,
+            extra=spec.get("extra") or {},
+            write_data=spec.get("write_data", True),
+            files=spec.get("files"),
         )
     m = _existing_manifest(output_dir)
     if m is None:

@@ -127,10 +127,11 @@ def _sort_key(o: Outcome) -> tuple:
 class WriteShardFn(beam.DoFn):
     """Writes one shard's data file and ledger file; resolves duplicate keys."""
 
-    def __init__(self, output_dir: str, stage: str, num_shards: int):
+    def __init__(self, output_dir: str, stage: str, num_shards: int, write_data: bool = True):
         self.output_dir = output_dir
         self.stage = stage
         self.num_shards = num_shards
+        self.write_data = write_data
 
     def setup(self):
         self._counters: dict[str, Any] = {}
@@ -151,7 +152,7 @@ class WriteShardFn(beam.DoFn):
             if o.status not in STATUSES:
                 raise ValueError(f"bad status {o.status!r} for key {o.key!r}")
             reasons.check_reason(o.reason)
-            if o.status == KEPT:
+            if o.status == KEPT and self.write_data:
                 if o.pair is None:
                     raise ValueError(f"kept outcome without a record for key {o.key!r}")
                 if o.key in first_source:
@@ -211,8 +212,8 @@ class WriteManifestFn(beam.DoFn):
         self.config = config
         self.input_info = input_info
 
-    def process(self, _, results: list[ShardResult], inputs: int, extra: dict):
-        files = sorted((f for r in results for f in r.files), key=lambda f: f.path)
+    def process(self, _, results: list[ShardResult], inputs: int, extra: dict, other_files: list[FileEntry]):
+        files = sorted([f for r in results for f in r.files] + list(other_files), key=lambda f: f.path)
         counts = summarize_counts((r.counts for r in results), inputs)
         manifest = Manifest(
             stage=self.stage,
@@ -245,6 +246,10 @@ class WriteStageOutput(beam.PTransform):
         input_info: description and fingerprint of the input (see ``fingerprint_files``).
         num_shards: number of key-hash shards; pick so a shard is a few hundred MB at most.
         extra: optional ``{name: PCollection}`` of single values merged into ``manifest.extra``.
+        write_data: False for stages whose outputs are not Pair rows (pack): kept outcomes then need
+            no ``pair`` and only the ledger is written here.
+        files: optional PCollection of ``FileEntry`` for files the stage wrote itself (e.g. pack
+            shards, index.json); they are listed in the manifest with the data and ledger files.
 
     Returns the PCollection holding the one ``Manifest`` written.
 
@@ -260,6 +265,8 @@ class WriteStageOutput(beam.PTransform):
         input_info: dict,
         num_shards: int = 8,
         extra: dict[str, beam.PCollection] | None = None,
+        write_data: bool = True,
+        files: beam.PCollection | None = None,
     ):
         super().__init__()
         if num_shards < 1:
@@ -270,6 +277,8 @@ class WriteStageOutput(beam.PTransform):
         self.input_info = input_info
         self.num_shards = num_shards
         self.extra = extra or {}
+        self.write_data = write_data
+        self.files = files
 
     def expand(self, outcomes):
         n = self.num_shards
@@ -278,7 +287,7 @@ class WriteStageOutput(beam.PTransform):
             outcomes
             | "ShardByKey" >> beam.Map(lambda o: (shard_of(o.key, n), o))
             | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards" >> beam.ParDo(WriteShardFn(self.output_dir, self.stage, n))
+            | "WriteShards" >> beam.ParDo(WriteShardFn(self.output_dir, self.stage, n, self.write_data))
         )
         pipeline = outcomes.pipeline
         extras = [
@@ -288,6 +297,7 @@ class WriteStageOutput(beam.PTransform):
             extra = extras | "FlattenExtras" >> beam.Flatten() | "MergeExtras" >> beam.CombineGlobally(_merge_dicts)
         else:
             extra = pipeline | "NoExtras" >> beam.Create([{}])
+        other_files = self.files if self.files is not None else pipeline | "NoOtherFiles" >> beam.Create([])
         return (
             pipeline
             | "ManifestTrigger" >> beam.Create([None])
@@ -297,6 +307,7 @@ class WriteStageOutput(beam.PTransform):
                 results=beam.pvalue.AsList(results),
                 inputs=beam.pvalue.AsSingleton(inputs),
                 extra=beam.pvalue.AsSingleton(extra),
+                other_files=beam.pvalue.AsList(other_files),
             )
         )
 
