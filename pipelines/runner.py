@@ -125,9 +125,17 @@ def run_stage(
         m = is_up_to_date(output_dir, full_config, input_info)
         if m is not None:
             log.info("%s: %s is up to date (config %s), skipping", stage, output_dir, m.config_hash[:12])
+            from pipelines import progress
+
+            progress.record_stage(stage, time.monotonic() - t0, m.counts.get("inputs"), m.counts.get("outputs"),
+                                  skipped=True, output_dir=output_dir)
             return StageResult(manifest=m, skipped=True, seconds=time.monotonic() - t0)
     clear_output(output_dir)
-    with beam.Pipeline(options=beam_options(beam_args)) as p:
+    from pipelines import progress  # live counter + time-per-stage summary (issue 6)
+
+    with progress.stage_progress(stage, total=input_info.get("records")), beam.Pipeline(
+        options=beam_options(beam_args)
+    ) as p:
         built = build(p)
         if isinstance(built, dict):
             spec = dict(built)
@@ -135,7 +143,8 @@ def run_stage(
             spec = {"outcomes": built[0], "extra": built[1]}
         else:
             spec = {"outcomes": built}
-        _ = spec["outcomes"] | f"Write_{stage}" >> WriteStageOutput(
+        outcomes = spec["outcomes"] | f"Progress_{stage}" >> progress.ReportProgress(stage)
+        _ = outcomes | f"Write_{stage}" >> WriteStageOutput(
             output_dir,
             stage,
             full_config,
@@ -148,7 +157,9 @@ def run_stage(
     m = _existing_manifest(output_dir)
     if m is None:
         raise RuntimeError(f"{stage}: pipeline finished but {output_dir}/{MANIFEST_NAME} was not written")
-    return StageResult(manifest=m, skipped=False, seconds=time.monotonic() - t0)
+    seconds = time.monotonic() - t0
+    progress.record_stage(stage, seconds, m.counts.get("inputs"), m.counts.get("outputs"), output_dir=output_dir)
+    return StageResult(manifest=m, skipped=False, seconds=seconds)
 
 
 def sha256_hex(data: bytes) -> str:
