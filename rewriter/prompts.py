@@ -1,0 +1,325 @@
+"""Versioned rewriter prompt, the JSON output contract, and the validation every response passes.
+
+The MiniCPM-V recipe turns a noisy web caption into question–answer pairs about the image and adopts
+the answer as the new caption. Here the model answers one JSON object (``OUTPUT_SCHEMA``)::
+
+    {"qa": [{"question": "What does the image show?", "answer": "A dog on a beach."}],
+     "caption": "A dog on a beach."}
+
+``caption`` is the adopted caption (normally one of the answers, or a fluent merge of them). The
+prompt text, the schema and the validation rules together are versioned by ``PROMPT_VERSION``: change
+any of them and bump it, because the version goes into the response cache key and every ledger row.
+
+Validation (``validate``) turns a completion into ``(ok, reason, parsed)``; the reasons, checked in
+this order, are the ones in ``schemas.reasons``:
+
+- ``rewrite_truncated``: ``finish_reason == "length"`` (the JSON may parse, but the model was cut off);
+- ``rewrite_empty``: no text, or ``qa`` has no pair with a non-empty answer, or ``caption`` is blank;
+- ``rewrite_invalid_json``: the text is not one JSON value;
+- ``rewrite_off_format``: valid JSON that does not match ``OUTPUT_SCHEMA`` (wrong types, missing or
+  extra keys, too many pairs, over-long strings), or a ``finish_reason`` other than ``stop``;
+- ``rewrite_unfaithful``: the faithfulness rule below fails.
+
+Faithfulness rule (no NER model is available offline, so the rule is lexical and documented exactly):
+
+1. Numbers: every digit run in the raw caption (``2,200`` is one number, ``4.7`` is one number,
+   ``24th`` gives ``24``, ``8x10`` gives ``8`` and ``10``) must appear as a number in the adopted
+   caption; ``0``–``20`` may also appear spelled out (``3`` ↔ ``three``).
+2. Named entities: these words of the raw caption must appear in the adopted caption (case-insensitive,
+   whole words):
+   a. capitalised words that do not start a sentence/segment and are not function words
+      (``the``, ``of``, ...) — only when the caption is not in Title Case (then capitals say nothing);
+   b. acronyms: all-capital words of 2+ letters (``UK``, ``NASA``) — unless the whole caption shouts;
+   c. mixed-case words starting lower-case (``iPhone``, ``eBay``).
+   Words with digits are covered by the number rule only.
+3. Garbage exemption: the rule does not apply when the raw caption is garbage — fewer than two words of
+   two or more letters, or letters are under half of its non-space characters. Rewriting garbage cannot
+   preserve it.
+
+``faithfulness_constraints(raw)`` exposes what the rule requires for a caption, so its reach can be
+measured on real captions (``bench/rewrite_faithfulness.py``).
+
+Example:
+    >>> msgs = build_messages("dog on beech beech")
+    >>> ok, reason, parsed = validate("a dog in Paris", '{"qa": [{"question": "Where?", '
+    ...     '"answer": "A dog in Paris."}], "caption": "A dog in Paris."}', "stop")
+    >>> ok, reason, parsed["caption"]
+    (True, 'ok', 'A dog in Paris.')
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from schemas import reasons
+
+PROMPT_VERSION = "qa-v1"
+
+# Bounds that keep one response small enough for a 512-token context (the CPU test server's limit).
+MAX_PAIRS = 4
+MAX_QUESTION_CHARS = 200
+MAX_ANSWER_CHARS = 400
+MAX_CAPTION_CHARS = 400
+# Longest raw caption put into a prompt; longer ones are cut (the filter stage bounds them anyway).
+MAX_INPUT_CHARS = 1000
+
+SYSTEM_PROMPT = (
+    "You rewrite noisy web image captions for a vision-language pretraining corpus. "
+    "Given a raw caption, write 1 to 4 short question-answer pairs about what the image shows, "
+    "using only facts stated in the caption. Fix grammar, spelling and repeated words. "
+    "Keep every number and every name (people, places, brands, titles, acronyms) exactly as written. "
+    "Then give the adopted caption: one fluent sentence that states all facts of the answers. "
+    'Reply with JSON only: {"qa": [{"question": "...", "answer": "..."}], "caption": "..."}'
+)
+
+USER_TEMPLATE = "Raw caption: {caption}"
+
+OUTPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "qa": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_PAIRS,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "question": {"type": "string", "maxLength": MAX_QUESTION_CHARS},
+                    "answer": {"type": "string", "maxLength": MAX_ANSWER_CHARS},
+                },
+                "required": ["question", "answer"],
+                "additionalProperties": False,
+            },
+        },
+        "caption": {"type": "string", "maxLength": MAX_CAPTION_CHARS},
+    },
+    "required": ["qa", "caption"],
+    "additionalProperties": False,
+}
+
+SCHEMA_NAME = "caption_qa"
+
+
+def build_messages(caption: str) -> list[dict[str, str]]:
+    """Chat messages (system + user) asking the rewriter to turn ``caption`` into QA JSON."""
+    text = " ".join((caption or "").split())[:MAX_INPUT_CHARS]
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": USER_TEMPLATE.format(caption=text)},
+    ]
+
+
+def response_format() -> dict[str, Any]:
+    """The ``response_format`` for OpenAI-compatible chat completions (vLLM enforces it by grammar)."""
+    return {"type": "json_schema", "json_schema": {"name": SCHEMA_NAME, "schema": OUTPUT_SCHEMA, "strict": True}}
+
+
+def render_output(qa: list[dict[str, str]], caption: str) -> str:
+    """The canonical JSON text of a valid answer (seed sets and SFT targets use this form)."""
+    return json.dumps({"qa": qa, "caption": caption}, ensure_ascii=False, separators=(", ", ": "))
+
+
+# --- faithfulness ----------------------------------------------------------------------------
+
+FUNCTION_WORDS = frozenset(
+    """a an the and or but nor of in on at to for from by with without into onto over under about
+    above below after before between through during near off out up down as is are was were be been
+    this that these those it its his her their our your my we you he she they i me him them us
+    what which who whom whose where when why how not no yes so if then than too very all any each
+    every some such only own same other both few more most new free photo image picture stock""".split()
+)
+NUMBER_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty"
+).split()
+
+_NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)*")
+_TOKEN_RE = re.compile(r"\w+")
+# A new segment starts at the text start or after sentence/segment punctuation.
+_SEGMENT_SPLIT_RE = re.compile(r"(?:[.!?:;|•·]|\s[-–—]+)\s+|\s*[\"“”(\[]\s*")
+
+
+def _numbers(text: str) -> list[str]:
+    out = []
+    for m in _NUMBER_RE.finditer(text):
+        tok = m.group(0)
+        if "," in tok:
+            head, *groups = tok.split(",")
+            if all(len(g.split(".")[0]) == 3 for g in groups):
+                out.append(tok.replace(",", ""))
+            else:
+                out.extend(tok.split(","))
+        else:
+            out.append(tok)
+    return [_norm_number(n) for n in out if n]
+
+
+def _norm_number(n: str) -> str:
+    if "." in n:
+        whole, frac = n.split(".", 1)
+        whole = whole.lstrip("0") or "0"
+        return f"{whole}.{frac}"
+    return n.lstrip("0") or "0"
+
+
+def _words(text: str) -> list[str]:
+    """Whole words of letters only: tokens holding a digit (``KA2``, ``4K``) belong to the number rule."""
+    tokens = _TOKEN_RE.findall(unicodedata.normalize("NFKC", text))
+    return [t for t in tokens if t.isalpha()]
+
+
+def is_garbage(raw: str) -> bool:
+    """True when the caption is too broken for the faithfulness rule to apply (see module doc)."""
+    raw = raw or ""
+    if sum(1 for w in _words(raw) if len(w) >= 2) < 2:
+        return True
+    chars = [c for c in raw if not c.isspace()]
+    letters = sum(1 for c in chars if c.isalpha())
+    return letters < 0.5 * len(chars)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What the faithfulness rule requires of a rewrite of one raw caption."""
+
+    garbage: bool
+    numbers: tuple[str, ...] = ()
+    entities: tuple[str, ...] = field(default=())
+
+    @property
+    def active(self) -> bool:
+        return not self.garbage and bool(self.numbers or self.entities)
+
+
+def faithfulness_constraints(raw: str) -> Constraints:
+    """Numbers and entity words a rewrite of ``raw`` must keep (empty when ``raw`` is garbage)."""
+    raw = unicodedata.normalize("NFKC", raw or "")
+    if is_garbage(raw):
+        return Constraints(garbage=True)
+    numbers = tuple(dict.fromkeys(_numbers(raw)))
+    words = [w for w in _words(raw) if len(w) >= 2]
+    capitalised = [w for w in words if w[0].isupper() and w.lower() not in FUNCTION_WORDS]
+    content = [w for w in words if w.lower() not in FUNCTION_WORDS]
+    title_case = bool(content) and len(capitalised) > 0.5 * len(content)
+    letters = [c for c in raw if c.isalpha()]
+    shouting = bool(letters) and sum(c.isupper() for c in letters) > 0.6 * len(letters)
+
+    entities: list[str] = []
+    for seg in _SEGMENT_SPLIT_RE.split(raw):
+        seg_words = _words(seg)
+        for i, w in enumerate(seg_words):
+            if len(w) < 2:
+                continue
+            if w.isupper():
+                if not shouting:
+                    entities.append(w)  # (b) acronym
+            elif w[0].islower() and any(c.isupper() for c in w[1:]):
+                entities.append(w)  # (c) iPhone, eBay
+            elif w[0].isupper() and i > 0 and not title_case and w.lower() not in FUNCTION_WORDS:
+                entities.append(w)  # (a) capitalised mid-segment word
+    return Constraints(garbage=False, numbers=numbers, entities=tuple(dict.fromkeys(entities)))
+
+
+def check_faithful(raw: str, adopted: str) -> tuple[bool, str]:
+    """(ok, detail): does ``adopted`` keep the numbers and entities of ``raw``?"""
+    c = faithfulness_constraints(raw)
+    if not c.active:
+        return True, ""
+    adopted = unicodedata.normalize("NFKC", adopted or "")
+    have_numbers = set(_numbers(adopted))
+    have_words = {w.lower() for w in _words(adopted)}
+    missing = []
+    for n in c.numbers:
+        spelled = NUMBER_WORDS[int(n)] if n.isdigit() and int(n) <= 20 else None
+        if n not in have_numbers and (spelled is None or spelled not in have_words):
+            missing.append(n)
+    missing += [e for e in c.entities if e.lower() not in have_words]
+    if missing:
+        return False, "missing from the adopted caption: " + ", ".join(missing[:10])
+    return True, ""
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+class Verdict(NamedTuple):
+    ok: bool
+    reason: str
+    parsed: dict[str, Any] | None
+    detail: str
+
+
+def _off_format(obj: Any) -> str:
+    """Why ``obj`` does not match OUTPUT_SCHEMA ('' when it does)."""
+    if not isinstance(obj, dict):
+        return f"top level is {type(obj).__name__}, not an object"
+    extra = set(obj) - {"qa", "caption"}
+    if extra:
+        return f"unexpected keys {sorted(extra)[:5]}"
+    if "qa" not in obj or "caption" not in obj:
+        return "missing key " + ("qa" if "qa" not in obj else "caption")
+    qa, caption = obj["qa"], obj["caption"]
+    if not isinstance(caption, str):
+        return "caption is not a string"
+    if len(caption) > MAX_CAPTION_CHARS:
+        return f"caption longer than {MAX_CAPTION_CHARS} chars"
+    if not isinstance(qa, list):
+        return "qa is not a list"
+    if len(qa) > MAX_PAIRS:
+        return f"{len(qa)} pairs (max {MAX_PAIRS})"
+    for i, item in enumerate(qa):
+        if not isinstance(item, dict) or set(item) != {"question", "answer"}:
+            return f"qa[{i}] is not a {{question, answer}} object"
+        if not isinstance(item["question"], str) or not isinstance(item["answer"], str):
+            return f"qa[{i}] has a non-string field"
+        if len(item["question"]) > MAX_QUESTION_CHARS or len(item["answer"]) > MAX_ANSWER_CHARS:
+            return f"qa[{i}] has an over-long field"
+    return ""
+
+
+def validate_detailed(raw_caption: str, text: str | None, finish_reason: str | None) -> Verdict:
+    """Like ``validate`` but with a short ``detail`` for the ledger (never the whole text)."""
+    if finish_reason == "length":
+        return Verdict(False, reasons.REWRITE_TRUNCATED, None, "finish_reason=length")
+    if text is None or not text.strip():
+        return Verdict(False, reasons.REWRITE_EMPTY, None, "no text")
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return Verdict(False, reasons.REWRITE_INVALID_JSON, None, f"{type(e).__name__} at char {getattr(e, 'pos', '?')}")
+    problem = _off_format(obj)
+    if problem:
+        return Verdict(False, reasons.REWRITE_OFF_FORMAT, None, problem)
+    if finish_reason not in ("stop", None):
+        return Verdict(False, reasons.REWRITE_OFF_FORMAT, None, f"finish_reason={finish_reason}")
+    qa = [
+        {"question": " ".join(p["question"].split()), "answer": " ".join(p["answer"].split())}
+        for p in obj["qa"]
+    ]
+    qa = [p for p in qa if p["answer"]]
+    caption = " ".join(obj["caption"].split())
+    if not qa or not caption:
+        return Verdict(False, reasons.REWRITE_EMPTY, None, "no answer" if not qa else "blank caption")
+    ok, detail = check_faithful(raw_caption, caption)
+    if not ok:
+        return Verdict(False, reasons.REWRITE_UNFAITHFUL, None, detail)
+    return Verdict(True, reasons.OK, {"qa": qa, "caption": caption}, "")
+
+
+def validate(raw_caption: str, text: str | None, finish_reason: str | None) -> tuple[bool, str, dict | None]:
+    """Check one completion against the output contract.
+
+    Args:
+        raw_caption: the caption that was sent (the faithfulness reference).
+        text: the completion's message content.
+        finish_reason: the completion's ``finish_reason`` (``stop``, ``length``, ...).
+
+    Returns ``(ok, reason, parsed)``: ``reason`` is ``ok`` or a ``rewrite_*`` ledger reason; ``parsed``
+    is ``{"qa": [...], "caption": str}`` with whitespace collapsed (None unless ok).
+    """
+    v = validate_detailed(raw_caption, text, finish_reason)
+    return v.ok, v.reason, v.parsed
