@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("pipelines.pack", "token accounting and packing into Parquet/WebDataset training shards"),
     "export": ("pipelines.export", "export data for other tools (e.g. MiniCPM-V fine-tuning JSON)"),
     "verify": ("pipelines.verify", "check a stage output's invariants and checksums"),
-    "inspect": ("pipelines.inspect", "show what an output directory holds; trace a key"),
+    "inspect": ("pipelines.inspection", "show what an output directory holds; trace a key"),
     "stats": ("pipelines.stats", "statistics and plots of an output directory"),
     "demo": ("pipelines.demo", "run the whole pipeline on the bundled sample data"),
 }

@@ -1,0 +1,668 @@
+"""``mmcorpus inspect DIR``: what a stage output (or a whole run) holds, decoded samples or packs,
+and the fate of one sample key across every stage of a run.
+
+(Named ``inspection.py``, not ``inspect.py``: a ``pipelines/inspect.py`` would shadow the standard
+library's ``inspect`` for every ``python pipelines/<stage>.py`` run, which puts ``pipelines/`` first
+on ``sys.path`` — and Beam, dataclasses and Airflow's Beam operator all rely on those file runs.)
+
+Examples:
+    mmcorpus inspect build/demo/filter                 # stage, config hash, counts by reason, files
+    mmcorpus inspect build/demo                        # one line per stage of the run
+    mmcorpus inspect build/demo/pack --samples 2       # two decoded packs
+    mmcorpus inspect build/demo/filter --key 0006400c1c224e19   # its fate in filter, dedup, rewrite, pack
+    mmcorpus inspect build/demo/dedup --json           # the same facts for scripts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from schemas.errors import UserError
+from schemas.manifest import FILE_KIND_DATA, FILE_KIND_LEDGER, MANIFEST_NAME, Manifest, shard_name
+from schemas.records import STATUSES
+from transforms.stage_io import join, read_bytes, read_manifest, shard_of
+
+# Pipeline order of the stages; other stage names sort after these, alphabetically.
+STAGE_ORDER = ("filter", "dedup", "rewrite", "pack")
+INDEX_NAME = "index.json"
+# A run of image placeholder tokens (e.g. 96 x "<unk>") is shown as one marker.
+_PLACEHOLDER_RUN = re.compile(r"(<unk>){2,}")
+
+
+# --- locating stage outputs --------------------------------------------------------------------
+
+
+def is_stage_dir(path: str) -> bool:
+    return FileSystems.exists(join(path, MANIFEST_NAME))
+
+
+def _stage_rank(stage: str) -> tuple[int, str]:
+    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage)
+
+
+def run_root(path: str) -> str:
+    """The run directory of a stage output (its parent), or ``path`` itself when it is a run."""
+    path = path.rstrip("/")
+    if is_stage_dir(path):
+        parent = path.rsplit("/", 1)[0] if "/" in path else "."
+        return parent
+    return path
+
+
+def run_stage_dirs(path: str) -> list[tuple[str, str]]:
+    """``[(stage, dir)]`` of every finished stage output in the run that ``path`` belongs to,
+    in pipeline order (filter, dedup, rewrite, pack, then others)."""
+    root = run_root(path)
+    matches = FileSystems.match([join(root, "*", MANIFEST_NAME)])[0].metadata_list
+    found = []
+    for m in matches:
+        stage_dir = m.path[: -len(MANIFEST_NAME) - 1]
+        try:
+            stage = read_manifest(stage_dir).stage
+        except Exception:  # a torn manifest: not a finished stage output, leave it out
+            continue
+        found.append((stage, stage_dir))
+    return sorted(found, key=lambda s: (_stage_rank(s[0]), s[1]))
+
+
+def _require_dir(path: str) -> None:
+    if not FileSystems.exists(path) and not FileSystems.match([join(path, "*")])[0].metadata_list:
+        raise UserError(f"{path} does not exist: pass a stage output directory (with {MANIFEST_NAME}) or a run directory")
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _read_parquet(path: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return pq.read_table(f, columns=columns, filters=filters)
+
+
+def read_index(stage_dir: str) -> dict | None:
+    """``index.json`` of a pack output, or None."""
+    path = join(stage_dir, INDEX_NAME)
+    if not FileSystems.exists(path):
+        return None
+    return json.loads(read_bytes(path).decode("utf-8"))
+
+
+def _file_groups(m: Manifest) -> dict[str, dict[str, int]]:
+    groups: dict[str, dict[str, int]] = {}
+    for f in m.files:
+        g = groups.setdefault(f.kind, {"files": 0, "rows": 0, "bytes": 0})
+        g["files"] += 1
+        g["rows"] += f.rows
+        g["bytes"] += f.bytes
+    return dict(sorted(groups.items()))
+
+
+def pack_files(stage_dir: str, m: Manifest | None = None) -> list[str]:
+    """Paths of the Parquet pack shards of a pack output (files that are neither data nor ledger)."""
+    m = m or read_manifest(stage_dir)
+    return [join(stage_dir, f.path) for f in m.files
+            if f.kind not in (FILE_KIND_DATA, FILE_KIND_LEDGER) and f.path.endswith(".parquet")]
+
+
+def _first_col(names: list[str], *candidates: str) -> str | None:
+    for c in candidates:
+        if c in names:
+            return c
+    return None
+
+
+def pack_table(stage_dir: str, m: Manifest | None = None, limit: int | None = None) -> pa.Table | None:
+    """All Parquet packs of a pack output as one table (the first ``limit`` rows when given)."""
+    tables, n = [], 0
+    for path in pack_files(stage_dir, m):
+        t = _read_parquet(path)
+        tables.append(t)
+        n += t.num_rows
+        if limit is not None and n >= limit:
+            break
+    if not tables:
+        return None
+    t = pa.concat_tables(tables, promote_options="default")
+    return t.slice(0, limit) if limit is not None else t
+
+
+def pack_measures(table: pa.Table, seq_len: int | None) -> dict[str, list]:
+    """Per pack: sample lengths (from ``cu_seqlens``), tokens, images; per sample: tokens."""
+    names = table.column_names
+    cu_col = _first_col(names, "cu_seqlens")
+    ids_col = _first_col(names, "input_ids")
+    img_col = _first_col(names, "num_images", "images", "image_bytes")
+    out: dict[str, list] = {"sample_tokens": [], "pack_tokens": [], "pack_fill": [], "pack_images": [], "pack_samples": []}
+    cus = table.column(cu_col).to_pylist() if cu_col else [None] * table.num_rows
+    ids_len = pc.list_value_length(table.column(ids_col)).to_pylist() if ids_col else [None] * table.num_rows
+    if img_col == "num_images":
+        imgs = table.column(img_col).to_pylist()
+    elif img_col:
+        imgs = pc.list_value_length(table.column(img_col)).to_pylist()
+    else:
+        imgs = [None] * table.num_rows
+    for cu, width, n_img in zip(cus, ids_len, imgs):
+        lengths = [b - a for a, b in zip(cu[:-1], cu[1:])] if cu else []
+        used = sum(lengths)
+        out["sample_tokens"].extend(lengths)
+        out["pack_tokens"].append(used)
+        out["pack_samples"].append(len(lengths))
+        denom = seq_len or width
+        out["pack_fill"].append(used / denom if denom else None)
+        out["pack_images"].append(n_img)
+    return out
+
+
+def _seq_len(m: Manifest, index: dict | None) -> int | None:
+    for src in (m.extra, m.config, index or {}):
+        for k in ("seq_len", "sequence_length"):
+            v = src.get(k) if isinstance(src, dict) else None
+            if isinstance(v, int):
+                return v
+        for v in (src.values() if isinstance(src, dict) else []):
+            if isinstance(v, dict) and isinstance(v.get("seq_len"), int):
+                return v["seq_len"]
+    return None
+
+
+def _summary_stats(values: list) -> dict[str, float] | None:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    n = len(vals)
+    return {"n": n, "min": vals[0], "mean": sum(vals) / n, "median": vals[n // 2], "max": vals[-1]}
+
+
+def pack_summary(stage_dir: str, m: Manifest) -> dict[str, Any] | None:
+    """Packs, tokens, fill and images per pack of a pack output (from its Parquet shards and index)."""
+    index = read_index(stage_dir)
+    table = pack_table(stage_dir, m)
+    if table is None and index is None:
+        return None
+    out: dict[str, Any] = {"shards": len(pack_files(stage_dir, m)) or len((index or {}).get("shards", []))}
+    seq_len = _seq_len(m, index)
+    out["seq_len"] = seq_len
+    if table is not None:
+        meas = pack_measures(table, seq_len)
+        out["packs"] = table.num_rows
+        out["samples"] = sum(meas["pack_samples"])
+        out["tokens"] = sum(meas["pack_tokens"])
+        if seq_len:
+            out["token_fill"] = out["tokens"] / (seq_len * table.num_rows) if table.num_rows else None
+        out["fill_per_pack"] = _summary_stats(meas["pack_fill"])
+        out["samples_per_pack"] = _summary_stats(meas["pack_samples"])
+        out["images_per_pack"] = _summary_stats(meas["pack_images"])
+        out["tokens_per_sample"] = _summary_stats(meas["sample_tokens"])
+    if index is not None:
+        out["index"] = {k: v for k, v in index.items() if not isinstance(v, (list, dict))}
+    return out
+
+
+def describe(stage_dir: str) -> dict[str, Any]:
+    """Everything ``inspect`` shows about one stage output, as plain JSON-able data."""
+    m = read_manifest(stage_dir)
+    counts = m.counts
+    by_reason = counts.get("by_reason", {})
+    reasons = [
+        {"status": k.split("/", 1)[0], "reason": k.split("/", 1)[1] if "/" in k else "", "count": n}
+        for k, n in by_reason.items()
+    ]
+    reasons.sort(key=lambda r: (STATUSES.index(r["status"]) if r["status"] in STATUSES else 9, -r["count"], r["reason"]))
+    info: dict[str, Any] = {
+        "dir": stage_dir,
+        "stage": m.stage,
+        "software_version": m.software_version,
+        "config_hash": m.config_hash,
+        "config": m.config,
+        "input": m.input,
+        "counts": {
+            "inputs": counts.get("inputs"),
+            "ledger_rows": counts.get("ledger_rows"),
+            "outputs": counts.get("outputs"),
+            "by_status": counts.get("by_status", {}),
+        },
+        "reasons": reasons,
+        "files": _file_groups(m),
+        "invariants": {
+            "inputs_eq_ledger_rows": counts.get("inputs") == counts.get("ledger_rows"),
+            "kept_eq_outputs": counts.get("by_status", {}).get("kept") == counts.get("outputs"),
+        },
+        "extra": m.extra,
+    }
+    packs = pack_summary(stage_dir, m)
+    if packs is not None:
+        info["packs"] = packs
+    return info
+
+
+def describe_run(path: str) -> dict[str, Any]:
+    stages = run_stage_dirs(path)
+    return {
+        "run": run_root(path),
+        "stages": [
+            {
+                "stage": stage,
+                "dir": d,
+                "config_hash": (m := read_manifest(d)).config_hash,
+                "inputs": m.counts.get("inputs"),
+                "outputs": m.counts.get("outputs"),
+                "by_status": m.counts.get("by_status", {}),
+            }
+            for stage, d in stages
+        ],
+    }
+
+
+# --- samples -------------------------------------------------------------------------------------
+
+
+def collapse_placeholders(text: str) -> str:
+    """``<image><unk><unk>...</image>`` → ``<image>[96 × <unk>]</image>``: readable pack text."""
+    return _PLACEHOLDER_RUN.sub(lambda mt: f"[{len(mt.group(0)) // len('<unk>')} × <unk>]", text)
+
+
+def _load_tokenizer(m: Manifest):
+    """The pack stage's tokenizer (``tokenizers`` JSON) when its config names a readable file."""
+    path = None
+    for k, v in m.config.items():
+        if "tokenizer" in k and isinstance(v, str):
+            path = v
+        elif isinstance(v, dict):
+            for k2, v2 in v.items():
+                if "tokenizer" in k2 and isinstance(v2, str):
+                    path = v2
+    if not path:
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        if path.endswith(".json"):
+            return Tokenizer.from_file(path)
+        import os
+
+        f = os.path.join(path, "tokenizer.json")
+        return Tokenizer.from_file(f) if os.path.exists(f) else None
+    except Exception:  # tokenizer moved or unreadable: show token counts instead of text
+        return None
+
+
+def sample_records(stage_dir: str, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` kept records (by key) of a stage output, decoded for people."""
+    m = read_manifest(stage_dir)
+    rows: list[dict] = []
+    for f in sorted(m.files_of(FILE_KIND_DATA), key=lambda f: f.path):
+        t = _read_parquet(join(stage_dir, f.path), columns=None)
+        rows.extend(t.drop_columns(["image"]).to_pylist())
+    rows.sort(key=lambda r: r["key"])
+    out = []
+    for r in rows[:n]:
+        rec = {
+            "key": r["key"],
+            "caption": r.get("caption"),
+            "raw_caption": r.get("raw_caption"),
+            "qa": r.get("qa") or [],
+            "image": None if r.get("width") is None else f"{r.get('width')}x{r.get('height')} {r.get('image_format') or ''}".strip(),
+            "quality_flags": r.get("quality_flags") or [],
+            "source": r.get("source"),
+        }
+        if r.get("cluster_id"):
+            rec["cluster"] = {"id": r["cluster_id"], "size": r.get("cluster_size")}
+        if r.get("rewrite_model"):
+            rec["rewrite"] = {"model": r["rewrite_model"], "prompt_version": r.get("prompt_version")}
+        out.append(rec)
+    return out
+
+
+def sample_packs(stage_dir: str, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` packs of a pack output: keys, sample lengths, images, and the text."""
+    m = read_manifest(stage_dir)
+    table = pack_table(stage_dir, m, limit=n)
+    if table is None:
+        return []
+    tok = _load_tokenizer(m)
+    seq_len = _seq_len(m, read_index(stage_dir))
+    names = table.column_names
+    keys_col = _first_col(names, "sample_keys", "keys", "sample_key")
+    out = []
+    meas = pack_measures(table, seq_len)
+    for i, row in enumerate(table.to_pylist()):
+        cu = row.get("cu_seqlens") or []
+        lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        rec: dict[str, Any] = {
+            "pack": i,
+            "keys": row.get(keys_col) if keys_col else None,
+            "sample_tokens": lengths,
+            "tokens": sum(lengths),
+            "fill": meas["pack_fill"][i],
+            "images": meas["pack_images"][i],
+        }
+        for gcol in ("slice_grids", "image_grids", "grids"):
+            if gcol in row:
+                rec["slice_grids"] = row[gcol]
+        ids = row.get("input_ids")
+        if tok is not None and ids:
+            texts = []
+            for a, b in zip(cu[:-1], cu[1:]):
+                texts.append(collapse_placeholders(tok.decode(ids[a:b], skip_special_tokens=False)))
+            rec["text"] = texts
+        else:
+            rec["text"] = None
+        out.append(rec)
+    return out
+
+
+# --- tracing one key -----------------------------------------------------------------------------
+
+
+def _ledger_rows_for_key(stage_dir: str, m: Manifest, key: str) -> list[dict]:
+    ledger = m.files_of(FILE_KIND_LEDGER)
+    n = m.config.get("num_shards")
+    candidates = ledger
+    if isinstance(n, int) and n > 0:
+        want = f"part-{shard_of(key, n):05d}-of-{n:05d}"
+        hit = [f for f in ledger if want in f.path]
+        if hit:
+            candidates = hit
+    rows = []
+    for f in candidates:
+        rows.extend(_read_parquet(join(stage_dir, f.path), filters=[("key", "=", key)]).to_pylist())
+    return rows
+
+
+def _data_row_for_key(stage_dir: str, m: Manifest, key: str) -> dict | None:
+    data = m.files_of(FILE_KIND_DATA)
+    n = m.config.get("num_shards")
+    if isinstance(n, int) and n > 0:
+        want = shard_name(shard_of(key, n), n)
+        data = [f for f in data if f.path.endswith(want)] or data
+    for f in data:
+        t = _read_parquet(join(stage_dir, f.path), columns=["key", "caption", "raw_caption", "qa", "cluster_id", "cluster_size"],
+                          filters=[("key", "=", key)])
+        if t.num_rows:
+            return t.to_pylist()[0]
+    return None
+
+
+def _pack_of_key(stage_dir: str, m: Manifest, key: str) -> dict | None:
+    for path in pack_files(stage_dir, m):
+        t = _read_parquet(path)
+        keys_col = _first_col(t.column_names, "sample_keys", "keys", "sample_key")
+        if keys_col is None:
+            return None
+        for i, ks in enumerate(t.column(keys_col).to_pylist()):
+            if ks and key in ks:
+                return {"shard": path.rsplit("/", 1)[-1], "row": i, "position": ks.index(key), "samples_in_pack": len(ks)}
+    return None
+
+
+def trace_key(path: str, key: str) -> dict[str, Any]:
+    """The fate of ``key`` in every stage of the run ``path`` belongs to."""
+    stages = run_stage_dirs(path)
+    if not stages:
+        raise UserError(f"no finished stage outputs (*/{MANIFEST_NAME}) under {run_root(path)}: pass a stage output or run directory")
+    steps = []
+    for stage, d in stages:
+        m = read_manifest(d)
+        rows = _ledger_rows_for_key(d, m, key)
+        step: dict[str, Any] = {"stage": stage, "dir": d}
+        if not rows:
+            step["status"] = "absent"
+            step["reason"] = ""
+        else:
+            r = rows[0]
+            step.update({k: r.get(k) for k in ("status", "reason", "detail", "source", "cluster_id", "kept_key", "model", "prompt_version")})
+            step = {k: v for k, v in step.items() if v not in (None, "")}
+            if len(rows) > 1:
+                step["ledger_rows"] = len(rows)
+            if r.get("status") == "kept":
+                data = _data_row_for_key(d, m, key)
+                if data is not None:
+                    step["caption"] = data.get("caption")
+                    if data.get("qa"):
+                        step["qa"] = data["qa"]
+                    if data.get("cluster_size"):
+                        step["cluster_size"] = data["cluster_size"]
+                if stage == "pack":
+                    where = _pack_of_key(d, m, key)
+                    if where is not None:
+                        step["pack"] = where
+        steps.append(step)
+    final = next((s for s in reversed(steps) if s["status"] != "absent"), None)
+    return {"key": key, "run": run_root(path), "steps": steps,
+            "fate": "never seen" if final is None else f"{final['status']} at {final['stage']}" + (
+                f" ({final['reason']})" if final.get("reason") not in (None, "", "ok") else "")}
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_num(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def render_describe(info: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    head = Table(show_header=False, box=None, padding=(0, 1))
+    head.add_row("stage", f"[bold]{info['stage']}[/bold]")
+    head.add_row("dir", info["dir"])
+    head.add_row("config hash", info["config_hash"][:16])
+    head.add_row("software", info["software_version"])
+    inp = info["input"]
+    head.add_row("input", f"{inp.get('kind', '?')}" + (f" ({inp['stage']})" if inp.get("stage") else "")
+                 + f", fingerprint {str(inp.get('fingerprint', ''))[:16]}")
+    c = info["counts"]
+    head.add_row("records", f"{_fmt_num(c['inputs'])} in, {_fmt_num(c['outputs'])} kept")
+    bad = [k for k, ok in info["invariants"].items() if not ok]
+    head.add_row("invariants", "[green]ok[/green]" if not bad else f"[red]violated: {', '.join(bad)}[/red]")
+    console.print(head)
+
+    t = Table(title="ledger: counts by status and reason")
+    t.add_column("status")
+    t.add_column("reason")
+    t.add_column("count", justify="right")
+    t.add_column("share", justify="right")
+    total = c.get("ledger_rows") or 0
+    for r in info["reasons"]:
+        share = f"{100 * r['count'] / total:.1f}%" if total else ""
+        t.add_row(r["status"], r["reason"], f"{r['count']:,}", share)
+    console.print(t)
+
+    f = Table(title="files")
+    f.add_column("kind")
+    f.add_column("files", justify="right")
+    f.add_column("rows", justify="right")
+    f.add_column("bytes", justify="right")
+    for kind, g in info["files"].items():
+        f.add_row(kind, f"{g['files']:,}", f"{g['rows']:,}", _fmt_bytes(g["bytes"]))
+    console.print(f)
+
+    packs = info.get("packs")
+    if packs:
+        p = Table(title="packs")
+        p.add_column("measure")
+        p.add_column("value", justify="right")
+        for k in ("shards", "packs", "samples", "tokens", "seq_len", "token_fill"):
+            if packs.get(k) is not None:
+                p.add_row(k.replace("_", " "), f"{packs[k]:.2%}" if k == "token_fill" else _fmt_num(packs[k]))
+        for k in ("fill_per_pack", "samples_per_pack", "images_per_pack", "tokens_per_sample"):
+            s = packs.get(k)
+            if s:
+                p.add_row(k.replace("_", " "), f"min {_fmt_num(s['min'])} · mean {_fmt_num(s['mean'])} · max {_fmt_num(s['max'])}")
+        console.print(p)
+
+    flat = _flatten(info.get("extra") or {})
+    if flat:
+        e = Table(title="stage extra (manifest)")
+        e.add_column("key")
+        e.add_column("value", justify="right")
+        for k, v in flat:
+            e.add_row(k, _fmt_num(v))
+        console.print(e)
+
+
+def _flatten(d: dict, prefix: str = "", limit: int = 40) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in sorted(d.items()):
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.extend(_flatten(v, name + ".", limit))
+        elif isinstance(v, list):
+            if len(v) <= 6 and all(not isinstance(x, (dict, list)) for x in v):
+                out.append((name, ", ".join(map(str, v))))
+            else:
+                out.append((name, f"[{len(v)} items]"))
+        else:
+            out.append((name, v))
+    return out[:limit]
+
+
+def render_run(info: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"run {info['run']}")
+    for col in ("stage", "in", "kept", "rejected", "duplicate", "error", "config"):
+        t.add_column(col, justify="left" if col in ("stage", "config") else "right")
+    for s in info["stages"]:
+        b = s["by_status"]
+        t.add_row(s["stage"], _fmt_num(s["inputs"]), _fmt_num(s["outputs"]), _fmt_num(b.get("rejected", 0)),
+                  _fmt_num(b.get("duplicate", 0)), _fmt_num(b.get("error", 0)), s["config_hash"][:12])
+    console.print(t)
+
+
+def render_samples(samples: list[dict], console) -> None:
+    from rich.panel import Panel
+    from rich.text import Text
+
+    for s in samples:
+        body = Text()
+        if "pack" in s:
+            body.append(f"{len(s['sample_tokens'])} samples, {s['tokens']:,} tokens", style="bold")
+            if s.get("fill") is not None:
+                body.append(f", fill {s['fill']:.1%}")
+            if s.get("images") is not None:
+                body.append(f", {s['images']} images")
+            body.append("\n")
+            for j, n_tok in enumerate(s["sample_tokens"]):
+                key = s["keys"][j] if s.get("keys") and j < len(s["keys"]) else "?"
+                body.append(f"[{j}] {key} ({n_tok} tokens)", style="cyan")
+                if s.get("text"):
+                    body.append(f": {s['text'][j]}")
+                body.append("\n")
+            console.print(Panel(body, title=f"pack {s['pack']}"))
+            continue
+        body.append(s["caption"] or "", style="bold")
+        if s.get("raw_caption") and s["raw_caption"] != s["caption"]:
+            body.append(f"\nraw: {s['raw_caption']}", style="dim")
+        for qa in s.get("qa") or []:
+            body.append(f"\nQ: {qa['question']}\nA: {qa['answer']}")
+        meta = [x for x in (s.get("image"), ", ".join(s.get("quality_flags") or []), s.get("source")) if x]
+        if s.get("cluster"):
+            meta.append(f"cluster {s['cluster']['id']} ×{s['cluster']['size']}")
+        if meta:
+            body.append("\n" + " · ".join(meta), style="dim")
+        console.print(Panel(body, title=s["key"]))
+
+
+def render_trace(trace: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"key {trace['key']}: {trace['fate']}")
+    for col in ("stage", "status", "reason", "detail", "caption / where"):
+        t.add_column(col)
+    for s in trace["steps"]:
+        extra = []
+        if s.get("kept_key"):
+            extra.append(f"kept: {s['kept_key']}")
+        if s.get("cluster_id"):
+            extra.append(f"cluster {s['cluster_id']}")
+        if s.get("model"):
+            extra.append(f"model {s['model']}")
+        detail = " · ".join([x for x in [s.get("detail", "")] + extra if x])
+        where = s.get("caption") or ""
+        if s.get("pack"):
+            p = s["pack"]
+            where = f"{p['shard']} pack {p['row']} slot {p['position']}/{p['samples_in_pack']}"
+        style = {"kept": "green", "absent": "dim"}.get(s["status"], "red")
+        t.add_row(s["stage"], f"[{style}]{s['status']}[/{style}]", s.get("reason", ""), detail, where)
+    console.print(t)
+
+
+# --- command ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmcorpus inspect", description="Show what an output directory holds.")
+    p.add_argument("dir", help="a stage output directory (with manifest.json) or a run directory holding several")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--samples", type=int, default=0, metavar="N", help="also show N decoded samples (or packs)")
+    p.add_argument("--key", help="trace one sample key through every stage of the run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = args.dir.rstrip("/") or "/"
+    _require_dir(path)
+    result: dict[str, Any] = {}
+    if args.key:
+        result["trace"] = trace_key(path, args.key)
+    elif is_stage_dir(path):
+        result["describe"] = describe(path)
+    else:
+        run = describe_run(path)
+        if not run["stages"]:
+            raise UserError(f"{path} has no {MANIFEST_NAME} and no stage outputs below it: "
+                            "pass a finished stage output directory or a run directory")
+        result["run"] = run
+    if args.samples > 0:
+        if not is_stage_dir(path):
+            raise UserError(f"--samples needs a stage output directory, and {path} has no {MANIFEST_NAME}")
+        m = read_manifest(path)
+        result["samples"] = sample_packs(path, args.samples) if pack_files(path, m) else sample_records(path, args.samples)
+
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+        return 0
+    from rich.console import Console
+
+    console = Console()
+    if "trace" in result:
+        render_trace(result["trace"], console)
+    if "describe" in result:
+        render_describe(result["describe"], console)
+    if "run" in result:
+        render_run(result["run"], console)
+    if "samples" in result:
+        render_samples(result["samples"], console)
+    return 0
+
+
+def status_counts(stage_dir: str) -> Counter:
+    """``Counter`` of ledger statuses read from the ledger shards themselves (not the manifest)."""
+    m = read_manifest(stage_dir)
+    c: Counter = Counter()
+    for f in m.files_of(FILE_KIND_LEDGER):
+        c.update(_read_parquet(join(stage_dir, f.path), columns=["status"]).column("status").to_pylist())
+    return c
