@@ -32,6 +32,7 @@ CAPTION_BOILERPLATE = "caption_boilerplate"
 CAPTION_LANGUAGE = "caption_language"
 
 # --- image filters ---------------------------------------------------------------------------
+IMAGE_MISSING = "image_missing"  # an image input (tar, img2dataset parquet) record without image bytes
 IMAGE_EMPTY = "image_empty"
 IMAGE_UNDECODABLE = "image_undecodable"
 IMAGE_TRUNCATED = "image_truncated"

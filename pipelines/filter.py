@@ -1,0 +1,92 @@
+"""`mmcorpus filter`: ingest raw inputs (img2dataset output or metadata tables) and apply the filters."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import apache_beam as beam
+
+from pipelines.config import build, load_toml, section, to_dict
+from pipelines.runner import StageResult, add_stage_args, run_stage
+from schemas.errors import UserError
+from transforms.caption_filters import CaptionFilterConfig, CaptionQualityFlagger, caption_filters
+from transforms.filter_base import ApplyFiltersFn
+from transforms.image_filters import ImageFilterConfig, image_filters
+from transforms.ingest import FORMATS, InputSpec, ReadPairs, fingerprint, preflight, resolve_input
+from transforms.stage_io import ReadStage, stage_input_info
+
+STAGE = "filter"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmcorpus filter",
+        description=__doc__,
+        epilog="Unknown flags go to Beam, e.g. --runner DataflowRunner --project P --region R "
+        "--temp_location gs://b/tmp --setup_file ./setup.py",
+    )
+    p.add_argument("--input", required=True, help="file, directory or glob (img2dataset output or a metadata table)")
+    p.add_argument("--input-format", "--input_format", dest="input_format", default="auto", choices=FORMATS)
+    p.add_argument("--url-col", "--url_col", dest="url_col", default="url", help="url column (name, or index without header)")
+    p.add_argument("--caption-col", "--caption_col", dest="caption_col", default="caption", help="caption column")
+    p.add_argument("--key-col", "--key_col", dest="key_col", default=None, help="key column (default: 'key' if present)")
+    p.add_argument("--header", default="auto", choices=("auto", "yes", "no"), help="csv/tsv header row")
+    add_stage_args(p)
+    return p
+
+
+def load_configs(path: str | None, input_format: str) -> tuple[CaptionFilterConfig, ImageFilterConfig]:
+    doc = load_toml(path)
+    caption = build(CaptionFilterConfig, section(doc, "filter.caption"), "filter.caption")
+    image_values = dict(section(doc, "filter.image"))
+    image_values.setdefault("require_image", input_format in ("webdataset", "i2d-parquet"))
+    image = build(ImageFilterConfig, image_values, "filter.image")
+    return caption, image
+
+
+def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
+    spec = InputSpec(
+        path=args.input, format=args.input_format, url_col=args.url_col, caption_col=args.caption_col,
+        key_col=args.key_col, header=args.header,
+    )
+    resolved = resolve_input(spec)
+    caption_cfg, image_cfg = load_configs(args.config, resolved.format)
+    filters = caption_filters(caption_cfg) + image_filters(image_cfg)
+    flagger = CaptionQualityFlagger(caption_cfg)
+    if resolved.format == "stage":
+        input_info = stage_input_info(resolved.root)
+    else:
+        preflight(resolved)
+        input_info = fingerprint(resolved)
+    config = {
+        "input": spec.to_config() | {"resolved_format": resolved.format},
+        "caption": to_dict(caption_cfg),
+        "image": to_dict(image_cfg),
+    }
+
+    def build_pipeline(p):
+        records = p | "Read" >> (ReadStage(resolved.root) if resolved.format == "stage" else ReadPairs(resolved))
+        return records | "Filter" >> beam.ParDo(ApplyFiltersFn(filters, [flagger]))
+
+    return run_stage(
+        stage=STAGE, output_dir=args.output, config=config, input_info=input_info, build=build_pipeline,
+        beam_args=beam_args, num_shards=args.num_shards, force=args.force,
+    )
+
+
+def main(argv: list[str]) -> int:
+    args, beam_args = parser().parse_known_args(argv)
+    result = run(args, beam_args)
+    from pipelines.summary import print_stage_summary
+
+    print_stage_summary(result, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f"mmcorpus filter: error: {e}", file=sys.stderr)
+        raise SystemExit(2)

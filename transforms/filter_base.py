@@ -1,0 +1,92 @@
+"""The filter contract: small filters implement ``check``; the shared base and ``ApplyFiltersFn``
+own routing, counting and the dead-letter path."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from schemas import reasons
+from schemas.records import ERROR, REJECTED, Outcome, Pair
+
+
+class BaseFilter:
+    """A filter is a pure rule over one ``Pair``.
+
+    Subclasses set ``name`` and implement ``check(pair)``, returning ``True`` (keep), ``False``
+    (reject with ``default_reason``) or ``(False, reason)`` / ``(False, reason, detail)``. A filter may
+    also return a modified Pair through ``annotate`` (image filters fill width/height); it never
+    touches counters or the ledger.
+    """
+
+    name = "filter"
+    default_reason = "filtered"
+
+    def check(self, pair: Pair):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def annotate(self, pair: Pair) -> Pair:
+        """Return the pair with whatever this filter learned (e.g. image size); default: unchanged."""
+        return pair
+
+    def applies_to(self, pair: Pair) -> bool:
+        return True
+
+    def __call__(self, pair: Pair) -> tuple[bool, str, str]:
+        result = self.check(pair)
+        if result is True or result is None:
+            return True, "", ""
+        if result is False:
+            return False, self.default_reason, ""
+        ok = bool(result[0])
+        reason = result[1] if len(result) > 1 else self.default_reason
+        detail = result[2] if len(result) > 2 else ""
+        return ok, reason, detail
+
+
+def run_filters(pair: Pair, filters: Sequence[BaseFilter]) -> tuple[Pair, str | None, str]:
+    """Apply filters in order; return (possibly annotated pair, first rejection reason or None, detail)."""
+    for f in filters:
+        if not f.applies_to(pair):
+            continue
+        ok, reason, detail = f(pair)
+        if not ok:
+            return pair, reasons.check_reason(reason), detail
+        pair = f.annotate(pair)
+    return pair, None, ""
+
+
+class ApplyFiltersFn(beam.DoFn):
+    """Pair → Outcome (kept with quality flags, or rejected with the first failing rule's reason).
+
+    Outcomes from ingest (already ledger rows) pass through unchanged. Unexpected exceptions become
+    ``error`` outcomes with reason ``exception_<Type>``: the record is accounted for, never lost.
+    """
+
+    def __init__(self, filters: Sequence[BaseFilter], flaggers: Sequence = ()):
+        self.filters = list(filters)
+        self.flaggers = list(flaggers)
+
+    def setup(self):
+        self.errors = Metrics.counter("mmcorpus.filter", "errors")
+
+    def process(self, item):
+        if isinstance(item, Outcome):
+            yield item
+            return
+        pair: Pair = item
+        try:
+            pair, reason, detail = run_filters(pair, self.filters)
+            if reason is not None:
+                yield Outcome.dropped(pair, REJECTED, reason, detail)
+                return
+            flags: list[str] = []
+            for flagger in self.flaggers:
+                flags.extend(flagger(pair))
+            flags = sorted(set(flags))
+            yield Outcome.kept(pair.replace(quality_flags=flags, needs_rewrite=bool(flags)))
+        except Exception as e:  # dead letter: accounted for with the exception type only
+            self.errors.inc()
+            yield Outcome.dropped(pair, ERROR, reasons.exception_reason(e), f"{type(e).__name__}")

@@ -1,0 +1,624 @@
+"""Ingest: read img2dataset output (webdataset tars + status parquet, or parquet with image bytes) and
+metadata-only tables (parquet, csv/tsv, jsonl) as Beam sources that split across workers.
+
+Every input record becomes either a ``Pair`` (to be filtered) or an ``Outcome`` that is already a
+ledger row (download failures, broken tars, unreadable rows, hostile member names, bad UTF-8).
+Work is split into units — one tar shard, one parquet row group, one csv/jsonl file — that are
+spread over workers with a Reshuffle, so a directory of img2dataset shards reads in parallel.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import posixpath
+import re
+import sys
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from schemas import reasons
+from schemas.errors import InputSchemaError, UserError
+from schemas.manifest import MANIFEST_NAME
+from schemas.records import ERROR, REJECTED, Outcome, Pair
+from transforms.keys import is_safe_key, record_key, safe_key
+
+FORMATS = ("auto", "webdataset", "i2d-parquet", "table", "stage")
+TABLE_EXTS = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+I2D_IMAGE_COLUMNS = ("jpg", "png", "webp")
+SUCCESS = "success"
+# How many bytes at each end of a file go into its fingerprint (full hashes of 200M-pair inputs
+# would make the driver read terabytes).
+FINGERPRINT_EDGE_BYTES = 1 << 20
+# csv's default field limit (128 KiB) would turn a long caption into a crash; the caption filter
+# rejects it with a reason instead.
+csv.field_size_limit(min(sys.maxsize, 1 << 31 - 1))
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Where and how to read the input of the first stage.
+
+    Args:
+        path: a file, a directory, or a glob (local or a Beam filesystem URL).
+        format: ``auto`` (detect), ``webdataset`` (img2dataset tars + sibling status parquet),
+            ``i2d-parquet`` (img2dataset parquet output with an image column), ``table`` (metadata:
+            parquet, csv, tsv, jsonl), ``stage`` (a finished mmcorpus stage directory).
+        url_col, caption_col: column names (or 0-based indexes for header-less csv/tsv), like
+            img2dataset's ``--url_col`` / ``--caption_col``.
+        key_col: column holding a key; default ``key`` when present, else keys are hashed.
+        header: csv/tsv header handling: ``auto`` (names → header, indexes → none), ``yes``, ``no``.
+
+    Example:
+        InputSpec("data/sample/cc3m_val_captions_8k.tsv", format="table", caption_col="0", url_col="1")
+    """
+
+    path: str
+    format: str = "auto"
+    url_col: str = "url"
+    caption_col: str = "caption"
+    key_col: str | None = None
+    header: str = "auto"
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"input format must be one of {FORMATS}, not {self.format!r}")
+        if self.header not in ("auto", "yes", "no"):
+            raise ValueError(f"header must be auto, yes or no, not {self.header!r}")
+
+    def to_config(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("path")
+        return d
+
+
+@dataclass(frozen=True)
+class ResolvedInput:
+    """An input after detection on the driver: its format, root, and files."""
+
+    spec: InputSpec
+    format: str
+    root: str
+    files: tuple[str, ...]
+
+    def rel(self, path: str) -> str:
+        return relpath(path, self.root)
+
+
+def relpath(path: str, root: str) -> str:
+    if path.startswith(root.rstrip("/") + "/"):
+        return path[len(root.rstrip("/")) + 1 :]
+    return posixpath.basename(path)
+
+
+def _match(pattern: str) -> list[str]:
+    result = FileSystems.match([pattern])[0]
+    return sorted(m.path for m in result.metadata_list)
+
+
+def _is_dir(path: str) -> bool:
+    if "://" in path:
+        return path.endswith("/")
+    return os.path.isdir(path)
+
+
+def _parquet_columns(path: str) -> list[str]:
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return pq.ParquetFile(f).schema_arrow.names
+
+
+def resolve_input(spec: InputSpec) -> ResolvedInput:
+    """Find the input files and the format; raise ``UserError`` naming the path when there is nothing usable."""
+    path = spec.path.rstrip("/") if not spec.path.endswith("://") else spec.path
+    if _is_dir(path):
+        root = path
+        if FileSystems.exists(f"{path}/{MANIFEST_NAME}") and spec.format in ("auto", "stage"):
+            return ResolvedInput(spec, "stage", root, ())
+        files = [p for p in _match(f"{path}/*") if not posixpath.basename(p).startswith(".")]
+    else:
+        files = _match(path)
+        root = posixpath.dirname(path) if any(c in path for c in "*?[") else posixpath.dirname(path)
+        while any(c in root for c in "*?["):
+            root = posixpath.dirname(root)
+    if not files:
+        raise UserError(f"no input files found at {spec.path!r}: pass a file, a directory or a glob")
+    fmt = spec.format
+    tars = [f for f in files if f.endswith(".tar")]
+    if fmt == "auto":
+        if tars:
+            fmt = "webdataset"
+        else:
+            parquets = [f for f in files if f.endswith(".parquet")]
+            if parquets and "status" in (cols := _parquet_columns(parquets[0])) and any(
+                c in cols for c in I2D_IMAGE_COLUMNS
+            ):
+                fmt = "i2d-parquet"
+            else:
+                fmt = "table"
+    if fmt == "webdataset":
+        # Shards are the tars plus status parquets that have no tar (a shard whose downloads all failed).
+        stems_with_tar = {f[: -len(".tar")] for f in tars}
+        status_only = [f for f in files if f.endswith(".parquet") and f[: -len(".parquet")] not in stems_with_tar]
+        files = sorted(tars + status_only)
+        if not files:
+            raise UserError(f"{spec.path}: no .tar shards found for --input-format webdataset")
+    elif fmt == "i2d-parquet":
+        files = [f for f in files if f.endswith(".parquet")]
+    elif fmt == "table":
+        files = [f for f in files if f.endswith(TABLE_EXTS)]
+        if not files:
+            raise UserError(f"{spec.path}: no .parquet/.csv/.tsv/.jsonl files found")
+    return ResolvedInput(spec, fmt, root, tuple(files))
+
+
+def fingerprint(resolved: ResolvedInput) -> dict[str, Any]:
+    """Input description for the manifest: per file its relative name, size, and a sha256 over its
+    first and last MiB (with the size, enough to notice any realistic change)."""
+    entries = []
+    h = hashlib.sha256()
+    for path in resolved.files:
+        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            head = f.read(FINGERPRINT_EDGE_BYTES)
+            if size > 2 * FINGERPRINT_EDGE_BYTES:
+                f.seek(size - FINGERPRINT_EDGE_BYTES)
+                tail = f.read()
+            else:
+                tail = b""
+        edge = hashlib.sha256(head + tail).hexdigest()
+        rel = resolved.rel(path)
+        entries.append({"path": rel, "bytes": size, "edge_sha256": edge})
+        h.update(f"{rel}\0{size}\0{edge}\n".encode())
+    return {"kind": resolved.format, "fingerprint": h.hexdigest(), "files": entries}
+
+
+# --- column checks (driver-side preflight and worker-side) --------------------------------------
+
+
+def _col_index(name: str) -> int | None:
+    return int(name) if name.isdigit() else None
+
+
+def check_table_columns(path: str, columns: list[str], spec: InputSpec) -> None:
+    missing = [c for c in (spec.caption_col, spec.url_col) if c not in columns]
+    if missing:
+        raise InputSchemaError(
+            f"{path}: column(s) {missing} not found; the file has {columns[:20]}. "
+            f"Name the right ones with --caption-col/--url-col (e.g. --caption-col TEXT --url-col URL)."
+        )
+
+
+def _csv_dialect(path: str) -> dict[str, Any]:
+    if path.endswith(".tsv"):
+        return {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    return {"delimiter": ","}
+
+
+def _csv_has_header(path: str, first_row: list[str], spec: InputSpec) -> bool:
+    idx = [_col_index(spec.caption_col), _col_index(spec.url_col)]
+    if spec.header == "yes":
+        return True
+    if spec.header == "no":
+        if None in idx:
+            raise InputSchemaError(f"{path}: with --no-header, --caption-col and --url-col must be column indexes (0, 1, ...)")
+        return False
+    if None not in idx:
+        return False
+    return True
+
+
+def preflight(resolved: ResolvedInput, max_files: int = 1000) -> None:
+    """Check required columns on the driver, so a wrong column stops the run before any work,
+    with the file named. Workers check again (files beyond ``max_files``)."""
+    spec = resolved.spec
+    for path in resolved.files[:max_files]:
+        if resolved.format == "table":
+            if path.endswith(".parquet"):
+                check_table_columns(path, _parquet_columns(path), spec)
+            elif path.endswith((".csv", ".tsv")):
+                with FileSystems.open(path, compression_type="uncompressed") as f:
+                    text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+                    first = next(csv.reader(text, **_csv_dialect(path)), None)
+                if first is None:
+                    continue
+                if _csv_has_header(path, first, spec):
+                    check_table_columns(path, first, spec)
+                else:
+                    need = max(_col_index(spec.caption_col), _col_index(spec.url_col))
+                    if len(first) <= need:
+                        raise InputSchemaError(
+                            f"{path}: first row has {len(first)} column(s) but --caption-col/--url-col ask for index {need}"
+                        )
+        elif resolved.format == "i2d-parquet":
+            cols = _parquet_columns(path)
+            if not any(c in cols for c in I2D_IMAGE_COLUMNS) or "key" not in cols:
+                raise InputSchemaError(
+                    f"{path}: not img2dataset parquet output (needs 'key' and one of {I2D_IMAGE_COLUMNS}); "
+                    "use --input-format table for metadata tables"
+                )
+
+
+# --- reading units ---------------------------------------------------------------------------
+
+
+def _meta_json(d: dict[str, Any]) -> str:
+    return json.dumps(d, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+def _clean_caption(value: Any) -> tuple[str | None, str | None]:
+    """(caption, problem reason) from a raw cell: bytes must be UTF-8; surrogates mean the bytes were not."""
+    if value is None:
+        return None, reasons.CAPTION_MISSING
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, reasons.CAPTION_INVALID_UTF8
+    if not isinstance(value, str):
+        value = str(value)
+    if any("\udc80" <= ch <= "\udcff" for ch in value):
+        return None, reasons.CAPTION_INVALID_UTF8
+    return value, None
+
+
+def _describe_bad(value: Any) -> str:
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogateescape")
+    if isinstance(value, bytes):
+        return f"{len(value)} bytes, starts {value[:40]!r}"
+    return repr(value)[:80]
+
+
+class ReadInputUnitFn(beam.DoFn):
+    """Reads one unit (a tar shard, a parquet row group, a csv/jsonl file) into Pairs and Outcomes."""
+
+    def __init__(self, resolved: ResolvedInput):
+        self.resolved = resolved
+        self.spec = resolved.spec
+
+    def setup(self):
+        self.records = Metrics.counter("mmcorpus.ingest", "records")
+
+    def process(self, unit):
+        kind, path, arg = unit
+        rel = self.resolved.rel(path)
+        if kind == "tar":
+            it = self._read_webdataset(path, rel, arg)
+        elif kind == "i2d-rowgroup":
+            it = self._read_i2d_parquet(path, rel, arg)
+        elif kind == "table-rowgroup":
+            it = self._read_table_parquet(path, rel, arg)
+        elif kind == "csv":
+            it = self._read_csv(path, rel)
+        elif kind == "jsonl":
+            it = self._read_jsonl(path, rel)
+        else:
+            raise ValueError(f"unknown unit kind {kind}")
+        for item in it:
+            self.records.inc()
+            yield item
+
+    # --- metadata tables ---
+    def _table_record(self, rel: str, row_no: int, url: Any, caption: Any, key: Any, meta: dict) -> Pair | Outcome:
+        source = f"{rel}#{row_no}"
+        cap, problem = _clean_caption(caption)
+        url_s = None if url is None else str(url)
+        key_s = safe_key(str(key), rel, str(row_no)) if key is not None else record_key(rel, url_s, cap if cap is not None else _describe_bad(caption))
+        if problem is not None:
+            detail = "" if problem == reasons.CAPTION_MISSING else _describe_bad(caption)
+            return Outcome(key=key_s, status=REJECTED, reason=problem, detail=detail, source=source)
+        if not url_s:
+            return Outcome(key=key_s, status=REJECTED, reason=reasons.URL_MISSING, detail="", source=source)
+        return Pair(key=key_s, url=url_s, caption=cap, source=source, meta=_meta_json(meta))
+
+    def _key_col(self, columns: list[str]) -> str | None:
+        if self.spec.key_col:
+            return self.spec.key_col
+        return "key" if "key" in columns else None
+
+    def _read_table_parquet(self, path: str, rel: str, rg: int) -> Iterator[Pair | Outcome]:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            pf = pq.ParquetFile(f)
+            check_table_columns(path, pf.schema_arrow.names, self.spec)
+            offset = sum(pf.metadata.row_group(i).num_rows for i in range(rg))
+            table = pf.read_row_group(rg)
+        key_col = self._key_col(table.column_names)
+        others = [c for c in table.column_names if c not in (self.spec.url_col, self.spec.caption_col, key_col)]
+        for i, row in enumerate(table.to_pylist()):
+            meta = {c: row[c] for c in others}
+            yield self._table_record(
+                rel, offset + i, row[self.spec.url_col], row[self.spec.caption_col], row.get(key_col) if key_col else None, meta
+            )
+
+    def _read_csv(self, path: str, rel: str) -> Iterator[Pair | Outcome]:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+            reader = csv.reader(text, **_csv_dialect(path))
+            header: list[str] | None = None
+            row_no = -1
+            for row_no, row in enumerate(reader):
+                if row_no == 0 and _csv_has_header(path, row, self.spec):
+                    check_table_columns(path, row, self.spec)
+                    header = row
+                    continue
+                if header is not None:
+                    if len(row) != len(header):
+                        yield Outcome(
+                            key=record_key(rel, str(row_no), None), status=ERROR, reason=reasons.ROW_UNREADABLE,
+                            detail=f"{len(row)} fields, header has {len(header)}", source=f"{rel}#{row_no}",
+                        )
+                        continue
+                    rec = dict(zip(header, row))
+                    key_col = self._key_col(header)
+                    meta = {k: v for k, v in rec.items() if k not in (self.spec.url_col, self.spec.caption_col, key_col)}
+                    yield self._table_record(
+                        rel, row_no, rec[self.spec.url_col], rec[self.spec.caption_col], rec.get(key_col) if key_col else None, meta
+                    )
+                else:
+                    ci, ui = _col_index(self.spec.caption_col), _col_index(self.spec.url_col)
+                    if len(row) <= max(ci, ui):
+                        yield Outcome(
+                            key=record_key(rel, str(row_no), None), status=ERROR, reason=reasons.ROW_UNREADABLE,
+                            detail=f"{len(row)} fields, need index {max(ci, ui)}", source=f"{rel}#{row_no}",
+                        )
+                        continue
+                    meta = {str(i): v for i, v in enumerate(row) if i not in (ci, ui)}
+                    yield self._table_record(rel, row_no, row[ui], row[ci], None, meta)
+
+    def _read_jsonl(self, path: str, rel: str) -> Iterator[Pair | Outcome]:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            for row_no, raw in enumerate(f):
+                if not raw.strip():
+                    continue
+                source = f"{rel}#{row_no}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    yield Outcome(
+                        key=record_key(rel, str(row_no), None), status=REJECTED, reason=reasons.CAPTION_INVALID_UTF8,
+                        detail=_describe_bad(raw), source=source,
+                    )
+                    continue
+                try:
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict):
+                        raise ValueError("not a JSON object")
+                except ValueError as e:
+                    yield Outcome(
+                        key=record_key(rel, str(row_no), None), status=ERROR, reason=reasons.ROW_UNREADABLE,
+                        detail=f"{type(e).__name__}: {str(e)[:100]}", source=source,
+                    )
+                    continue
+                if row_no == 0 and self.spec.caption_col not in rec and self.spec.url_col not in rec:
+                    check_table_columns(path, list(rec), self.spec)
+                key_col = self._key_col(list(rec))
+                meta = {k: v for k, v in rec.items() if k not in (self.spec.url_col, self.spec.caption_col, key_col)}
+                yield self._table_record(
+                    rel, row_no, rec.get(self.spec.url_col), rec.get(self.spec.caption_col), rec.get(key_col) if key_col else None, meta
+                )
+
+    # --- img2dataset parquet output ---
+    def _read_i2d_parquet(self, path: str, rel: str, rg: int) -> Iterator[Pair | Outcome]:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            pf = pq.ParquetFile(f)
+            offset = sum(pf.metadata.row_group(i).num_rows for i in range(rg))
+            table = pf.read_row_group(rg)
+        image_col = next(c for c in I2D_IMAGE_COLUMNS if c in table.column_names)
+        for i, row in enumerate(table.to_pylist()):
+            yield self._i2d_record(rel, offset + i, row, row.get(image_col))
+
+    def _i2d_record(self, rel: str, row_no: int, row: dict, image: bytes | None, source: str | None = None) -> Pair | Outcome:
+        source = source or f"{rel}#{row_no}"
+        raw_key = row.get("key")
+        key = safe_key(None if raw_key is None else str(raw_key), rel, str(row_no))
+        status = row.get("status")
+        if status is not None and status != SUCCESS:
+            return Outcome(
+                key=key, status=ERROR, reason=reasons.DOWNLOAD_FAILED,
+                detail=f"{status}: {row.get('error_message') or ''}", source=source,
+            )
+        cap, problem = _clean_caption(row.get("caption"))
+        if problem is not None:
+            return Outcome(key=key, status=REJECTED, reason=problem, detail="", source=source)
+        skip = {"key", "caption", "url", "status", "error_message", "width", "height", "jpg", "png", "webp", "txt", "json"}
+        meta = {k: v for k, v in row.items() if k not in skip}
+        return Pair(
+            key=key, url=row.get("url"), caption=cap, image=image, source=source, meta=_meta_json(meta),
+        )
+
+    # --- img2dataset webdataset output ---
+    def _read_webdataset(self, path: str, rel: str, status_path: str | None) -> Iterator[Pair | Outcome]:
+        status_rows: dict[str, dict] = {}
+        if status_path is not None:
+            with FileSystems.open(status_path, compression_type="uncompressed") as f:
+                for row in pq.read_table(f).to_pylist():
+                    status_rows[str(row.get("key"))] = row
+        status_rel = self.resolved.rel(status_path) if status_path else None
+        seen: set[str] = set()
+        failure: tuple[str, str] | None = None  # (reason, detail) if the tar broke
+        if path.endswith(".tar"):
+            for item in self._iter_tar(path, rel):
+                if isinstance(item, tuple):  # the tar broke
+                    failure = item
+                    break
+                if isinstance(item, Outcome):
+                    seen.add(item.key)
+                    yield item
+                    continue
+                key, members, first_name = item
+                seen.add(key)
+                yield self._tar_sample(rel, key, members, first_name, status_rows.get(key))
+        # Rows of the status file that never showed up in the tar: failed downloads, or lost to a broken tar.
+        for key, row in sorted(status_rows.items()):
+            if key in seen:
+                continue
+            source = f"{status_rel}#key={key}"
+            if row.get("status") != SUCCESS:
+                yield self._i2d_record(status_rel, 0, row, None, source=source)
+            elif failure is not None:
+                yield Outcome(key=safe_key(key, status_rel), status=ERROR, reason=reasons.MISSING_FROM_TAR,
+                              detail=f"tar ended early ({failure[0]})", source=source)
+            else:
+                yield Outcome(key=safe_key(key, status_rel), status=ERROR, reason=reasons.MISSING_FROM_TAR,
+                              detail="status says success but the tar has no such sample", source=source)
+
+    def _iter_tar(self, path: str, rel: str):
+        """Yields (key, {ext: bytes}, first_member_name) per sample, Outcomes for hostile members, and a
+        final (reason, detail) tuple if the tar is broken. Members are never written to disk."""
+        current_key: str | None = None
+        current: dict[str, bytes] = {}
+        first_name = ""
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            try:
+                tf = tarfile.open(fileobj=f, mode="r|")
+            except tarfile.TarError as e:
+                yield Outcome(key=safe_key(None, rel, "tar"), status=ERROR, reason=reasons.TAR_UNREADABLE,
+                              detail=f"{type(e).__name__}: {str(e)[:120]}", source=rel)
+                yield (reasons.TAR_UNREADABLE, str(e)[:120])
+                return
+            try:
+                for member in tf:
+                    name = member.name
+                    unsafe = _unsafe_member(member)
+                    if unsafe:
+                        yield Outcome(key=safe_key(None, rel, name), status=REJECTED, reason=reasons.UNSAFE_MEMBER_NAME,
+                                      detail=f"{unsafe}: {name[:120]!r}", source=f"{rel}:{name[:200]}")
+                        continue
+                    if not member.isfile():
+                        continue  # directories: structure, not records
+                    base = posixpath.basename(name)
+                    stem, _, ext = base.partition(".")
+                    try:
+                        data = tf.extractfile(member).read()
+                    except (tarfile.TarError, EOFError, OSError) as e:
+                        if current_key is not None:
+                            # the sample being read is incomplete: it is the one lost to the cut
+                            pass
+                        key = current_key if current_key == stem else stem
+                        yield Outcome(key=safe_key(key, rel, name), status=ERROR, reason=reasons.TAR_TRUNCATED,
+                                      detail=f"member {name[:80]!r}: {type(e).__name__}: {str(e)[:80]}", source=f"{rel}:{name[:200]}")
+                        if current_key is not None and current_key != stem:
+                            yield current_key, current, first_name
+                        yield (reasons.TAR_TRUNCATED, str(e)[:120])
+                        return
+                    if stem != current_key:
+                        if current_key is not None:
+                            yield current_key, current, first_name
+                        current_key, current, first_name = stem, {}, name
+                    current[ext.lower()] = data
+            except (tarfile.TarError, EOFError, OSError) as e:
+                # the header of the next member is cut or corrupt: the sample in hand is complete
+                if current_key is not None:
+                    yield current_key, current, first_name
+                yield Outcome(key=safe_key(None, rel, "tail"), status=ERROR, reason=reasons.TAR_TRUNCATED,
+                              detail=f"after {first_name[:80]!r}: {type(e).__name__}: {str(e)[:80]}", source=f"{rel}:<end>")
+                yield (reasons.TAR_TRUNCATED, str(e)[:120])
+                return
+            if current_key is not None:
+                yield current_key, current, first_name
+
+    def _tar_sample(self, rel: str, stem: str, members: dict[str, bytes], first_name: str, status_row: dict | None):
+        source = f"{rel}:{first_name}"
+        key = safe_key(stem, rel)
+        meta: dict[str, Any] = {}
+        if "json" in members:
+            try:
+                meta = json.loads(members["json"].decode("utf-8"))
+                if not isinstance(meta, dict):
+                    meta = {"json": meta}
+            except (UnicodeDecodeError, ValueError):
+                meta = {"json_unreadable": True}
+        if not is_safe_key(stem):
+            meta["original_key"] = stem
+        url = meta.get("url") or (status_row or {}).get("url")
+        if "txt" in members:
+            cap, problem = _clean_caption(members["txt"])
+        else:
+            cap, problem = _clean_caption(meta.get("caption", (status_row or {}).get("caption")))
+        if problem is not None:
+            detail = _describe_bad(members.get("txt")) if problem == reasons.CAPTION_INVALID_UTF8 else ""
+            return Outcome(key=key, status=REJECTED, reason=problem, detail=detail, source=source)
+        image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        for drop in ("caption", "url", "key", "status", "error_message", "width", "height"):
+            meta.pop(drop, None)
+        return Pair(key=key, url=url, caption=cap, image=image, source=source, meta=_meta_json(meta))
+
+
+def _unsafe_member(member: tarfile.TarInfo) -> str | None:
+    name = member.name
+    if not name or "\x00" in name:
+        return "empty or NUL in name"
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or "\\" in name:
+        return "absolute path"
+    if ".." in name.split("/"):
+        return "parent-directory component"
+    if member.issym() or member.islnk():
+        return "link member"
+    if member.isdev() or member.isfifo():
+        return "device member"
+    return None
+
+
+class ExpandUnitsFn(beam.DoFn):
+    """(path) -> units of work: ('tar', path, status_parquet|None), ('*-rowgroup', path, i), ('csv'|'jsonl', path, None)."""
+
+    def __init__(self, resolved: ResolvedInput):
+        self.resolved = resolved
+
+    def process(self, path: str):
+        fmt = self.resolved.format
+        if fmt == "webdataset":
+            if path.endswith(".tar"):
+                status = path[: -len(".tar")] + ".parquet"
+                yield ("tar", path, status if FileSystems.exists(status) else None)
+            else:  # a status parquet without a tar
+                yield ("tar", path, path)
+        elif path.endswith(".parquet"):
+            kind = "i2d-rowgroup" if fmt == "i2d-parquet" else "table-rowgroup"
+            with FileSystems.open(path, compression_type="uncompressed") as f:
+                n = pq.ParquetFile(f).num_row_groups
+            for i in range(n):
+                yield (kind, path, i)
+        elif path.endswith((".csv", ".tsv")):
+            yield ("csv", path, None)
+        else:
+            yield ("jsonl", path, None)
+
+
+class ReadPairs(beam.PTransform):
+    """Read raw inputs into ``Pair`` records, plus ``Outcome`` ledger rows for records that are
+    unusable before any filter runs.
+
+    Args:
+        resolved: the output of ``resolve_input(InputSpec(...))`` (detection runs on the driver).
+
+    Example:
+        resolved = resolve_input(InputSpec("shards/", format="webdataset"))
+        records = p | ReadPairs(resolved)
+    """
+
+    def __init__(self, resolved: ResolvedInput):
+        super().__init__()
+        if resolved.format == "stage":
+            raise ValueError("stage inputs are read with transforms.stage_io.ReadStage")
+        self.resolved = resolved
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "InputFiles" >> beam.Create(list(self.resolved.files))
+            | "Units" >> beam.ParDo(ExpandUnitsFn(self.resolved))
+            | "SpreadUnits" >> beam.Reshuffle()
+            | "ReadUnits" >> beam.ParDo(ReadInputUnitFn(self.resolved))
+        )
