@@ -1,0 +1,305 @@
+"""``mmcorpus stats DIR [--plot out.png]``: the numbers behind a stage output or a whole run, and one
+PNG with a histogram panel for each thing the directory actually holds.
+
+Panels, in this fixed order, each present only when its data exists in DIR (a stage output, or a run
+directory holding several):
+    caption_words      caption length in words, one curve per stage output (+ before rewrite)
+    ledger_reasons     non-kept ledger rows by stage and reason (when there are any)
+    cluster_sizes      duplicate cluster sizes (dedup output)
+    tokens_per_sample  tokens per packed sample (pack output)
+    fill_per_pack      token fill per pack (pack output)
+    images_per_pack    images per pack (pack output with image columns)
+
+Example:
+    mmcorpus stats build/demo --plot build/demo/stats.png
+    mmcorpus stats build/demo/dedup --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.inspection import (
+    _read_parquet,
+    _require_dir,
+    _seq_len,
+    is_stage_dir,
+    pack_files,
+    pack_measures,
+    pack_table,
+    read_index,
+    run_stage_dirs,
+)
+from schemas.errors import UserError
+from schemas.manifest import FILE_KIND_DATA, FILE_KIND_LEDGER, MANIFEST_NAME
+from schemas.records import KEPT
+from transforms.stage_io import join, read_manifest
+
+PANELS = ("caption_words", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack", "images_per_pack")
+PANEL_TITLES = {
+    "caption_words": "caption length (words)",
+    "ledger_reasons": "removed records by stage and reason",
+    "cluster_sizes": "duplicate cluster sizes",
+    "tokens_per_sample": "tokens per packed sample",
+    "fill_per_pack": "token fill per pack",
+    "images_per_pack": "images per pack",
+}
+# Pixel size of one panel (at DPI): the PNG is (COLS * W) x (rows * H).
+PANEL_W_IN, PANEL_H_IN, DPI = 6.4, 4.0, 100
+FIG_FACE = "#ececec"  # figure background: panels are white on it, empty grid cells stay grey
+MAX_ROWS_DEFAULT = 1_000_000
+
+
+def _stage_scope(path: str) -> list[tuple[str, str]]:
+    if is_stage_dir(path):
+        return [(read_manifest(path).stage, path)]
+    return run_stage_dirs(path)
+
+
+def _read_data_column(stage_dir: str, columns: list[str], max_rows: int) -> pa.Table | None:
+    m = read_manifest(stage_dir)
+    files = sorted(m.files_of(FILE_KIND_DATA), key=lambda f: f.path)
+    if not files:
+        return None
+    tables, n = [], 0
+    for f in files:
+        t = _read_parquet(join(stage_dir, f.path), columns=columns)
+        tables.append(t)
+        n += t.num_rows
+        if n >= max_rows:
+            break
+    return pa.concat_tables(tables).slice(0, max_rows)
+
+
+def _words(texts: list[str | None]) -> list[int]:
+    return [len(t.split()) for t in texts if t is not None]
+
+
+def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT) -> dict[str, Any]:
+    """The data of every panel the directory has, in ``PANELS`` order (JSON-able)."""
+    scope = _stage_scope(path)
+    if not scope:
+        raise UserError(f"{path} has no {MANIFEST_NAME} and no stage outputs below it: "
+                        "pass a finished stage output directory or a run directory")
+    panels: dict[str, Any] = {}
+
+    captions: dict[str, list[int]] = {}
+    reasons: Counter = Counter()
+    clusters: list[int] | None = None
+    packs: dict[str, list] | None = None
+    for stage, d in scope:
+        m = read_manifest(d)
+        for name, n in m.counts.get("by_reason", {}).items():
+            status, reason = name.split("/", 1)
+            if status != KEPT:
+                reasons[f"{stage}: {reason}"] += n
+        t = _read_data_column(d, ["caption", "raw_caption", "cluster_size"], max_rows)
+        if t is not None and t.num_rows:
+            if stage == "rewrite" or pc.sum(pc.is_valid(t.column("raw_caption"))).as_py():
+                raw = [r if r is not None else c for r, c in zip(t.column("raw_caption").to_pylist(), t.column("caption").to_pylist())]
+                captions[f"{stage} input (raw)"] = _words(raw)
+            captions[f"after {stage}"] = _words(t.column("caption").to_pylist())
+        if stage == "dedup":
+            clusters = _cluster_sizes(d, m, t)
+        if pack_files(d, m):
+            table = pack_table(d, m)
+            if table is not None and table.num_rows:
+                meas = pack_measures(table, _seq_len(m, read_index(d)))
+                packs = meas
+    if captions:
+        panels["caption_words"] = captions
+    if reasons:
+        panels["ledger_reasons"] = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    if clusters is not None:
+        panels["cluster_sizes"] = clusters
+    if packs is not None:
+        panels["tokens_per_sample"] = packs["sample_tokens"]
+        panels["fill_per_pack"] = [f for f in packs["pack_fill"] if f is not None]
+        if any(v is not None for v in packs["pack_images"]):
+            panels["images_per_pack"] = [v for v in packs["pack_images"] if v is not None]
+    return {"dir": path, "stages": [s for s, _ in scope], "panels": panels}
+
+
+def _cluster_sizes(stage_dir: str, m, data: pa.Table | None) -> list[int]:
+    """Sizes of duplicate clusters: from the kept representatives' ``cluster_size``, or else from
+    the ledger (duplicates per ``cluster_id`` + the kept one)."""
+    if data is not None and "cluster_size" in data.column_names:
+        sizes = [s for s in data.column("cluster_size").to_pylist() if s is not None and s > 1]
+        if sizes:
+            return sorted(sizes)
+    per_cluster: Counter = Counter()
+    for f in m.files_of(FILE_KIND_LEDGER):
+        t = _read_parquet(join(stage_dir, f.path), columns=["status", "cluster_id"])
+        for status, cid in zip(t.column("status").to_pylist(), t.column("cluster_id").to_pylist()):
+            if status == "duplicate" and cid:
+                per_cluster[cid] += 1
+    return sorted(n + 1 for n in per_cluster.values())
+
+
+def panel_grid(n: int) -> tuple[int, int]:
+    """(rows, cols) of the figure for n panels: two columns from two panels on."""
+    cols = 1 if n <= 1 else 2
+    return max(1, math.ceil(n / cols)), cols
+
+
+def plot(stats: dict[str, Any], out_path: str) -> list[str]:
+    """Write the PNG and return the panel names drawn, in order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [p for p in PANELS if p in stats["panels"]]
+    if not names:
+        raise UserError(f"{stats['dir']}: nothing to plot (no captions, ledger reasons, clusters or packs)")
+    rows, cols = panel_grid(len(names))
+    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_W_IN * cols, PANEL_H_IN * rows), dpi=DPI, squeeze=False,
+                             facecolor=FIG_FACE)
+    flat = [ax for row in axes for ax in row]
+    for ax, name in zip(flat, names):
+        ax.set_facecolor("white")
+        _draw(ax, name, stats["panels"][name])
+        ax.set_title(PANEL_TITLES[name], fontsize=10)
+    for ax in flat[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(f"mmcorpus stats: {stats['dir']}", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    meta = {"Title": "mmcorpus stats", "Description": json.dumps({"panels": names})}
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, facecolor=FIG_FACE, metadata=meta)
+    plt.close(fig)
+    from transforms.stage_io import write_bytes_atomic
+
+    write_bytes_atomic(out_path, buf.getvalue())
+    return names
+
+
+def _draw(ax, name: str, data) -> None:
+    if name == "caption_words":
+        hi = max((max(v) for v in data.values() if v), default=1)
+        bins = range(0, min(hi, 80) + 2)
+        for label, values in data.items():
+            ax.hist([min(v, 80) for v in values], bins=bins, histtype="step", linewidth=1.5, label=f"{label} (n={len(values):,})")
+        ax.set_xlabel("words (80+ pooled)")
+        ax.set_ylabel("records")
+        ax.legend(fontsize=7)
+    elif name == "ledger_reasons":
+        items = list(data.items())[:15][::-1]
+        ax.barh([k for k, _ in items], [v for _, v in items], color="#c0504d")
+        ax.set_xlabel("records")
+        ax.tick_params(axis="y", labelsize=7)
+    elif name == "cluster_sizes":
+        if data:
+            hi = max(data)
+            bins = sorted({1.5, *[2 ** (i / 2) + 0.5 for i in range(2, int(2 * math.log2(max(hi, 2))) + 3)]})
+            ax.hist(data, bins=bins, color="#4f81bd")
+            ax.set_xscale("log")
+            from matplotlib.ticker import LogLocator, ScalarFormatter
+
+            ax.xaxis.set_major_locator(LogLocator(base=2))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(ScalarFormatter() if hi < 8 else matplotlib_null())
+        else:
+            ax.text(0.5, 0.5, "no duplicate clusters", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("records per cluster")
+        ax.set_ylabel("clusters")
+    elif name == "tokens_per_sample":
+        ax.hist(data, bins=40, color="#9bbb59")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("samples")
+    elif name == "fill_per_pack":
+        ax.hist([100 * f for f in data], bins=40, color="#8064a2")
+        ax.set_xlabel("fill (%)")
+        ax.set_ylabel("packs")
+    elif name == "images_per_pack":
+        hi = max(data) if data else 1
+        ax.hist(data, bins=[x - 0.5 for x in range(0, hi + 2)], color="#f79646")
+        ax.set_xlabel("images")
+        ax.set_ylabel("packs")
+
+
+def matplotlib_null():
+    from matplotlib.ticker import NullFormatter
+
+    return NullFormatter()
+
+
+def summarize(stats: dict[str, Any]) -> dict[str, Any]:
+    """Small per-panel summaries (n, min, mean, max) for the table and --json."""
+    out: dict[str, Any] = {}
+    for name, data in stats["panels"].items():
+        if name == "ledger_reasons":
+            out[name] = data
+        elif name == "caption_words":
+            out[name] = {k: _stat(v) for k, v in data.items()}
+        else:
+            out[name] = _stat(data)
+    return out
+
+
+def _stat(values: list) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "min": min(values), "mean": sum(values) / len(values), "max": max(values)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmcorpus stats", description="Statistics and plots of an output directory.")
+    p.add_argument("dir", help="a stage output directory (with manifest.json) or a run directory holding several")
+    p.add_argument("--plot", metavar="PNG", help="write the histogram panels to this PNG file")
+    p.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    p.add_argument("--max-rows", "--max_rows", dest="max_rows", type=int, default=MAX_ROWS_DEFAULT,
+                   help=f"read at most this many data rows per stage (default {MAX_ROWS_DEFAULT:,})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = args.dir.rstrip("/") or "/"
+    _require_dir(path)
+    stats = collect(path, max_rows=args.max_rows)
+    summary = summarize(stats)
+    drawn = plot(stats, args.plot) if args.plot else None
+    if args.json:
+        out = {"dir": path, "stages": stats["stages"], "panels": list(stats["panels"]), "summary": summary}
+        if drawn is not None:
+            out["plot"] = {"path": args.plot, "panels": drawn}
+        sys.stdout.write(json.dumps(out, indent=2, sort_keys=True, default=str) + "\n")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"stats: {path} ({', '.join(stats['stages'])})")
+    for col in ("panel", "series", "n", "min", "mean", "max"):
+        t.add_column(col, justify="left" if col in ("panel", "series") else "right")
+    for name, s in summary.items():
+        if name == "ledger_reasons":
+            for k, v in s.items():
+                t.add_row(name, k, f"{v:,}", "", "", "")
+        elif name == "caption_words":
+            for k, v in s.items():
+                t.add_row(name, k, *_cells(v))
+        else:
+            t.add_row(name, "", *_cells(s))
+    console.print(t)
+    if drawn is not None:
+        console.print(f"wrote {args.plot} ({len(drawn)} panels: {', '.join(drawn)})")
+    return 0
+
+
+def _cells(s: dict) -> list[str]:
+    if not s.get("n"):
+        return ["0", "", "", ""]
+    fmt = (lambda v: f"{v:.3g}") if isinstance(s["mean"], float) else str
+    return [f"{s['n']:,}", fmt(s["min"]), f"{s['mean']:.3g}", fmt(s["max"])]
