@@ -1,0 +1,75 @@
+"""`mmcorpus dedup`: exact + near-duplicate removal over a finished stage output (normally the filter's).
+
+Example:
+    mmcorpus dedup --input out/filter --output out/dedup [--config cfg.toml] \
+        [--direct_running_mode=multi_processing --direct_num_workers=2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipelines.runner import add_stage_args, run_stage
+from schemas.errors import UserError
+from transforms.dedup import DedupConfig, Deduplicate
+from transforms.stage_io import ReadStage, read_manifest, stage_input_info
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="mmcorpus dedup", description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, help="a finished stage output directory (e.g. the filter's)")
+    add_stage_args(parser)
+    return parser.parse_known_args(argv)
+
+
+def load_config(path: str | None) -> DedupConfig:
+    return DedupConfig.from_toml(path) if path else DedupConfig()
+
+
+def run(argv: list[str]):
+    """Run the stage; returns the ``StageResult``."""
+    args, beam_args = parse_args(argv)
+    cfg = load_config(args.config)
+    try:
+        read_manifest(args.input)
+    except FileNotFoundError as e:
+        raise UserError(f"--input {args.input}: {e}") from None
+    input_info = stage_input_info(args.input)
+
+    def build(p):
+        pairs = p | "Read" >> ReadStage(args.input)
+        outcomes, report = pairs | "Dedup" >> Deduplicate(cfg)
+        return outcomes, {"dedup": report}
+
+    return run_stage(
+        stage="dedup",
+        output_dir=args.output,
+        config={"dedup": cfg.to_dict()},
+        input_info=input_info,
+        build=build,
+        beam_args=beam_args,
+        num_shards=args.num_shards,
+        force=args.force,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    result = run(list(sys.argv[1:] if argv is None else argv))
+    m = result.manifest
+    state = "up to date, skipped" if result.skipped else f"done in {result.seconds:.1f}s"
+    comps = m.extra.get("dedup", {}).get("components", {})
+    print(
+        f"dedup: {state}: {m.counts['inputs']} in, {m.counts['outputs']} kept, "
+        f"{m.counts['by_status'].get('duplicate', 0)} duplicates "
+        f"({comps.get('rounds')} clustering rounds, converged={comps.get('converged')})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f"mmcorpus dedup: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
