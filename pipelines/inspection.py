@@ -107,10 +107,11 @@ def _file_groups(m: Manifest) -> dict[str, dict[str, int]]:
 
 
 def pack_files(stage_dir: str, m: Manifest | None = None) -> list[str]:
-    """Paths of the Parquet pack shards of a pack output (files that are neither data nor ledger)."""
+    """Paths of the pack shards (Parquet or WebDataset tars) of a pack output: the files that are
+    neither data, ledger nor the index."""
     m = m or read_manifest(stage_dir)
-    return [join(stage_dir, f.path) for f in m.files
-            if f.kind not in (FILE_KIND_DATA, FILE_KIND_LEDGER) and f.path.endswith(".parquet")]
+    return [join(stage_dir, f.path) for f in sorted(m.files, key=lambda f: f.path)
+            if f.kind not in (FILE_KIND_DATA, FILE_KIND_LEDGER) and f.path.endswith((".parquet", ".tar"))]
 
 
 def _first_col(names: list[str], *candidates: str) -> str | None:
@@ -120,11 +121,48 @@ def _first_col(names: list[str], *candidates: str) -> str | None:
     return None
 
 
+def _tar_pack_rows(path: str) -> list[dict]:
+    """Packs of one WebDataset shard: the ``.json`` metadata plus the token arrays (``.npy``)."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    packs: dict[str, dict] = {}
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        with tarfile.open(fileobj=io.BytesIO(f.read()), mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                row = packs.setdefault(key, {"pack_id": key, "images": 0})
+                data = tar.extractfile(member).read()
+                if ext == "json":
+                    row.update(json.loads(data))
+                elif ext.endswith(".npy"):
+                    row[ext[: -len(".npy")]] = np.load(io.BytesIO(data)).tolist()
+                elif ext.endswith(".jpg"):
+                    row["images"] += 1
+    rows = []
+    for key in sorted(packs):
+        row = packs[key]
+        row["num_images"] = row.pop("images")
+        rows.append(row)
+    return rows
+
+
 def pack_table(stage_dir: str, m: Manifest | None = None, limit: int | None = None) -> pa.Table | None:
-    """All Parquet packs of a pack output as one table (the first ``limit`` rows when given)."""
+    """All packs of a pack output as one table (the first ``limit`` when given); WebDataset shards
+    become rows with the same column names as the Parquet layout (plus ``num_images``)."""
     tables, n = [], 0
     for path in pack_files(stage_dir, m):
-        t = _read_parquet(path)
+        if path.endswith(".tar"):
+            rows = _tar_pack_rows(path)
+            t = pa.Table.from_pylist(rows) if rows else None
+        else:
+            t = _read_parquet(path)
+        if t is None:
+            continue
         tables.append(t)
         n += t.num_rows
         if limit is not None and n >= limit:
@@ -136,27 +174,30 @@ def pack_table(stage_dir: str, m: Manifest | None = None, limit: int | None = No
 
 
 def pack_measures(table: pa.Table, seq_len: int | None) -> dict[str, list]:
-    """Per pack: sample lengths (from ``cu_seqlens``), tokens, images; per sample: tokens."""
+    """Per pack: samples, tokens, fill (tokens / seq_len), images; per sample: tokens
+    (from ``cu_seqlens``)."""
     names = table.column_names
-    cu_col = _first_col(names, "cu_seqlens")
-    ids_col = _first_col(names, "input_ids")
-    img_col = _first_col(names, "num_images", "images", "image_bytes")
     out: dict[str, list] = {"sample_tokens": [], "pack_tokens": [], "pack_fill": [], "pack_images": [], "pack_samples": []}
-    cus = table.column(cu_col).to_pylist() if cu_col else [None] * table.num_rows
-    ids_len = pc.list_value_length(table.column(ids_col)).to_pylist() if ids_col else [None] * table.num_rows
-    if img_col == "num_images":
-        imgs = table.column(img_col).to_pylist()
-    elif img_col:
-        imgs = pc.list_value_length(table.column(img_col)).to_pylist()
+    cus = table.column("cu_seqlens").to_pylist() if "cu_seqlens" in names else [None] * table.num_rows
+    if "seq_len" in names:
+        widths = table.column("seq_len").to_pylist()
+    elif "input_ids" in names:
+        widths = pc.list_value_length(table.column("input_ids")).to_pylist()
+    else:
+        widths = [None] * table.num_rows
+    if "num_images" in names:
+        imgs = table.column("num_images").to_pylist()
+    elif "images" in names:
+        imgs = pc.list_value_length(table.column("images")).to_pylist()
     else:
         imgs = [None] * table.num_rows
-    for cu, width, n_img in zip(cus, ids_len, imgs):
+    for cu, width, n_img in zip(cus, widths, imgs):
         lengths = [b - a for a, b in zip(cu[:-1], cu[1:])] if cu else []
         used = sum(lengths)
         out["sample_tokens"].extend(lengths)
         out["pack_tokens"].append(used)
         out["pack_samples"].append(len(lengths))
-        denom = seq_len or width
+        denom = width or seq_len
         out["pack_fill"].append(used / denom if denom else None)
         out["pack_images"].append(n_img)
     return out
@@ -281,7 +322,12 @@ def _load_tokenizer(m: Manifest):
                 if "tokenizer" in k2 and isinstance(v2, str):
                     path = v2
     if not path:
-        return None
+        try:
+            from transforms.tokens import DEFAULT_TOKENIZER
+
+            path = str(DEFAULT_TOKENIZER)
+        except Exception:  # pack extra not importable: show token counts only
+            return None
     try:
         from tokenizers import Tokenizer
 
@@ -345,9 +391,8 @@ def sample_packs(stage_dir: str, n: int) -> list[dict[str, Any]]:
             "fill": meas["pack_fill"][i],
             "images": meas["pack_images"][i],
         }
-        for gcol in ("slice_grids", "image_grids", "grids"):
-            if gcol in row:
-                rec["slice_grids"] = row[gcol]
+        if row.get("image_grid_cols") is not None:
+            rec["slice_grids"] = [f"{c}x{r}" for c, r in zip(row["image_grid_cols"], row.get("image_grid_rows") or [])]
         ids = row.get("input_ids")
         if tok is not None and ids:
             texts = []
@@ -563,6 +608,8 @@ def render_samples(samples: list[dict], console) -> None:
                 body.append(f", fill {s['fill']:.1%}")
             if s.get("images") is not None:
                 body.append(f", {s['images']} images")
+            if s.get("slice_grids"):
+                body.append(f" (slice grids {', '.join(s['slice_grids'])})")
             body.append("\n")
             for j, n_tok in enumerate(s["sample_tokens"]):
                 key = s["keys"][j] if s.get("keys") and j < len(s["keys"]) else "?"
@@ -585,6 +632,10 @@ def render_samples(samples: list[dict], console) -> None:
         console.print(Panel(body, title=s["key"]))
 
 
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def render_trace(trace: dict[str, Any], console) -> None:
     from rich.table import Table
 
@@ -599,8 +650,8 @@ def render_trace(trace: dict[str, Any], console) -> None:
             extra.append(f"cluster {s['cluster_id']}")
         if s.get("model"):
             extra.append(f"model {s['model']}")
-        detail = " · ".join([x for x in [s.get("detail", "")] + extra if x])
-        where = s.get("caption") or ""
+        detail = _short(" · ".join([x for x in [s.get("detail", "")] + extra if x]), 90)
+        where = _short(s.get("caption") or "", 70)
         if s.get("pack"):
             p = s["pack"]
             where = f"{p['shard']} pack {p['row']} slot {p['position']}/{p['samples_in_pack']}"
