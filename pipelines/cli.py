@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("MMCORPUS_LOG_LEVEL", "WARNING"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Beam's GCP extras are optional; its import-time warning about them is noise for local runs.
+    logging.getLogger().addFilter(lambda r: "apitools not found" not in r.getMessage())
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -252,6 +252,11 @@ def preflight(resolved: ResolvedInput, max_files: int = 1000) -> None:
 # --- reading units ---------------------------------------------------------------------------
 
 
+def src(rel: str, row_no: int) -> str:
+    """Source of a table row; zero-padded so string order is file order (first occurrence wins ties)."""
+    return f"{rel}#{row_no:08d}"
+
+
 def _meta_json(d: dict[str, Any]) -> str:
     return json.dumps(d, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
 
@@ -311,7 +316,7 @@ class ReadInputUnitFn(beam.DoFn):
 
     # --- metadata tables ---
     def _table_record(self, rel: str, row_no: int, url: Any, caption: Any, key: Any, meta: dict) -> Pair | Outcome:
-        source = f"{rel}#{row_no}"
+        source = src(rel, row_no)
         cap, problem = _clean_caption(caption)
         url_s = None if url is None else str(url)
         key_s = safe_key(str(key), rel, str(row_no)) if key is not None else record_key(rel, url_s, cap if cap is not None else _describe_bad(caption))
@@ -356,7 +361,7 @@ class ReadInputUnitFn(beam.DoFn):
                     if len(row) != len(header):
                         yield Outcome(
                             key=record_key(rel, str(row_no), None), status=ERROR, reason=reasons.ROW_UNREADABLE,
-                            detail=f"{len(row)} fields, header has {len(header)}", source=f"{rel}#{row_no}",
+                            detail=f"{len(row)} fields, header has {len(header)}", source=src(rel, row_no),
                         )
                         continue
                     rec = dict(zip(header, row))
@@ -370,7 +375,7 @@ class ReadInputUnitFn(beam.DoFn):
                     if len(row) <= max(ci, ui):
                         yield Outcome(
                             key=record_key(rel, str(row_no), None), status=ERROR, reason=reasons.ROW_UNREADABLE,
-                            detail=f"{len(row)} fields, need index {max(ci, ui)}", source=f"{rel}#{row_no}",
+                            detail=f"{len(row)} fields, need index {max(ci, ui)}", source=src(rel, row_no),
                         )
                         continue
                     meta = {str(i): v for i, v in enumerate(row) if i not in (ci, ui)}
@@ -381,7 +386,7 @@ class ReadInputUnitFn(beam.DoFn):
             for row_no, raw in enumerate(f):
                 if not raw.strip():
                     continue
-                source = f"{rel}#{row_no}"
+                source = src(rel, row_no)
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
@@ -419,7 +424,7 @@ class ReadInputUnitFn(beam.DoFn):
             yield self._i2d_record(rel, offset + i, row, row.get(image_col))
 
     def _i2d_record(self, rel: str, row_no: int, row: dict, image: bytes | None, source: str | None = None) -> Pair | Outcome:
-        source = source or f"{rel}#{row_no}"
+        source = source or src(rel, row_no)
         raw_key = row.get("key")
         key = safe_key(None if raw_key is None else str(raw_key), rel, str(row_no))
         status = row.get("status")
@@ -449,8 +454,8 @@ class ReadInputUnitFn(beam.DoFn):
         failure: tuple[str, str] | None = None  # (reason, detail) if the tar broke
         if path.endswith(".tar"):
             for item in self._iter_tar(path, rel):
-                if isinstance(item, tuple):  # the tar broke
-                    failure = item
+                if isinstance(item, _TarBroken):
+                    failure = (item.reason, item.detail)
                     break
                 if isinstance(item, Outcome):
                     seen.add(item.key)
@@ -475,20 +480,27 @@ class ReadInputUnitFn(beam.DoFn):
 
     def _iter_tar(self, path: str, rel: str):
         """Yields (key, {ext: bytes}, first_member_name) per sample, Outcomes for hostile members, and a
-        final (reason, detail) tuple if the tar is broken. Members are never written to disk."""
+        final ``_TarBroken`` if the tar is broken. Members are never written to disk."""
         current_key: str | None = None
         current: dict[str, bytes] = {}
         first_name = ""
+        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+
+        def cut(where: str, exc: BaseException | str):
+            text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {str(exc)[:80]}"
+            return Outcome(key=safe_key(None, rel, where), status=ERROR, reason=reasons.TAR_TRUNCATED,
+                           detail=f"{where}: {text}", source=f"{rel}:{where[:200]}")
+
         with FileSystems.open(path, compression_type="uncompressed") as f:
             try:
                 tf = tarfile.open(fileobj=f, mode="r|")
             except tarfile.TarError as e:
                 yield Outcome(key=safe_key(None, rel, "tar"), status=ERROR, reason=reasons.TAR_UNREADABLE,
                               detail=f"{type(e).__name__}: {str(e)[:120]}", source=rel)
-                yield (reasons.TAR_UNREADABLE, str(e)[:120])
+                yield _TarBroken(reasons.TAR_UNREADABLE, str(e)[:120])
                 return
             try:
-                for member in tf:
+                for ordinal, member in enumerate(tf):
                     name = member.name
                     unsafe = _unsafe_member(member)
                     if unsafe:
@@ -497,39 +509,40 @@ class ReadInputUnitFn(beam.DoFn):
                         continue
                     if not member.isfile():
                         continue  # directories: structure, not records
-                    base = posixpath.basename(name)
-                    stem, _, ext = base.partition(".")
+                    stem, _, ext = posixpath.basename(name).partition(".")
                     try:
                         data = tf.extractfile(member).read()
                     except (tarfile.TarError, EOFError, OSError) as e:
-                        if current_key is not None:
-                            # the sample being read is incomplete: it is the one lost to the cut
-                            pass
-                        key = current_key if current_key == stem else stem
-                        yield Outcome(key=safe_key(key, rel, name), status=ERROR, reason=reasons.TAR_TRUNCATED,
-                                      detail=f"member {name[:80]!r}: {type(e).__name__}: {str(e)[:80]}", source=f"{rel}:{name[:200]}")
+                        # The member's data is cut: its sample is lost; the sample before it is whole.
                         if current_key is not None and current_key != stem:
                             yield current_key, current, first_name
-                        yield (reasons.TAR_TRUNCATED, str(e)[:120])
+                        out = cut(name, e)
+                        out.key = safe_key(stem, rel, name)
+                        yield out
+                        yield _TarBroken(reasons.TAR_TRUNCATED, str(e)[:120])
                         return
                     if stem != current_key:
                         if current_key is not None:
                             yield current_key, current, first_name
-                        current_key, current, first_name = stem, {}, name
+                        current_key, current, first_name = stem, {}, f"{ordinal:06d}:{name}"
                     current[ext.lower()] = data
             except (tarfile.TarError, EOFError, OSError) as e:
-                # the header of the next member is cut or corrupt: the sample in hand is complete
+                # The next header is corrupt: the sample in hand is complete.
                 if current_key is not None:
                     yield current_key, current, first_name
-                yield Outcome(key=safe_key(None, rel, "tail"), status=ERROR, reason=reasons.TAR_TRUNCATED,
-                              detail=f"after {first_name[:80]!r}: {type(e).__name__}: {str(e)[:80]}", source=f"{rel}:<end>")
-                yield (reasons.TAR_TRUNCATED, str(e)[:120])
+                yield cut(f"after {first_name}", e)
+                yield _TarBroken(reasons.TAR_TRUNCATED, str(e)[:120])
                 return
             if current_key is not None:
                 yield current_key, current, first_name
+            # tarfile's stream mode ends silently at a header cut short; a complete archive has its
+            # end-of-archive blocks after the last member.
+            if tf.offset + 2 * tarfile.BLOCKSIZE > size:
+                yield cut(f"after {first_name or 'start'}", "no end-of-archive marker (file cut inside a header)")
+                yield _TarBroken(reasons.TAR_TRUNCATED, "no end-of-archive marker")
 
     def _tar_sample(self, rel: str, stem: str, members: dict[str, bytes], first_name: str, status_row: dict | None):
-        source = f"{rel}:{first_name}"
+        source = f"{rel}#{first_name}"
         key = safe_key(stem, rel)
         meta: dict[str, Any] = {}
         if "json" in members:
@@ -553,6 +566,12 @@ class ReadInputUnitFn(beam.DoFn):
         for drop in ("caption", "url", "key", "status", "error_message", "width", "height"):
             meta.pop(drop, None)
         return Pair(key=key, url=url, caption=cap, image=image, source=source, meta=_meta_json(meta))
+
+
+@dataclass(frozen=True)
+class _TarBroken:
+    reason: str
+    detail: str
 
 
 def _unsafe_member(member: tarfile.TarInfo) -> str | None:
