@@ -1,0 +1,169 @@
+"""`mmcorpus rewrite`: caption → QA pairs through an OpenAI-compatible endpoint (or the offline template).
+
+Examples:
+    # dry run, no model (the demo): deterministic template, says "offline-template" in every row
+    mmcorpus rewrite --input out/dedup --output out/rewrite --backend offline-template
+
+    # real run against a vLLM server (mmcorpus rewriter serve); key, if any, from $OPENAI_API_KEY
+    mmcorpus rewrite --input out/dedup --output out/rewrite --endpoint http://127.0.0.1:8000/v1 \
+        --model rewriter --policy needs_rewrite --cache-dir out/rewrite-cache --concurrency 32 \
+        [--direct_running_mode=multi_processing --direct_num_workers=2]
+
+Settings can also come from the ``[rewrite]`` table of ``--config FILE.toml`` (keys as in
+``transforms.rewrite.RewriteConfig``); flags win. Every flag has an underscore alias (``--cache_dir``)
+for Airflow's Beam operator. Unknown flags go to Beam.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from urllib.parse import urlsplit
+
+from pipelines.config import build, load_toml, section
+from pipelines.runner import StageResult, add_stage_args, run_stage
+from schemas.errors import UserError
+from transforms.rewrite import BACKEND_OFFLINE, BACKEND_OPENAI, BACKENDS, POLICIES, RewriteCaptions, RewriteConfig
+from transforms.stage_io import ReadStage, read_manifest, stage_input_info
+
+STAGE = "rewrite"
+log = logging.getLogger("mmcorpus.rewrite")
+
+# flag -> RewriteConfig field (None-valued flags leave the TOML/default value alone)
+_FLAGS = {
+    "endpoint": "endpoint", "model": "model", "policy": "policy", "backend": "backend", "cache_dir": "cache_dir",
+    "api_key_env": "api_key_env", "concurrency": "concurrency", "batch_size": "batch_size", "timeout": "timeout_s",
+    "max_retries": "max_retries", "max_tokens": "max_tokens", "temperature": "temperature",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmcorpus rewrite", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Unknown flags go to Beam, e.g. --direct_running_mode=multi_processing --direct_num_workers=2",
+    )
+    p.add_argument("--input", required=True, help="a finished stage output directory (normally the dedup's)")
+    p.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (backend openai)")
+    p.add_argument("--model", help="served model name (backend openai); keys the response cache")
+    p.add_argument("--policy", choices=POLICIES, help="which records to rewrite (default needs_rewrite)")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help=f"{BACKEND_OPENAI} (default) or {BACKEND_OFFLINE} (deterministic template, no model)")
+    p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir",
+                   help="response cache directory (default for backend openai: rewrite-cache beside --output; "
+                        "'none' disables it)")
+    p.add_argument("--api-key-env", "--api_key_env", dest="api_key_env",
+                   help="environment variable holding the API key (default OPENAI_API_KEY; never pass the key itself)")
+    p.add_argument("--concurrency", type=int, help="requests in flight per worker (default 16)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, help="records per batch (default 128)")
+    p.add_argument("--timeout", type=float, help="per-request time-out in seconds (default 60)")
+    p.add_argument("--max-retries", "--max_retries", dest="max_retries", type=int,
+                   help="retries on 429/5xx/time-out/connection error (default 5)")
+    p.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, help="completion token limit (default 256)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 0)")
+    p.add_argument("--no-preflight", "--no_preflight", dest="preflight", action="store_false",
+                   help="do not check that the endpoint answers before starting the pipeline")
+    add_stage_args(p)
+    return p
+
+
+def default_cache_dir(output: str) -> str:
+    """``rewrite-cache`` beside the output directory: shared by reruns, untouched by stage clean-up."""
+    out = output.rstrip("/")
+    parent = out.rsplit("/", 1)[0] if "/" in out else "."
+    return f"{parent}/rewrite-cache"
+
+
+def resolve_config(args: argparse.Namespace) -> RewriteConfig:
+    values = dict(section(load_toml(args.config), "rewrite"))
+    for flag, field in _FLAGS.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            values[field] = v
+    backend = values.get("backend", BACKEND_OPENAI)
+    if backend == BACKEND_OFFLINE:
+        ignored = [f"--{k}" for k in ("endpoint", "model") if values.get(k)]
+        if ignored:
+            log.warning("backend %s ignores %s", BACKEND_OFFLINE, " and ".join(ignored))
+        values.pop("endpoint", None)
+        values.pop("model", None)
+    elif backend == BACKEND_OPENAI:
+        missing = [f"--{k}" for k in ("endpoint", "model") if not values.get(k)]
+        if missing:
+            raise UserError(
+                f"{' and '.join(missing)} required with --backend {BACKEND_OPENAI} (e.g. --endpoint "
+                f"http://127.0.0.1:8000/v1 --model rewriter), or use --backend {BACKEND_OFFLINE} for a dry run"
+            )
+        values.setdefault("cache_dir", default_cache_dir(args.output))
+    if str(values.get("cache_dir", "")).lower() in ("none", ""):
+        values["cache_dir"] = None
+    return build(RewriteConfig, values, "rewrite")
+
+
+def redact(url: str) -> str:
+    """scheme://host:port/path of a URL: no user info, query or fragment (they may hold tokens)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def preflight(cfg: RewriteConfig) -> None:
+    """Fail fast, with the fix, when the endpoint does not answer ``GET /models``."""
+    import httpx
+
+    key = os.environ.get(cfg.api_key_env, "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = cfg.endpoint.rstrip("/") + "/models"
+    try:
+        r = httpx.get(url, headers=headers, timeout=min(10.0, cfg.timeout_s))
+    except httpx.HTTPError as e:
+        raise UserError(
+            f"--endpoint {redact(cfg.endpoint)} does not answer ({type(e).__name__}); start the server "
+            "(`mmcorpus rewriter serve ...`) or fix the URL; --no-preflight skips this check"
+        ) from None
+    if r.status_code in (401, 403):
+        raise UserError(
+            f"--endpoint {redact(cfg.endpoint)} refused the API key (HTTP {r.status_code}); put the key in "
+            f"${cfg.api_key_env} (or name another variable with --api-key-env)"
+        )
+    if r.status_code >= 400:
+        log.warning("endpoint %s answered GET /models with HTTP %d; continuing", redact(cfg.endpoint), r.status_code)
+
+
+def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
+    cfg = resolve_config(args)
+    try:
+        read_manifest(args.input)
+    except FileNotFoundError as e:
+        raise UserError(f"--input {args.input}: {e}") from None
+    input_info = stage_input_info(args.input)
+    if cfg.backend == BACKEND_OPENAI and args.preflight:
+        preflight(cfg)
+
+    def build_pipeline(p):
+        pairs = p | "Read" >> ReadStage(args.input)
+        return pairs | "RewriteCaptions" >> RewriteCaptions(cfg)
+
+    return run_stage(
+        stage=STAGE, output_dir=args.output, config={"rewrite": cfg.hashed()}, input_info=input_info,
+        build=build_pipeline, beam_args=beam_args, num_shards=args.num_shards, force=args.force,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, beam_args = parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    result = run(args, beam_args)
+    from pipelines.summary import print_stage_summary
+
+    print_stage_summary(result, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f"mmcorpus rewrite: error: {e}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,299 @@
+"""Async client for OpenAI-compatible chat completions: bounded in-flight requests, whitelisted retries.
+
+Built on the official ``openai`` ``AsyncOpenAI`` with its own retries switched off (``max_retries=0``),
+because the policy here is stricter and observable:
+
+- at most ``concurrency`` requests in flight per client (an ``asyncio.Semaphore``; a request waiting
+  out a back-off does not hold a slot);
+- retries only on HTTP 429, HTTP 5xx, time-outs and connection errors; anything else (400, 401, 404,
+  422 ...) fails at once as ``rewrite_client_error``;
+- back-off: full jitter, ``uniform(0, min(backoff_max_s, backoff_base_s * 2**attempt))``; a 429's
+  ``Retry-After`` (seconds, or ``retry-after-ms``) is honoured as a floor (capped at
+  ``retry_after_max_s``) and pauses *every* request of this client until then, so a rate-limited
+  server is not hammered by the other in-flight slots;
+- a per-request time-out (``timeout_s``) passed to the HTTP client, and an ``asyncio`` guard slightly
+  above it, so a hung connection can never stall a worker;
+- after ``max_retries`` retries the request fails as ``rewrite_exhausted_retries``.
+
+The API key is read from the environment variable named by ``api_key_env`` inside the process that
+sends requests (a Beam worker's ``DoFn.setup``); it is never part of a config, a pickled DoFn, a log
+line, an exception detail, a cache entry or a ledger row. Failure details carry status codes and
+exception type names only, never response bodies (a proxy could echo request headers).
+
+Example:
+    client = RewriteClient(ClientConfig(endpoint="http://127.0.0.1:8000/v1", model="rewriter"))
+    completion = await client.complete("dog on beech beech")
+    await client.aclose()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rewriter import prompts
+from schemas import reasons
+
+log = logging.getLogger("mmcorpus.rewrite.client")
+
+# Used when the endpoint needs no key (a local vLLM server): the openai client insists on one.
+NO_KEY_PLACEHOLDER = "EMPTY"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How to reach the rewriter endpoint and how hard to try.
+
+    Args:
+        endpoint: base URL of the OpenAI-compatible API, e.g. ``http://127.0.0.1:8000/v1``.
+        model: served model name sent with every request.
+        api_key_env: environment variable holding the API key (unset: no key needed).
+        concurrency: most requests in flight at once, per client (per Beam worker).
+        timeout_s: per-request time-out (connect + read).
+        max_retries: retries after the first attempt (only for 429 / 5xx / time-out / connection error).
+        backoff_base_s, backoff_max_s: full-jitter exponential back-off bounds.
+        retry_after_max_s: cap on an honoured ``Retry-After``.
+        max_tokens, temperature: generation parameters (they are part of the cache key).
+
+    Example:
+        ClientConfig(endpoint="http://127.0.0.1:8000/v1", model="rewriter", concurrency=32)
+    """
+
+    endpoint: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 16
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    retry_after_max_s: float = 120.0
+    max_tokens: int = 256
+    temperature: float = 0.0
+
+    def __post_init__(self):
+        if not self.endpoint:
+            raise ValueError("endpoint is required (e.g. http://127.0.0.1:8000/v1)")
+        if not self.model:
+            raise ValueError("model is required")
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("need 0 <= backoff_base_s <= backoff_max_s")
+
+
+@dataclass
+class Completion:
+    """One model answer (HTTP 200): the message text, why generation stopped, token usage."""
+
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    attempts: int = 1
+
+    def to_entry(self) -> dict[str, Any]:
+        """The cache form (attempts are transport history, not part of the answer)."""
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> "Completion":
+        return cls(
+            text=entry.get("text"),
+            finish_reason=entry.get("finish_reason"),
+            prompt_tokens=int(entry.get("prompt_tokens") or 0),
+            completion_tokens=int(entry.get("completion_tokens") or 0),
+            attempts=0,
+        )
+
+
+class RequestFailed(Exception):
+    """The endpoint gave no usable answer: ``reason`` is ``rewrite_exhausted_retries``,
+    ``rewrite_client_error`` (non-retryable HTTP status) or ``rewrite_invalid_json`` (a 200 whose body
+    is not a chat completion)."""
+
+    def __init__(self, reason: str, detail: str, attempts: int):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.attempts = attempts
+
+
+@dataclass
+class ClientStats:
+    """What the client did, for counters and benches."""
+
+    requests: int = 0
+    retries: int = 0
+    by_failure: dict[str, int] = field(default_factory=dict)
+    max_in_flight: int = 0
+
+    def failed(self, kind: str) -> None:
+        self.by_failure[kind] = self.by_failure.get(kind, 0) + 1
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class RewriteClient:
+    """Send rewrite requests with bounded concurrency and whitelisted retries.
+
+    Create and use it inside one running event loop (the semaphore and the HTTP connection pool
+    belong to that loop).
+
+    Args:
+        config: endpoint, model and retry policy.
+        api_key: the key itself; default: read from ``os.environ[config.api_key_env]`` here.
+        rng: random source for jitter (tests pass a seeded one).
+    """
+
+    def __init__(self, config: ClientConfig, *, api_key: str | None = None, rng: random.Random | None = None):
+        import openai
+
+        self.config = config
+        self.stats = ClientStats()
+        self._rng = rng or random.Random()
+        self._sem: asyncio.Semaphore | None = None
+        self._in_flight = 0
+        self._pause_until = 0.0
+        key = api_key if api_key is not None else os.environ.get(config.api_key_env, "")
+        self._openai = openai
+        self._client = openai.AsyncOpenAI(
+            api_key=key or NO_KEY_PLACEHOLDER,
+            base_url=config.endpoint,
+            max_retries=0,
+            timeout=config.timeout_s,
+        )
+
+    def request_body(self, caption: str) -> dict[str, Any]:
+        """Keyword arguments of ``chat.completions.create`` for one caption (no credentials)."""
+        return {
+            "model": self.config.model,
+            "messages": prompts.build_messages(caption),
+            "response_format": prompts.response_format(),
+            "max_tokens": self.config.max_tokens,
+            "temperature": self.config.temperature,
+        }
+
+    async def complete(self, caption: str) -> Completion:
+        """The model's answer for one caption; raises ``RequestFailed`` when there is none."""
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.config.concurrency)
+        cfg = self.config
+        attempt = 0
+        while True:
+            await self._wait_for_pause()
+            async with self._sem:
+                self._in_flight += 1
+                self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
+                try:
+                    outcome, retry_after, kind = await self._attempt(caption)
+                finally:
+                    self._in_flight -= 1
+            if isinstance(outcome, Completion):
+                outcome.attempts = attempt + 1
+                return outcome
+            self.stats.failed(kind)
+            if outcome != "retry":  # a fatal answer: ``outcome`` is its ledger reason
+                raise RequestFailed(outcome, kind, attempt + 1)
+            if attempt >= cfg.max_retries:
+                raise RequestFailed(
+                    reasons.REWRITE_EXHAUSTED_RETRIES, f"{attempt + 1} attempts, last: {kind}", attempt + 1
+                )
+            delay = self._rng.uniform(0.0, min(cfg.backoff_max_s, cfg.backoff_base_s * (2**attempt)))
+            if retry_after is not None:
+                honoured = min(retry_after, cfg.retry_after_max_s)
+                self._pause_until = max(self._pause_until, time.monotonic() + honoured)
+                delay = max(delay, honoured)
+            attempt += 1
+            self.stats.retries += 1
+            log.debug("retrying after %s in %.3fs (attempt %d)", kind, delay, attempt + 1)
+            await asyncio.sleep(delay)
+
+    async def _wait_for_pause(self) -> None:
+        while True:
+            wait = self._pause_until - time.monotonic()
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
+    async def _attempt(self, caption: str) -> tuple[Completion | str, float | None, str]:
+        """One HTTP attempt: (Completion | "retry" | fatal ledger reason, retry_after, failure kind)."""
+        openai = self._openai
+        self.stats.requests += 1
+        try:
+            resp = await asyncio.wait_for(
+                self._client.chat.completions.create(**self.request_body(caption), timeout=self.config.timeout_s),
+                timeout=self.config.timeout_s + 1.0,
+            )
+        except asyncio.TimeoutError:
+            return "retry", None, "timeout"
+        except openai.APITimeoutError:
+            return "retry", None, "timeout"
+        except openai.APIConnectionError as e:
+            cause = type(e.__cause__).__name__ if e.__cause__ is not None else ""
+            return "retry", None, f"connection_error({cause})" if cause else "connection_error"
+        except openai.APIStatusError as e:
+            status = e.status_code
+            if status == 429:
+                return "retry", parse_retry_after(e.response.headers), "http_429"
+            if 500 <= status <= 599:
+                return "retry", None, f"http_{status}"
+            return reasons.REWRITE_CLIENT_ERROR, None, f"http_{status}"
+        except (openai.APIResponseValidationError, ValueError):
+            # HTTP 200 whose body is not JSON: a broken server or proxy, not on the retry whitelist.
+            return reasons.REWRITE_INVALID_JSON, None, "http_200_body_not_json"
+        choices = getattr(resp, "choices", None)
+        if not isinstance(choices, list) or not choices or getattr(choices[0], "message", None) is None:
+            return reasons.REWRITE_INVALID_JSON, None, "http_200_body_not_a_completion"
+        choice = choices[0]
+        usage = getattr(resp, "usage", None)
+        return (
+            Completion(
+                text=choice.message.content,
+                finish_reason=choice.finish_reason,
+                prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            ),
+            None,
+            "",
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()

@@ -1,0 +1,314 @@
+"""A local stand-in for an OpenAI-compatible chat-completions server, for fault injection and benches.
+
+Not a model and not for production: it binds 127.0.0.1 only, answers ``POST /v1/chat/completions``
+with the ``offline-template`` rewrite of the caption in the prompt (or a custom ``respond``), after a
+fixed ``latency_s``, with at most ``max_concurrency`` requests being served at once (the rest queue),
+and injects faults at a given rate. It exists because a real server cannot be told to fail on cue.
+
+Faults (``FAULTS``), chosen per request by a hash of (seed, caption, attempt number of that caption),
+so a test can predict exactly which request fails how (``fault_for``):
+
+- ``http_429``: status 429 with ``Retry-After: <retry_after_s>``;
+- ``http_500``: status 500;
+- ``hang``: accepts the request and never answers (holds the connection ``hang_s``, then closes it);
+- ``malformed_json``: 200, ``finish_reason="stop"``, message content that is not JSON;
+- ``malformed_body``: 200 whose body is not JSON at all (a broken proxy);
+- ``truncated``: 200, ``finish_reason="length"``, the answer cut in half.
+
+It records every request it saw (caption, attempt, fault, time) — never the Authorization header; with
+``expected_api_key`` set it answers 401 when the header does not carry that key.
+
+Run it alone (prints ``PORT <n>`` when ready)::
+
+    python -m rewriter.standin --latency 0.05 --max-concurrency 16 [--fault-rate 0.2]
+
+Example:
+    with StandInServer(latency_s=0.01, fault_rate=0.2) as srv:
+        client = RewriteClient(ClientConfig(endpoint=srv.base_url, model="m"))
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from rewriter import prompts
+from rewriter.offline import template_rewrite
+
+FAULTS = ("http_429", "http_500", "hang", "malformed_json", "malformed_body", "truncated")
+RETRYABLE_FAULTS = ("http_429", "http_500", "hang")
+
+_REASONS = {200: "OK", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}
+
+
+@dataclass
+class SeenRequest:
+    caption: str
+    attempt: int
+    fault: str | None
+    t: float
+
+
+def caption_of(body: dict) -> str:
+    """The raw caption inside a request built by ``rewriter.prompts.build_messages``."""
+    prefix = prompts.USER_TEMPLATE.split("{caption}")[0]
+    for m in body.get("messages") or []:
+        if m.get("role") == "user":
+            content = m.get("content") or ""
+            return content[len(prefix):] if content.startswith(prefix) else content
+    return ""
+
+
+def default_respond(caption: str) -> tuple[str, str]:
+    out = template_rewrite(caption)
+    return prompts.render_output(out["qa"], out["caption"]), "stop"
+
+
+def fault_for(seed: int, caption: str, attempt: int, rate: float, faults: tuple[str, ...] = FAULTS) -> str | None:
+    """The fault injected on ``attempt`` (0-based) of ``caption`` (None: answer normally)."""
+    if rate <= 0 or not faults:
+        return None
+    h = hashlib.sha256(f"{seed}|{caption}|{attempt}".encode("utf-8")).digest()
+    u = int.from_bytes(h[:8], "big") / 2**64
+    if u >= rate:
+        return None
+    return faults[int.from_bytes(h[8:12], "big") % len(faults)]
+
+
+class StandInServer:
+    """Threaded asyncio HTTP/1.1 server on 127.0.0.1 (keep-alive, Content-Length bodies only).
+
+    Args:
+        latency_s: time spent "generating" each answer.
+        max_concurrency: answers generated at once (None: unbounded).
+        fault_rate: share of requests that get a fault; faults: which ones.
+        seed: fault seed.
+        retry_after_s: the Retry-After a 429 carries (integer seconds, as HTTP wants).
+        hang_s: how long a ``hang`` holds its connection before closing it unanswered.
+        respond: ``caption -> (content, finish_reason)`` for normal answers.
+        expected_api_key: when set, requests without ``Authorization: Bearer <key>`` get 401.
+        port: 0 picks a free port.
+    """
+
+    def __init__(
+        self,
+        *,
+        latency_s: float = 0.0,
+        max_concurrency: int | None = None,
+        fault_rate: float = 0.0,
+        faults: tuple[str, ...] = FAULTS,
+        seed: int = 0,
+        retry_after_s: int = 1,
+        hang_s: float = 5.0,
+        respond: Callable[[str], tuple[str, str]] = default_respond,
+        expected_api_key: str | None = None,
+        port: int = 0,
+    ):
+        unknown = set(faults) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS}")
+        self.latency_s = latency_s
+        self.max_concurrency = max_concurrency
+        self.fault_rate = fault_rate
+        self.faults = tuple(faults)
+        self.seed = seed
+        self.retry_after_s = retry_after_s
+        self.hang_s = hang_s
+        self.respond = respond
+        self.expected_api_key = expected_api_key
+        self.port = port
+        self.seen: list[SeenRequest] = []
+        self.responses_sent = 0  # completed 200 answers written to the socket
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._attempts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "StandInServer":
+        self._thread = threading.Thread(target=self._run, name="standin-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("stand-in server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> "StandInServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+        pending = [t for t in asyncio.all_tasks(self._loop) if not t.done()]
+        for t in pending:  # hung handlers: end them with the server
+            t.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        self._gen_sem = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
+        server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, backlog=1024)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        async with server:
+            await self._stop.wait()
+            server.close()
+
+    # --- HTTP ------------------------------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                method, path, _ = line.decode("latin-1").split(" ", 2)
+                headers = {}
+                while True:
+                    h = await reader.readline()
+                    if h in (b"\r\n", b"\n", b""):
+                        break
+                    k, _, v = h.decode("latin-1").partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+                keep = await self._dispatch(method, path, headers, body, writer)
+                if not keep:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError, asyncio.CancelledError):
+            return
+        finally:
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    async def _send(self, writer, status: int, payload: dict | str, extra_headers: dict | None = None) -> None:
+        data = payload.encode("utf-8") if isinstance(payload, str) else json.dumps(payload).encode("utf-8")
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", "Content-Type: application/json",
+                f"Content-Length: {len(data)}", "Connection: keep-alive"]
+        head += [f"{k}: {v}" for k, v in (extra_headers or {}).items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
+        await writer.drain()
+
+    async def _dispatch(self, method: str, path: str, headers: dict, body: bytes, writer) -> bool:
+        if method == "GET" and path.rstrip("/") in ("/health", "/v1/models"):
+            await self._send(writer, 200, {"object": "list", "data": [{"id": "standin", "object": "model"}]})
+            return True
+        if method != "POST" or not path.rstrip("/").endswith("/chat/completions"):
+            await self._send(writer, 404, {"error": {"message": "not found"}})
+            return True
+        if self.expected_api_key is not None and headers.get("authorization") != f"Bearer {self.expected_api_key}":
+            await self._send(writer, 401, {"error": {"message": "bad api key", "type": "auth"}})
+            return True
+        req = json.loads(body.decode("utf-8"))
+        caption = caption_of(req)
+        with self._lock:
+            attempt = self._attempts.get(caption, 0)
+            self._attempts[caption] = attempt + 1
+            fault = fault_for(self.seed, caption, attempt, self.fault_rate, self.faults)
+            self.seen.append(SeenRequest(caption=caption, attempt=attempt, fault=fault, t=time.monotonic()))
+        if fault == "http_429":
+            await self._send(writer, 429, {"error": {"message": "rate limited", "type": "rate_limit"}},
+                             {"Retry-After": str(self.retry_after_s)})
+            return True
+        if fault == "http_500":
+            await self._send(writer, 500, {"error": {"message": "boom", "type": "server_error"}})
+            return True
+        if fault == "hang":
+            await asyncio.sleep(self.hang_s)
+            return False
+        if self._gen_sem is not None:
+            async with self._gen_sem:
+                content, finish = await self._generate(caption)
+        else:
+            content, finish = await self._generate(caption)
+        if fault == "malformed_body":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\n"
+                         b"Connection: keep-alive\r\n\r\n{not json")
+            await writer.drain()
+            return True
+        if fault == "malformed_json":
+            content, finish = content[: max(1, len(content) // 3)] + "}}]{", "stop"
+        elif fault == "truncated":
+            content, finish = content[: len(content) // 2], "length"
+        payload = {
+            "id": f"chatcmpl-{hashlib.sha1(f'{caption}|{attempt}'.encode()).hexdigest()[:12]}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": req.get("model", "standin"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": len(caption.split()) + 60, "completion_tokens": len(content.split()),
+                      "total_tokens": len(caption.split()) + 60 + len(content.split())},
+        }
+        await self._send(writer, 200, payload)
+        with self._lock:
+            self.responses_sent += 1
+        return True
+
+    async def _generate(self, caption: str) -> tuple[str, str]:
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
+            return self.respond(caption)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    # --- inspection ------------------------------------------------------------------------
+    def requests_for(self, caption: str) -> list[SeenRequest]:
+        with self._lock:
+            return [r for r in self.seen if r.caption == caption]
+
+    def captions_seen(self) -> list[str]:
+        with self._lock:
+            return [r.caption for r in self.seen]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rewriter.standin", description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--latency", type=float, default=0.0)
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--fault-rate", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    srv = StandInServer(latency_s=args.latency, max_concurrency=args.max_concurrency,
+                        fault_rate=args.fault_rate, seed=args.seed, port=args.port).start()
+    print(f"PORT {srv.port}", flush=True)
+    try:
+        sys.stdin.read()  # serve until stdin closes (the parent process exits or closes the pipe)
+    except KeyboardInterrupt:
+        pass
+    srv.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

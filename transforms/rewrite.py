@@ -1,0 +1,328 @@
+"""``RewriteCaptions``: caption → QA pairs through an OpenAI-compatible endpoint, cached, one outcome per record.
+
+Shape of the transform::
+
+    pairs ─ SelectByPolicy ─┬─ selected ─ Batch (BatchElements) ─ RewriteBatch (async, cached) ─┐
+                            └─ skipped ─ MarkSkipped (kept, reason rewrite_skipped) ────────────┴─ Flatten
+
+Why ``BatchElements`` + a DoFn owning an asyncio loop, and not ``RunInference``: the model is remote,
+so what matters is keeping ``concurrency`` requests in flight per worker and deciding retries per
+request. ``RunInference`` calls ``ModelHandler.run_inference`` synchronously per batch, so the async
+fan-out would have to live inside it anyway, and its extras — loading and sharing model weights,
+model-update side inputs — have nothing to load here; its ``RemoteModelHandler`` retries a whole batch
+and cannot honour one request's ``Retry-After``. ``BatchElements`` (fixed size, several times the
+concurrency) gives each ``process`` call enough work to keep every slot busy; the loop, the HTTP client
+and the cache handle are built once per DoFn instance in ``setup()``.
+
+Outcomes (every selected record gets exactly one; ledger rows carry ``model`` and ``prompt_version``):
+
+- kept / ``ok``: ``caption`` = the adopted caption, ``raw_caption`` = the caption before rewriting
+  (the earliest one if the record was rewritten before), ``qa``, ``rewrite_model``, ``prompt_version``;
+- kept / ``rewrite_skipped``: not selected by the policy, record unchanged (no model, no ledger model);
+- **rejected** (the endpoint answered, the answer breaks the contract; rerunning would get the same
+  cached answer): ``rewrite_truncated``, ``rewrite_empty``, ``rewrite_invalid_json``,
+  ``rewrite_off_format``, ``rewrite_unfaithful`` (see ``rewriter.prompts``);
+- **error** (no answer; not cached, so ``--force`` rerun retries only these): ``rewrite_exhausted_retries``,
+  ``rewrite_client_error``, and ``exception_<Type>`` for anything unexpected.
+
+Counters (``Metrics.counter(RewriteBatchFn, name)``): ``total``, ``kept``, ``cache_hits``, ``requests``,
+``retries``, ``rejected_<reason>``, ``errors_<reason>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from rewriter import prompts
+from rewriter.cache import ResponseCache, cache_key
+from rewriter.client import ClientConfig, Completion, RequestFailed
+from rewriter.offline import OFFLINE_MODEL
+from schemas import reasons
+from schemas.records import ERROR, KEPT, REJECTED, Outcome, Pair
+
+log = logging.getLogger("mmcorpus.rewrite")
+
+POLICIES = ("needs_rewrite", "all")
+BACKEND_OPENAI = "openai"
+BACKEND_OFFLINE = "offline-template"
+BACKENDS = (BACKEND_OPENAI, BACKEND_OFFLINE)
+
+# No answer came back: the record may succeed on a rerun.
+ERROR_REASONS = frozenset({reasons.REWRITE_EXHAUSTED_RETRIES, reasons.REWRITE_CLIENT_ERROR})
+
+
+def status_of(reason: str) -> str:
+    """Ledger status of a failed rewrite: ``error`` for transport failures, ``rejected`` otherwise."""
+    if reason in ERROR_REASONS or reason.startswith(reasons.EXCEPTION_PREFIX):
+        return ERROR
+    return REJECTED
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    """What the rewrite stage does and how it reaches the model.
+
+    Args:
+        backend: ``openai`` (any OpenAI-compatible endpoint: vLLM, OpenAI) or ``offline-template``
+            (deterministic template, no model; see ``rewriter.offline``).
+        model: served model name (``openai`` backend). It keys the cache: give every fine-tuned
+            rewriter a distinct name (``rewriter-v3``), never reuse one for new weights.
+        endpoint: base URL, e.g. ``http://127.0.0.1:8000/v1`` (``openai`` backend). Not hashed into
+            the manifest config and never logged with credentials.
+        policy: ``needs_rewrite`` (only records the filter flagged) or ``all``.
+        cache_dir: response cache root (local dir or ``gs://``...); None: no cache.
+        api_key_env: environment variable holding the API key (read on the workers only).
+        concurrency: requests in flight per worker (per DoFn instance).
+        batch_size: records per ``BatchElements`` batch; a few times ``concurrency`` keeps slots busy.
+        timeout_s, max_retries, backoff_base_s, backoff_max_s: per-request policy (``rewriter.client``).
+        max_tokens, temperature: generation parameters (part of the cache key).
+
+    Example:
+        RewriteConfig(backend="openai", endpoint="http://127.0.0.1:8000/v1", model="rewriter",
+                      cache_dir="build/rewrite-cache", concurrency=32)
+    """
+
+    backend: str = BACKEND_OPENAI
+    model: str | None = None
+    endpoint: str | None = None
+    policy: str = "needs_rewrite"
+    cache_dir: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 16
+    batch_size: int = 128
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_tokens: int = 256
+    temperature: float = 0.0
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.backend == BACKEND_OPENAI and not (self.endpoint and self.model):
+            raise ValueError("the openai backend needs endpoint and model (or use backend offline-template)")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.backend == BACKEND_OPENAI:
+            self.client_config()  # validates concurrency, time-out and back-off bounds
+
+    @property
+    def model_label(self) -> str:
+        """What ledger rows and records name as the model."""
+        return OFFLINE_MODEL if self.backend == BACKEND_OFFLINE else str(self.model)
+
+    def generation_params(self) -> dict[str, Any]:
+        if self.backend == BACKEND_OFFLINE:
+            return {}
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature}
+
+    def hashed(self) -> dict[str, Any]:
+        """The part of the config that decides the output (goes into the manifest and its hash).
+
+        Transport settings (endpoint, concurrency, time-outs, cache location, key variable) are left
+        out: they change how fast answers arrive, not which answers are valid.
+        """
+        return {
+            "backend": self.backend,
+            "model": self.model_label,
+            "prompt_version": prompts.PROMPT_VERSION,
+            "policy": self.policy,
+            "generation": self.generation_params(),
+            "max_retries": self.max_retries if self.backend == BACKEND_OPENAI else 0,
+        }
+
+    def client_config(self) -> ClientConfig:
+        return ClientConfig(
+            endpoint=str(self.endpoint), model=str(self.model), api_key_env=self.api_key_env,
+            concurrency=self.concurrency, timeout_s=self.timeout_s, max_retries=self.max_retries,
+            backoff_base_s=self.backoff_base_s, backoff_max_s=self.backoff_max_s,
+            max_tokens=self.max_tokens, temperature=self.temperature,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_backend(config: RewriteConfig):
+    """The object answering ``await complete(caption)``: an HTTP client or the offline template."""
+    if config.backend == BACKEND_OFFLINE:
+        from rewriter.offline import OfflineTemplateBackend
+
+        return OfflineTemplateBackend()
+    from rewriter.client import RewriteClient
+
+    return RewriteClient(config.client_config())
+
+
+def rewritten_pair(pair: Pair, parsed: dict[str, Any], model: str) -> Pair:
+    """The kept record: adopted caption in ``caption``, the original one in ``raw_caption``."""
+    raw = pair.raw_caption if pair.raw_caption is not None else pair.caption
+    return pair.replace(
+        caption=parsed["caption"], raw_caption=raw, qa=parsed["qa"], rewrite_model=model,
+        prompt_version=prompts.PROMPT_VERSION,
+    )
+
+
+class SelectByPolicyFn(beam.DoFn):
+    """Main output: records the policy selects; ``SKIPPED``: kept-as-is outcomes for the others."""
+
+    SKIPPED = "skipped"
+
+    def __init__(self, policy: str):
+        self.policy = policy
+
+    def process(self, pair: Pair):
+        if self.policy == "all" or pair.needs_rewrite:
+            yield pair
+        else:
+            yield beam.pvalue.TaggedOutput(
+                self.SKIPPED,
+                Outcome(key=pair.key, status=KEPT, reason=reasons.REWRITE_SKIPPED, pair=pair, source=pair.source),
+            )
+
+
+class RewriteBatchFn(beam.DoFn):
+    """Rewrite a batch of records concurrently; yield one ``Outcome`` per record.
+
+    Each distinct (model, prompt version, caption, generation params) is looked up in the cache, asked
+    at most once per batch, and written to the cache as soon as its answer arrives (so a crash
+    mid-batch loses only the answers still in flight).
+    """
+
+    def __init__(self, config: RewriteConfig):
+        self.config = config
+
+    def setup(self):
+        self._loop = asyncio.new_event_loop()
+        self._backend = make_backend(self.config)
+        self._cache = ResponseCache(self.config.cache_dir) if self.config.cache_dir else None
+        self._model = self.config.model_label
+        self._params = self.config.generation_params()
+        self._counters: dict[str, Any] = {}
+        self._seen_requests = 0
+        self._seen_retries = 0
+
+    def _inc(self, name: str, n: int = 1) -> None:
+        if n:
+            c = self._counters.get(name)
+            if c is None:
+                c = self._counters[name] = Metrics.counter(self.__class__, name)
+            c.inc(n)
+
+    def process(self, batch: list[Pair]):
+        batch = list(batch)
+        try:
+            outcomes = self._loop.run_until_complete(self._rewrite_batch(batch))
+        except Exception as exc:  # the loop itself failed: every record still gets its outcome
+            log.warning("rewrite batch of %d failed: %s", len(batch), type(exc).__name__)
+            outcomes = [self._failed(p, reasons.exception_reason(exc), "batch failed") for p in batch]
+        stats = getattr(self._backend, "stats", None)
+        if stats is not None:
+            self._inc("requests", stats.requests - self._seen_requests)
+            self._inc("retries", stats.retries - self._seen_retries)
+            self._seen_requests, self._seen_retries = stats.requests, stats.retries
+        for o in outcomes:
+            self._inc("total")
+            self._inc("kept" if o.status == KEPT else f"{'errors' if o.status == ERROR else 'rejected'}_{o.reason}")
+            yield o
+
+    def teardown(self):
+        loop = getattr(self, "_loop", None)
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.run_until_complete(self._backend.aclose())
+        except Exception:  # closing a client must not fail the bundle
+            pass
+        loop.close()
+
+    # --- per batch ---------------------------------------------------------------------------
+    async def _rewrite_batch(self, batch: list[Pair]) -> list[Outcome]:
+        keys: dict[str, str] = {}  # cache key -> caption
+        for p in batch:
+            if p.caption and p.caption.strip():
+                keys.setdefault(self._key(p.caption), p.caption)
+        ordered = list(keys)
+        answers = await asyncio.gather(*(self._answer(k, keys[k]) for k in ordered), return_exceptions=True)
+        by_key = dict(zip(ordered, answers))
+        return [self._outcome(p, by_key.get(self._key(p.caption)) if p.caption and p.caption.strip() else None)
+                for p in batch]
+
+    def _key(self, caption: str) -> str:
+        return cache_key(self._model, prompts.PROMPT_VERSION, caption, self._params)
+
+    async def _answer(self, key: str, caption: str) -> Completion:
+        if self._cache is not None:
+            entry = self._cache.get(key)
+            if entry is not None:
+                self._inc("cache_hits")
+                return Completion.from_entry(entry)
+        completion = await self._backend.complete(caption)
+        if self._cache is not None:
+            entry = completion.to_entry()
+            entry.update(model=self._model, prompt_version=prompts.PROMPT_VERSION, params=self._params)
+            self._cache.put(key, entry)
+        return completion
+
+    def _outcome(self, pair: Pair, answer: Completion | BaseException | None) -> Outcome:
+        if answer is None:
+            return self._failed(pair, reasons.REWRITE_EMPTY, "no caption to rewrite")
+        if isinstance(answer, RequestFailed):
+            return self._failed(pair, answer.reason, answer.detail)
+        if isinstance(answer, BaseException):
+            return self._failed(pair, reasons.exception_reason(answer), "unexpected error while rewriting")
+        try:
+            verdict = prompts.validate_detailed(pair.caption, answer.text, answer.finish_reason)
+        except Exception as exc:  # a validation bug must cost one record, not the bundle
+            return self._failed(pair, reasons.exception_reason(exc), "validation raised")
+        if not verdict.ok:
+            return self._failed(pair, verdict.reason, verdict.detail)
+        return Outcome.kept(
+            rewritten_pair(pair, verdict.parsed, self._model), model=self._model,
+            prompt_version=prompts.PROMPT_VERSION,
+        )
+
+    def _failed(self, pair: Pair, reason: str, detail: str) -> Outcome:
+        return Outcome.dropped(
+            pair, status_of(reason), reason, detail, model=self._model, prompt_version=prompts.PROMPT_VERSION
+        )
+
+
+class RewriteCaptions(beam.PTransform):
+    """Rewrite captions into QA pairs; one ``Outcome`` per input ``Pair``.
+
+    Args:
+        config: a ``RewriteConfig`` (backend, model, endpoint, policy, cache, concurrency ...).
+
+    Example:
+        cfg = RewriteConfig(backend="offline-template", policy="all")
+        outcomes = pairs | "Rewrite" >> RewriteCaptions(cfg)
+    """
+
+    def __init__(self, config: RewriteConfig):
+        super().__init__()
+        self.config = config
+
+    def expand(self, pairs):
+        selected, skipped = (
+            pairs
+            | "SelectByPolicy"
+            >> beam.ParDo(SelectByPolicyFn(self.config.policy)).with_outputs(SelectByPolicyFn.SKIPPED, main="selected")
+        )
+        rewritten = (
+            selected
+            | "Batch" >> beam.BatchElements(min_batch_size=self.config.batch_size, max_batch_size=self.config.batch_size)
+            | "RewriteBatch" >> beam.ParDo(RewriteBatchFn(self.config))
+        )
+        return (rewritten, skipped) | "MergeOutcomes" >> beam.Flatten()
