@@ -1,0 +1,155 @@
+"""`mmcorpus pack`: token accounting and packing of a finished stage output into training shards.
+
+Example:
+    mmcorpus pack --input out/rewrite --output out/pack --stage 3 --seq-len 4096 --format webdataset \
+        [--tokenizer data/tokenizer/tokenizer.json] [--direct_running_mode=multi_processing --direct_num_workers=2]
+
+Shards and ``index.json`` land in ``OUTPUT/data/``; one ledger row per input sample (kept: the pack it
+is in; rejected: why, e.g. ``pack_too_long``). Caption-only samples (no image) are packed as text
+unless ``--require-image`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import pathlib
+import sys
+from dataclasses import asdict
+
+from pipelines.runner import add_stage_args, run_stage
+from schemas import packed as S
+from schemas.errors import UserError
+from transforms.packing import ALGORITHMS, PackingConfig
+from transforms.shards import PackSamples, ShardConfig
+from transforms.stage_io import ReadStage, join, read_manifest, stage_input_info
+from transforms.tokens import DEFAULT_TOKENIZER, QUERY_NUMS, StageProfile
+
+SUMMARY_KEYS = ("packed_samples", "packs", "pack_tokens", "pack_fill", "truncated_tokens", "pack_images", "pack_shards")
+
+
+def _flag(parser, name: str, **kw):
+    """``--seq-len`` plus its underscore alias ``--seq_len`` (Airflow's Beam operator passes those)."""
+    names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
+    parser.add_argument(*names, dest=name.replace("-", "_"), **kw)
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="mmcorpus pack", description=__doc__.splitlines()[0])
+    p.add_argument("--input", required=True, help="a finished stage output directory (filter, dedup or rewrite)")
+    add_stage_args(p)
+    _flag(p, "stage", type=int, choices=(1, 2, 3), default=2, help="pretraining stage profile (1: 224px, 2: 448px, 3: sliced)")
+    _flag(p, "seq-len", type=int, default=2048, help="tokens per packed sequence")
+    _flag(p, "format", choices=S.FORMATS, default=S.FORMAT_PARQUET, help="shard format")
+    _flag(p, "tokenizer", default=None, help="local tokenizer.json or tokenizer dir (default: the bundled one)")
+    _flag(p, "query-num", type=int, choices=QUERY_NUMS, default=96, help="query tokens per image/slice (96: V2.5, 64: V2.6)")
+    _flag(p, "algorithm", choices=ALGORITHMS, default=ALGORITHMS[0], help="packer (greedy_truncate: the paper's)")
+    _flag(p, "window", type=int, default=2048, help="pending samples the packer chooses from")
+    _flag(p, "max-images-per-pack", type=int, default=None, help="image limit per pack")
+    _flag(p, "max-slices-per-pack", type=int, default=None, help="vision-encoder passes (overviews + slices) per pack")
+    _flag(p, "partitions", type=int, default=4, help="key-hash partitions packed independently")
+    _flag(p, "max-packs-per-shard", type=int, default=2048, help="roll shards after this many packs")
+    _flag(p, "max-shard-bytes", type=int, default=256 * 1024 * 1024, help="... or after about this many bytes")
+    _flag(p, "row-group-packs", type=int, default=64, help="packs per Parquet row group")
+    _flag(p, "jpeg-quality", type=int, default=90, help="quality of the stored JPEGs")
+    _flag(p, "require-image", action="store_true", help="reject caption-only samples (pack_no_image)")
+    return p.parse_known_args(argv)
+
+
+def _configs(args) -> tuple[StageProfile, PackingConfig, ShardConfig]:
+    try:
+        base = StageProfile.for_stage(args.stage, args.query_num)
+        profile = StageProfile(**dict(asdict(base), jpeg_quality=args.jpeg_quality))
+        packing = PackingConfig(
+            seq_len=args.seq_len, algorithm=args.algorithm, window=args.window,
+            max_images_per_pack=args.max_images_per_pack, max_slices_per_pack=args.max_slices_per_pack,
+        )
+        shards = ShardConfig(
+            format=args.format, partitions=args.partitions, max_packs_per_shard=args.max_packs_per_shard,
+            max_shard_bytes=args.max_shard_bytes, row_group_packs=args.row_group_packs,
+        )
+    except ValueError as e:
+        raise UserError(f"mmcorpus pack flags: {e}") from None
+    return profile, packing, shards
+
+
+def run(argv: list[str]):
+    """Run the stage; returns the ``StageResult``."""
+    args, beam_args = parse_args(argv)
+    profile, packing, shards = _configs(args)
+    tok_path = pathlib.Path(args.tokenizer or DEFAULT_TOKENIZER)
+    if not tok_path.exists():
+        raise UserError(f"--tokenizer {tok_path}: no such file or directory (pass a tokenizer.json or a tokenizer dir)")
+    try:
+        read_manifest(args.input)
+    except FileNotFoundError as e:
+        raise UserError(f"--input {args.input}: {e}") from None
+    input_info = stage_input_info(args.input)
+    config = {
+        "profile": asdict(profile),
+        "packing": asdict(packing),
+        "shards": asdict(shards),
+        "tokenizer_sha256": _tokenizer_hash(tok_path),
+        "require_image": args.require_image,
+    }
+
+    def build(p):
+        pairs = p | "Read" >> ReadStage(args.input)
+        out = pairs | "Pack" >> PackSamples(
+            args.output, profile, packing, shards, tokenizer_path=str(tok_path), require_image=args.require_image
+        )
+        extra = {k: out["summary"] | f"Extra_{k}" >> _pick(k) for k in SUMMARY_KEYS}
+        return {"outcomes": out["outcomes"], "write_data": False, "files": out["files"], "extra": extra}
+
+    return run_stage(
+        stage="pack", output_dir=args.output, config=config, input_info=input_info, build=build,
+        beam_args=beam_args, num_shards=args.num_shards, force=args.force,
+    )
+
+
+def _pick(key: str):
+    import apache_beam as beam
+
+    return beam.Map(lambda d, key=key: d[key])
+
+
+def _tokenizer_hash(path: pathlib.Path) -> str:
+    """sha256 over the tokenizer file(s): a different tokenizer means different packs."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    for f in files:
+        h.update(f.name.encode("utf-8"))
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def render_pack(output_dir: str, index: int = 0, tokenizer: str | None = None) -> str:
+    """One pack of a finished pack output as text (image placeholder runs collapsed, e.g. ``<unk>×96``)."""
+    from mmcorpus_reader import PackDataset, render_pack_text
+
+    ds = PackDataset(join(output_dir, S.PACK_DIR), decode_images=False)
+    for i, pack in enumerate(ds):
+        if i == index:
+            return render_pack_text(pack, tokenizer or str(DEFAULT_TOKENIZER))
+    raise UserError(f"{output_dir}: has no pack number {index}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    result = run(list(sys.argv[1:] if argv is None else argv))
+    m = result.manifest
+    state = "up to date, skipped" if result.skipped else f"done in {result.seconds:.1f}s"
+    x = m.extra
+    print(
+        f"pack: {state}: {m.counts['inputs']} in, {x.get('packed_samples')} packed into {x.get('packs')} packs "
+        f"({x.get('pack_shards')} shards, fill {100 * (x.get('pack_fill') or 0):.2f}%, "
+        f"{x.get('truncated_tokens')} truncated tokens), {m.counts['inputs'] - (x.get('packed_samples') or 0)} in the ledger"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f"mmcorpus pack: error: {e}", file=sys.stderr)
+        raise SystemExit(2)

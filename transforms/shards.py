@@ -1,0 +1,441 @@
+"""The pack stage's Beam building blocks: per-sample token accounting, per-partition packing, and the
+Parquet / WebDataset shard sinks with their ``index.json``.
+
+Determinism: samples are partitioned by a hash of their key, each partition is sorted by key and
+packed in that order, and each partition writes its own shards (``packs-PPPPP-RRRR.ext``), so the
+bytes written depend only on the input records and the config, never on Beam's element order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+
+from schemas import packed as S
+from schemas import reasons
+from schemas.manifest import FileEntry
+from schemas.records import ERROR, KEPT, REASON_OK, REJECTED, Outcome, Pair
+from transforms.packing import Item, PackingConfig, pack_items
+from transforms.stage_io import join, shard_of, write_bytes_atomic
+from transforms.tokens import StageProfile, TextTokenizer, prepare_image, sample_tokens
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """How pack shards are laid out.
+
+    Args:
+        format: ``parquet`` (one row per pack) or ``webdataset`` (one tar member group per pack).
+        partitions: key-hash partitions packed independently (the unit of parallelism; each must
+            fit in one worker's memory: about ``samples / partitions`` resized images).
+        max_packs_per_shard: roll to a new shard after this many packs.
+        max_shard_bytes: ... or once a shard holds about this many bytes.
+        row_group_packs: packs per Parquet row group (the reader's streaming unit).
+
+    Example:
+        >>> ShardConfig(format="webdataset", max_packs_per_shard=1000).format
+        'webdataset'
+    """
+
+    format: str = S.FORMAT_PARQUET
+    partitions: int = 4
+    max_packs_per_shard: int = 2048
+    max_shard_bytes: int = 256 * 1024 * 1024
+    row_group_packs: int = 64
+
+    def __post_init__(self):
+        if self.format not in S.FORMATS:
+            raise ValueError(f"format must be one of {S.FORMATS}, not {self.format!r}")
+        if min(self.partitions, self.max_packs_per_shard, self.max_shard_bytes, self.row_group_packs) < 1:
+            raise ValueError("partitions, max_packs_per_shard, max_shard_bytes and row_group_packs must be >= 1")
+
+
+@dataclass
+class PreparedSample:
+    """One sample ready to pack: its tokens and its resized image."""
+
+    key: str
+    source: str
+    input_ids: list[int]
+    labels: list[int]
+    image: bytes | None = None
+    width: int = 0
+    height: int = 0
+    grid: tuple[int, int] | None = None
+    image_length: int = 0
+    slices: int = 0
+
+    def item(self, safe_cut: bool = True) -> Item:
+        n_img = 1 if self.image is not None else 0
+        return Item(len(self.input_ids), n_img, self.slices, (self.image_length + 1) if safe_cut else 1)
+
+
+class PrepareSampleFn(beam.DoFn):
+    """Pair -> PreparedSample (main) or a rejected/error Outcome (tagged ``REJECTED``).
+
+    Args:
+        profile: the stage profile (image size, slicing, q).
+        tokenizer_path: local tokenizer (see ``TextTokenizer``); loaded in ``setup``.
+        packing: the packing config (a sample longer than ``seq_len`` is rejected up front).
+        require_image: reject caption-only samples (``pack_no_image``) instead of packing them as text.
+    """
+
+    REJECTED = "rejected"
+
+    def __init__(self, profile: StageProfile, tokenizer_path: str | None, packing: PackingConfig, require_image: bool = False):
+        self.profile = profile
+        self.tokenizer_path = tokenizer_path
+        self.packing = packing
+        self.require_image = require_image
+
+    def setup(self):
+        self.tok = TextTokenizer(self.tokenizer_path)
+        self.ids = self.tok.special_ids()
+        self.total = Metrics.counter("mmcorpus.pack", "total")
+        self.rejected = {}
+
+    def _reject(self, pair: Pair, reason: str, detail: str, status: str = REJECTED):
+        c = self.rejected.get(reason)
+        if c is None:
+            c = self.rejected[reason] = Metrics.counter("mmcorpus.pack", f"{status}_{reason}")
+        c.inc()
+        return beam.pvalue.TaggedOutput(self.REJECTED, Outcome.dropped(pair, status, reason, detail))
+
+    def process(self, pair: Pair):
+        self.total.inc()
+        try:
+            image = None
+            w = h = 0
+            grid = None
+            if pair.image:
+                try:
+                    image, w, h = prepare_image(pair.image, self.profile)
+                except Exception as e:  # PIL raises many types for bad bytes; all mean "cannot decode"
+                    yield self._reject(pair, reasons.PACK_IMAGE_UNDECODABLE, type(e).__name__)
+                    return
+                grid = self.profile.grid(w, h)
+            elif self.require_image:
+                yield self._reject(pair, reasons.PACK_NO_IMAGE, "caption-only sample and require_image is set")
+                return
+            toks = sample_tokens(
+                self.tok.encode(pair.caption or ""), image is not None, grid, self.profile.query_num, self.ids, self.tok.newline_ids
+            )
+            sample = PreparedSample(
+                key=pair.key, source=pair.source, input_ids=toks.input_ids, labels=toks.labels, image=image,
+                width=w, height=h, grid=grid, image_length=toks.image_length, slices=toks.slices,
+            )
+            why = self.packing.fits_alone(sample.item())
+            if why == "too_long":
+                yield self._reject(pair, reasons.PACK_TOO_LONG, f"{len(toks)} tokens > seq_len {self.packing.seq_len}")
+                return
+            if why == "too_many_images":
+                yield self._reject(pair, reasons.PACK_TOO_MANY_IMAGES, f"{toks.slices} slices exceed the per-pack limit")
+                return
+            yield sample
+        except Exception as e:  # dead letter: unexpected, keep the record in the ledger
+            yield self._reject(pair, reasons.exception_reason(e), "", status=ERROR)
+
+
+# --- rendering one pack ------------------------------------------------------------------------
+
+
+def render_pack(pid: str, seq_len: int, members: list[tuple[PreparedSample, int]]) -> dict[str, Any]:
+    """The PACK_SCHEMA row of one pack from its samples and the tokens taken of each."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    cu = [0]
+    row: dict[str, Any] = {f: [] for f in S.PACK_IMAGE_FIELDS}
+    row[S.IMAGES] = []
+    keys, truncated = [], 0
+    for i, (s, take) in enumerate(members):
+        if s.image is not None:
+            row[S.IMAGES].append(s.image)
+            row[S.IMAGE_SAMPLE].append(i)
+            row[S.IMAGE_OFFSET].append(len(input_ids))
+            row[S.IMAGE_LENGTH].append(s.image_length)
+            row[S.IMAGE_WIDTH].append(s.width)
+            row[S.IMAGE_HEIGHT].append(s.height)
+            row[S.IMAGE_GRID_COLS].append(s.grid[0] if s.grid else 0)
+            row[S.IMAGE_GRID_ROWS].append(s.grid[1] if s.grid else 0)
+        input_ids += s.input_ids[:take]
+        labels += s.labels[:take]
+        position_ids += range(take)
+        cu.append(cu[-1] + take)
+        keys.append(s.key)
+        truncated += len(s.input_ids) - take
+    row.update(
+        {
+            S.PACK_ID: pid,
+            S.SEQ_LEN: seq_len,
+            S.NUM_TOKENS: len(input_ids),
+            S.NUM_SAMPLES: len(members),
+            S.INPUT_IDS: input_ids,
+            S.LABELS: labels,
+            S.POSITION_IDS: position_ids,
+            S.CU_SEQLENS: cu,
+            S.SAMPLE_KEYS: keys,
+            S.TRUNCATED_TOKENS: truncated,
+        }
+    )
+    return row
+
+
+def _approx_bytes(row: dict[str, Any]) -> int:
+    return 12 * row[S.NUM_TOKENS] + sum(len(b) for b in row[S.IMAGES]) + 64 * row[S.NUM_SAMPLES]
+
+
+# --- shard encoders --------------------------------------------------------------------------------
+
+
+def parquet_shard_bytes(rows: list[dict[str, Any]], row_group_packs: int) -> bytes:
+    table = pa.Table.from_pylist(rows, schema=S.PACK_SCHEMA)
+    buf = io.BytesIO()
+    compression = {name: "zstd" for name in S.PACK_SCHEMA.names}
+    compression[S.IMAGES] = "none"  # JPEG does not compress further
+    pq.write_table(
+        table, buf, row_group_size=row_group_packs, compression=compression, use_dictionary=False,
+        write_statistics=False, store_schema=True,
+    )
+    return buf.getvalue()
+
+
+def _npy(values: list[int]) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(values, dtype="<i4"), allow_pickle=False)
+    return buf.getvalue()
+
+
+def wds_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The (name, bytes) members of one pack in a WebDataset tar, in a fixed order."""
+    key = row[S.PACK_ID]
+    out = [(f"{key}.{ext}", _npy(row[name])) for name, ext in S.WDS_ARRAY_EXTS.items()]
+    meta = {k: v for k, v in row.items() if k not in S.WDS_ARRAY_EXTS and k != S.IMAGES}
+    out.append((f"{key}.{S.WDS_EXT_META}", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")))
+    out += [(f"{key}.{S.wds_image_ext(i)}", img) for i, img in enumerate(row[S.IMAGES])]
+    return out
+
+
+def tar_shard_bytes(rows: list[dict[str, Any]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for row in rows:
+            for name, data in wds_members(row):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = S.WDS_TAR_MTIME
+                info.mode = 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@dataclass
+class ShardInfo:
+    """One written pack shard: what index.json and the manifest record about it."""
+
+    path: str  # relative to the stage output dir
+    partition: int
+    roll: int
+    packs: int
+    samples: int
+    tokens: int
+    images: int
+    truncated_tokens: int
+    bytes: int
+    sha256: str
+    row_groups: list[int] = field(default_factory=list)
+
+    def file_entry(self) -> FileEntry:
+        return FileEntry(path=self.path, kind=S.FILE_KIND_PACK, rows=self.packs, bytes=self.bytes, sha256=self.sha256)
+
+
+def write_shards(rows: Iterable[dict[str, Any]], output_dir: str, partition: int, cfg: ShardConfig) -> Iterator[ShardInfo]:
+    """Write rows to rolling shards of one partition; yields each shard's info once written."""
+    roll = 0
+    batch: list[dict[str, Any]] = []
+    size = 0
+
+    def flush() -> ShardInfo:
+        rel = f"{S.PACK_DIR}/{S.pack_shard_name(partition, roll, cfg.format)}"
+        if cfg.format == S.FORMAT_PARQUET:
+            data = parquet_shard_bytes(batch, cfg.row_group_packs)
+            n = len(batch)
+            groups = [min(cfg.row_group_packs, n - i) for i in range(0, n, cfg.row_group_packs)]
+        else:
+            data = tar_shard_bytes(batch)
+            groups = []
+        write_bytes_atomic(join(output_dir, rel), data)
+        return ShardInfo(
+            path=rel, partition=partition, roll=roll, packs=len(batch),
+            samples=sum(r[S.NUM_SAMPLES] for r in batch), tokens=sum(r[S.NUM_TOKENS] for r in batch),
+            images=sum(len(r[S.IMAGES]) for r in batch), truncated_tokens=sum(r[S.TRUNCATED_TOKENS] for r in batch),
+            bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), row_groups=groups,
+        )
+
+    for row in rows:
+        batch.append(row)
+        size += _approx_bytes(row)
+        if len(batch) >= cfg.max_packs_per_shard or size >= cfg.max_shard_bytes:
+            yield flush()
+            roll, batch, size = roll + 1, [], 0
+    if batch:
+        yield flush()
+
+
+class PackPartitionFn(beam.DoFn):
+    """(partition, samples) -> ShardInfo per written shard (main) and one kept Outcome per packed
+    sample (tagged ``OUTCOMES``; a second sample with the same key is rejected ``duplicate_key``)."""
+
+    OUTCOMES = "outcomes"
+
+    def __init__(self, output_dir: str, packing: PackingConfig, shards: ShardConfig):
+        self.output_dir = output_dir
+        self.packing = packing
+        self.shards = shards
+
+    def setup(self):
+        self.packs = Metrics.counter("mmcorpus.pack", "packs")
+        self.kept = Metrics.counter("mmcorpus.pack", KEPT)
+
+    def process(self, element: tuple[int, Iterable[PreparedSample]]):
+        partition, samples = element
+        samples = sorted(samples, key=lambda s: (s.key, s.source, s.input_ids, s.image or b""))
+        unique: list[PreparedSample] = []
+        for s in samples:
+            if unique and unique[-1].key == s.key:
+                yield beam.pvalue.TaggedOutput(
+                    self.OUTCOMES,
+                    Outcome(key=s.key, status=REJECTED, reason=reasons.DUPLICATE_KEY, detail=f"key first seen at {unique[-1].source}", source=s.source),
+                )
+                continue
+            unique.append(s)
+        items = [s.item(safe_cut=True) for s in unique]  # greedy_truncate never cuts an image span
+        outcomes: list[Outcome] = []
+
+        def rows() -> Iterator[dict[str, Any]]:
+            for n, pack in enumerate(pack_items(items, self.packing)):
+                pid = S.pack_id(partition, n)
+                members = [(unique[i], take) for i, take in pack]
+                for s, take in members:
+                    cut = f", truncated to {take} of {len(s.input_ids)} tokens" if take < len(s.input_ids) else ""
+                    outcomes.append(Outcome(key=s.key, status=KEPT, reason=REASON_OK, detail=f"pack {pid}{cut}", source=s.source))
+                self.packs.inc()
+                yield render_pack(pid, self.packing.seq_len, members)
+
+        for info in write_shards(rows(), self.output_dir, partition, self.shards):
+            yield info
+        self.kept.inc(len(outcomes))
+        for o in outcomes:
+            yield beam.pvalue.TaggedOutput(self.OUTCOMES, o)
+
+
+def summarize_shards(infos: list[ShardInfo], seq_len: int) -> dict[str, Any]:
+    packs = sum(i.packs for i in infos)
+    tokens = sum(i.tokens for i in infos)
+    return {
+        "packed_samples": sum(i.samples for i in infos),
+        "packs": packs,
+        "pack_tokens": tokens,
+        "pack_fill": round(tokens / (packs * seq_len), 6) if packs else 0.0,
+        "truncated_tokens": sum(i.truncated_tokens for i in infos),
+        "pack_images": sum(i.images for i in infos),
+        "pack_shards": len(infos),
+    }
+
+
+class WriteIndexFn(beam.DoFn):
+    """Writes ``data/index.json`` (shards in partition/roll order, with counts and sha256); yields its FileEntry."""
+
+    def __init__(self, output_dir: str, header: dict[str, Any]):
+        self.output_dir = output_dir
+        self.header = header
+
+    def process(self, _, infos: list[ShardInfo]):
+        infos = sorted(infos, key=lambda i: (i.partition, i.roll))
+        shards = []
+        for i in infos:
+            d = asdict(i)
+            d["path"] = i.path.split("/", 1)[1]  # relative to index.json's directory
+            shards.append(d)
+        index = dict(self.header, format=S.INDEX_FORMAT, totals=summarize_shards(infos, self.header["seq_len"]))
+        index[S.INDEX_SHARDS] = shards
+        data = (json.dumps(index, sort_keys=True, indent=1) + "\n").encode("utf-8")
+        rel = f"{S.PACK_DIR}/{S.INDEX_NAME}"
+        write_bytes_atomic(join(self.output_dir, rel), data)
+        yield FileEntry(path=rel, kind=S.FILE_KIND_INDEX, rows=len(shards), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+class PackSamples(beam.PTransform):
+    """Pairs -> packed shards + index.json; returns ``{"outcomes", "files", "summary"}``.
+
+    Args:
+        output_dir: the stage output directory; shards go to ``data/``.
+        profile: stage profile (image size, slicing, q).
+        packing: sequence length, algorithm, window, per-pack limits.
+        shards: shard format and layout.
+        tokenizer_path: local tokenizer path (None: the bundled one).
+        require_image: reject caption-only samples instead of packing them as text.
+
+    Example:
+        pairs | PackSamples("out/pack", StageProfile.for_stage(2), PackingConfig(seq_len=2048), ShardConfig())
+    """
+
+    def __init__(self, output_dir: str, profile: StageProfile, packing: PackingConfig, shards: ShardConfig,
+                 tokenizer_path: str | None = None, require_image: bool = False):
+        super().__init__()
+        self.output_dir = output_dir
+        self.profile = profile
+        self.packing = packing
+        self.shards = shards
+        self.tokenizer_path = tokenizer_path
+        self.require_image = require_image
+
+    def expand(self, pairs):
+        tok = TextTokenizer(self.tokenizer_path)  # fail fast (UserError) before the pipeline runs
+        header = {
+            "pack_format": self.shards.format,
+            "seq_len": self.packing.seq_len,
+            "stage_profile": asdict(self.profile),
+            "algorithm": self.packing.algorithm,
+            "tokens": tok.special_ids(),
+            "ignore_index": S.IGNORE_INDEX,
+        }
+        parts = self.shards.partitions
+        prepared = pairs | "Prepare" >> beam.ParDo(
+            PrepareSampleFn(self.profile, self.tokenizer_path, self.packing, self.require_image)
+        ).with_outputs(PrepareSampleFn.REJECTED, main="samples")
+        packed = (
+            prepared.samples
+            | "ByPartition" >> beam.Map(lambda s: (shard_of(s.key, parts), s))
+            | "GroupPartitions" >> beam.GroupByKey()
+            | "PackAndWrite" >> beam.ParDo(PackPartitionFn(self.output_dir, self.packing, self.shards)).with_outputs(
+                PackPartitionFn.OUTCOMES, main="shards"
+            )
+        )
+        outcomes = (prepared[PrepareSampleFn.REJECTED], packed[PackPartitionFn.OUTCOMES]) | "AllOutcomes" >> beam.Flatten()
+        infos = packed.shards
+        index = (
+            pairs.pipeline
+            | "IndexTrigger" >> beam.Create([None])
+            | "WriteIndex" >> beam.ParDo(WriteIndexFn(self.output_dir, header), infos=beam.pvalue.AsList(infos))
+        )
+        files = (infos | "ShardEntries" >> beam.Map(ShardInfo.file_entry), index) | "AllFiles" >> beam.Flatten()
+        seq_len = self.packing.seq_len
+        summary = (
+            pairs.pipeline
+            | "SummaryTrigger" >> beam.Create([None])
+            | "Summarize" >> beam.Map(lambda _, infos: summarize_shards(infos, seq_len), infos=beam.pvalue.AsList(infos))
+        )
+        return {"outcomes": outcomes, "files": files, "summary": summary}
