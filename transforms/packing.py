@@ -150,6 +150,16 @@ class _Pool:
         self.taken.add(x[0])
         return x
 
+    def unpop(self, idx: int, it: Item) -> None:
+        """Undo ``pop`` (same fill step, so the item's arrival entry is still queued)."""
+        q = self.by_len.get(it.length)
+        if q is None:
+            q = self.by_len[it.length] = deque()
+            bisect.insort(self.lens, it.length)
+        q.appendleft((idx, it))
+        self.size += 1
+        self.taken.discard(idx)
+
     def peek(self, length: int) -> tuple[int, Item]:
         return self.by_len[length][0]
 
@@ -219,8 +229,7 @@ def _fill_one(pool: _Pool, cfg: PackingConfig, bid: int) -> Pack:
             _add(b, idx, it)
     else:
         for idx, it in reversed(picked):  # put back at the front of its FIFO, order kept
-            pool.add(idx, it)
-            pool.by_len[it.length].rotate(1)
+            pool.unpop(idx, it)
     # 3. whatever still fits within the limits, longest first
     while pool.size:
         length = pool.largest_fitting(b.remaining, b, cfg)
