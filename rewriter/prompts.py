@@ -28,7 +28,8 @@ Faithfulness rule (no NER model is available offline, so the rule is lexical and
 2. Named entities: these words of the raw caption must appear in the adopted caption (case-insensitive,
    whole words):
    a. capitalised words that do not start a sentence/segment and are not function words
-      (``the``, ``of``, ...) — only when the caption is not in Title Case (then capitals say nothing);
+      (``the``, ``of``, ...) — only when the caption is not in Title Case (more than 75% of its
+      content words capitalised: then capitals mark style, not names);
    b. acronyms: all-capital words of 2+ letters (``UK``, ``NASA``) — unless the whole caption shouts;
    c. mixed-case words starting lower-case (``iPhone``, ``eBay``).
    Words with digits are covered by the number rule only.
@@ -132,6 +133,9 @@ FUNCTION_WORDS = frozenset(
     what which who whom whose where when why how not no yes so if then than too very all any each
     every some such only own same other both few more most new free photo image picture stock""".split()
 )
+# A caption whose content words are more than this share capitalised is in Title Case: its capitals
+# mark style, not names (product titles, headlines), so rule 2a is off for it.
+TITLE_CASE_SHARE = 0.75
 NUMBER_WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen twenty"
@@ -204,7 +208,7 @@ def faithfulness_constraints(raw: str) -> Constraints:
     words = [w for w in _words(raw) if len(w) >= 2]
     capitalised = [w for w in words if w[0].isupper() and w.lower() not in FUNCTION_WORDS]
     content = [w for w in words if w.lower() not in FUNCTION_WORDS]
-    title_case = bool(content) and len(capitalised) > 0.5 * len(content)
+    title_case = bool(content) and len(capitalised) > TITLE_CASE_SHARE * len(content)
     letters = [c for c in raw if c.isalpha()]
     shouting = bool(letters) and sum(c.isupper() for c in letters) > 0.6 * len(letters)
 

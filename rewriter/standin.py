@@ -94,6 +94,7 @@ class StandInServer:
         hang_s: how long a ``hang`` holds its connection before closing it unanswered.
         respond: ``caption -> (content, finish_reason)`` for normal answers.
         expected_api_key: when set, requests without ``Authorization: Bearer <key>`` get 401.
+        plan: ``(caption, attempt) -> fault | None``, replacing the rate-based choice (exact scenarios).
         port: 0 picks a free port.
     """
 
@@ -109,6 +110,7 @@ class StandInServer:
         hang_s: float = 5.0,
         respond: Callable[[str], tuple[str, str]] = default_respond,
         expected_api_key: str | None = None,
+        plan: Callable[[str, int], str | None] | None = None,
         port: int = 0,
     ):
         unknown = set(faults) - set(FAULTS)
@@ -123,6 +125,7 @@ class StandInServer:
         self.hang_s = hang_s
         self.respond = respond
         self.expected_api_key = expected_api_key
+        self.plan = plan
         self.port = port
         self.seen: list[SeenRequest] = []
         self.responses_sent = 0  # completed 200 answers written to the socket
@@ -229,7 +232,10 @@ class StandInServer:
         with self._lock:
             attempt = self._attempts.get(caption, 0)
             self._attempts[caption] = attempt + 1
-            fault = fault_for(self.seed, caption, attempt, self.fault_rate, self.faults)
+            if self.plan is not None:
+                fault = self.plan(caption, attempt)
+            else:
+                fault = fault_for(self.seed, caption, attempt, self.fault_rate, self.faults)
             self.seen.append(SeenRequest(caption=caption, attempt=attempt, fault=fault, t=time.monotonic()))
         if fault == "http_429":
             await self._send(writer, 429, {"error": {"message": "rate limited", "type": "rate_limit"}},
