@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from rich.markup import escape
 
 from schemas.errors import UserError
 from schemas.manifest import FILE_KIND_DATA, FILE_KIND_LEDGER, MANIFEST_NAME, Manifest, shard_name
@@ -312,33 +313,37 @@ def collapse_placeholders(text: str) -> str:
 
 
 def _load_tokenizer(m: Manifest):
-    """The pack stage's tokenizer (``tokenizers`` JSON) when its config names a readable file."""
-    path = None
-    for k, v in m.config.items():
-        if "tokenizer" in k and isinstance(v, str):
-            path = v
-        elif isinstance(v, dict):
-            for k2, v2 in v.items():
-                if "tokenizer" in k2 and isinstance(v2, str):
-                    path = v2
-    if not path:
-        try:
-            from transforms.tokens import DEFAULT_TOKENIZER
+    """The pack stage's tokenizer (``tokenizers`` JSON) when its config names a readable file,
+    else the bundled default one; None when neither loads (then packs show token counts only)."""
+    import os
 
-            path = str(DEFAULT_TOKENIZER)
-        except Exception:  # pack extra not importable: show token counts only
-            return None
+    candidates = []
+
+    def scan(d: dict) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                scan(v)
+            elif "tokenizer" in k and isinstance(v, str) and not any(x in k for x in ("sha", "hash")):
+                candidates.append(v)
+
+    scan(m.config)
     try:
-        from tokenizers import Tokenizer
+        from transforms.tokens import DEFAULT_TOKENIZER
 
-        if path.endswith(".json"):
-            return Tokenizer.from_file(path)
-        import os
+        candidates.append(str(DEFAULT_TOKENIZER))
+    except Exception:  # pack dependencies not importable
+        pass
+    for path in candidates:
+        f = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(f):
+            continue
+        try:
+            from tokenizers import Tokenizer
 
-        f = os.path.join(path, "tokenizer.json")
-        return Tokenizer.from_file(f) if os.path.exists(f) else None
-    except Exception:  # tokenizer moved or unreadable: show token counts instead of text
-        return None
+            return Tokenizer.from_file(f)
+        except Exception:  # not a tokenizers JSON: try the next candidate
+            continue
+    return None
 
 
 def sample_records(stage_dir: str, n: int) -> list[dict[str, Any]]:
@@ -511,7 +516,7 @@ def render_describe(info: dict[str, Any], console) -> None:
 
     head = Table(show_header=False, box=None, padding=(0, 1))
     head.add_row("stage", f"[bold]{info['stage']}[/bold]")
-    head.add_row("dir", info["dir"])
+    head.add_row("dir", escape(info["dir"]))
     head.add_row("config hash", info["config_hash"][:16])
     head.add_row("software", info["software_version"])
     inp = info["input"]
@@ -563,7 +568,7 @@ def render_describe(info: dict[str, Any], console) -> None:
         e.add_column("key")
         e.add_column("value", justify="right")
         for k, v in flat:
-            e.add_row(k, _fmt_num(v))
+            e.add_row(escape(k), escape(_fmt_num(v)))
         console.print(e)
 
 
@@ -586,7 +591,7 @@ def _flatten(d: dict, prefix: str = "", limit: int = 40) -> list[tuple[str, Any]
 def render_run(info: dict[str, Any], console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"run {info['run']}")
+    t = Table(title=escape(f"run {info['run']}"))
     for col in ("stage", "in", "kept", "rejected", "duplicate", "error", "config"):
         t.add_column(col, justify="left" if col in ("stage", "config") else "right")
     for s in info["stages"]:
@@ -639,9 +644,9 @@ def _short(text: str, n: int) -> str:
 def render_trace(trace: dict[str, Any], console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"key {trace['key']}: {trace['fate']}")
+    t = Table(title=escape(f"key {trace['key']}: {trace['fate']}"))
     for col in ("stage", "status", "reason", "detail", "caption / where"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for s in trace["steps"]:
         extra = []
         if s.get("kept_key"):
@@ -654,9 +659,9 @@ def render_trace(trace: dict[str, Any], console) -> None:
         where = _short(s.get("caption") or "", 70)
         if s.get("pack"):
             p = s["pack"]
-            where = f"{p['shard']} pack {p['row']} slot {p['position']}/{p['samples_in_pack']}"
+            where = f"{p['shard']} row {p['row']}, slot {p['position'] + 1} of {p['samples_in_pack']}"
         style = {"kept": "green", "absent": "dim"}.get(s["status"], "red")
-        t.add_row(s["stage"], f"[{style}]{s['status']}[/{style}]", s.get("reason", ""), detail, where)
+        t.add_row(s["stage"], f"[{style}]{s['status']}[/{style}]", s.get("reason", ""), escape(detail), escape(where))
     console.print(t)
 
 

@@ -277,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(out, indent=2, sort_keys=True, default=str) + "\n")
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    t = Table(title=f"stats: {path} ({', '.join(stats['stages'])})")
+    t = Table(title=escape(f"stats: {path} ({', '.join(stats['stages'])})"))
     for col in ("panel", "series", "n", "min", "mean", "max"):
         t.add_column(col, justify="left" if col in ("panel", "series") else "right")
     for name, s in summary.items():
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             t.add_row(name, "", *_cells(s))
     console.print(t)
     if drawn is not None:
-        console.print(f"wrote {args.plot} ({len(drawn)} panels: {', '.join(drawn)})")
+        console.print(escape(f"wrote {args.plot} ({len(drawn)} panels: {', '.join(drawn)})"))
     return 0
 
 
