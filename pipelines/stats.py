@@ -3,7 +3,8 @@ PNG with a histogram panel for each thing the directory actually holds.
 
 Panels, in this fixed order, each present only when its data exists in DIR (a stage output, or a run
 directory holding several):
-    caption_words      caption length in words, one curve per stage output (+ before rewrite)
+    caption_words      caption length in words: raw input (with --raw-input), each stage output,
+                       and the captions before rewriting
     ledger_reasons     non-kept ledger rows by stage and reason (when there are any)
     cluster_sizes      duplicate cluster sizes (dedup output)
     tokens_per_sample  tokens per packed sample (pack output)
@@ -11,7 +12,7 @@ directory holding several):
     images_per_pack    images per pack (pack output with image columns)
 
 Example:
-    mmcorpus stats build/demo --plot build/demo/stats.png
+    mmcorpus stats build/demo --plot build/demo/stats.png --raw-input data/sample/cc3m_val_captions_8k.tsv
     mmcorpus stats build/demo/dedup --json
 """
 
@@ -83,8 +84,32 @@ def _words(texts: list[str | None]) -> list[int]:
     return [len(t.split()) for t in texts if t is not None]
 
 
-def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT) -> dict[str, Any]:
-    """The data of every panel the directory has, in ``PANELS`` order (JSON-able)."""
+def raw_input_captions(path: str, input_format: str = "auto", max_rows: int = MAX_ROWS_DEFAULT) -> list[str]:
+    """Captions of the filter's raw input (before any filter), read in-process with the same ingest
+    code the filter stage runs; records unusable at ingest (failed downloads...) have none."""
+    from schemas.records import Pair
+    from transforms.ingest import ExpandUnitsFn, InputSpec, ReadInputUnitFn, resolve_input
+
+    resolved = resolve_input(InputSpec(path=path, format=input_format))
+    if resolved.format == "stage":
+        raise UserError(f"--raw-input {path} is a stage output; pass the raw input the filter read")
+    expand, read = ExpandUnitsFn(resolved), ReadInputUnitFn(resolved)
+    read.setup()
+    captions: list[str] = []
+    for f in resolved.files:
+        for unit in expand.process(f):
+            for rec in read.process(unit):
+                if isinstance(rec, Pair) and rec.caption is not None:
+                    captions.append(rec.caption)
+                    if len(captions) >= max_rows:
+                        return captions
+    return captions
+
+
+def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None = None,
+            input_format: str = "auto") -> dict[str, Any]:
+    """The data of every panel the directory has, in ``PANELS`` order (JSON-able). ``raw_input``
+    (the filter's input) adds the caption lengths before filtering."""
     scope = _stage_scope(path)
     if not scope:
         raise UserError(f"{path} has no {MANIFEST_NAME} and no stage outputs below it: "
@@ -92,6 +117,8 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT) -> dict[str, Any]:
     panels: dict[str, Any] = {}
 
     captions: dict[str, list[int]] = {}
+    if raw_input:
+        captions["raw input (before filter)"] = _words(raw_input_captions(raw_input, input_format, max_rows))
     reasons: Counter = Counter()
     clusters: list[int] | None = None
     packs: dict[str, list] | None = None
@@ -105,7 +132,7 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT) -> dict[str, Any]:
         if t is not None and t.num_rows:
             if stage == "rewrite" or pc.sum(pc.is_valid(t.column("raw_caption"))).as_py():
                 raw = [r if r is not None else c for r, c in zip(t.column("raw_caption").to_pylist(), t.column("caption").to_pylist())]
-                captions[f"{stage} input (raw)"] = _words(raw)
+                captions[f"before {stage}"] = _words(raw)
             captions[f"after {stage}"] = _words(t.column("caption").to_pylist())
         if stage == "dedup":
             clusters = _cluster_sizes(d, m, t)
@@ -185,6 +212,9 @@ def plot(stats: dict[str, Any], out_path: str) -> list[str]:
 
 
 def _draw(ax, name: str, data) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    (ax.xaxis if name == "ledger_reasons" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
     if name == "caption_words":
         hi = max((max(v) for v in data.values() if v), default=1)
         bins = range(0, min(hi, 80) + 2)
@@ -258,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a stage output directory (with manifest.json) or a run directory holding several")
     p.add_argument("--plot", metavar="PNG", help="write the histogram panels to this PNG file")
     p.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    p.add_argument("--raw-input", "--raw_input", dest="raw_input",
+                   help="the filter's raw input (as given to `mmcorpus filter --input`): adds caption lengths before filtering")
+    p.add_argument("--input-format", "--input_format", dest="input_format", default="auto",
+                   help="format of --raw-input (auto, webdataset, i2d-parquet, table)")
     p.add_argument("--max-rows", "--max_rows", dest="max_rows", type=int, default=MAX_ROWS_DEFAULT,
                    help=f"read at most this many data rows per stage (default {MAX_ROWS_DEFAULT:,})")
     return p
@@ -267,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     path = args.dir.rstrip("/") or "/"
     _require_dir(path)
-    stats = collect(path, max_rows=args.max_rows)
+    stats = collect(path, max_rows=args.max_rows, raw_input=args.raw_input, input_format=args.input_format)
     summary = summarize(stats)
     drawn = plot(stats, args.plot) if args.plot else None
     if args.json:

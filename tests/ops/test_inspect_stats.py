@@ -164,8 +164,12 @@ def test_stats_plot_has_one_panel_per_available_measure(demo_run, tmp_path, caps
         assert (drawn > 0.5) if i < len(panels) else (drawn < 0.01), (i, drawn)
 
 
-def test_stats_numbers_match_the_outputs(demo_run, capsys):
-    result = _json_main(stats, [str(demo_run["root"])], capsys)["summary"]
+def test_stats_numbers_match_the_outputs(demo_run, i2d_input, sample_dir, capsys):
+    result = _json_main(stats, [str(demo_run["root"]), "--raw-input", str(i2d_input.parent)], capsys)["summary"]
+    raw = [json.loads(ln)["caption"] for ln in (sample_dir / "cc_images" / "pairs.jsonl").read_text().splitlines()]
+    raw_words = [len(c.split()) for c in raw] + [len(raw[0].split())]  # + the planted copy of the first photo
+    assert result["caption_words"]["raw input (before filter)"] == {
+        "n": len(raw_words), "min": min(raw_words), "mean": pytest.approx(sum(raw_words) / len(raw_words)), "max": max(raw_words)}
     kept = [r["caption"] for f in (demo_run["filter"] / "data").glob("*.parquet") for r in pq.read_table(f).to_pylist()]
     assert result["caption_words"]["after filter"]["n"] == len(kept)
     assert result["caption_words"]["after filter"]["max"] == max(len(c.split()) for c in kept)
