@@ -66,9 +66,11 @@ class DedupConfig:
         bands, rows: LSH banding; None picks them with datasketch's ``_optimal_param`` for the
             threshold and the two weights below.
         fp_weight, fn_weight: weights of false-positive / false-negative probability in that search.
-        verify_min_jaccard: keep a candidate edge only when the estimated Jaccard of the two
-            signatures reaches this value (None: every band collision is an edge; signatures are
-            then not shuffled at all).
+        verify_min_jaccard: keep a candidate edge only when the Jaccard estimated from the two
+            signatures reaches this value (None: every band collision is an edge and no sketch
+            is shuffled). The estimate uses the lowest 8 bits of each of the ``num_perm`` slots
+            (b-bit minwise hashing, Li & König 2010): a 128-byte sketch instead of 512 bytes in
+            every LSH bucket, corrected for the 1/256 chance that two different slots agree.
         max_compare: in one LSH / dHash bucket, compare each member with at most this many earlier
             distinct members (bounds the work in giant buckets).
         near_image_max_hamming: dHash Hamming distance (of 64 bits) for near-image duplicates.
@@ -274,7 +276,7 @@ class LinkBucketFn(beam.DoFn):
             t = cfg.verify_min_jaccard
 
             def similar(a: bytes, b: bytes) -> bool:
-                return mh.estimate_jaccard(mh.sig_from_bytes(a), mh.sig_from_bytes(b)) >= t
+                return mh.bbit_jaccard(a, b) >= t
 
             self.similar = similar
         elif self.rule == reasons.NEAR_IMAGE:
@@ -332,8 +334,10 @@ class CandidateEdges(beam.PTransform):
             def bucket_near_caption(f: Features):
                 if f.signature is None:
                     return
-                payload = f.signature if carry else None
-                for bk in mh.band_keys(mh.sig_from_bytes(f.signature), bands, rows):
+                sig = mh.sig_from_bytes(f.signature)
+                # Verification carries a 1-byte-per-slot (b-bit) sketch, not the 4-byte signature.
+                payload = mh.bbit_sketch(sig) if carry else None
+                for bk in mh.band_keys(sig, bands, rows):
                     yield bk, (f.key, payload)
 
             rule = reasons.NEAR_CAPTION
@@ -513,7 +517,8 @@ class Deduplicate(beam.PTransform):
             | "RuleBits" >> beam.FlatMap(lambda e: [(e[0], RULE_BITS[e[2]]), (e[1], RULE_BITS[e[2]])])
             | "OrRuleBits" >> beam.CombinePerKey(lambda bits: _or_all(bits))
         )
-        features_by_key = features | "FeaturesByKey" >> beam.Map(lambda f: (f.key, f))
+        # Joins carry only what the decision needs: never the signature or the image.
+        features_by_key = features | "FeaturesByKey" >> beam.Map(lambda f: (f.key, f._replace(signature=None, dhash=None)))
         member_ranks = (
             {"root": labels, "features": features_by_key}
             | "JoinRank" >> beam.CoGroupByKey()

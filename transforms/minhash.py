@@ -200,6 +200,19 @@ def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     return float(np.count_nonzero(sig_a == sig_b)) / float(len(sig_a))
 
 
+def bbit_sketch(sig: np.ndarray) -> bytes:
+    """Lowest 8 bits of every signature slot (b-bit minwise hashing with b = 8)."""
+    return (sig & np.uint32(0xFF)).astype(np.uint8).tobytes()
+
+
+def bbit_jaccard(a: bytes, b: bytes) -> float:
+    """Jaccard estimate from two 8-bit sketches: P(slot match) = J + (1 - J) / 256, inverted."""
+    x = np.frombuffer(a, dtype=np.uint8)
+    y = np.frombuffer(b, dtype=np.uint8)
+    match = float(np.count_nonzero(x == y)) / float(len(x))
+    return max(0.0, (match - 1.0 / 256.0) / (1.0 - 1.0 / 256.0))
+
+
 def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
     """(bands, rows) minimising the weighted false-positive + false-negative probability mass of
     the LSH S-curve around ``threshold``: datasketch's own ``MinHashLSH`` parameter search
