@@ -47,14 +47,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _quiet_optional_gcp(record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    return "apitools not found" not in msg and "Failed to import GCSFileSystem" not in msg
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=os.environ.get("MMCORPUS_LOG_LEVEL", "WARNING"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # Beam's GCP extras are optional; its import-time warning about them is noise for local runs.
-    logging.getLogger().addFilter(lambda r: "apitools not found" not in r.getMessage())
+    # Beam's GCP extras are optional; its import-time warnings about them are noise for local runs.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_optional_gcp)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
