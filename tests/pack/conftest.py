@@ -20,7 +20,7 @@ def run_pack(input_dir: str, output_dir: str, *flags: str) -> str:
 
 
 STAGE3 = ("--stage", "3", "--seq-len", "2048", "--partitions", "2", "--max-packs-per-shard", "2")
-STAGE1 = ("--stage", "1", "--seq-len", "512", "--partitions", "2", "--max-packs-per-shard", "3", "--row-group-packs", "2")
+STAGE1 = ("--stage", "1", "--seq-len", "256", "--partitions", "2", "--max-packs-per-shard", "3", "--row-group-packs", "2")
 
 
 @pytest.fixture(scope="session")
