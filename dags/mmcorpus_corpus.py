@@ -1,0 +1,223 @@
+"""Airflow 3 DAG ``mmcorpus_corpus``: filter → dedup → rewrite → pack → verify on a schedule, each
+stage a Beam pipeline run by the Beam provider's ``BeamRunPythonPipelineOperator``.
+
+Configuration, highest precedence first: the run's params (``airflow dags trigger -c '{...}'`` or the
+UI form), Airflow Variables (``mmcorpus_<name>``), environment variables of the scheduler/DAG
+processor (``MMCORPUS_<NAME>``), the defaults below. Names: ``input``, ``input_format``,
+``output_root``, ``runner``, ``rewrite_endpoint``, ``rewrite_model``, ``rewrite_fallback``,
+``stage_profile``, ``seq_len``, ``pack_format``, ``num_shards``. Runner options that hold for every
+stage (``--project``, ``--region``, ``--temp_location``, ``--setup_file``, ``--flink_master`` ...) come
+from ``MMCORPUS_BEAM_OPTIONS``, a JSON object, and go to Beam unchanged.
+
+Each run writes below ``<output_root>/<run id>/<stage>``. Every stage task declares its output as an
+Asset (``mmcorpus/<stage>``), and its asset event's ``extra`` carries that run's directory, so other
+DAGs can be scheduled on, e.g., ``Asset("mmcorpus/pack")`` and read where the new shards are.
+
+The rewrite stage runs against a model endpoint only when one is configured and answers
+``GET <endpoint>/models``; otherwise the ``choose_rewrite`` branch takes ``rewrite_fallback``:
+``offline-template`` (the deterministic dry-run rewriter) or ``skip`` (pack the dedup output).
+See docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+from airflow.providers.apache.beam.operators.beam import BeamRunPythonPipelineOperator
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG, Asset, Param, task
+
+REPO = Path(__file__).resolve().parent.parent
+PIPELINES = REPO / "pipelines"
+STAGES = ("filter", "dedup", "rewrite", "pack")
+
+# Defaults: environment of the scheduler / DAG processor, then these.
+DEFAULTS = {
+    "input": os.environ.get("MMCORPUS_INPUT", str(REPO / "data" / "sample" / "cc3m_val_captions_8k.tsv")),
+    "input_format": os.environ.get("MMCORPUS_INPUT_FORMAT", "auto"),
+    "output_root": os.environ.get("MMCORPUS_OUTPUT_ROOT", str(REPO / "build" / "airflow-runs")),
+    "runner": os.environ.get("MMCORPUS_RUNNER", "DirectRunner"),
+    "rewrite_endpoint": os.environ.get("MMCORPUS_REWRITE_ENDPOINT", ""),
+    "rewrite_model": os.environ.get("MMCORPUS_REWRITE_MODEL", "rewriter"),
+    "rewrite_fallback": os.environ.get("MMCORPUS_REWRITE_FALLBACK", "offline-template"),
+    "stage_profile": os.environ.get("MMCORPUS_STAGE_PROFILE", "2"),
+    "seq_len": os.environ.get("MMCORPUS_SEQ_LEN", "2048"),
+    "pack_format": os.environ.get("MMCORPUS_PACK_FORMAT", "parquet"),
+    "num_shards": os.environ.get("MMCORPUS_NUM_SHARDS", "8"),
+}
+SCHEDULE = os.environ.get("MMCORPUS_SCHEDULE", "@weekly")
+# The interpreter that runs the stage files: this environment's, where mmcorpus is installed.
+PY_INTERPRETER = os.environ.get("MMCORPUS_PYTHON", sys.executable)
+# Options for every stage, passed straight to Beam (e.g. Dataflow project/region/temp_location).
+BEAM_OPTIONS: dict = json.loads(os.environ.get("MMCORPUS_BEAM_OPTIONS", "{}") or "{}")
+
+
+def setting(name: str) -> str:
+    """Template for one setting: the run's param, else Variable ``mmcorpus_<name>``, else the default."""
+    return "{{ params.%s or var.value.get('mmcorpus_%s', %r) }}" % (name, name, DEFAULTS[name])
+
+
+def safe_run_dir(run_id: str) -> str:
+    """Run id → a directory name that is safe on local disks and object stores (no ':' or '+')."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+
+
+RUN_DIR = "{{ (%s).rstrip('/') }}/{{ safe_run_dir(run_id) }}" % (
+    "params.output_root or var.value.get('mmcorpus_output_root', %r)" % DEFAULTS["output_root"]
+)
+
+
+def stage_dir(stage: str) -> str:
+    return f"{RUN_DIR}/{stage}"
+
+
+def _asset_root() -> str:
+    root = DEFAULTS["output_root"].rstrip("/")
+    return root if "://" in root else "file://" + os.path.abspath(root)
+
+
+# Stage outputs as Assets: one per stage; each event's extra holds the run's directory.
+ASSETS = {s: Asset(name=f"mmcorpus/{s}", uri=f"{_asset_root()}/{s}", group="mmcorpus") for s in STAGES}
+VERIFIED = Asset(name="mmcorpus/verified", uri=f"{_asset_root()}/verified", group="mmcorpus")
+
+
+class StageOperator(BeamRunPythonPipelineOperator):
+    """``BeamRunPythonPipelineOperator`` for one mmcorpus stage file that records the run's output
+    directory in its Asset event (``extra={"path", "run_id"}``)."""
+
+    def __init__(self, *, stage: str, output_dir: str, **kwargs):
+        super().__init__(outlets=[ASSETS[stage]], **kwargs)
+        self.stage = stage
+        self.output_dir = output_dir
+
+    template_fields = tuple(BeamRunPythonPipelineOperator.template_fields) + ("output_dir",)
+
+    def execute(self, context):
+        result = super().execute(context)
+        context["outlet_events"][ASSETS[self.stage]].extra = {"path": self.output_dir, "run_id": context["run_id"]}
+        return result
+
+
+def beam_stage(stage: str, options: dict, **kwargs) -> StageOperator:
+    """One stage task: ``python pipelines/<stage>.py --output=<run dir>/<stage> <options>``."""
+    return StageOperator(
+        task_id=kwargs.pop("task_id", stage),
+        stage=stage,
+        output_dir=stage_dir(stage),
+        py_file=str(PIPELINES / f"{stage}.py"),
+        py_interpreter=PY_INTERPRETER,
+        runner=setting("runner"),
+        default_pipeline_options=dict(BEAM_OPTIONS),
+        pipeline_options={"output": stage_dir(stage), "num_shards": setting("num_shards"), **options},
+        **kwargs,
+    )
+
+
+def endpoint_healthy(endpoint: str, timeout: float = 5.0) -> bool:
+    """True when an OpenAI-compatible server answers ``GET <endpoint>/models`` with 200."""
+    if not endpoint:
+        return False
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(endpoint.rstrip("/") + "/models", timeout=timeout) as r:
+            return r.status == 200
+    except Exception:  # unreachable, refused, timed out: no GPU endpoint for this run
+        return False
+
+
+with DAG(
+    dag_id="mmcorpus_corpus",
+    description="Build a MiniCPM-V style corpus: filter, dedup, rewrite, pack, verify (Apache Beam)",
+    schedule=SCHEDULE,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=5), "retry_exponential_backoff": True},
+    user_defined_macros={"safe_run_dir": safe_run_dir},
+    params={
+        "input": Param("", type="string", description="input file/dir/glob (img2dataset output or a metadata table)"),
+        "input_format": Param("", type="string", description="auto | webdataset | i2d-parquet | table"),
+        "output_root": Param("", type="string", description="runs go to <output_root>/<run id>/<stage>"),
+        "runner": Param("", type="string", description="DirectRunner | DataflowRunner | FlinkRunner | SparkRunner"),
+        "rewrite_endpoint": Param("", type="string", description="OpenAI-compatible base URL, e.g. http://gpu:8000/v1"),
+        "rewrite_model": Param("", type="string", description="served model name"),
+        "rewrite_fallback": Param("", type="string", description="when no healthy endpoint: offline-template | skip"),
+        "stage_profile": Param("", type="string", description="pack profile: 1 (224px), 2 (448px), 3 (slicing)"),
+        "seq_len": Param("", type="string", description="packed sequence length"),
+        "pack_format": Param("", type="string", description="parquet | webdataset"),
+        "num_shards": Param("", type="string", description="data/ledger shards per stage"),
+    },
+    tags=["mmcorpus", "beam"],
+    doc_md=__doc__,
+) as dag:
+    filter_ = beam_stage("filter", {"input": setting("input"), "input_format": setting("input_format")})
+    dedup = beam_stage("dedup", {"input": stage_dir("filter")})
+
+    @task.branch(retries=0)
+    def choose_rewrite(params=None, ti=None) -> str:
+        """Rewrite against the model endpoint when it is configured and healthy, else the fallback."""
+        from airflow.sdk import Variable
+
+        def get(name: str) -> str:
+            return (params or {}).get(name) or Variable.get(f"mmcorpus_{name}", default=DEFAULTS[name])
+
+        endpoint = get("rewrite_endpoint")
+        if endpoint_healthy(endpoint):
+            ti.xcom_push(key="pack_input", value="rewrite")
+            return "rewrite_endpoint"
+        fallback = get("rewrite_fallback")
+        if fallback == "skip":
+            ti.xcom_push(key="pack_input", value="dedup")
+            return "no_rewrite"
+        if fallback != "offline-template":
+            raise ValueError(f"rewrite_fallback must be offline-template or skip, not {fallback!r}")
+        ti.xcom_push(key="pack_input", value="rewrite")
+        return "rewrite_offline"
+
+    choose = choose_rewrite()
+    rewrite_endpoint = beam_stage(
+        "rewrite",
+        {"input": stage_dir("dedup"), "endpoint": setting("rewrite_endpoint"), "model": setting("rewrite_model")},
+        task_id="rewrite_endpoint",
+    )
+    rewrite_offline = beam_stage(
+        "rewrite", {"input": stage_dir("dedup"), "backend": "offline-template"}, task_id="rewrite_offline"
+    )
+    no_rewrite = EmptyOperator(task_id="no_rewrite")
+    pack = beam_stage(
+        "pack",
+        {
+            "input": RUN_DIR + "/{{ ti.xcom_pull(task_ids='choose_rewrite', key='pack_input') }}",
+            "stage": setting("stage_profile"),
+            "seq_len": setting("seq_len"),
+            "format": setting("pack_format"),
+        },
+        trigger_rule="none_failed_min_one_success",
+    )
+
+    @task(outlets=[VERIFIED], trigger_rule="all_success")
+    def verify(run_dir: str, outlet_events=None) -> dict:
+        """``mmcorpus verify`` on every stage output of the run; fails the run when one is violated."""
+        from pipelines import verify as verify_cmd
+        from pipelines.inspection import describe_run
+
+        run = describe_run(run_dir)
+        dirs = [s["dir"] for s in run["stages"]]
+        if not dirs:
+            raise RuntimeError(f"no stage outputs under {run_dir}")
+        code = verify_cmd.main(dirs)
+        if code != 0:
+            raise RuntimeError(f"mmcorpus verify failed (exit {code}) for {dirs}")
+        summary = {s["stage"]: {"inputs": s["inputs"], "outputs": s["outputs"]} for s in run["stages"]}
+        outlet_events[VERIFIED].extra = {"path": run_dir, "stages": summary}
+        return {"run_dir": run_dir, "stages": summary}
+
+    verified = verify(RUN_DIR)
+
+    filter_ >> dedup >> choose >> [rewrite_endpoint, rewrite_offline, no_rewrite] >> pack >> verified
