@@ -8,7 +8,9 @@ from rich.table import Table
 
 from pipelines.runner import StageResult
 
-console = Console()
+import sys
+
+console = Console(width=None if sys.stdout.isatty() else 132)
 
 
 def counts_table(title: str, counts: dict) -> Table:
