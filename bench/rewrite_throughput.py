@@ -1,0 +1,142 @@
+"""Rewrite client throughput against the stand-in server: achieved requests/s as a share of C/L, speed-up over
+a one-request-at-a-time client, the whole RewriteCaptions stage on the DirectRunner, and cache-hit replay.
+
+The stand-in runs in its own process (``python -m rewriter.standin``) with a fixed latency L and at most C
+answers in progress, so the ideal rate is C/L; the client runs here with C requests in flight.
+
+    .venv/bin/python -m bench.rewrite_throughput                  # default grid + stage run
+    .venv/bin/python -m bench.rewrite_throughput --quick          # smaller grid, no stage run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from rewriter.client import ClientConfig, RewriteClient
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class StandInProcess:
+    """The stand-in server in a child process (so its CPU does not compete with the client's GIL)."""
+
+    def __init__(self, latency: float, max_concurrency: int):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rewriter.standin", "--latency", str(latency), "--max-concurrency", str(max_concurrency)],
+            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        line = self.proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"stand-in did not start: {line!r}")
+        self.base_url = f"http://127.0.0.1:{int(line.split()[1])}/v1"
+
+    def close(self):
+        self.proc.stdin.close()  # the stand-in serves until its stdin closes
+        self.proc.wait(10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+async def _drive(base_url: str, n: int, concurrency: int) -> tuple[float, int]:
+    client = RewriteClient(ClientConfig(endpoint=base_url, model="bench", concurrency=concurrency, timeout_s=30),
+                           api_key="sk-bench")
+    captions = [f"a photo of bench item {i} on a table" for i in range(n)]
+    await client.complete("warm up the connection pool")
+    t = time.perf_counter()
+    results = await asyncio.gather(*(client.complete(c) for c in captions))
+    dt = time.perf_counter() - t
+    await client.aclose()
+    assert all(r.finish_reason == "stop" for r in results)
+    return dt, client.stats.max_in_flight
+
+
+def bench_client(latency: float, concurrency: int, waves: int) -> dict:
+    n = concurrency * waves
+    with StandInProcess(latency, concurrency) as srv:
+        dt, in_flight = asyncio.run(_drive(srv.base_url, n, concurrency))
+        n_seq = min(20, n)
+        dt_seq, _ = asyncio.run(_drive(srv.base_url, n_seq, 1))
+    rps, rps_seq = n / dt, n_seq / dt_seq
+    ideal = concurrency / latency
+    return {
+        "L_s": latency, "C": concurrency, "requests": n, "rps": round(rps, 1), "ideal_rps": round(ideal, 1),
+        "fraction_of_C_over_L": round(rps / ideal, 3), "sequential_rps": round(rps_seq, 2),
+        "speedup_vs_sequential": round(rps / rps_seq, 1), "max_in_flight": in_flight,
+    }
+
+
+def bench_stage(latency: float, concurrency: int, n: int) -> dict:
+    """RewriteCaptions in a DirectRunner pipeline: wall time of the openai-backend run, minus the same
+    pipeline with the offline backend (Beam start-up, read, write: the fixed cost) for the request phase."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from rewrite.stage_fixture import make_stage_dir
+
+    from pipelines import rewrite as rewrite_cli
+    from schemas.records import Pair
+
+    os.environ.setdefault("MMCORPUS_PROGRESS", "0")
+    tmp = tempfile.mkdtemp(prefix="bench-rewrite-")
+    pairs = [Pair(key=f"k{i:06d}", caption=f"a photo of bench item {i} on a table", needs_rewrite=True) for i in range(n)]
+    inp = make_stage_dir(os.path.join(tmp, "in"), pairs, num_shards=4)
+    common = ["--input", inp, "--policy", "all", "--num-shards", "4", "--batch-size", str(8 * concurrency)]
+
+    t = time.perf_counter()
+    rewrite_cli.main(common + ["--output", os.path.join(tmp, "offline"), "--backend", "offline-template"])
+    t_offline = time.perf_counter() - t
+    with StandInProcess(latency, concurrency) as srv:
+        args = common + ["--endpoint", srv.base_url, "--model", "bench", "--concurrency", str(concurrency),
+                         "--cache-dir", os.path.join(tmp, "cache")]
+        t = time.perf_counter()
+        rewrite_cli.main(args + ["--output", os.path.join(tmp, "openai")])
+        t_openai = time.perf_counter() - t
+        t = time.perf_counter()
+        rewrite_cli.main(args + ["--output", os.path.join(tmp, "replay")])  # every answer cached
+        t_replay = time.perf_counter() - t
+    request_phase = max(1e-9, t_openai - t_offline)
+    ideal = concurrency / latency
+    return {
+        "records": n, "L_s": latency, "C": concurrency, "wall_openai_s": round(t_openai, 2),
+        "wall_offline_s": round(t_offline, 2), "wall_cache_replay_s": round(t_replay, 2),
+        "stage_rps_incl_startup": round(n / t_openai, 1),
+        "request_phase_rps": round(n / request_phase, 1),
+        "fraction_of_C_over_L": round(n / request_phase / ideal, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small grid, skip the stage run")
+    p.add_argument("--stage-records", type=int, default=4000)
+    args = p.parse_args(argv)
+    grid = [(0.1, 1), (0.1, 8), (0.1, 32), (0.1, 64), (0.25, 128), (0.5, 256)]
+    if args.quick:
+        grid = [(0.1, 8), (0.1, 32)]
+    rows = []
+    for latency, c in grid:
+        row = bench_client(latency, c, waves=20 if c <= 64 else 10)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| L (s) | C | requests | achieved req/s | C/L | fraction | 1-at-a-time req/s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['L_s']} | {r['C']} | {r['requests']} | {r['rps']} | {r['ideal_rps']} | "
+              f"{r['fraction_of_C_over_L']} | {r['sequential_rps']} | {r['speedup_vs_sequential']}x |")
+    if not args.quick:
+        stage = bench_stage(0.1, 32, args.stage_records)
+        print("\nstage:", json.dumps(stage))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
