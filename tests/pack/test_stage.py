@@ -170,3 +170,11 @@ def test_greedy_truncate_option(pack_input, tmp_path):
     ledger = read_table(out, "ledger").to_pylist()
     assert any("truncated to" in r["detail"] for r in ledger)
     assert sum(r["status"] == "kept" for r in ledger) == m.extra["packed_samples"]
+
+
+def test_lead_verify_accepts_the_pack_output(stage3_wds):
+    from pipelines import verify
+
+    checks = verify.verify(stage3_wds)
+    assert [c.name for c in checks if not c.ok] == []
+    assert "kept = packed samples" in [c.name for c in checks]
