@@ -164,3 +164,14 @@ def test_transformers_masking_on_our_position_ids_isolates_samples(stage1_parque
         later = slice(cu[1], cu[2])
         assert not torch.allclose(naive[later], model(input_ids=pack["input_ids"][:, later], use_cache=False).logits[0], atol=1e-3)
     assert TextTokenizer().special_ids()["im_start"] in pack["input_ids"][0].tolist()
+
+
+def test_sliced_images_bounds_and_decoding(stage3_parquet):
+    for p in PackDataset(stage3_parquet, decode_images=True, as_tensors=False):
+        grids = p["image_grids"].tolist()
+        assert len(p["image_bound"]) == sum(1 + c * r for c, r in grids)
+        assert all(e - s == 96 for s, e in p["image_bound"].tolist())
+        for img, (off, n) in zip(p["images"], p["image_spans"].tolist()):
+            assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
+            inside = [(s, e) for s, e in p["image_bound"].tolist() if off < s and e < off + n]
+            assert inside  # every query run sits inside an image span

@@ -178,3 +178,29 @@ def test_lead_verify_accepts_the_pack_output(stage3_wds):
     checks = verify.verify(stage3_wds)
     assert [c.name for c in checks if not c.ok] == []
     assert "kept = packed samples" in [c.name for c in checks]
+
+
+def test_require_image_and_slice_limit_reasons(pack_input, tmp_path):
+    out = run_pack(pack_input, str(tmp_path / "lim"), "--stage", "3", "--seq-len", "2048", "--partitions", "1",
+                   "--require-image", "--max-slices-per-pack", "2")
+    ledger = {r["key"]: r for r in read_table(out, "ledger").to_pylist()}
+    pairs = {p.key: p for p in sample_pairs()}
+    from transforms.tokens import StageProfile
+
+    prof = StageProfile.for_stage(3)
+    for key, r in ledger.items():
+        p = pairs[key]
+        if key == "badimage0001":
+            assert r["reason"] == reasons.PACK_IMAGE_UNDECODABLE
+        elif p.image is None:  # caption-only, the overlong one included: no image is checked first
+            assert (r["status"], r["reason"]) == ("rejected", reasons.PACK_NO_IMAGE)
+        else:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(p.image)) as im:
+                grid = prof.grid(*prof.stored_size(*im.size))
+            want = ("kept", "ok") if grid is None else ("rejected", reasons.PACK_TOO_MANY_IMAGES)
+            assert (r["status"], r["reason"]) == want, key
+    rows = _parquet_rows(out)
+    assert all(sum(1 + c * r_ for c, r_ in zip(r[S.IMAGE_GRID_COLS], r[S.IMAGE_GRID_ROWS])) <= 2 for r in rows)
+    assert sum(len(r[S.SAMPLE_KEYS]) for r in rows) == _manifest(out).extra["packed_samples"] == 4
