@@ -1,0 +1,154 @@
+"""The Airflow DAG, for real: DagBag import, structure, and `airflow dags test` runs (sqlite, offline,
+DirectRunner) over the bundled photos, asserting on the files every task wrote and on Airflow's own
+records of task states and asset events."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO
+from pipelines import verify
+from schemas.manifest import MANIFEST_NAME
+
+pytestmark = pytest.mark.airflow
+
+STAGES = ("filter", "dedup", "rewrite", "pack")
+
+
+@pytest.fixture(scope="module")
+def airflow_env(tmp_path_factory, i2d_input) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("airflow_home")
+    env = dict(os.environ)
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "MMCORPUS_INPUT": str(i2d_input.parent),
+        "MMCORPUS_OUTPUT_ROOT": str(tmp_path_factory.mktemp("airflow_runs")),
+        "MMCORPUS_NUM_SHARDS": "2",
+        "MMCORPUS_SEQ_LEN": "512",
+        # Configured but unreachable: the branch must notice and fall back, never hang or fail.
+        "MMCORPUS_REWRITE_ENDPOINT": "http://127.0.0.1:9/v1",
+        "MMCORPUS_PROGRESS": "0",
+    })
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    return env
+
+
+def _airflow_python(env: dict, code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_dagbag_imports_without_errors_and_has_the_stage_chain(airflow_env):
+    info = _airflow_python(airflow_env, """
+        import json
+        from airflow.models import DagBag
+        from airflow.providers.apache.beam.operators.beam import BeamRunPythonPipelineOperator
+        bag = DagBag(dag_folder=%r)
+        dag = bag.dags["mmcorpus_corpus"]
+        tasks = {t.task_id: t for t in dag.tasks}
+        print(json.dumps({
+            "errors": {k: str(v) for k, v in bag.import_errors.items()},
+            "dags": sorted(bag.dags),
+            "catchup": dag.catchup,
+            "schedule": str(dag.schedule),
+            "retries": {k: t.retries for k, t in tasks.items()},
+            "beam": sorted(k for k, t in tasks.items() if isinstance(t, BeamRunPythonPipelineOperator)),
+            "py_files": {k: t.py_file for k, t in tasks.items() if isinstance(t, BeamRunPythonPipelineOperator)},
+            "downstream": {k: sorted(t.downstream_task_ids) for k, t in tasks.items()},
+            "outlets": {k: [a.name for a in t.outlets] for k, t in tasks.items() if t.outlets},
+            "params": sorted(dag.params),
+        }))
+    """ % str(REPO / "dags"))
+    assert info["errors"] == {}
+    assert info["dags"] == ["mmcorpus_corpus"]
+    assert info["catchup"] is False and info["schedule"] == "@weekly"
+    assert info["beam"] == ["dedup", "filter", "pack", "rewrite_endpoint", "rewrite_offline"]
+    assert info["py_files"]["filter"] == str(REPO / "pipelines" / "filter.py")
+    assert info["py_files"]["rewrite_offline"] == info["py_files"]["rewrite_endpoint"] == str(REPO / "pipelines" / "rewrite.py")
+    assert all(os.path.isfile(p) for p in info["py_files"].values())
+    assert info["downstream"]["filter"] == ["dedup"]
+    assert info["downstream"]["dedup"] == ["choose_rewrite"]
+    assert info["downstream"]["choose_rewrite"] == ["no_rewrite", "rewrite_endpoint", "rewrite_offline"]
+    assert info["downstream"]["rewrite_offline"] == info["downstream"]["no_rewrite"] == ["pack"]
+    assert info["downstream"]["pack"] == ["verify"]
+    assert info["outlets"] == {
+        "filter": ["mmcorpus/filter"], "dedup": ["mmcorpus/dedup"], "rewrite_endpoint": ["mmcorpus/rewrite"],
+        "rewrite_offline": ["mmcorpus/rewrite"], "pack": ["mmcorpus/pack"], "verify": ["mmcorpus/verified"]}
+    assert info["retries"]["filter"] == 2
+    assert {"input", "output_root", "runner", "rewrite_endpoint", "stage_profile"} <= set(info["params"])
+
+
+def _dags_test(env: dict, conf: dict | None = None) -> str:
+    cmd = [sys.executable, "-m", "airflow", "dags", "test", "mmcorpus_corpus"]
+    if conf:
+        cmd += ["-c", json.dumps(conf)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    return out.stdout + out.stderr
+
+
+def _last_run(env: dict) -> tuple[str, dict[str, str], list[tuple[str, dict]]]:
+    db = sqlite3.connect(os.path.join(env["AIRFLOW_HOME"], "airflow.db"))
+    run_id, state = db.execute("SELECT run_id, state FROM dag_run WHERE dag_id='mmcorpus_corpus' ORDER BY id DESC LIMIT 1").fetchone()
+    assert state == "success"
+    states = dict(db.execute("SELECT task_id, state FROM task_instance WHERE run_id=?", (run_id,)).fetchall())
+    events = [(name, json.loads(extra)) for name, extra in db.execute(
+        "SELECT a.name, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+        "WHERE e.source_run_id=? ORDER BY e.id", (run_id,)).fetchall()]
+    return run_id, states, events
+
+
+def test_dags_test_runs_every_stage_and_writes_outputs(airflow_env):
+    log = _dags_test(airflow_env)
+    run_id, states, events = _last_run(airflow_env)
+    assert states == {"filter": "success", "dedup": "success", "choose_rewrite": "success",
+                      "rewrite_offline": "success", "rewrite_endpoint": "skipped", "no_rewrite": "skipped",
+                      "pack": "success", "verify": "success"}
+    run_dir = os.path.join(airflow_env["MMCORPUS_OUTPUT_ROOT"], "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id))
+    assert sorted(os.listdir(run_dir)) == sorted(STAGES)
+    for stage in STAGES:
+        d = os.path.join(run_dir, stage)
+        manifest = json.loads(open(os.path.join(d, MANIFEST_NAME)).read())
+        assert manifest["stage"] == stage
+        for f in manifest["files"]:
+            assert os.path.getsize(os.path.join(d, f["path"])) == f["bytes"]
+        ledger_rows = sum(pq.read_metadata(os.path.join(d, f["path"])).num_rows for f in manifest["files"] if f["kind"] == "ledger")
+        assert ledger_rows == manifest["counts"]["inputs"]
+    # The photos and their two failed downloads went in; each stage read the previous one's output.
+    counts = {s: json.loads(open(os.path.join(run_dir, s, MANIFEST_NAME)).read())["counts"] for s in STAGES}
+    assert counts["filter"]["inputs"] == 21 and counts["filter"]["by_status"]["error"] == 2
+    assert [counts[s]["inputs"] for s in STAGES[1:]] == [counts[s]["outputs"] for s in STAGES[:-1]]
+    rewrite_cfg = json.loads(open(os.path.join(run_dir, "rewrite", MANIFEST_NAME)).read())["config"]
+    assert "offline-template" in json.dumps(rewrite_cfg)
+    assert verify.main([os.path.join(run_dir, s) for s in STAGES] + ["--json"]) == 0
+    # The Beam operator passed the runner and our flags straight through.
+    assert f"pipelines/pack.py --runner=DirectRunner --output={run_dir}/pack" in log
+    assert "--stage=2 --seq_len=512 --format=parquet" in log
+    # Asset events name this run's directories, so downstream DAGs can find them.
+    assert [n for n, _ in events] == ["mmcorpus/filter", "mmcorpus/dedup", "mmcorpus/rewrite", "mmcorpus/pack", "mmcorpus/verified"]
+    assert [e["path"] for _, e in events[:4]] == [os.path.join(run_dir, s) for s in STAGES]
+    assert events[4][1]["stages"]["pack"]["outputs"] == counts["pack"]["outputs"]
+
+
+def test_dags_test_without_rewrite_packs_the_dedup_output(airflow_env):
+    _dags_test(airflow_env, {"rewrite_fallback": "skip", "pack_format": "webdataset"})
+    run_id, states, events = _last_run(airflow_env)
+    assert (states["rewrite_offline"], states["rewrite_endpoint"], states["no_rewrite"]) == ("skipped", "skipped", "success")
+    assert states["pack"] == states["verify"] == "success"
+    run_dir = os.path.join(airflow_env["MMCORPUS_OUTPUT_ROOT"], "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id))
+    assert sorted(os.listdir(run_dir)) == ["dedup", "filter", "pack"]
+    pack = json.loads(open(os.path.join(run_dir, "pack", MANIFEST_NAME)).read())
+    assert pack["input"]["stage"] == "dedup"
+    assert any(f["path"].endswith(".tar") for f in pack["files"])
+    assert "mmcorpus/rewrite" not in [n for n, _ in events]
