@@ -89,12 +89,13 @@ def _read_parquet(path: str, columns: list[str] | None = None, filters=None) -> 
         return pq.read_table(f, columns=columns, filters=filters)
 
 
-def read_index(stage_dir: str) -> dict | None:
-    """``index.json`` of a pack output, or None."""
-    path = join(stage_dir, INDEX_NAME)
-    if not FileSystems.exists(path):
-        return None
-    return json.loads(read_bytes(path).decode("utf-8"))
+def read_index(stage_dir: str, m: Manifest | None = None) -> dict | None:
+    """``index.json`` of a pack output (wherever the manifest lists it), or None."""
+    m = m or read_manifest(stage_dir)
+    for f in m.files:
+        if f.path == INDEX_NAME or f.path.endswith("/" + INDEX_NAME):
+            return json.loads(read_bytes(join(stage_dir, f.path)).decode("utf-8"))
+    return None
 
 
 def _file_groups(m: Manifest) -> dict[str, dict[str, int]]:
@@ -226,7 +227,7 @@ def _summary_stats(values: list) -> dict[str, float] | None:
 
 def pack_summary(stage_dir: str, m: Manifest) -> dict[str, Any] | None:
     """Packs, tokens, fill and images per pack of a pack output (from its Parquet shards and index)."""
-    index = read_index(stage_dir)
+    index = read_index(stage_dir, m)
     table = pack_table(stage_dir, m)
     if table is None and index is None:
         return None
@@ -246,6 +247,8 @@ def pack_summary(stage_dir: str, m: Manifest) -> dict[str, Any] | None:
         out["tokens_per_sample"] = _summary_stats(meas["sample_tokens"])
     if index is not None:
         out["index"] = {k: v for k, v in index.items() if not isinstance(v, (list, dict))}
+        if isinstance(index.get("totals"), dict):
+            out["index"]["totals"] = index["totals"]
     return out
 
 
@@ -380,7 +383,7 @@ def sample_packs(stage_dir: str, n: int) -> list[dict[str, Any]]:
     if table is None:
         return []
     tok = _load_tokenizer(m)
-    seq_len = _seq_len(m, read_index(stage_dir))
+    seq_len = _seq_len(m, read_index(stage_dir, m))
     names = table.column_names
     keys_col = _first_col(names, "sample_keys", "keys", "sample_key")
     out = []
@@ -444,11 +447,12 @@ def _data_row_for_key(stage_dir: str, m: Manifest, key: str) -> dict | None:
 
 def _pack_of_key(stage_dir: str, m: Manifest, key: str) -> dict | None:
     for path in pack_files(stage_dir, m):
-        t = _read_parquet(path)
-        keys_col = _first_col(t.column_names, "sample_keys", "keys", "sample_key")
-        if keys_col is None:
-            return None
-        for i, ks in enumerate(t.column(keys_col).to_pylist()):
+        if path.endswith(".tar"):
+            keys = [r.get("sample_keys") or [] for r in _tar_pack_rows(path)]
+        else:
+            t = _read_parquet(path, columns=["sample_keys"])
+            keys = t.column("sample_keys").to_pylist()
+        for i, ks in enumerate(keys):
             if ks and key in ks:
                 return {"shard": path.rsplit("/", 1)[-1], "row": i, "position": ks.index(key), "samples_in_pack": len(ks)}
     return None

@@ -139,7 +139,7 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
         if pack_files(d, m):
             table = pack_table(d, m)
             if table is not None and table.num_rows:
-                meas = pack_measures(table, _seq_len(m, read_index(d)))
+                meas = pack_measures(table, _seq_len(m, read_index(d, m)))
                 packs = meas
     if captions:
         panels["caption_words"] = captions

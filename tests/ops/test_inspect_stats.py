@@ -205,3 +205,26 @@ def test_inspect_refuses_a_directory_that_is_no_output(tmp_path):
         inspection.main([str(tmp_path / "empty")])
     with pytest.raises(UserError, match="does not exist"):
         stats.main([str(tmp_path / "missing"), "--plot", str(tmp_path / "x.png")])
+
+
+def test_inspect_and_trace_webdataset_packs(demo_run, tmp_path, capsys):
+    from pipelines import pack
+
+    wds = tmp_path / "pack"
+    assert pack.main(["--input", str(demo_run["rewrite"]), "--output", str(wds), "--stage", "2", "--seq-len", "512",
+                      "--format", "webdataset", "--num-shards", "2"]) == 0
+    parquet_info = _json_main(inspection, [str(demo_run["pack"])], capsys)["describe"]["packs"]
+    wds_info = _json_main(inspection, [str(wds)], capsys)["describe"]["packs"]
+    for k in ("packs", "samples", "tokens", "token_fill", "images_per_pack", "tokens_per_sample"):
+        assert wds_info[k] == parquet_info[k], k
+    # Cross-check against the tars read by the independent webdataset package.
+    import webdataset as wds_lib
+
+    tars = sorted(str(p) for p in (wds / "data").glob("*.tar"))
+    samples = list(wds_lib.WebDataset(tars, shardshuffle=False).decode())
+    assert len(samples) == wds_info["packs"]
+    assert sum(len(s["json"]["sample_keys"]) for s in samples) == wds_info["samples"]
+    where = inspection.trace_key(str(wds), DUPLICATE_OF)["steps"][-1]["pack"]
+    hit = [s for s in samples if DUPLICATE_OF in s["json"]["sample_keys"]]
+    assert len(hit) == 1 and where["shard"] == hit[0]["__url__"].rsplit("/", 1)[-1]
+    assert hit[0]["json"]["sample_keys"][where["position"]] == DUPLICATE_OF
