@@ -25,6 +25,10 @@ from transforms.shards import PackSamples, ShardConfig
 from transforms.stage_io import ReadStage, join, read_manifest, stage_input_info
 from transforms.tokens import DEFAULT_TOKENIZER, QUERY_NUMS, StageProfile
 
+# Auto partitioning: a partition's samples (resized JPEGs included) are held by one worker while it
+# packs; 10k stage-3 samples are about 1-3 GB. The per-partition tail costs well under 0.5% fill.
+SAMPLES_PER_PARTITION = 10_000
+
 SUMMARY_KEYS = ("packed_samples", "packs", "pack_tokens", "pack_fill", "truncated_tokens", "pack_images", "pack_shards")
 
 
@@ -47,7 +51,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     _flag(p, "window", type=int, default=2048, help="pending samples the packer chooses from")
     _flag(p, "max-images-per-pack", type=int, default=None, help="image limit per pack")
     _flag(p, "max-slices-per-pack", type=int, default=None, help="vision-encoder passes (overviews + slices) per pack")
-    _flag(p, "partitions", type=int, default=4, help="key-hash partitions packed independently")
+    _flag(p, "partitions", type=int, default=0,
+          help=f"key-hash partitions packed independently; 0 (default): one per {SAMPLES_PER_PARTITION} input samples")
     _flag(p, "max-packs-per-shard", type=int, default=2048, help="roll shards after this many packs")
     _flag(p, "max-shard-bytes", type=int, default=256 * 1024 * 1024, help="... or after about this many bytes")
     _flag(p, "row-group-packs", type=int, default=64, help="packs per Parquet row group")
@@ -56,7 +61,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_known_args(argv)
 
 
-def _configs(args) -> tuple[StageProfile, PackingConfig, ShardConfig]:
+def _configs(args, records: int = 0) -> tuple[StageProfile, PackingConfig, ShardConfig]:
     try:
         base = StageProfile.for_stage(args.stage, args.query_num)
         profile = StageProfile(**dict(asdict(base), jpeg_quality=args.jpeg_quality))
@@ -65,7 +70,8 @@ def _configs(args) -> tuple[StageProfile, PackingConfig, ShardConfig]:
             max_images_per_pack=args.max_images_per_pack, max_slices_per_pack=args.max_slices_per_pack,
         )
         shards = ShardConfig(
-            format=args.format, partitions=args.partitions, max_packs_per_shard=args.max_packs_per_shard,
+            format=args.format, partitions=args.partitions or max(1, -(-records // SAMPLES_PER_PARTITION)),
+            max_packs_per_shard=args.max_packs_per_shard,
             max_shard_bytes=args.max_shard_bytes, row_group_packs=args.row_group_packs,
         )
     except ValueError as e:
@@ -76,7 +82,6 @@ def _configs(args) -> tuple[StageProfile, PackingConfig, ShardConfig]:
 def run(argv: list[str]):
     """Run the stage; returns the ``StageResult``."""
     args, beam_args = parse_args(argv)
-    profile, packing, shards = _configs(args)
     tok_path = pathlib.Path(args.tokenizer or DEFAULT_TOKENIZER)
     if not tok_path.exists():
         raise UserError(f"--tokenizer {tok_path}: no such file or directory (pass a tokenizer.json or a tokenizer dir)")
@@ -85,6 +90,7 @@ def run(argv: list[str]):
     except FileNotFoundError as e:
         raise UserError(f"--input {args.input}: {e}") from None
     input_info = stage_input_info(args.input)
+    profile, packing, shards = _configs(args, int(input_info.get("records") or 0))
     config = {
         "profile": asdict(profile),
         "packing": asdict(packing),
