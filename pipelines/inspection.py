@@ -311,8 +311,8 @@ def describe_run(path: str) -> dict[str, Any]:
 
 
 def collapse_placeholders(text: str) -> str:
-    """``<image><unk><unk>...</image>`` → ``<image>[96 × <unk>]</image>``: readable pack text."""
-    return _PLACEHOLDER_RUN.sub(lambda mt: f"[{len(mt.group(0)) // len('<unk>')} × <unk>]", text)
+    """``<image><unk><unk>...</image>`` → ``<image><unk>×96</image>``: readable pack text."""
+    return _PLACEHOLDER_RUN.sub(lambda mt: f"<unk>×{len(mt.group(0)) // len('<unk>')}", text)
 
 
 def _load_tokenizer(m: Manifest):
@@ -600,7 +600,7 @@ def render_run(info: dict[str, Any], console) -> None:
         t.add_column(col, justify="left" if col in ("stage", "config") else "right")
     for s in info["stages"]:
         b = s["by_status"]
-        t.add_row(s["stage"], _fmt_num(s["inputs"]), _fmt_num(s["outputs"]), _fmt_num(b.get("rejected", 0)),
+        t.add_row(escape(_label(s["stage"], s["dir"])), _fmt_num(s["inputs"]), _fmt_num(s["outputs"]), _fmt_num(b.get("rejected", 0)),
                   _fmt_num(b.get("duplicate", 0)), _fmt_num(b.get("error", 0)), s["config_hash"][:12])
     console.print(t)
 
@@ -641,6 +641,12 @@ def render_samples(samples: list[dict], console) -> None:
         console.print(Panel(body, title=s["key"]))
 
 
+def _label(stage: str, stage_dir: str) -> str:
+    """``pack`` or, when the directory is named otherwise, ``pack (pack-wds)``."""
+    name = stage_dir.rstrip("/").rsplit("/", 1)[-1]
+    return stage if name == stage else f"{stage} ({name})"
+
+
 def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
@@ -665,7 +671,7 @@ def render_trace(trace: dict[str, Any], console) -> None:
             p = s["pack"]
             where = f"{p['shard']} row {p['row']}, slot {p['position'] + 1} of {p['samples_in_pack']}"
         style = {"kept": "green", "absent": "dim"}.get(s["status"], "red")
-        t.add_row(s["stage"], f"[{style}]{s['status']}[/{style}]", s.get("reason", ""), escape(detail), escape(where))
+        t.add_row(escape(_label(s["stage"], s["dir"])), f"[{style}]{s['status']}[/{style}]", s.get("reason", ""), escape(detail), escape(where))
     console.print(t)
 
 
