@@ -6,7 +6,8 @@ Example:
 
 Shards and ``index.json`` land in ``OUTPUT/data/``; one ledger row per input sample (kept: the pack it
 is in; rejected: why, e.g. ``pack_too_long``). Caption-only samples (no image) are packed as text
-unless ``--require-image`` is given.
+unless ``--require-image`` is given. Settings come from the flags, else a ``[pack]`` table in
+``--config`` (keys = flag names with underscores, e.g. ``seq_len = 4096``), else the defaults.
 """
 
 from __future__ import annotations
@@ -32,10 +33,32 @@ SAMPLES_PER_PARTITION = 10_000
 SUMMARY_KEYS = ("packed_samples", "packs", "pack_tokens", "pack_fill", "truncated_tokens", "pack_images", "pack_shards")
 
 
-def _flag(parser, name: str, **kw):
+# Built-in defaults; a ``[pack]`` table in --config overrides them, flags override both.
+DEFAULTS: dict = {}
+
+
+def _flag(parser, name: str, default=None, **kw):
     """``--seq-len`` plus its underscore alias ``--seq_len`` (Airflow's Beam operator passes those)."""
     names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
-    parser.add_argument(*names, dest=name.replace("-", "_"), **kw)
+    dest = name.replace("-", "_")
+    DEFAULTS[dest] = default
+    if kw.get("action") == "store_true":
+        kw["action"] = "store_const"
+        kw["const"] = True
+    parser.add_argument(*names, dest=dest, default=None, **kw)
+
+
+def _apply_config(args: argparse.Namespace) -> argparse.Namespace:
+    from pipelines.config import load_toml, section
+
+    table = section(load_toml(args.config), "pack")
+    unknown = sorted(set(table) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"--config {args.config}: unknown setting(s) {unknown} in [pack]; known: {sorted(DEFAULTS)}")
+    for dest, default in DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, table.get(dest, default))
+    return args
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -57,8 +80,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     _flag(p, "max-shard-bytes", type=int, default=256 * 1024 * 1024, help="... or after about this many bytes")
     _flag(p, "row-group-packs", type=int, default=64, help="packs per Parquet row group")
     _flag(p, "jpeg-quality", type=int, default=90, help="quality of the stored JPEGs")
-    _flag(p, "require-image", action="store_true", help="reject caption-only samples (pack_no_image)")
-    return p.parse_known_args(argv)
+    _flag(p, "require-image", default=False, action="store_true", help="reject caption-only samples (pack_no_image)")
+    args, rest = p.parse_known_args(argv)
+    return _apply_config(args), rest
 
 
 def _configs(args, records: int = 0) -> tuple[StageProfile, PackingConfig, ShardConfig]:

@@ -204,3 +204,15 @@ def test_require_image_and_slice_limit_reasons(pack_input, tmp_path):
     rows = _parquet_rows(out)
     assert all(sum(1 + c * r_ for c, r_ in zip(r[S.IMAGE_GRID_COLS], r[S.IMAGE_GRID_ROWS])) <= 2 for r in rows)
     assert sum(len(r[S.SAMPLE_KEYS]) for r in rows) == _manifest(out).extra["packed_samples"] == 4
+
+
+def test_config_toml_pack_table_under_flags(tmp_path):
+    from pipelines import pack
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[pack]\nseq_len = 1024\nformat = "webdataset"\nmax_slices_per_pack = 20\n')
+    args, _ = pack.parse_args(["--input", "x", "--output", "y", "--config", str(cfg), "--seq-len", "512"])
+    assert (args.seq_len, args.format, args.max_slices_per_pack, args.stage, args.require_image) == (512, "webdataset", 20, 2, False)
+    cfg.write_text("[pack]\nseq_length = 1024\n")
+    with pytest.raises(UserError, match=r"unknown setting\(s\) \['seq_length'\] in \[pack\]"):
+        pack.parse_args(["--input", "x", "--output", "y", "--config", str(cfg)])
