@@ -38,7 +38,8 @@ STAGES = ("filter", "dedup", "rewrite", "pack")
 
 # Defaults: environment of the scheduler / DAG processor, then these.
 DEFAULTS = {
-    "input": os.environ.get("MMCORPUS_INPUT", str(REPO / "data" / "sample" / "cc3m_val_captions_8k.tsv")),
+    # Default: the bundled real img2dataset webdataset output (photos + two failed downloads).
+    "input": os.environ.get("MMCORPUS_INPUT", str(REPO / "data" / "sample" / "i2d_webdataset")),
     "input_format": os.environ.get("MMCORPUS_INPUT_FORMAT", "auto"),
     "output_root": os.environ.get("MMCORPUS_OUTPUT_ROOT", str(REPO / "build" / "airflow-runs")),
     "runner": os.environ.get("MMCORPUS_RUNNER", "DirectRunner"),

@@ -24,14 +24,14 @@ STAGES = ("filter", "dedup", "rewrite", "pack")
 
 
 @pytest.fixture(scope="module")
-def airflow_env(tmp_path_factory, i2d_input) -> dict[str, str]:
+def airflow_env(tmp_path_factory, sample_dir) -> dict[str, str]:
     home = tmp_path_factory.mktemp("airflow_home")
     env = dict(os.environ)
     env.update({
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "MMCORPUS_INPUT": str(i2d_input.parent),
+        "MMCORPUS_INPUT": str(sample_dir / "i2d_webdataset"),  # real img2dataset output, bundled
         "MMCORPUS_OUTPUT_ROOT": str(tmp_path_factory.mktemp("airflow_runs")),
         "MMCORPUS_NUM_SHARDS": "2",
         "MMCORPUS_SEQ_LEN": "512",
@@ -109,7 +109,7 @@ def _last_run(env: dict) -> tuple[str, dict[str, str], list[tuple[str, dict]]]:
     return run_id, states, events
 
 
-def test_dags_test_runs_every_stage_and_writes_outputs(airflow_env):
+def test_dags_test_runs_every_stage_and_writes_outputs(airflow_env, sample_dir):
     log = _dags_test(airflow_env)
     run_id, states, events = _last_run(airflow_env)
     assert states == {"filter": "success", "dedup": "success", "choose_rewrite": "success",
@@ -125,9 +125,13 @@ def test_dags_test_runs_every_stage_and_writes_outputs(airflow_env):
             assert os.path.getsize(os.path.join(d, f["path"])) == f["bytes"]
         ledger_rows = sum(pq.read_metadata(os.path.join(d, f["path"])).num_rows for f in manifest["files"] if f["kind"] == "ledger")
         assert ledger_rows == manifest["counts"]["inputs"]
-    # The photos and their two failed downloads went in; each stage read the previous one's output.
+    # Every record of img2dataset's status files went in, failed downloads as errors; each stage
+    # read the previous one's output.
     counts = {s: json.loads(open(os.path.join(run_dir, s, MANIFEST_NAME)).read())["counts"] for s in STAGES}
-    assert counts["filter"]["inputs"] == 21 and counts["filter"]["by_status"]["error"] == 2
+    status = [st for f in sorted((sample_dir / "i2d_webdataset").glob("*.parquet"))
+              for st in pq.read_table(f, columns=["status"]).column("status").to_pylist()]
+    assert counts["filter"]["inputs"] == len(status)
+    assert counts["filter"]["by_status"]["error"] == sum(st != "success" for st in status) > 0
     assert [counts[s]["inputs"] for s in STAGES[1:]] == [counts[s]["outputs"] for s in STAGES[:-1]]
     rewrite_cfg = json.loads(open(os.path.join(run_dir, "rewrite", MANIFEST_NAME)).read())["config"]
     assert "offline-template" in json.dumps(rewrite_cfg)
