@@ -26,9 +26,9 @@ from transforms.shards import PackSamples, ShardConfig
 from transforms.stage_io import ReadStage, join, read_manifest, stage_input_info
 from transforms.tokens import DEFAULT_TOKENIZER, QUERY_NUMS, StageProfile
 
-# Auto partitioning: a partition's samples (resized JPEGs included) are held by one worker while it
-# packs; 10k stage-3 samples are about 1-3 GB. The per-partition tail costs well under 0.5% fill.
-SAMPLES_PER_PARTITION = 10_000
+# Auto partitioning: a worker plans one partition from its samples' lengths (about 100 bytes each);
+# each partition's last few packs are the only ones that may be underfilled.
+SAMPLES_PER_PARTITION = 500_000
 
 SUMMARY_KEYS = ("packed_samples", "packs", "pack_tokens", "pack_fill", "truncated_tokens", "pack_images", "pack_shards")
 

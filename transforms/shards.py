@@ -1,9 +1,12 @@
 """The pack stage's Beam building blocks: per-sample token accounting, per-partition packing, and the
 Parquet / WebDataset shard sinks with their ``index.json``.
 
-Determinism: samples are partitioned by a hash of their key, each partition is sorted by key and
-packed in that order, and each partition writes its own shards (``packs-PPPPP-RRRR.ext``), so the
-bytes written depend only on the input records and the config, never on Beam's element order.
+Flow: prepare (tokens, resized JPEG) -> plan (per key-hash partition, on lengths only: sort by key,
+pack, assign packs to shard rolls by count and estimated bytes) -> join samples to their slots by key
+-> group by shard -> render and write each shard (``packs-PPPPP-RRRR.ext``) -> ``index.json``.
+Planning holds only ~100 bytes per sample and writing only one shard's samples, so memory is bounded;
+and because every decision is made on key-sorted input, the bytes written depend only on the input
+records and the config, never on Beam's element order.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import io
 import json
 import tarfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -36,8 +39,8 @@ class ShardConfig:
 
     Args:
         format: ``parquet`` (one row per pack) or ``webdataset`` (one tar member group per pack).
-        partitions: key-hash partitions packed independently (the unit of parallelism; each must
-            fit in one worker's memory: about ``samples / partitions`` resized images).
+        partitions: key-hash partitions planned independently (parallelism of the planning step;
+            a worker holds one partition's lengths, about 100 bytes per sample).
         max_packs_per_shard: roll to a new shard after this many packs.
         max_shard_bytes: ... or once a shard holds about this many bytes.
         row_group_packs: packs per Parquet row group (the reader's streaming unit).
@@ -78,6 +81,29 @@ class PreparedSample:
     def item(self, safe_cut: bool = True) -> Item:
         n_img = 1 if self.image is not None else 0
         return Item(len(self.input_ids), n_img, self.slices, (self.image_length + 1) if safe_cut else 1)
+
+    def meta(self) -> "SampleMeta":
+        return SampleMeta(self.key, self.source, self.item(), len(self.image or b""))
+
+
+class SampleMeta(NamedTuple):
+    """What planning needs of a sample: no tokens, no image, so a partition of millions fits in memory."""
+
+    key: str
+    source: str
+    item: Item
+    image_bytes: int
+
+
+class Slot(NamedTuple):
+    """Where a sample goes: shard (partition, roll), pack number in the partition, position, tokens taken."""
+
+    partition: int
+    roll: int
+    pack: int
+    position: int
+    take: int
+    source: str
 
 
 class PrepareSampleFn(beam.DoFn):
@@ -192,7 +218,12 @@ def render_pack(pid: str, seq_len: int, members: list[tuple[PreparedSample, int]
 
 
 def _approx_bytes(row: dict[str, Any]) -> int:
-    return 12 * row[S.NUM_TOKENS] + sum(len(b) for b in row[S.IMAGES]) + 64 * row[S.NUM_SAMPLES]
+    return approx_pack_bytes(row[S.NUM_TOKENS], sum(len(b) for b in row[S.IMAGES]), row[S.NUM_SAMPLES])
+
+
+def approx_pack_bytes(tokens: int, image_bytes: int, samples: int) -> int:
+    """Stored size estimate of a pack (3 int32 arrays + JPEGs + keys), known before encoding."""
+    return 12 * tokens + image_bytes + 64 * samples
 
 
 # --- shard encoders --------------------------------------------------------------------------------
@@ -261,44 +292,117 @@ class ShardInfo:
         return FileEntry(path=self.path, kind=S.FILE_KIND_PACK, rows=self.packs, bytes=self.bytes, sha256=self.sha256)
 
 
+def write_one_shard(rows: list[dict[str, Any]], output_dir: str, partition: int, roll: int, cfg: ShardConfig) -> ShardInfo:
+    """Encode ``rows`` (packs in order) as one shard file, write it atomically, return its info."""
+    rel = f"{S.PACK_DIR}/{S.pack_shard_name(partition, roll, cfg.format)}"
+    if cfg.format == S.FORMAT_PARQUET:
+        data = parquet_shard_bytes(rows, cfg.row_group_packs)
+        n = len(rows)
+        groups = [min(cfg.row_group_packs, n - i) for i in range(0, n, cfg.row_group_packs)]
+    else:
+        data = tar_shard_bytes(rows)
+        groups = []
+    write_bytes_atomic(join(output_dir, rel), data)
+    return ShardInfo(
+        path=rel, partition=partition, roll=roll, packs=len(rows),
+        samples=sum(r[S.NUM_SAMPLES] for r in rows), tokens=sum(r[S.NUM_TOKENS] for r in rows),
+        images=sum(len(r[S.IMAGES]) for r in rows), truncated_tokens=sum(r[S.TRUNCATED_TOKENS] for r in rows),
+        bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), row_groups=groups,
+    )
+
+
 def write_shards(rows: Iterable[dict[str, Any]], output_dir: str, partition: int, cfg: ShardConfig) -> Iterator[ShardInfo]:
-    """Write rows to rolling shards of one partition; yields each shard's info once written."""
-    roll = 0
+    """Write rows to rolling shards of one partition in one process (bench, small jobs)."""
+    roller = ShardRoller(cfg)
     batch: list[dict[str, Any]] = []
-    size = 0
-
-    def flush() -> ShardInfo:
-        rel = f"{S.PACK_DIR}/{S.pack_shard_name(partition, roll, cfg.format)}"
-        if cfg.format == S.FORMAT_PARQUET:
-            data = parquet_shard_bytes(batch, cfg.row_group_packs)
-            n = len(batch)
-            groups = [min(cfg.row_group_packs, n - i) for i in range(0, n, cfg.row_group_packs)]
-        else:
-            data = tar_shard_bytes(batch)
-            groups = []
-        write_bytes_atomic(join(output_dir, rel), data)
-        return ShardInfo(
-            path=rel, partition=partition, roll=roll, packs=len(batch),
-            samples=sum(r[S.NUM_SAMPLES] for r in batch), tokens=sum(r[S.NUM_TOKENS] for r in batch),
-            images=sum(len(r[S.IMAGES]) for r in batch), truncated_tokens=sum(r[S.TRUNCATED_TOKENS] for r in batch),
-            bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), row_groups=groups,
-        )
-
+    batch_roll = 0
     for row in rows:
+        roll = roller.roll_of(_approx_bytes(row))
+        if batch and roll != batch_roll:
+            yield write_one_shard(batch, output_dir, partition, batch_roll, cfg)
+            batch = []
         batch.append(row)
-        size += _approx_bytes(row)
-        if len(batch) >= cfg.max_packs_per_shard or size >= cfg.max_shard_bytes:
-            yield flush()
-            roll, batch, size = roll + 1, [], 0
+        batch_roll = roll
     if batch:
-        yield flush()
+        yield write_one_shard(batch, output_dir, partition, batch_roll, cfg)
 
 
-class PackPartitionFn(beam.DoFn):
-    """(partition, samples) -> ShardInfo per written shard (main) and one kept Outcome per packed
-    sample (tagged ``OUTCOMES``; a second sample with the same key is rejected ``duplicate_key``)."""
+class ShardRoller:
+    """Assigns consecutive packs to shard rolls: a new roll after ``max_packs_per_shard`` packs or
+    once a roll holds about ``max_shard_bytes``. Sizes are estimated before encoding, so the plan
+    step can decide rolls without the images."""
+
+    def __init__(self, cfg: ShardConfig):
+        self.cfg = cfg
+        self.current = 0
+        self.count = 0
+        self.bytes = 0
+
+    def roll_of(self, approx_bytes: int) -> int:
+        if self.count and (self.count >= self.cfg.max_packs_per_shard or self.bytes >= self.cfg.max_shard_bytes):
+            self.current, self.count, self.bytes = self.current + 1, 0, 0
+        self.count += 1
+        self.bytes += approx_bytes
+        return self.current
+
+
+class PlanPartitionFn(beam.DoFn):
+    """(partition, [SampleMeta]) -> (key, Slot) per packed sample (main) and one Outcome per sample
+    (tagged ``OUTCOMES``: kept with its pack id, or ``duplicate_key`` for a second record with a key).
+    Samples are sorted by key first, so the plan does not depend on Beam's element order."""
 
     OUTCOMES = "outcomes"
+
+    def __init__(self, packing: PackingConfig, shards: ShardConfig):
+        self.packing = packing
+        self.shards = shards
+
+    def setup(self):
+        self.packs = Metrics.counter("mmcorpus.pack", "packs")
+        self.kept = Metrics.counter("mmcorpus.pack", KEPT)
+        self.dups = Metrics.counter("mmcorpus.pack", f"{REJECTED}_{reasons.DUPLICATE_KEY}")
+
+    def process(self, element: tuple[int, Iterable[SampleMeta]]):
+        partition, metas = element
+        unique: list[SampleMeta] = []
+        for m in sorted(metas, key=lambda m: (m.key, m.source, m.item, m.image_bytes)):
+            if unique and unique[-1].key == m.key:
+                self.dups.inc()
+                yield beam.pvalue.TaggedOutput(self.OUTCOMES, Outcome(
+                    key=m.key, status=REJECTED, reason=reasons.DUPLICATE_KEY,
+                    detail=f"key first seen at {unique[-1].source}", source=m.source,
+                ))
+                continue
+            unique.append(m)
+        roller = ShardRoller(self.shards)
+        items = [m.item for m in unique]
+        for n, pack in enumerate(pack_items(items, self.packing)):
+            pid = S.pack_id(partition, n)
+            tokens = sum(take for _, take in pack)
+            roll = roller.roll_of(approx_pack_bytes(tokens, sum(unique[i].image_bytes for i, _ in pack), len(pack)))
+            self.packs.inc()
+            for pos, (i, take) in enumerate(pack):
+                m = unique[i]
+                cut = f", truncated to {take} of {m.item.length} tokens" if take < m.item.length else ""
+                self.kept.inc()
+                yield beam.pvalue.TaggedOutput(
+                    self.OUTCOMES, Outcome(key=m.key, status=KEPT, reason=REASON_OK, detail=f"pack {pid}{cut}", source=m.source)
+                )
+                yield m.key, Slot(partition, roll, n, pos, take, m.source)
+
+
+def _join_slot(element: tuple[str, dict[str, list]]):
+    """(key, {"sample": [...], "slot": [...]}) -> ((partition, roll), (pack, position, take, sample))."""
+    key, groups = element
+    for slot in groups["slot"]:
+        matches = [s for s in groups["sample"] if s.source == slot.source]
+        sample = min(matches, key=lambda s: (s.input_ids, s.image or b""))  # same key and source: pick one, deterministically
+        yield (slot.partition, slot.roll), (slot.pack, slot.position, slot.take, sample)
+
+
+class WriteShardFn(beam.DoFn):
+    """((partition, roll), [(pack, position, take, sample)]) -> the ShardInfo of the shard written.
+    Holds one shard's samples (at most about ``max_shard_bytes``) in memory."""
 
     def __init__(self, output_dir: str, packing: PackingConfig, shards: ShardConfig):
         self.output_dir = output_dir
@@ -306,39 +410,19 @@ class PackPartitionFn(beam.DoFn):
         self.shards = shards
 
     def setup(self):
-        self.packs = Metrics.counter("mmcorpus.pack", "packs")
-        self.kept = Metrics.counter("mmcorpus.pack", KEPT)
+        self.written = Metrics.counter("mmcorpus.pack", "shards")
 
-    def process(self, element: tuple[int, Iterable[PreparedSample]]):
-        partition, samples = element
-        samples = sorted(samples, key=lambda s: (s.key, s.source, s.input_ids, s.image or b""))
-        unique: list[PreparedSample] = []
-        for s in samples:
-            if unique and unique[-1].key == s.key:
-                yield beam.pvalue.TaggedOutput(
-                    self.OUTCOMES,
-                    Outcome(key=s.key, status=REJECTED, reason=reasons.DUPLICATE_KEY, detail=f"key first seen at {unique[-1].source}", source=s.source),
-                )
-                continue
-            unique.append(s)
-        items = [s.item(safe_cut=True) for s in unique]  # greedy_truncate never cuts an image span
-        outcomes: list[Outcome] = []
-
-        def rows() -> Iterator[dict[str, Any]]:
-            for n, pack in enumerate(pack_items(items, self.packing)):
-                pid = S.pack_id(partition, n)
-                members = [(unique[i], take) for i, take in pack]
-                for s, take in members:
-                    cut = f", truncated to {take} of {len(s.input_ids)} tokens" if take < len(s.input_ids) else ""
-                    outcomes.append(Outcome(key=s.key, status=KEPT, reason=REASON_OK, detail=f"pack {pid}{cut}", source=s.source))
-                self.packs.inc()
-                yield render_pack(pid, self.packing.seq_len, members)
-
-        for info in write_shards(rows(), self.output_dir, partition, self.shards):
-            yield info
-        self.kept.inc(len(outcomes))
-        for o in outcomes:
-            yield beam.pvalue.TaggedOutput(self.OUTCOMES, o)
+    def process(self, element):
+        (partition, roll), members = element
+        by_pack: dict[int, list] = {}
+        for pack, pos, take, sample in members:
+            by_pack.setdefault(pack, []).append((pos, take, sample))
+        rows = []
+        for pack in sorted(by_pack):
+            ordered = sorted(by_pack[pack], key=lambda x: x[0])
+            rows.append(render_pack(S.pack_id(partition, pack), self.packing.seq_len, [(s, take) for _, take, s in ordered]))
+        self.written.inc()
+        yield write_one_shard(rows, self.output_dir, partition, roll, self.shards)
 
 
 def summarize_shards(infos: list[ShardInfo], seq_len: int) -> dict[str, Any]:
@@ -416,16 +500,21 @@ class PackSamples(beam.PTransform):
         prepared = pairs | "Prepare" >> beam.ParDo(
             PrepareSampleFn(self.profile, self.tokenizer_path, self.packing, self.require_image)
         ).with_outputs(PrepareSampleFn.REJECTED, main="samples")
-        packed = (
-            prepared.samples
-            | "ByPartition" >> beam.Map(lambda s: (shard_of(s.key, parts), s))
+        samples = prepared.samples
+        plan = (
+            samples
+            | "Meta" >> beam.Map(lambda s: (shard_of(s.key, parts), s.meta()))
             | "GroupPartitions" >> beam.GroupByKey()
-            | "PackAndWrite" >> beam.ParDo(PackPartitionFn(self.output_dir, self.packing, self.shards)).with_outputs(
-                PackPartitionFn.OUTCOMES, main="shards"
-            )
+            | "Plan" >> beam.ParDo(PlanPartitionFn(self.packing, self.shards)).with_outputs(PlanPartitionFn.OUTCOMES, main="slots")
         )
-        outcomes = (prepared[PrepareSampleFn.REJECTED], packed[PackPartitionFn.OUTCOMES]) | "AllOutcomes" >> beam.Flatten()
-        infos = packed.shards
+        infos = (
+            {"sample": samples | "ByKey" >> beam.Map(lambda s: (s.key, s)), "slot": plan.slots}
+            | "JoinSlots" >> beam.CoGroupByKey()
+            | "ToShards" >> beam.FlatMap(_join_slot)
+            | "GroupShards" >> beam.GroupByKey()
+            | "WriteShards" >> beam.ParDo(WriteShardFn(self.output_dir, self.packing, self.shards))
+        )
+        outcomes = (prepared[PrepareSampleFn.REJECTED], plan[PlanPartitionFn.OUTCOMES]) | "AllOutcomes" >> beam.Flatten()
         index = (
             pairs.pipeline
             | "IndexTrigger" >> beam.Create([None])
