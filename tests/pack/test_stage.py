@@ -216,3 +216,17 @@ def test_config_toml_pack_table_under_flags(tmp_path):
     cfg.write_text("[pack]\nseq_length = 1024\n")
     with pytest.raises(UserError, match=r"unknown setting\(s\) \['seq_length'\] in \[pack\]"):
         pack.parse_args(["--input", "x", "--output", "y", "--config", str(cfg)])
+
+
+def test_all_rejected_input_writes_an_empty_index(tmp_path):
+    from mmcorpus_reader import PackDataset
+    from pack.fixtures import make_input_dir
+
+    bad = [p for p in sample_pairs(captions_only=0) if p.key in REJECTED]
+    src = make_input_dir(str(tmp_path / "in"), bad)
+    out = run_pack(src, str(tmp_path / "out"), "--seq-len", "256")
+    m = _manifest(out)
+    assert m.counts["by_reason"] == {f"rejected/{r}": 1 for r in REJECTED.values()}
+    assert (m.extra["packs"], m.extra["packed_samples"]) == (0, 0)
+    index = json.loads(pathlib.Path(out, "data", "index.json").read_text())
+    assert index["shards"] == [] and list(PackDataset(out)) == []
