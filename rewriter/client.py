@@ -9,8 +9,8 @@ transform (the ``response_format`` schema, every call) and its connection pool o
 calls in ``rewriter.seed`` still use the SDK. The retry policy here is stricter than the SDK's and
 observable:
 
-- at most ``concurrency`` requests in flight per client (an ``asyncio.Semaphore``, and as many pooled
-  connections); a request waiting out a back-off does not hold a slot;
+- at most ``concurrency`` requests in flight per client (an ``asyncio.Semaphore``), each slot on its
+  own keep-alive connection; a request waiting out a back-off does not hold a slot;
 - retries only on HTTP 429, HTTP 5xx, time-outs and connection errors; anything else (400, 401, 404,
   422 ...) fails at once as ``rewrite_client_error``; an HTTP 200 whose body is not a chat completion
   fails at once as ``rewrite_invalid_json``;
@@ -201,17 +201,27 @@ class RewriteClient:
         self._pause_until = 0.0
         self._httpx = httpx
         key = api_key if api_key is not None else os.environ.get(config.api_key_env, "")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if key:
-            headers["Authorization"] = f"Bearer {key}"
-        self._client = httpx.AsyncClient(
-            base_url=config.endpoint.rstrip("/") + "/",
-            headers=headers,
-            timeout=httpx.Timeout(config.timeout_s),
-            limits=httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency),
+            self._headers["Authorization"] = f"Bearer {key}"
+        del key
+        # One TLS context for all slots: building one loads the CA bundle (about 30 ms each here).
+        self._ssl = httpx.create_ssl_context()
+        self._idle: list = []  # one single-connection httpx client per in-flight slot (see _new_connection)
+
+    def _new_connection(self):
+        """A client holding one keep-alive connection. One per slot, because httpx's shared pool scans
+        every connection for every queued request: at 64 in flight that cost 9.8 ms of CPU per request
+        against 1.2 ms this way (and 26 vs 116 req/s of an ideal 128)."""
+        httpx = self._httpx
+        return httpx.AsyncClient(
+            base_url=self.config.endpoint.rstrip("/") + "/",
+            headers=self._headers,
+            timeout=httpx.Timeout(self.config.timeout_s),
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
             follow_redirects=False,
+            verify=self._ssl,
         )
-        del key, headers
 
     def request_body(self, caption: str) -> dict[str, Any]:
         """The JSON body of one chat-completions request (no credentials)."""
@@ -232,12 +242,14 @@ class RewriteClient:
         while True:
             await self._wait_for_pause()
             async with self._sem:
+                conn = self._idle.pop() if self._idle else self._new_connection()
                 self._in_flight += 1
                 self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
                 try:
-                    outcome, retry_after, kind = await self._attempt(caption)
+                    outcome, retry_after, kind = await self._attempt(conn, caption)
                 finally:
                     self._in_flight -= 1
+                    self._idle.append(conn)
             if isinstance(outcome, Completion):
                 outcome.attempts = attempt + 1
                 return outcome
@@ -265,13 +277,13 @@ class RewriteClient:
                 return
             await asyncio.sleep(wait)
 
-    async def _attempt(self, caption: str) -> tuple[Completion | str, float | None, str]:
+    async def _attempt(self, conn, caption: str) -> tuple[Completion | str, float | None, str]:
         """One HTTP attempt: (Completion | "retry" | fatal ledger reason, retry_after, failure kind)."""
         httpx = self._httpx
         self.stats.requests += 1
         try:
             resp = await asyncio.wait_for(
-                self._client.post("chat/completions", json=self.request_body(caption)),
+                conn.post("chat/completions", json=self.request_body(caption)),
                 timeout=self.config.timeout_s + 1.0,
             )
         except (asyncio.TimeoutError, httpx.TimeoutException):
@@ -311,7 +323,9 @@ class RewriteClient:
         )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.aclose()
 
 
 def _int(v: Any) -> int:
