@@ -230,3 +230,20 @@ def test_all_rejected_input_writes_an_empty_index(tmp_path):
     assert (m.extra["packs"], m.extra["packed_samples"]) == (0, 0)
     index = json.loads(pathlib.Path(out, "data", "index.json").read_text())
     assert index["shards"] == [] and list(PackDataset(out)) == []
+
+
+def test_reader_runs_without_torch(stage3_wds):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # makes `import torch` fail like an uninstalled torch
+        "from mmcorpus_reader import PackDataset\n"
+        f"packs = list(PackDataset({stage3_wds!r}, shuffle_buffer=2))\n"
+        "assert packs and type(packs[0]['input_ids']).__module__ == 'numpy'\n"
+        "assert not any(m.startswith('apache_beam') for m in sys.modules)\n"
+        "print(len(packs))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=pathlib.Path(__file__).resolve().parents[2])
+    assert int(out.stdout.strip()) == _manifest(stage3_wds).extra["packs"]
