@@ -90,9 +90,10 @@ def test_missing_caption_column_stops_with_a_clear_message(tmp_path):
 
 
 def test_rerun_is_byte_identical_and_resumable(tmp_path, sample_dir):
+    """Same input + config ⇒ the same bytes, also when the second run uses two worker processes."""
     args = ["--input", str(sample_dir / "img2dataset_sample_1000.parquet"), "--caption-col", "TEXT", "--url-col", "URL"]
     run_filter(tmp_path / "a", *args)
-    run_filter(tmp_path / "b", *args, "--num-shards", "8")
+    run_filter(tmp_path / "b", *args, "--num-shards", "8", "--direct_running_mode=multi_processing", "--direct_num_workers=2")
     files = all_files(tmp_path / "a")
     assert files == all_files(tmp_path / "b") and len(files) == 17
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", files, shallow=False)
