@@ -11,7 +11,6 @@ scheme="affine32")`` gives the same Jaccard estimates as our own ``estimate_jacc
 from __future__ import annotations
 
 import hashlib
-import re
 import unicodedata
 import zlib
 from typing import Iterable, Sequence
@@ -24,14 +23,18 @@ CHAR = "char"
 SHINGLE_KINDS = (WORD, CHAR)
 
 _PUNCT_CATEGORIES = ("P", "S")  # Unicode punctuation and symbols fold to a space
-_SPACE_RE = re.compile(r"\s+")
 
 
-def _fold_char(ch: str) -> str:
-    return " " if unicodedata.category(ch)[0] in _PUNCT_CATEGORIES else ch
+class _FoldTable(dict):
+    """``str.translate`` table, filled lazily: punctuation/symbol code points -> space, others kept."""
+
+    def __missing__(self, cp: int):
+        value = " " if unicodedata.category(chr(cp))[0] in _PUNCT_CATEGORIES else cp
+        self[cp] = value
+        return value
 
 
-_FOLD_CACHE: dict[str, str] = {}
+_FOLD = _FoldTable()
 
 
 def normalize_caption(text: str | None) -> str:
@@ -48,16 +51,10 @@ def normalize_caption(text: str | None) -> str:
     """
     if not text:
         return ""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    if not text.isascii() or not text.replace(" ", "").isalnum():
-        out = []
-        for ch in text:
-            folded = _FOLD_CACHE.get(ch)
-            if folded is None:
-                folded = _FOLD_CACHE[ch] = _fold_char(ch)
-            out.append(folded)
-        text = "".join(out)
-    return _SPACE_RE.sub(" ", text).strip()
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    text = text.casefold().translate(_FOLD)
+    return " ".join(text.split())
 
 
 def caption_digest(normalized: str) -> str:
