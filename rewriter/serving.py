@@ -346,7 +346,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     server.start()
     try:
-        print(json.dumps({"endpoint": server.base_url, "models": server.models(), "log": server.log_path,
+        print(json.dumps({"endpoint": server.base_url, "models": server.models(), "pid": server.proc.pid,
+                          "log": server.log_path,
                           "startup_seconds": round(server.startup_seconds or 0, 1)}), flush=True)
         if args.exit_when_healthy:
             return 0
