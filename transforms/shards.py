@@ -111,24 +111,32 @@ class PrepareSampleFn(beam.DoFn):
 
     Args:
         profile: the stage profile (image size, slicing, q).
-        tokenizer_path: local tokenizer (see ``TextTokenizer``); loaded in ``setup``.
+        tokenizer_files: the tokenizer's files (``TextTokenizer.files_of``), rebuilt in ``setup``.
         packing: the packing config (a sample longer than ``seq_len`` is rejected up front).
         require_image: reject caption-only samples (``pack_no_image``) instead of packing them as text.
     """
 
     REJECTED = "rejected"
 
-    def __init__(self, profile: StageProfile, tokenizer_path: str | None, packing: PackingConfig, require_image: bool = False):
+    def __init__(self, profile: StageProfile, tokenizer_files: dict[str, bytes], packing: PackingConfig, require_image: bool = False):
         self.profile = profile
-        self.tokenizer_path = tokenizer_path
+        self.tokenizer_files = tokenizer_files
         self.packing = packing
         self.require_image = require_image
 
     def setup(self):
-        self.tok = TextTokenizer(self.tokenizer_path)
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="mmcorpus-tok-")
+        self.tok = TextTokenizer.from_files(self.tokenizer_files, self._tmp.name)
         self.ids = self.tok.special_ids()
         self.total = Metrics.counter("mmcorpus.pack", "total")
         self.rejected = {}
+
+    def teardown(self):
+        tmp = getattr(self, "_tmp", None)
+        if tmp is not None:
+            tmp.cleanup()
 
     def _reject(self, pair: Pair, reason: str, detail: str, status: str = REJECTED):
         c = self.rejected.get(reason)
@@ -488,6 +496,7 @@ class PackSamples(beam.PTransform):
 
     def expand(self, pairs):
         tok = TextTokenizer(self.tokenizer_path)  # fail fast (UserError) before the pipeline runs
+        files = TextTokenizer.files_of(self.tokenizer_path)
         header = {
             "pack_format": self.shards.format,
             "seq_len": self.packing.seq_len,
@@ -498,7 +507,7 @@ class PackSamples(beam.PTransform):
         }
         parts = self.shards.partitions
         prepared = pairs | "Prepare" >> beam.ParDo(
-            PrepareSampleFn(self.profile, self.tokenizer_path, self.packing, self.require_image)
+            PrepareSampleFn(self.profile, files, self.packing, self.require_image)
         ).with_outputs(PrepareSampleFn.REJECTED, main="samples")
         samples = prepared.samples
         plan = (

@@ -145,6 +145,9 @@ def image_token_count(grid: tuple[int, int] | None, query_num: int, newline_toke
 # --- tokenizers ----------------------------------------------------------------------------------
 
 
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".onnx", ".ckpt"}
+
+
 class TextTokenizer:
     """A tokenizer loaded from a local path with the MiniCPM-V special tokens resolved to ids.
 
@@ -182,6 +185,30 @@ class TextTokenizer:
         self.eos_id = self._first_of(EOS, "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
         self.pad_id = self._first_of(PAD, "<|pad|>", UNK)
         self.newline_ids = self.encode("\n")
+
+    @staticmethod
+    def files_of(path: str | os.PathLike | None) -> dict[str, bytes]:
+        """The tokenizer's files as ``{relative name: bytes}``: shipped inside a DoFn, so remote
+        workers (Dataflow, Flink) need no access to the launching machine's disk."""
+        path = pathlib.Path(path or DEFAULT_TOKENIZER)
+        if path.is_file():
+            return {"tokenizer.json": path.read_bytes()}
+        if path.is_dir():  # a model dir may hold weights beside the tokenizer: never ship those
+            return {
+                str(f.relative_to(path)): f.read_bytes()
+                for f in sorted(path.rglob("*"))
+                if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES
+            }
+        raise UserError(f"--tokenizer {path}: no such file or directory (pass a tokenizer.json or a tokenizer dir)")
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], workdir: str) -> "TextTokenizer":
+        """Rebuild from ``files_of`` output, writing the files under ``workdir``."""
+        root = pathlib.Path(workdir)
+        for name, data in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+        return cls(root)
 
     def _load_json(self, path: pathlib.Path):
         from tokenizers import Tokenizer

@@ -103,3 +103,16 @@ def test_transformers_tokenizer_dir(tmp_path):
     ref = T.TextTokenizer()
     assert tok.encode("a red bus .") == ref.encode("a red bus .")
     assert tok.special_ids() == ref.special_ids()
+
+
+def test_tokenizer_files_round_trip_for_remote_workers(tmp_path):
+    files = T.TextTokenizer.files_of(None)
+    assert list(files) == ["tokenizer.json"]
+    tok = T.TextTokenizer.from_files(files, str(tmp_path / "w"))
+    ref = T.TextTokenizer()
+    assert tok.encode("two cats on a sofa") == ref.encode("two cats on a sofa")
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes(T.DEFAULT_TOKENIZER.read_bytes())
+    (d / "model.safetensors").write_bytes(b"weights")
+    assert list(T.TextTokenizer.files_of(d)) == ["tokenizer.json"]
