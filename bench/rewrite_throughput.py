@@ -48,26 +48,28 @@ class StandInProcess:
         self.close()
 
 
-async def _drive(base_url: str, n: int, concurrency: int) -> tuple[float, int, float]:
-    """(wall seconds, most in flight, client CPU ms per request) for n requests."""
+async def _drive(base_url: str, n: int, concurrency: int) -> tuple[float, int, float, float]:
+    """(wall seconds, most in flight, client CPU ms per request, mean request round trip) for n requests."""
     client = RewriteClient(ClientConfig(endpoint=base_url, model="bench", concurrency=concurrency, timeout_s=30),
                            api_key="sk-bench")
     captions = [f"a photo of bench item {i} on a table" for i in range(n)]
     await client.complete("warm up the connection pool")
+    busy0 = client.stats.busy_seconds
     t, cpu = time.perf_counter(), time.process_time()
     results = await asyncio.gather(*(client.complete(c) for c in captions))
     dt, cpu = time.perf_counter() - t, time.process_time() - cpu
     await client.aclose()
     assert all(r.finish_reason == "stop" for r in results)
-    return dt, client.stats.max_in_flight, 1000 * cpu / n
+    return dt, client.stats.max_in_flight, 1000 * cpu / n, (client.stats.busy_seconds - busy0) / n
 
 
 def bench_client(latency: float, concurrency: int, waves: int) -> dict:
     n = concurrency * waves
     with StandInProcess(latency, concurrency) as srv:
-        dt, in_flight, cpu_ms = asyncio.run(_drive(srv.base_url, n, concurrency))
+        load = os.getloadavg()[0]
+        dt, in_flight, cpu_ms, round_trip = asyncio.run(_drive(srv.base_url, n, concurrency))
         n_seq = min(n, 20, max(3, int(5 / max(latency, 1e-3))))  # about 5 s of one-at-a-time requests
-        dt_seq, _, _ = asyncio.run(_drive(srv.base_url, n_seq, 1))
+        dt_seq, _, _, _ = asyncio.run(_drive(srv.base_url, n_seq, 1))
     rps, rps_seq = n / dt, n_seq / dt_seq
     ideal = concurrency / latency if latency else float("nan")
     return {
@@ -75,6 +77,10 @@ def bench_client(latency: float, concurrency: int, waves: int) -> dict:
         "fraction_of_C_over_L": round(rps / ideal, 3), "sequential_rps": round(rps_seq, 2),
         "speedup_vs_sequential": round(rps / rps_seq, 1), "max_in_flight": in_flight,
         "client_cpu_ms_per_request": round(cpu_ms, 2),
+        # share of the C slots' time with a request outstanding: the client's own efficiency
+        "slot_utilisation": round(round_trip * n / (concurrency * dt), 3),
+        # what the stand-in really took per request (> L when its process is starved of CPU)
+        "mean_round_trip_s": round(round_trip, 3), "load_avg_1m": round(load, 1),
     }
 
 
@@ -131,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         row = bench_client(latency, c, waves=20 if latency <= 0.5 else 10)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| L (s) | C | requests | achieved req/s | C/L | fraction of C/L | 1-at-a-time req/s | speed-up "
-          "| client CPU ms/req |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| L (s) | C | requests | achieved req/s | C/L | fraction of C/L | slot utilisation | mean round trip (s) "
+          "| 1-at-a-time req/s | speed-up | client CPU ms/req | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['L_s']} | {r['C']} | {r['requests']} | {r['rps']} | {r['ideal_rps']} | "
-              f"{r['fraction_of_C_over_L']} | {r['sequential_rps']} | {r['speedup_vs_sequential']}x | "
-              f"{r['client_cpu_ms_per_request']} |")
+              f"{r['fraction_of_C_over_L']} | {r['slot_utilisation']} | {r['mean_round_trip_s']} | "
+              f"{r['sequential_rps']} | {r['speedup_vs_sequential']}x | {r['client_cpu_ms_per_request']} | "
+              f"{r['load_avg_1m']} |")
     if not args.quick:
         stage = bench_stage(0.5, 64, args.stage_records)
         print("\nstage:", json.dumps(stage))

@@ -149,6 +149,7 @@ class ClientStats:
     retries: int = 0
     by_failure: dict[str, int] = field(default_factory=dict)
     max_in_flight: int = 0
+    busy_seconds: float = 0.0  # summed wall time of HTTP attempts (slot utilisation = busy / (C * wall))
 
     def failed(self, kind: str) -> None:
         self.by_failure[kind] = self.by_failure.get(kind, 0) + 1
@@ -245,9 +246,11 @@ class RewriteClient:
                 conn = self._idle.pop() if self._idle else self._new_connection()
                 self._in_flight += 1
                 self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
+                started = time.perf_counter()
                 try:
                     outcome, retry_after, kind = await self._attempt(conn, caption)
                 finally:
+                    self.stats.busy_seconds += time.perf_counter() - started
                     self._in_flight -= 1
                     self._idle.append(conn)
             if isinstance(outcome, Completion):

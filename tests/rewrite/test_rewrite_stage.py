@@ -313,3 +313,52 @@ def test_underscore_aliases_and_toml(tmp_path):
     cfg = rewrite_cli.resolve_config(args)
     assert (cfg.model, cfg.concurrency, cfg.cache_dir) == ("from-flag", 7, "b/rewrite-cache")
     assert "endpoint" not in json.dumps(cfg.hashed())
+
+
+# --- duplicates and unexpected exceptions --------------------------------------------------------
+
+
+class _ExplodingBackend:
+    """Answers like the offline template, but raises for captions containing 'boom'."""
+
+    def __init__(self):
+        from rewriter.offline import OfflineTemplateBackend
+
+        self.inner = OfflineTemplateBackend()
+
+    async def complete(self, caption):
+        if "boom" in caption:
+            raise RuntimeError("secret detail that must not reach the ledger")
+        return await self.inner.complete(caption)
+
+    async def aclose(self):
+        return None
+
+
+def test_unexpected_exception_is_an_error_row_and_duplicates_are_asked_once(tmp_path, monkeypatch):
+    import apache_beam as beam
+
+    from schemas.records import Pair
+    from transforms import rewrite as rewrite_transform
+    from transforms.rewrite import RewriteCaptions, RewriteConfig
+
+    monkeypatch.setattr(rewrite_transform, "make_backend", lambda cfg: _ExplodingBackend())
+    pairs = [Pair(key="a", caption="a dog in Paris", needs_rewrite=True),
+             Pair(key="b", caption="a dog in Paris", needs_rewrite=True),  # same caption: one request
+             Pair(key="c", caption="boom goes the dynamite", needs_rewrite=True),
+             Pair(key="d", caption="a cat", needs_rewrite=False)]
+    cache_dir = str(tmp_path / "cache")
+    cfg = RewriteConfig(backend="offline-template", policy="needs_rewrite", cache_dir=cache_dir, batch_size=8)
+    with beam.Pipeline() as p:
+        outcomes = p | beam.Create(pairs) | RewriteCaptions(cfg)
+        _ = (outcomes | beam.Map(lambda o: json.dumps([o.key, o.status, o.reason, o.detail, o.extra.get("model"),
+                                                       o.pair.caption if o.pair else None]))
+             | beam.io.WriteToText(str(tmp_path / "outcomes"), shard_name_template=""))
+    got = sorted(json.loads(line) for line in open(tmp_path / "outcomes"))
+    assert got == [
+        ["a", "kept", "ok", "", "offline-template", "A dog in Paris."],
+        ["b", "kept", "ok", "", "offline-template", "A dog in Paris."],
+        ["c", "error", "exception_RuntimeError", "unexpected error while rewriting", "offline-template", None],
+        ["d", "kept", "rewrite_skipped", "", None, "a cat"],
+    ]
+    assert len(ResponseCache(cache_dir).keys()) == 1  # one answer for the two identical captions
