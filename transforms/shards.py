@@ -148,36 +148,36 @@ class PrepareSampleFn(beam.DoFn):
     def process(self, pair: Pair):
         self.total.inc()
         try:
-            image = None
-            w = h = 0
-            grid = None
-            if pair.image:
-                try:
-                    image, w, h = prepare_image(pair.image, self.profile)
-                except Exception as e:  # PIL raises many types for bad bytes; all mean "cannot decode"
-                    yield self._reject(pair, reasons.PACK_IMAGE_UNDECODABLE, type(e).__name__)
-                    return
-                grid = self.profile.grid(w, h)
-            elif self.require_image:
-                yield self._reject(pair, reasons.PACK_NO_IMAGE, "caption-only sample and require_image is set")
-                return
-            toks = sample_tokens(
-                self.tok.encode(pair.caption or ""), image is not None, grid, self.profile.query_num, self.ids, self.tok.newline_ids
-            )
-            sample = PreparedSample(
-                key=pair.key, source=pair.source, input_ids=toks.input_ids, labels=toks.labels, image=image,
-                width=w, height=h, grid=grid, image_length=toks.image_length, slices=toks.slices,
-            )
-            why = self.packing.fits_alone(sample.item())
-            if why == "too_long":
-                yield self._reject(pair, reasons.PACK_TOO_LONG, f"{len(toks)} tokens > seq_len {self.packing.seq_len}")
-                return
-            if why == "too_many_images":
-                yield self._reject(pair, reasons.PACK_TOO_MANY_IMAGES, f"{toks.slices} slices exceed the per-pack limit")
-                return
-            yield sample
+            out = self._prepare(pair)
         except Exception as e:  # dead letter: unexpected, keep the record in the ledger
-            yield self._reject(pair, reasons.exception_reason(e), "", status=ERROR)
+            out = self._reject(pair, reasons.exception_reason(e), "", status=ERROR)
+        yield out  # outside the try: a downstream failure must not turn into a second outcome
+
+    def _prepare(self, pair: Pair):
+        image = None
+        w = h = 0
+        grid = None
+        if pair.image:
+            try:
+                image, w, h = prepare_image(pair.image, self.profile)
+            except Exception as e:  # PIL raises many types for bad bytes; all mean "cannot decode"
+                return self._reject(pair, reasons.PACK_IMAGE_UNDECODABLE, type(e).__name__)
+            grid = self.profile.grid(w, h)
+        elif self.require_image:
+            return self._reject(pair, reasons.PACK_NO_IMAGE, "caption-only sample and require_image is set")
+        toks = sample_tokens(
+            self.tok.encode(pair.caption or ""), image is not None, grid, self.profile.query_num, self.ids, self.tok.newline_ids
+        )
+        sample = PreparedSample(
+            key=pair.key, source=pair.source, input_ids=toks.input_ids, labels=toks.labels, image=image,
+            width=w, height=h, grid=grid, image_length=toks.image_length, slices=toks.slices,
+        )
+        why = self.packing.fits_alone(sample.item())
+        if why == "too_long":
+            return self._reject(pair, reasons.PACK_TOO_LONG, f"{len(toks)} tokens > seq_len {self.packing.seq_len}")
+        if why == "too_many_images":
+            return self._reject(pair, reasons.PACK_TOO_MANY_IMAGES, f"{toks.slices} slices exceed the per-pack limit")
+        return sample
 
 
 # --- rendering one pack ------------------------------------------------------------------------

@@ -247,3 +247,22 @@ def test_reader_runs_without_torch(stage3_wds):
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          cwd=pathlib.Path(__file__).resolve().parents[2])
     assert int(out.stdout.strip()) == _manifest(stage3_wds).extra["packs"]
+
+
+def test_prepare_dead_letters_unexpected_exceptions():
+    from transforms.packing import PackingConfig
+    from transforms.shards import PrepareSampleFn, PreparedSample
+    from transforms.tokens import StageProfile, TextTokenizer
+    from schemas.records import Pair
+
+    fn = PrepareSampleFn(StageProfile.for_stage(1), TextTokenizer.files_of(None), PackingConfig(seq_len=256))
+    fn.setup()
+    try:
+        good = list(fn.process(Pair(key="ok1", caption="a cat")))
+        bad = list(fn.process(Pair(key="bad1", caption=12345, source="x#1")))  # not text: the tokenizer raises
+    finally:
+        fn.teardown()
+    assert len(good) == 1 and isinstance(good[0], PreparedSample)
+    assert len(bad) == 1 and bad[0].tag == PrepareSampleFn.REJECTED
+    o = bad[0].value
+    assert (o.key, o.status, o.reason, o.source) == ("bad1", "error", "exception_TypeError", "x#1")
