@@ -9,7 +9,8 @@ Only seed records whose teacher answer passed validation (``status == "ok"``) ar
 assistant turn is the canonical JSON of the validated answer (``prompts.render_output``), so the
 model learns compact JSON followed by end-of-turn. The split is a pure function of the record key:
 ``validation`` when ``sha256(salt + key) mod 10000 < validation_fraction * 10000``; when that leaves the
-validation set empty and there are at least two records, the record with the smallest hash moves there.
+validation set empty and there are at least two records, the record with the smallest hash moves there;
+the training set is never left empty.
 Rows are sorted by key, so the same seed set and options give byte-identical files.
 
 Example:
@@ -85,6 +86,8 @@ def split_records(records: Iterable[dict[str, Any]], config: ExportConfig) -> tu
             if len(val_keys) >= min(config.min_validation, len(records) - 1):
                 break
             val_keys.add(k)
+    if records and len(val_keys) == len(records):  # never leave training empty
+        val_keys.discard(max(hashes, key=lambda k: (hashes[k], k)))
     train = [r for r in records if r["key"] not in val_keys]
     val = [r for r in records if r["key"] in val_keys]
     return train, val
