@@ -16,9 +16,10 @@ FORMATS = (FORMAT_PARQUET, FORMAT_WEBDATASET)
 SHARD_EXT = {FORMAT_PARQUET: "parquet", FORMAT_WEBDATASET: "tar"}
 
 
-def pack_shard_name(partition: int, roll: int, fmt: str) -> str:
-    """``packs-PPPPP-RRRR.parquet``: partition of the key space, then the roll within it."""
-    return f"packs-{partition:05d}-{roll:04d}.{SHARD_EXT[fmt]}"
+def pack_shard_name(index: int, fmt: str) -> str:
+    """``packs-00000.parquet`` / ``packs-00000.tar``: shards numbered from 0 without gaps, so a brace
+    pattern (``packs-{00000..00041}.tar``) names them all."""
+    return f"packs-{index:05d}.{SHARD_EXT[fmt]}"
 
 
 def pack_id(partition: int, index: int) -> str:

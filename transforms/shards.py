@@ -3,7 +3,8 @@ Parquet / WebDataset shard sinks with their ``index.json``.
 
 Flow: prepare (tokens, resized JPEG) -> plan (per key-hash partition, on lengths only: sort by key,
 pack, assign packs to shard rolls by count and estimated bytes) -> join samples to their slots by key
--> group by shard -> render and write each shard (``packs-PPPPP-RRRR.ext``) -> ``index.json``.
+-> group by shard -> render and write each shard (``packs-00000.ext``, numbered over the partitions in
+order) -> ``index.json``.
 Planning holds only ~100 bytes per sample and writing only one shard's samples, so memory is bounded;
 and because every decision is made on key-sorted input, the bytes written depend only on the input
 records and the config, never on Beam's element order.
@@ -285,6 +286,7 @@ class ShardInfo:
     """One written pack shard: what index.json and the manifest record about it."""
 
     path: str  # relative to the stage output dir
+    shard: int  # global shard number (file name)
     partition: int
     roll: int
     packs: int
@@ -300,9 +302,11 @@ class ShardInfo:
         return FileEntry(path=self.path, kind=S.FILE_KIND_PACK, rows=self.packs, bytes=self.bytes, sha256=self.sha256)
 
 
-def write_one_shard(rows: list[dict[str, Any]], output_dir: str, partition: int, roll: int, cfg: ShardConfig) -> ShardInfo:
-    """Encode ``rows`` (packs in order) as one shard file, write it atomically, return its info."""
-    rel = f"{S.PACK_DIR}/{S.pack_shard_name(partition, roll, cfg.format)}"
+def write_one_shard(
+    rows: list[dict[str, Any]], output_dir: str, shard: int, partition: int, roll: int, cfg: ShardConfig
+) -> ShardInfo:
+    """Encode ``rows`` (packs in order) as shard number ``shard``, write it atomically, return its info."""
+    rel = f"{S.PACK_DIR}/{S.pack_shard_name(shard, cfg.format)}"
     if cfg.format == S.FORMAT_PARQUET:
         data = parquet_shard_bytes(rows, cfg.row_group_packs)
         n = len(rows)
@@ -312,7 +316,7 @@ def write_one_shard(rows: list[dict[str, Any]], output_dir: str, partition: int,
         groups = []
     write_bytes_atomic(join(output_dir, rel), data)
     return ShardInfo(
-        path=rel, partition=partition, roll=roll, packs=len(rows),
+        path=rel, shard=shard, partition=partition, roll=roll, packs=len(rows),
         samples=sum(r[S.NUM_SAMPLES] for r in rows), tokens=sum(r[S.NUM_TOKENS] for r in rows),
         images=sum(len(r[S.IMAGES]) for r in rows), truncated_tokens=sum(r[S.TRUNCATED_TOKENS] for r in rows),
         bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), row_groups=groups,
@@ -320,19 +324,19 @@ def write_one_shard(rows: list[dict[str, Any]], output_dir: str, partition: int,
 
 
 def write_shards(rows: Iterable[dict[str, Any]], output_dir: str, partition: int, cfg: ShardConfig) -> Iterator[ShardInfo]:
-    """Write rows to rolling shards of one partition in one process (bench, small jobs)."""
+    """Write rows to rolling shards of one partition in one process (bench, small jobs); shard = roll."""
     roller = ShardRoller(cfg)
     batch: list[dict[str, Any]] = []
     batch_roll = 0
     for row in rows:
         roll = roller.roll_of(_approx_bytes(row))
         if batch and roll != batch_roll:
-            yield write_one_shard(batch, output_dir, partition, batch_roll, cfg)
+            yield write_one_shard(batch, output_dir, batch_roll, partition, batch_roll, cfg)
             batch = []
         batch.append(row)
         batch_roll = roll
     if batch:
-        yield write_one_shard(batch, output_dir, partition, batch_roll, cfg)
+        yield write_one_shard(batch, output_dir, batch_roll, partition, batch_roll, cfg)
 
 
 class ShardRoller:
@@ -360,6 +364,7 @@ class PlanPartitionFn(beam.DoFn):
     Samples are sorted by key first, so the plan does not depend on Beam's element order."""
 
     OUTCOMES = "outcomes"
+    ROLLS = "rolls"  # (partition, number of shard rolls): numbers the shards globally
 
     def __init__(self, packing: PackingConfig, shards: ShardConfig):
         self.packing = packing
@@ -397,6 +402,7 @@ class PlanPartitionFn(beam.DoFn):
                     self.OUTCOMES, Outcome(key=m.key, status=KEPT, reason=REASON_OK, detail=f"pack {pid}{cut}", source=m.source)
                 )
                 yield m.key, Slot(partition, roll, n, pos, take, m.source)
+        yield beam.pvalue.TaggedOutput(self.ROLLS, (partition, roller.current + 1 if roller.count else 0))
 
 
 def _join_slot(element: tuple[str, dict[str, list]]):
@@ -420,8 +426,9 @@ class WriteShardFn(beam.DoFn):
     def setup(self):
         self.written = Metrics.counter("mmcorpus.pack", "shards")
 
-    def process(self, element):
+    def process(self, element, rolls: dict[int, int]):
         (partition, roll), members = element
+        shard = sum(n for p, n in rolls.items() if p < partition) + roll
         by_pack: dict[int, list] = {}
         for pack, pos, take, sample in members:
             by_pack.setdefault(pack, []).append((pos, take, sample))
@@ -430,7 +437,7 @@ class WriteShardFn(beam.DoFn):
             ordered = sorted(by_pack[pack], key=lambda x: x[0])
             rows.append(render_pack(S.pack_id(partition, pack), self.packing.seq_len, [(s, take) for _, take, s in ordered]))
         self.written.inc()
-        yield write_one_shard(rows, self.output_dir, partition, roll, self.shards)
+        yield write_one_shard(rows, self.output_dir, shard, partition, roll, self.shards)
 
 
 def summarize_shards(infos: list[ShardInfo], seq_len: int) -> dict[str, Any]:
@@ -455,7 +462,7 @@ class WriteIndexFn(beam.DoFn):
         self.header = header
 
     def process(self, _, infos: list[ShardInfo]):
-        infos = sorted(infos, key=lambda i: (i.partition, i.roll))
+        infos = sorted(infos, key=lambda i: i.shard)
         shards = []
         for i in infos:
             d = asdict(i)
@@ -514,14 +521,18 @@ class PackSamples(beam.PTransform):
             samples
             | "Meta" >> beam.Map(lambda s: (shard_of(s.key, parts), s.meta()))
             | "GroupPartitions" >> beam.GroupByKey()
-            | "Plan" >> beam.ParDo(PlanPartitionFn(self.packing, self.shards)).with_outputs(PlanPartitionFn.OUTCOMES, main="slots")
+            | "Plan" >> beam.ParDo(PlanPartitionFn(self.packing, self.shards)).with_outputs(
+                PlanPartitionFn.OUTCOMES, PlanPartitionFn.ROLLS, main="slots"
+            )
         )
         infos = (
             {"sample": samples | "ByKey" >> beam.Map(lambda s: (s.key, s)), "slot": plan.slots}
             | "JoinSlots" >> beam.CoGroupByKey()
             | "ToShards" >> beam.FlatMap(_join_slot)
             | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards" >> beam.ParDo(WriteShardFn(self.output_dir, self.packing, self.shards))
+            | "WriteShards" >> beam.ParDo(
+                WriteShardFn(self.output_dir, self.packing, self.shards), rolls=beam.pvalue.AsDict(plan[PlanPartitionFn.ROLLS])
+            )
         )
         outcomes = (prepared[PrepareSampleFn.REJECTED], plan[PlanPartitionFn.OUTCOMES]) | "AllOutcomes" >> beam.Flatten()
         index = (

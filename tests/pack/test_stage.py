@@ -55,6 +55,8 @@ def test_ledger_accounts_for_every_input(stage3_parquet):
     packs = [f for f in m.files if f.kind == S.FILE_KIND_PACK]
     assert sorted(os.listdir(pathlib.Path(stage3_parquet, "data"))) == sorted(p.rsplit("/", 1)[1] for p in files if p.startswith("data/"))
     assert sum(f.rows for f in packs) == m.extra["packs"] == len(rows)
+    assert sorted(f.path for f in packs) == [f"data/packs-{i:05d}.parquet" for i in range(len(packs))]
+    assert len(packs) == m.extra["pack_shards"] > 2  # rolled by count, numbered without gaps
 
 
 def test_pack_layout_invariants(stage3_parquet):
