@@ -19,7 +19,6 @@ import argparse
 import json
 import re
 import sys
-from collections import Counter
 from typing import Any
 
 import pyarrow as pa
@@ -724,11 +723,3 @@ def main(argv: list[str] | None = None) -> int:
         render_samples(result["samples"], console)
     return 0
 
-
-def status_counts(stage_dir: str) -> Counter:
-    """``Counter`` of ledger statuses read from the ledger shards themselves (not the manifest)."""
-    m = read_manifest(stage_dir)
-    c: Counter = Counter()
-    for f in m.files_of(FILE_KIND_LEDGER):
-        c.update(_read_parquet(join(stage_dir, f.path), columns=["status"]).column("status").to_pylist())
-    return c
