@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import random
@@ -162,9 +163,9 @@ def evaluate(caps, family, depth, cfg: DedupConfig, workdir: str) -> dict:
 
 
 def stage_check(caps, family, cfg: DedupConfig, workdir: str) -> dict:
-    """Run the whole `mmcorpus dedup` stage on the eval set and return cluster counts."""
+    """Run the whole `mmcorpus dedup` stage on the eval set; recall from the clusters in its ledger."""
     from pipelines import dedup
-    from transforms.stage_io import read_manifest
+    from transforms.stage_io import read_manifest, read_table
 
     inp = write_caption_stage(os.path.join(workdir, "in"), caps, num_shards=4)
     cfg_path = os.path.join(workdir, "cfg.toml")
@@ -177,7 +178,19 @@ def stage_check(caps, family, cfg: DedupConfig, workdir: str) -> dict:
     out = os.path.join(workdir, "stage")
     dedup.main(["--input", inp, "--output", out, "--config", cfg_path, "--force"])
     m = read_manifest(out)
-    return {"stage_counts": m.counts["by_reason"], "components": m.extra["dedup"]["components"]}
+    key_index = {hashlib.sha1(f"synthetic-{i}".encode()).hexdigest()[:16]: i for i in range(len(caps))}
+    cluster = list(range(len(caps)))
+    for row in read_table(out, "ledger").to_pylist():
+        if row["cluster_id"] is not None:
+            cluster[key_index[row["key"]]] = row["cluster_id"]
+    t = cfg.near_caption_threshold
+    truth = jaccard_pairs(caps, cfg.shingle, cfg.ngram, min_j=t + 0.1)
+    recall = sum(1 for a, b in truth if cluster[a] == cluster[b]) / max(1, len(truth))
+    return {
+        "stage_recall_same_cluster": round(recall, 4),
+        "stage_counts": m.counts["by_reason"],
+        "components": m.extra["dedup"]["components"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,7 +185,9 @@ class MinHasher:
             rows = nonempty[i:j]
             lo = starts[rows[0]]
             hi = starts[rows[-1]] + counts[rows[-1]]
-            phv = self.hash_values(flat[lo:hi])
+            hv = _fmix32(flat[lo:hi]).reshape(-1, 1)
+            phv = np.multiply(hv, self.a)  # in place from here on: one matrix, no temporaries
+            np.add(phv, self.b, out=phv)
             offsets = (starts[rows] - lo).astype(np.int64)
             out[rows] = np.minimum.reduceat(phv, offsets, axis=0)
             i = j
