@@ -268,3 +268,21 @@ def test_prepare_dead_letters_unexpected_exceptions():
     assert len(bad) == 1 and bad[0].tag == PrepareSampleFn.REJECTED
     o = bad[0].value
     assert (o.key, o.status, o.reason, o.source) == ("bad1", "error", "exception_TypeError", "x#1")
+
+
+def test_webdataset_tars_are_reproducible(pack_input, stage3_wds, tmp_path):
+    import tarfile
+
+    again = run_pack(pack_input, str(tmp_path / "again"), "--stage", "3", "--seq-len", "2048", "--partitions", "2",
+                     "--max-packs-per-shard", "2", "--format", "webdataset", "--direct_running_mode=multi_processing",
+                     "--direct_num_workers=2")
+    tars = sorted(pathlib.Path(stage3_wds, "data").glob("packs-*.tar"))
+    assert [t.name for t in tars] == [f"packs-{i:05d}.tar" for i in range(len(tars))]
+    for t in tars:
+        assert t.read_bytes() == pathlib.Path(again, "data", t.name).read_bytes()
+        with tarfile.open(t) as tar:
+            for m in tar.getmembers():
+                key = m.name.split(".", 1)[0]
+                assert (m.mtime, m.uid, m.gid, m.uname, m.gname) == (0, 0, 0, "", "")
+                assert key.startswith("p") and "/" not in key
+    assert pathlib.Path(again, "manifest.json").read_bytes() == pathlib.Path(stage3_wds, "manifest.json").read_bytes()
