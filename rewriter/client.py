@@ -5,9 +5,9 @@ Speaks the OpenAI chat-completions wire format over ``httpx.AsyncClient`` direct
 the number of requests in flight: measured against the stand-in (2 busy cores) it spent 3.4 ms of
 client CPU per request at 16 in flight and 11 ms at 128 (40 req/s, far from C/L), where plain
 ``httpx`` spent 2.2 and 2.4 ms (142 req/s); a profile shows the SDK's recursive request-parameter
-transform (the ``response_format`` schema, every call) and its connection pool on top. The teacher
-calls in ``rewriter.seed`` still use the SDK. The retry policy here is stricter than the SDK's and
-observable:
+transform (the ``response_format`` schema, every call) and its connection pool on top. Any server
+speaking the OpenAI chat-completions format works (vLLM, OpenAI). The retry policy here is stricter
+than the SDK's and observable:
 
 - at most ``concurrency`` requests in flight per client (an ``asyncio.Semaphore``), each slot on its
   own keep-alive connection; a request waiting out a back-off does not hold a slot;
