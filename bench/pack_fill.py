@@ -55,6 +55,8 @@ STRESS_SIZES = [(1344, 1344), (1920, 1080), (1024, 768), (800, 1200), (640, 480)
 
 def items_for(caption_tokens: list[int], sizes: list[tuple[int, int]], stage: int, q: int = 96) -> list[Item]:
     """One Item per caption; its image is a size from ``sizes`` picked by a hash of the caption index."""
+    if not sizes:  # caption-only data: text samples, no image
+        return [Item(n + 1) for n in caption_tokens]
     prof = StageProfile.for_stage(stage, q)
     out = []
     for i, n in enumerate(caption_tokens):
@@ -91,7 +93,7 @@ def lower_bound_packs(lengths: list[int], seq_len: int) -> int:
 
 def bench_fill(caption_tokens: list[int]) -> list[dict]:
     real, rows = real_image_sizes(), []
-    cases = [(1, real, "real"), (2, real, "real"), (3, real, "real"), (3, STRESS_SIZES, "stress")]
+    cases = [(1, real, "real"), (2, real, "real"), (3, real, "real"), (3, STRESS_SIZES, "stress"), (1, [], "no image")]
     for stage, sizes, mix in cases:
         items = items_for(caption_tokens, sizes, stage)
         for seq_len in SEQ_LENS:

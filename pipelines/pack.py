@@ -71,7 +71,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     _flag(p, "tokenizer", default=None, help="local tokenizer.json or tokenizer dir (default: the bundled one)")
     _flag(p, "query-num", type=int, choices=QUERY_NUMS, default=96, help="query tokens per image/slice (96: V2.5, 64: V2.6)")
     _flag(p, "algorithm", choices=ALGORITHMS, default=ALGORITHMS[0], help="packer (greedy_truncate: the paper's)")
-    _flag(p, "window", type=int, default=2048, help="pending samples the packer chooses from")
+    _flag(p, "window", type=int, default=256, help="pending samples the packer chooses from (min; raised for short samples)")
     _flag(p, "max-images-per-pack", type=int, default=None, help="image limit per pack")
     _flag(p, "max-slices-per-pack", type=int, default=None, help="vision-encoder passes (overviews + slices) per pack")
     _flag(p, "partitions", type=int, default=0,

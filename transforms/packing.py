@@ -40,9 +40,12 @@ class PackingConfig:
         algorithm: ``best_fit`` (streaming best fit within a window, never truncates; samples longer
             than ``seq_len`` are rejected by the caller) or ``greedy_truncate`` (the paper: fill in input
             order, truncate the sample that does not fit; the cut never falls before ``Item.min_take``).
-        window: pending samples the packer chooses from (its memory bound). Each pack takes the
-            longest pending samples first, then the single sample or pair whose length fills the rest
-            best (an exact search on the window's length histogram), then anything that still fits.
+        window: pending samples the packer chooses from (its memory bound; raised to about 4 packs'
+            worth of samples when samples are short). Smaller windows fill better here: a big pool lets
+            early packs spend the short samples that later packs need (see BENCHMARKS.md). The oldest
+            pending sample anchors each pack; then the subset of pending samples that fills the rest
+            best (an exact bounded subset-sum over the window's length histogram); then anything that
+            still fits within the pack limits.
         max_images_per_pack: image limit per pack (vision encoder memory); None: no limit.
         max_slices_per_pack: limit on vision-encoder passes (overviews + slices) per pack; None: no limit.
 
@@ -54,7 +57,7 @@ class PackingConfig:
 
     seq_len: int = 2048
     algorithm: str = ALGO_BEST_FIT
-    window: int = 2048
+    window: int = 256
     max_images_per_pack: int | None = None
     max_slices_per_pack: int | None = None
 
@@ -242,9 +245,13 @@ def _fill_one(pool: _Pool, cfg: PackingConfig, bid: int) -> Pack:
 def _best_fit(items: Iterable[Item], cfg: PackingConfig) -> Iterator[Pack]:
     pool = _Pool()
     bid = 0
+    seen = total = 0
     for idx, it in enumerate(items):
         pool.add(idx, it)
-        while pool.size >= cfg.window:
+        seen, total = seen + 1, total + it.length
+        # at least ~4 packs' worth of samples to choose from, however short the samples are
+        window = max(cfg.window, 4 * cfg.seq_len * seen // total)
+        while pool.size >= window:
             yield _fill_one(pool, cfg, bid)
             bid += 1
     while pool.size:
