@@ -38,6 +38,8 @@ def airflow_env(tmp_path_factory, sample_dir) -> dict[str, str]:
         # Configured but unreachable: the branch must notice and fall back, never hang or fail.
         "MMCORPUS_REWRITE_ENDPOINT": "http://127.0.0.1:9/v1",
         "MMCORPUS_PROGRESS": "0",
+        # Runner options for every stage pass straight through to Beam (as Dataflow/Flink ones would).
+        "MMCORPUS_BEAM_OPTIONS": json.dumps({"direct_running_mode": "in_memory", "direct_num_workers": 1}),
     })
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
     return env
@@ -137,8 +139,14 @@ def test_dags_test_runs_every_stage_and_writes_outputs(airflow_env, sample_dir):
     assert "offline-template" in json.dumps(rewrite_cfg)
     assert verify.main([os.path.join(run_dir, s) for s in STAGES] + ["--json"]) == 0
     # The Beam operator passed the runner and our flags straight through.
-    assert f"pipelines/pack.py --runner=DirectRunner --output={run_dir}/pack" in log
-    assert "--stage=2 --seq_len=512 --format=parquet" in log
+    commands = [ln.split("Running command: ", 1)[1] for ln in log.splitlines() if "Running command: " in ln]
+    assert [c.split()[1].rsplit("/", 1)[-1] for c in commands] == ["filter.py", "dedup.py", "rewrite.py", "pack.py"]
+    for c in commands:
+        assert c.split()[2] == "--runner=DirectRunner"
+        assert "--direct_running_mode=in_memory" in c.split() and "--direct_num_workers=1" in c.split()
+    pack_cmd = commands[-1].split()
+    assert f"--output={run_dir}/pack" in pack_cmd and f"--input={run_dir}/rewrite" in pack_cmd
+    assert {"--stage=2", "--seq_len=512", "--format=parquet", "--num_shards=2"} <= set(pack_cmd)
     # Asset events name this run's directories, so downstream DAGs can find them.
     assert [n for n, _ in events] == ["mmcorpus/filter", "mmcorpus/dedup", "mmcorpus/rewrite", "mmcorpus/pack", "mmcorpus/verified"]
     assert [e["path"] for _, e in events[:4]] == [os.path.join(run_dir, s) for s in STAGES]
