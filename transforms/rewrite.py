@@ -7,12 +7,15 @@ Shape of the transform::
 
 Why ``BatchElements`` + a DoFn owning an asyncio loop, and not ``RunInference``: the model is remote,
 so what matters is keeping ``concurrency`` requests in flight per worker and deciding retries per
-request. ``RunInference`` calls ``ModelHandler.run_inference`` synchronously per batch, so the async
-fan-out would have to live inside it anyway, and its extras — loading and sharing model weights,
+request. ``RunInference`` calls ``ModelHandler.run_inference`` synchronously per batch and waits for
+it, so every batch would end with its slots draining while the slowest answer finishes (LLM answer
+times vary several-fold with output length), and its extras — loading and sharing model weights,
 model-update side inputs — have nothing to load here; its ``RemoteModelHandler`` retries a whole batch
-and cannot honour one request's ``Retry-After``. ``BatchElements`` (fixed size, several times the
-concurrency) gives each ``process`` call enough work to keep every slot busy; the loop, the HTTP client
-and the cache handle are built once per DoFn instance in ``setup()``.
+and cannot honour one request's ``Retry-After``. Here ``BatchElements`` (fixed size, several times the
+concurrency) feeds a DoFn whose event loop runs in a background thread, so up to
+``max_pending_batches`` batches are in flight at once and the slots stay busy across batch
+boundaries; the loop, the HTTP client and the cache handle are built once per DoFn instance in
+``setup()``.
 
 Outcomes (every selected record gets exactly one; ledger rows carry ``model`` and ``prompt_version``):
 
@@ -32,12 +35,15 @@ Counters (``Metrics.counter(RewriteBatchFn, name)``): ``total``, ``kept``, ``cac
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
 
 from rewriter import prompts
 from rewriter.cache import ResponseCache, cache_key
@@ -193,25 +199,38 @@ class SelectByPolicyFn(beam.DoFn):
 
 
 class RewriteBatchFn(beam.DoFn):
-    """Rewrite a batch of records concurrently; yield one ``Outcome`` per record.
+    """Rewrite batches of records concurrently; yield one ``Outcome`` per record.
+
+    The HTTP client lives on an event loop in a background thread (started in ``setup``), so requests
+    keep running while Beam assembles the next batch. ``process`` submits its batch and returns
+    without waiting for it unless more than ``max_pending_batches`` batches are unfinished; it hands
+    back the outcomes of every finished batch, oldest first, and ``finish_bundle`` waits for the rest.
+    So a slow request holds up only its own batch's output, never the slots: they stay busy across
+    batch boundaries instead of draining at the end of each batch.
 
     Each distinct (model, prompt version, caption, generation params) is looked up in the cache, asked
     at most once per batch, and written to the cache as soon as its answer arrives (so a crash
-    mid-batch loses only the answers still in flight).
+    mid-batch loses only the answers still in flight). Counters are published from the Beam thread.
     """
 
-    def __init__(self, config: RewriteConfig):
+    def __init__(self, config: RewriteConfig, max_pending_batches: int = 2):
+        if max_pending_batches < 1:
+            raise ValueError("max_pending_batches must be >= 1")
         self.config = config
+        self.max_pending_batches = max_pending_batches
 
     def setup(self):
         self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rewrite-client-loop", daemon=True)
+        self._thread.start()
         self._backend = make_backend(self.config)
         self._cache = ResponseCache(self.config.cache_dir) if self.config.cache_dir else None
         self._model = self.config.model_label
         self._params = self.config.generation_params()
         self._counters: dict[str, Any] = {}
-        self._seen_requests = 0
-        self._seen_retries = 0
+        self._published = {"requests": 0, "retries": 0, "cache_hits": 0}
+        self._cache_hits = 0  # incremented on the loop thread, published from the Beam thread
+        self._pending: collections.deque = collections.deque()
 
     def _inc(self, name: str, n: int = 1) -> None:
         if n:
@@ -220,32 +239,56 @@ class RewriteBatchFn(beam.DoFn):
                 c = self._counters[name] = Metrics.counter(self.__class__, name)
             c.inc(n)
 
-    def process(self, batch: list[Pair]):
+    def start_bundle(self):
+        self._pending = collections.deque()
+
+    def process(self, batch: list[Pair], window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         batch = list(batch)
+        future = asyncio.run_coroutine_threadsafe(self._rewrite_batch(batch), self._loop)
+        self._pending.append((batch, future, window, timestamp))
+        while len(self._pending) > self.max_pending_batches:
+            yield from self._emit_oldest()
+        while self._pending and self._pending[0][1].done():
+            yield from self._emit_oldest()
+
+    def finish_bundle(self):
+        while self._pending:
+            yield from self._emit_oldest()
+
+    def _emit_oldest(self):
+        batch, future, window, timestamp = self._pending.popleft()
         try:
-            outcomes = self._loop.run_until_complete(self._rewrite_batch(batch))
-        except Exception as exc:  # the loop itself failed: every record still gets its outcome
+            outcomes = future.result()
+        except Exception as exc:  # the batch coroutine itself failed: every record still gets its outcome
             log.warning("rewrite batch of %d failed: %s", len(batch), type(exc).__name__)
             outcomes = [self._failed(p, reasons.exception_reason(exc), "batch failed") for p in batch]
-        stats = getattr(self._backend, "stats", None)
-        if stats is not None:
-            self._inc("requests", stats.requests - self._seen_requests)
-            self._inc("retries", stats.retries - self._seen_retries)
-            self._seen_requests, self._seen_retries = stats.requests, stats.retries
+        self._publish_stats()
         for o in outcomes:
             self._inc("total")
             self._inc("kept" if o.status == KEPT else f"{'errors' if o.status == ERROR else 'rejected'}_{o.reason}")
-            yield o
+            yield WindowedValue(o, timestamp, [window])
+
+    def _publish_stats(self) -> None:
+        stats = getattr(self._backend, "stats", None)
+        now = {"cache_hits": self._cache_hits}
+        if stats is not None:
+            now.update(requests=stats.requests, retries=stats.retries)
+        for name, value in now.items():
+            self._inc(name, value - self._published.get(name, 0))
+            self._published[name] = value
 
     def teardown(self):
         loop = getattr(self, "_loop", None)
         if loop is None or loop.is_closed():
             return
         try:
-            loop.run_until_complete(self._backend.aclose())
-        except Exception:  # closing a client must not fail the bundle
+            asyncio.run_coroutine_threadsafe(self._backend.aclose(), loop).result(timeout=30)
+        except Exception:  # closing a client must not fail the worker
             pass
-        loop.close()
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(timeout=30)
+        if not loop.is_running():
+            loop.close()
 
     # --- per batch ---------------------------------------------------------------------------
     async def _rewrite_batch(self, batch: list[Pair]) -> list[Outcome]:
@@ -266,7 +309,7 @@ class RewriteBatchFn(beam.DoFn):
         if self._cache is not None:
             entry = self._cache.get(key)
             if entry is not None:
-                self._inc("cache_hits")
+                self._cache_hits += 1
                 return Completion.from_entry(entry)
         completion = await self._backend.complete(caption)
         if self._cache is not None:
