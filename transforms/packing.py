@@ -1,5 +1,6 @@
-"""Packing samples into fixed-length sequences: streaming best-fit-decreasing within a bounded window
-(default, no truncation) and the MiniCPM-V paper's greedy packing with truncation (for comparison).
+"""Packing samples into fixed-length sequences: streaming best fit within a bounded window (default, no
+truncation; each pack = its oldest pending sample + the exact best-filling subset of the window) and the
+MiniCPM-V paper's greedy packing with truncation (for comparison).
 
 Pure Python on sample lengths, no Beam: the pack stage, the benchmark and the tests share it. The
 result depends only on the input order and the config, so a caller that feeds samples in a fixed
