@@ -54,7 +54,7 @@ RULE_BITS = {
 
 @dataclass(frozen=True)
 class DedupConfig:
-    """Every dedup setting (TOML section ``[dedup]``). ``None`` switches a rule off.
+    """Every dedup setting (TOML section ``[dedup]``). ``None`` switches a rule off (in TOML: ``false``).
 
     Args:
         exact_caption: drop records whose normalised captions (``minhash.normalize_caption``) match.
@@ -152,10 +152,15 @@ class DedupConfig:
         unknown = sorted(set(section) - known)
         if unknown:
             raise UserError(f"--config {path}: unknown keys in [dedup]: {unknown}; valid keys: {sorted(known)}")
+        # TOML has no null: `false` switches off a setting whose off value is None.
+        section = {k: (None if v is False and k in _NONE_ABLE else v) for k, v in section.items()}
         try:
             return cls(**section)
         except (TypeError, ValueError) as e:
             raise UserError(f"--config {path}: bad [dedup] settings: {e}") from None
+
+
+_NONE_ABLE = ("near_caption_threshold", "bands", "rows", "verify_min_jaccard", "near_image_max_hamming")
 
 
 class Features(NamedTuple):

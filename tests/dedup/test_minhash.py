@@ -115,3 +115,24 @@ def test_config_validation():
     with pytest.raises(ValueError):
         DedupConfig(max_rounds=1)
     assert DedupConfig(near_caption_threshold=None).lsh_params() == (0, 0)
+
+
+def test_config_from_toml(tmp_path):
+    from schemas.errors import UserError
+
+    path = tmp_path / "c.toml"
+    path.write_text('[other]\nx = 1\n[dedup]\nshingle = "word"\nngram = 3\nnear_image_max_hamming = false\n'
+                    'verify_min_jaccard = false\n')
+    cfg = DedupConfig.from_toml(str(path))
+    assert cfg == DedupConfig(shingle="word", ngram=3, near_image_max_hamming=None, verify_min_jaccard=None)
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert DedupConfig.from_toml(str(empty)) == DedupConfig()
+    path.write_text("[dedup]\nngram = 0\n")
+    with pytest.raises(UserError, match="ngram must be >= 1"):
+        DedupConfig.from_toml(str(path))
+    with pytest.raises(UserError, match="file not found"):
+        DedupConfig.from_toml(str(tmp_path / "missing.toml"))
+    path.write_text("[dedup\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        DedupConfig.from_toml(str(path))
