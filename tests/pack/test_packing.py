@@ -78,3 +78,22 @@ def test_bad_configs_raise():
         PackingConfig(algorithm="first_fit")
     with pytest.raises(ValueError):
         PackingConfig(max_images_per_pack=0)
+
+
+def test_shards_roll_by_count_and_by_bytes(tmp_path):
+    import pyarrow.parquet as pq
+
+    from schemas import packed as S
+    from transforms.shards import PreparedSample, ShardConfig, render_pack, write_shards
+
+    samples = [PreparedSample(f"k{i}", "", [5] * 10, [5] * 10, image=b"\xff" * 1000 if i % 2 else None,
+                              width=1, height=1, image_length=0, slices=1 if i % 2 else 0) for i in range(12)]
+    rows = [render_pack(S.pack_id(0, n), 32, [(samples[2 * n], 10), (samples[2 * n + 1], 10)]) for n in range(6)]
+    by_count = list(write_shards(iter(rows), str(tmp_path / "a"), 0, ShardConfig(max_packs_per_shard=4)))
+    assert [i.packs for i in by_count] == [4, 2]
+    by_bytes = list(write_shards(iter(rows), str(tmp_path / "b"), 0, ShardConfig(max_shard_bytes=2500)))
+    assert [i.packs for i in by_bytes] == [2, 2, 2]  # ~1.4 kB per pack: roll once a shard passes 2.5 kB
+    assert [i.path for i in by_bytes] == [f"data/packs-{i:05d}.parquet" for i in range(3)]
+    assert [r for i in by_bytes for r in pq.read_table(tmp_path / "b" / i.path).column(S.PACK_ID).to_pylist()] == [
+        r[S.PACK_ID] for r in rows]
+    assert not list((tmp_path / "b" / "data").glob(".tmp-*"))  # atomic writes leave no temp files
