@@ -68,7 +68,8 @@ def test_rate_limiter_requests_per_window():
         return times
 
     times = asyncio.run(go())
-    assert times[2] < 0.1 and 0.3 <= times[3] < 0.45 and 0.6 <= times[6] < 0.8
+    # Lower bounds are the limit itself; upper bounds are loose (a loaded CI machine schedules late).
+    assert times[2] < 0.25 and 0.3 <= times[3] < 0.9 and 0.6 <= times[6] < 1.5
     for i, t in enumerate(times):  # never more than 3 starts in any 0.3 s window
         assert sum(1 for u in times if t - 0.3 < u <= t) <= 3, times
 
@@ -87,7 +88,7 @@ def test_rate_limiter_tokens_per_window_and_settle():
         return quick, slow, time.monotonic() - t0
 
     quick, slow, huge = asyncio.run(go())
-    assert quick < 0.1 and 0.3 <= slow < 0.45 and huge >= 0.6
+    assert quick < 0.25 and 0.3 <= slow < 0.9 and huge >= 0.6
 
 
 def test_cost_estimate_and_confirmation():
