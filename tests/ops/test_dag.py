@@ -154,7 +154,14 @@ def test_dags_test_runs_every_stage_and_writes_outputs(airflow_env, sample_dir):
 
 
 def test_dags_test_without_rewrite_packs_the_dedup_output(airflow_env):
-    _dags_test(airflow_env, {"rewrite_fallback": "skip", "pack_format": "webdataset"})
+    # Precedence: run params > Airflow Variables > environment. pack_format comes from a Variable,
+    # seq_len from the run's params (over MMCORPUS_SEQ_LEN=512), rewrite_fallback from the params.
+    airflow = [sys.executable, "-m", "airflow", "variables"]
+    subprocess.run(airflow + ["set", "mmcorpus_pack_format", "webdataset"], env=airflow_env, check=True, capture_output=True)
+    try:
+        _dags_test(airflow_env, {"rewrite_fallback": "skip", "seq_len": "1024"})
+    finally:
+        subprocess.run(airflow + ["delete", "mmcorpus_pack_format"], env=airflow_env, check=True, capture_output=True)
     run_id, states, events = _last_run(airflow_env)
     assert (states["rewrite_offline"], states["rewrite_endpoint"], states["no_rewrite"]) == ("skipped", "skipped", "success")
     assert states["pack"] == states["verify"] == "success"
@@ -163,4 +170,7 @@ def test_dags_test_without_rewrite_packs_the_dedup_output(airflow_env):
     pack = json.loads(open(os.path.join(run_dir, "pack", MANIFEST_NAME)).read())
     assert pack["input"]["stage"] == "dedup"
     assert any(f["path"].endswith(".tar") for f in pack["files"])
+    assert not any(f["path"].endswith(".parquet") and "packs-" in f["path"] for f in pack["files"])
+    index = json.loads(open(os.path.join(run_dir, "pack", "data", "index.json")).read())
+    assert (index["seq_len"], index["pack_format"]) == (1024, "webdataset")
     assert "mmcorpus/rewrite" not in [n for n, _ in events]
