@@ -186,8 +186,13 @@ class PackDataset(_Base):
         self._yielded = {str(k): int(v) for k, v in state["yielded"].items()}
 
     def mark_consumed(self, pack: dict[str, Any]) -> None:
-        key = f"{int(pack['consumer'])}/{int(pack['consumers'])}"
-        self._yielded[key] = max(self._yielded.get(key, 0), int(pack["position"]) + 1)
+        """Record that the training loop received ``pack`` (or a ``collate_packs`` batch of packs)."""
+        cs, ns, ps = pack["consumer"], pack["consumers"], pack["position"]
+        if not isinstance(cs, (list, tuple)):
+            cs, ns, ps = [cs], [ns], [ps]
+        for c, n, p in zip(cs, ns, ps):
+            key = f"{int(c)}/{int(n)}"
+            self._yielded[key] = max(self._yielded.get(key, 0), int(p) + 1)
 
     # --- iteration --------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -370,3 +375,39 @@ def render_pack_text(pack: dict[str, Any], tokenizer: str, max_text: int = 200) 
         body = "".join(parts)
         lines.append(f"  [{i}] {key} ({len(seg)} tokens): {body[:max_text]}{'…' if len(body) > max_text else ''}")
     return "\n".join(lines)
+
+
+def collate_packs(packs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several packs as one flattened (1, total) batch, like transformers' ``DataCollatorWithFlattening``:
+    ``DataLoader(ds, batch_size=4, collate_fn=collate_packs)``. Spans and bounds are shifted to the
+    concatenated positions; cu_seq_lens run over all samples of all packs."""
+    if not packs:
+        raise ValueError("collate_packs needs at least one pack")
+    is_torch = torch is not None and isinstance(packs[0]["input_ids"], torch.Tensor)
+    cat = (lambda xs, dim: torch.cat(xs, dim)) if is_torch else (lambda xs, dim: np.concatenate(xs, dim))
+    offsets, total = [], 0
+    for p in packs:
+        offsets.append(total)
+        total += int(p["input_ids"].shape[1])
+    out: dict[str, Any] = {k: cat([p[k] for p in packs], 1) for k in ("input_ids", "labels", "position_ids")}
+    cu = [packs[0]["cu_seq_lens_q"][:1]] + [p["cu_seq_lens_q"][1:] + off for p, off in zip(packs, offsets)]
+    out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cat(cu, 0)
+    out["max_length_q"] = out["max_length_k"] = max(int(p["max_length_q"]) for p in packs)
+    def shift_offsets(spans, off):
+        spans = spans.clone() if is_torch else spans.copy()
+        spans[:, 0] += off
+        return spans
+
+    out["image_spans"] = cat([shift_offsets(p["image_spans"], off) for p, off in zip(packs, offsets)], 0)
+    out["image_bound"] = cat([p["image_bound"] + off for p, off in zip(packs, offsets)], 0)
+    out["image_grids"] = cat([p["image_grids"] for p in packs], 0)
+    sample_base = np.cumsum([0] + [len(p["sample_keys"]) for p in packs[:-1]])
+    out["image_sample"] = cat([p["image_sample"] + int(b) for p, b in zip(packs, sample_base)], 0)
+    out["images"] = [img for p in packs for img in p["images"]]
+    out["sample_keys"] = [k for p in packs for k in p["sample_keys"]]
+    out["pack_id"] = [p["pack_id"] for p in packs]
+    out["num_tokens"] = sum(int(p["num_tokens"]) for p in packs)
+    for k in ("consumer", "consumers", "position", "epoch"):
+        if k in packs[0]:
+            out[k] = [p[k] for p in packs]
+    return out

@@ -175,3 +175,30 @@ def test_sliced_images_bounds_and_decoding(stage3_parquet):
             assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
             inside = [(s, e) for s, e in p["image_bound"].tolist() if off < s and e < off + n]
             assert inside  # every query run sits inside an image span
+
+
+def test_collate_packs_flattens_a_batch_of_packs(stage3_parquet, stage1_parquet):
+    from torch.utils.data import DataLoader
+
+    from mmcorpus_reader import collate_packs
+
+    packs = list(PackDataset(stage3_parquet))[:3]
+    b = collate_packs(packs)
+    total = sum(p["num_tokens"] for p in packs)
+    assert b["input_ids"].shape == (1, total) and b["num_tokens"] == total
+    cu = b["cu_seq_lens_q"].tolist()
+    assert cu[-1] == total and len(cu) - 1 == len(b["sample_keys"]) == sum(len(p["sample_keys"]) for p in packs)
+    pos = b["position_ids"][0].tolist()
+    assert pos == [i for a, e in zip(cu, cu[1:]) for i in range(e - a)]
+    ids = b["input_ids"][0].tolist()
+    im_start = PackDataset(stage3_parquet).tokens["im_start"]
+    assert all(ids[o] == im_start for o, _ in b["image_spans"].tolist())
+    assert all(ids[s - 1] == im_start for s, _ in b["image_bound"].tolist())
+    assert len(b["images"]) == len(b["image_spans"]) == len(b["image_sample"])
+    # a DataLoader batch of 2 packs per step, resumable through mark_consumed
+    ds = PackDataset(stage1_parquet, as_tensors=True)
+    seen = []
+    for batch in DataLoader(ds, batch_size=2, num_workers=0, collate_fn=collate_packs):
+        ds.mark_consumed(batch)
+        seen += batch["pack_id"]
+    assert seen == _ids(PackDataset(stage1_parquet)) and ds.state_dict()["yielded"] == {"0/1": len(seen)}
