@@ -12,7 +12,7 @@ def make_stage_dir(output_dir: str, pairs: list[Pair], stage: str = "filter", nu
     """Write ``pairs`` as a finished stage output (all kept) and return the directory."""
 
     def build(p):
-        return p | "Pairs" >> beam.Create(pairs) | "Keep" >> beam.Map(Outcome.kept)
+        return p | "Pairs" >> beam.Create(pairs) | "Keep" >> beam.Map(lambda pair: Outcome.kept(pair))
 
     run_stage(
         stage=stage,
