@@ -16,6 +16,7 @@ DAGs can be scheduled on, e.g., ``Asset("mmcorpus/pack")`` and read where the ne
 The rewrite stage runs against a model endpoint only when one is configured and answers
 ``GET <endpoint>/models``; otherwise the ``choose_rewrite`` branch takes ``rewrite_fallback``:
 ``offline-template`` (the deterministic dry-run rewriter) or ``skip`` (pack the dedup output).
+``verify`` checks every stage output of the run and draws ``<run dir>/stats.png``.
 See docs/operations.md.
 """
 
@@ -204,7 +205,8 @@ with DAG(
 
     @task(outlets=[VERIFIED], trigger_rule="all_success")
     def verify(run_dir: str, outlet_events=None) -> dict:
-        """``mmcorpus verify`` on every stage output of the run; fails the run when one is violated."""
+        """``mmcorpus verify`` on every stage output of the run (fails the run when one is violated),
+        then ``mmcorpus stats`` of the run as ``<run dir>/stats.png``."""
         from pipelines import verify as verify_cmd
         from pipelines.inspection import describe_run
 
@@ -216,8 +218,13 @@ with DAG(
         if code != 0:
             raise RuntimeError(f"mmcorpus verify failed (exit {code}) for {dirs}")
         summary = {s["stage"]: {"inputs": s["inputs"], "outputs": s["outputs"]} for s in run["stages"]}
-        outlet_events[VERIFIED].extra = {"path": run_dir, "stages": summary}
-        return {"run_dir": run_dir, "stages": summary}
+        # One picture per run for people: `mmcorpus stats <run> --plot <run>/stats.png`.
+        from pipelines import stats as stats_cmd
+
+        plot = f"{run_dir.rstrip('/')}/stats.png"
+        panels = stats_cmd.plot(stats_cmd.collect(run_dir), plot)
+        outlet_events[VERIFIED].extra = {"path": run_dir, "stages": summary, "stats_png": plot}
+        return {"run_dir": run_dir, "stages": summary, "stats_png": plot, "panels": panels}
 
     verified = verify(RUN_DIR)
 

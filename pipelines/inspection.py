@@ -152,14 +152,24 @@ def _tar_pack_rows(path: str) -> list[dict]:
     return rows
 
 
-def pack_table(stage_dir: str, m: Manifest | None = None, limit: int | None = None) -> pa.Table | None:
-    """All packs of a pack output as one table (the first ``limit`` when given); WebDataset shards
-    become rows with the same column names as the Parquet layout (plus ``num_images``)."""
+# The pack columns the summaries need: no token ids, no image bytes.
+MEASURE_COLUMNS = ("pack_id", "seq_len", "num_tokens", "num_samples", "cu_seqlens", "sample_keys", "image_offset")
+
+
+def pack_table(stage_dir: str, m: Manifest | None = None, limit: int | None = None,
+               columns: tuple[str, ...] | None = None) -> pa.Table | None:
+    """All packs of a pack output as one table (the first ``limit`` when given; only ``columns`` of
+    Parquet shards when given); WebDataset shards become rows with the same column names as the
+    Parquet layout (plus ``num_images``)."""
     tables, n = [], 0
     for path in pack_files(stage_dir, m):
         if path.endswith(".tar"):
             rows = _tar_pack_rows(path)
             t = pa.Table.from_pylist(rows) if rows else None
+        elif columns is not None:
+            with FileSystems.open(path, compression_type="uncompressed") as f:
+                names = pq.ParquetFile(f).schema_arrow.names
+            t = _read_parquet(path, columns=[c for c in columns if c in names])
         else:
             t = _read_parquet(path)
         if t is None:
@@ -188,6 +198,8 @@ def pack_measures(table: pa.Table, seq_len: int | None) -> dict[str, list]:
         widths = [None] * table.num_rows
     if "num_images" in names:
         imgs = table.column("num_images").to_pylist()
+    elif "image_offset" in names:
+        imgs = pc.list_value_length(table.column("image_offset")).to_pylist()
     elif "images" in names:
         imgs = pc.list_value_length(table.column("images")).to_pylist()
     else:
@@ -227,7 +239,7 @@ def _summary_stats(values: list) -> dict[str, float] | None:
 def pack_summary(stage_dir: str, m: Manifest) -> dict[str, Any] | None:
     """Packs, tokens, fill and images per pack of a pack output (from its Parquet shards and index)."""
     index = read_index(stage_dir, m)
-    table = pack_table(stage_dir, m)
+    table = pack_table(stage_dir, m, columns=MEASURE_COLUMNS)
     if table is None and index is None:
         return None
     out: dict[str, Any] = {"shards": len(pack_files(stage_dir, m)) or len((index or {}).get("shards", []))}

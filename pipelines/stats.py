@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.inspection import (
+    MEASURE_COLUMNS,
     _read_parquet,
     _require_dir,
     _seq_len,
@@ -137,7 +138,7 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
         if stage == "dedup":
             clusters = _cluster_sizes(d, m, t)
         if pack_files(d, m):
-            table = pack_table(d, m)
+            table = pack_table(d, m, limit=max_rows, columns=MEASURE_COLUMNS)
             if table is not None and table.num_rows:
                 meas = pack_measures(table, _seq_len(m, read_index(d, m)))
                 packs = meas

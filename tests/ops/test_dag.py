@@ -13,6 +13,7 @@ import textwrap
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from conftest import REPO
 from pipelines import verify
@@ -118,7 +119,11 @@ def test_dags_test_runs_every_stage_and_writes_outputs(airflow_env, sample_dir):
                       "rewrite_offline": "success", "rewrite_endpoint": "skipped", "no_rewrite": "skipped",
                       "pack": "success", "verify": "success"}
     run_dir = os.path.join(airflow_env["MMCORPUS_OUTPUT_ROOT"], "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id))
-    assert sorted(os.listdir(run_dir)) == sorted(STAGES)
+    assert sorted(os.listdir(run_dir)) == sorted(STAGES + ("stats.png",))
+    png = Image.open(os.path.join(run_dir, "stats.png"))
+    assert json.loads(png.text["Description"])["panels"] == [
+        "caption_words", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack", "images_per_pack"]
+    assert png.size == (1280, 1200)
     for stage in STAGES:
         d = os.path.join(run_dir, stage)
         manifest = json.loads(open(os.path.join(d, MANIFEST_NAME)).read())
@@ -166,7 +171,7 @@ def test_dags_test_without_rewrite_packs_the_dedup_output(airflow_env):
     assert (states["rewrite_offline"], states["rewrite_endpoint"], states["no_rewrite"]) == ("skipped", "skipped", "success")
     assert states["pack"] == states["verify"] == "success"
     run_dir = os.path.join(airflow_env["MMCORPUS_OUTPUT_ROOT"], "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id))
-    assert sorted(os.listdir(run_dir)) == ["dedup", "filter", "pack"]
+    assert sorted(os.listdir(run_dir)) == ["dedup", "filter", "pack", "stats.png"]
     pack = json.loads(open(os.path.join(run_dir, "pack", MANIFEST_NAME)).read())
     assert pack["input"]["stage"] == "dedup"
     assert any(f["path"].endswith(".tar") for f in pack["files"])
