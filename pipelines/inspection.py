@@ -694,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a stage output directory (with manifest.json) or a run directory holding several")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--samples", type=int, default=0, metavar="N", help="also show N decoded samples (or packs)")
-    p.add_argument("--key", help="trace one sample key through every stage of the run")
+    p.add_argument("--key", help="trace one sample key through every stage of the run (exit 1 if no stage saw it)")
     return p
 
 
@@ -719,9 +719,11 @@ def main(argv: list[str] | None = None) -> int:
         m = read_manifest(path)
         result["samples"] = sample_packs(path, args.samples) if pack_files(path, m) else sample_records(path, args.samples)
 
+    # --key of a key no stage ever saw exits 1, so scripts can tell "unknown" from "dropped".
+    code = 1 if "trace" in result and result["trace"]["fate"] == "never seen" else 0
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
-        return 0
+        return code
     from rich.console import Console
 
     console = Console()
@@ -733,5 +735,5 @@ def main(argv: list[str] | None = None) -> int:
         render_run(result["run"], console)
     if "samples" in result:
         render_samples(result["samples"], console)
-    return 0
+    return code
 

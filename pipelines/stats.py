@@ -85,13 +85,17 @@ def _words(texts: list[str | None]) -> list[int]:
     return [len(t.split()) for t in texts if t is not None]
 
 
-def raw_input_captions(path: str, input_format: str = "auto", max_rows: int = MAX_ROWS_DEFAULT) -> list[str]:
+def raw_input_captions(path: str, input_format: str = "auto", max_rows: int = MAX_ROWS_DEFAULT,
+                       columns: dict[str, Any] | None = None) -> list[str]:
     """Captions of the filter's raw input (before any filter), read in-process with the same ingest
-    code the filter stage runs; records unusable at ingest (failed downloads...) have none."""
+    code the filter stage runs; records unusable at ingest (failed downloads...) have none.
+    ``columns``: the filter's recorded input settings (url_col, caption_col, key_col, header)."""
     from schemas.records import Pair
     from transforms.ingest import ExpandUnitsFn, InputSpec, ReadInputUnitFn, resolve_input
 
-    resolved = resolve_input(InputSpec(path=path, format=input_format))
+    known = {"url_col", "caption_col", "key_col", "header"}
+    extra = {k: v for k, v in (columns or {}).items() if k in known and v is not None}
+    resolved = resolve_input(InputSpec(path=path, format=input_format, **extra))
     if resolved.format == "stage":
         raise UserError(f"--raw-input {path} is a stage output; pass the raw input the filter read")
     expand, read = ExpandUnitsFn(resolved), ReadInputUnitFn(resolved)
@@ -119,7 +123,11 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
 
     captions: dict[str, list[int]] = {}
     if raw_input:
-        captions["raw input (before filter)"] = _words(raw_input_captions(raw_input, input_format, max_rows))
+        # Read the raw input the way the filter did: its manifest records the column settings.
+        filter_cfg = next((read_manifest(d).config.get("input") for st, d in scope if st == "filter"), None) or {}
+        if input_format == "auto" and filter_cfg.get("format") not in (None, "auto"):
+            input_format = filter_cfg["format"]
+        captions["raw input (before filter)"] = _words(raw_input_captions(raw_input, input_format, max_rows, filter_cfg))
     reasons: Counter = Counter()
     clusters: list[int] | None = None
     packs: dict[str, list] | None = None

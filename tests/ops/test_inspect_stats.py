@@ -114,6 +114,11 @@ def test_key_trace_follows_a_duplicate_and_a_failed_download(demo_run, capsys):
         ("filter", "error", "download_failed"), ("dedup", "absent", ""), ("rewrite", "absent", ""), ("pack", "absent", "")]
     assert FAILED_ROWS[0][3] in failed["steps"][0]["detail"]
 
+    capsys.readouterr()
+    assert inspection.main([str(demo_run["root"]), "--key", "no-such-key", "--json"]) == 1
+    unknown = json.loads(capsys.readouterr().out)["trace"]
+    assert unknown["fate"] == "never seen" and {s["status"] for s in unknown["steps"]} == {"absent"}
+
 
 def test_key_trace_locates_a_kept_sample_in_its_pack(demo_run, capsys, monkeypatch):
     trace = _json_main(inspection, [str(demo_run["dedup"]), "--key", DUPLICATE_OF], capsys)["trace"]
