@@ -254,6 +254,13 @@ class VLLMServer:
                 proc.wait(timeout=timeout)
             except ProcessLookupError:
                 pass
+            # The engine processes vLLM spawned share the group and exit shortly after their parent.
+            if not _wait_group_gone(pgid, timeout):
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                _wait_group_gone(pgid, 10.0)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -263,6 +270,36 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return not os.path.isdir("/proc")
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def load_lora_adapter(root_url: str, name: str, path: str) -> None:

@@ -200,6 +200,7 @@ def chain(tmp_path_factory, tiny_model, vllm_python, cc3m_captions):
         after_second = server_metrics(root)
         timings["rerun"] = time.monotonic() - t0
         server_env = open(f"/proc/{info['pid']}/environ", "rb").read()
+        server.stop()  # before the merged-model test starts its own server (one at a time: ~3 GB each)
         yield {
             "work": work, "info": info, "filter_dir": filter_dir, "seed_dir": seed_dir, "sft_dir": sft_dir,
             "ft_dir": ft_dir, "rewrite_dir": rewrite_dir, "cache_dir": cache_dir,
@@ -347,6 +348,26 @@ def test_api_key_never_printed_logged_or_written(chain):
     with open(chain["server"].log_path, "rb") as f:
         assert needle not in f.read()
     assert SENTINEL_KEY not in "".join(chain["server"].stderr_chunks)
+
+
+def test_merged_model_serves_through_the_context_manager(chain, vllm_python, cc3m_captions):
+    """``finetune --merge`` output served on its own (``VLLMServer``, the fixture-friendly API)."""
+    from rewriter.serving import ServeConfig, VLLMServer
+
+    cfg = ServeConfig(model=os.path.join(chain["ft_dir"], "merged"), served_model_name="rewriter-merged",
+                      python=vllm_python, max_model_len=512, log_path=os.path.join(chain["work"], "merged.log"))
+    with VLLMServer(cfg) as server:
+        assert server.models() == ["rewriter-merged"]
+        probe = _probe(server.base_url, "rewriter-merged", cc3m_captions[300: 300 + N_PROBE])
+        pid = server.proc.pid
+    assert server.proc is None
+    from rewriter.serving import _group_alive
+
+    assert not _group_alive(pid)  # stop() waited for the whole process group (engine processes too)
+    print("probe merged", Counter(probe))
+    merged_ok = sum(r == "ok" for _, r in probe)
+    base_ok = sum(r == "ok" for _, r in chain["probe_base"])
+    assert merged_ok > base_ok and merged_ok >= N_PROBE // 2
 
 
 def _input_pairs_from(stage_dir: str) -> list[Pair]:
