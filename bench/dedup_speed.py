@@ -35,11 +35,14 @@ def _best_of(fn, repeats: int) -> float:
     return best
 
 
-def bench_signatures(repeats: int = 3) -> dict:
+def bench_signatures(repeats: int = 3, shingles: str | None = None) -> dict:
     """Captions/s of signature computation (shingling included) on the real sample captions."""
     from datasketch import MinHash
 
     cfg = DedupConfig()
+    if shingles:
+        kind, n = shingles.split(":")
+        cfg = DedupConfig(shingle=kind, ngram=int(n))
     caps = real_captions()
     caps = (caps * (20000 // len(caps) + 1))[:20000]
     n = len(caps)
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--skip-stage", action="store_true")
     parser.add_argument("--skip-signatures", action="store_true")
+    parser.add_argument("--shingles", help="signature bench shingling as kind:n (default: DedupConfig's)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results to this file")
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results: dict = {}
     if not args.skip_signatures:
-        results["signatures"] = bench_signatures()
+        results["signatures"] = bench_signatures(shingles=args.shingles)
         print(json.dumps(results["signatures"], indent=2), flush=True)
     if not args.skip_stage:
         sizes = [int(s) for s in args.sizes.split(",")]
