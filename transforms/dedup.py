@@ -194,7 +194,8 @@ def image_sha(pair: Pair) -> str | None:
 class ExtractFeaturesFn(beam.DoFn):
     """Batch of Pairs → Features (normalised-caption digest, image sha256, keep rank, MinHash
     signature, dHash). A record whose features cannot be computed gets ``error`` set (exception
-    type only) and becomes an ``error`` outcome; an undecodable image only loses its dHash."""
+    type only) and becomes an ``error`` outcome; an undecodable or flat image (``phash.is_low_detail``)
+    only loses its dHash (exact-image dedup still applies to it)."""
 
     def __init__(self, cfg: DedupConfig):
         self.cfg = cfg
@@ -203,6 +204,7 @@ class ExtractFeaturesFn(beam.DoFn):
         self.hasher = mh.MinHasher(self.cfg.num_perm, self.cfg.seed)
         self.total = Metrics.counter("mmcorpus.dedup", "total")
         self.undecodable = Metrics.counter("mmcorpus.dedup", "phash_undecodable")
+        self.low_detail = Metrics.counter("mmcorpus.dedup", "phash_low_detail")
         self.errors = Metrics.counter("mmcorpus.dedup", "errors_features")
 
     def process(self, batch: list[Pair]):
@@ -219,6 +221,9 @@ class ExtractFeaturesFn(beam.DoFn):
                         dh = ph.dhash(pair.image)
                     except Exception:  # undecodable image: no near-image rule for it, still deduped otherwise
                         self.undecodable.inc()
+                    if dh is not None and ph.is_low_detail(dh):
+                        self.low_detail.inc()  # flat image: its dHash would match every other flat image
+                        dh = None
                 sh = mh.shingles(norm, cfg.shingle, cfg.ngram) if cfg.near_caption_threshold is not None else []
                 rows.append(
                     dict(

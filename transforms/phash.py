@@ -34,6 +34,17 @@ def dhash(image_bytes: bytes) -> int:
     return int(np.packbits(bits.astype(np.uint8)).view(">u8")[0])
 
 
+# A flat or smoothly graded image (blank banner, solid product background) hashes to (almost) all
+# zeros or all ones; such hashes say nothing about the picture and would merge unrelated images.
+MIN_DETAIL_BITS = 5
+
+
+def is_low_detail(h: int) -> bool:
+    """True when fewer than ``MIN_DETAIL_BITS`` bits are set, or fewer than that many are clear."""
+    ones = h.bit_count()
+    return ones < MIN_DETAIL_BITS or HASH_BITS - ones < MIN_DETAIL_BITS
+
+
 def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 

@@ -55,3 +55,15 @@ def test_pigeonhole_banding(k):
         for f in flips:
             b ^= 1 << f
         assert set(ph.band_keys(a, k)) & set(ph.band_keys(b, k)), "pair within k bits shares no chunk"
+
+
+def test_flat_images_are_low_detail(sample_dir):
+    def png(color, size):
+        buf = io.BytesIO()
+        Image.new("RGB", size, color).save(buf, "PNG")
+        return buf.getvalue()
+
+    assert ph.is_low_detail(ph.dhash(png("white", (32, 32))))
+    assert ph.is_low_detail(ph.dhash(png((200, 200, 200), (50, 40))))
+    for p in sorted((sample_dir / "cc_images").glob("*.jpg"))[:8]:
+        assert not ph.is_low_detail(ph.dhash(p.read_bytes()))

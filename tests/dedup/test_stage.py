@@ -247,3 +247,17 @@ def test_feature_errors_become_error_outcomes():
             equal_to([("bad", "error", "exception_AttributeError", None), ("g1", "kept", "ok", "g1"),
                       ("g2", "duplicate", "exact-caption", "g1")]),
         )
+
+
+def test_flat_images_are_not_near_image_duplicates():
+    def png(color, size):
+        buf = io.BytesIO()
+        Image.new("RGB", size, color).save(buf, "PNG")
+        data = buf.getvalue()
+        return data, size[0], size[1]
+
+    pairs = [_with_image("w1", "summer sale banner", png("white", (64, 64))),
+             _with_image("w2", "blank placeholder", png((250, 250, 250), (80, 60)))]
+    with TestPipeline() as p:
+        outcomes, _ = p | beam.Create(pairs) | Deduplicate(DedupConfig())
+        assert_that(outcomes | beam.Map(lambda o: (o.key, o.status)), equal_to([("w1", "kept"), ("w2", "kept")]))
