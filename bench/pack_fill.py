@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
-import io
 import json
 import math
 import pathlib
@@ -213,7 +212,6 @@ def bench_stage(copies: int = 20) -> dict:
     """The whole pack stage (DirectRunner, one process): the 26 bundled photos x ``copies`` under
     distinct keys, stage 3, seq 4096, Parquet. Image decode + resize + JPEG encode dominate."""
     from pipelines import pack
-    from schemas.records import Pair
 
     sys_path = str(pathlib.Path(__file__).resolve().parent.parent / "tests")
     import sys

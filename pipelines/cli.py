@@ -47,6 +47,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def run_script(main_fn, name: str) -> None:
+    """Entry for a stage module run as a file (``python pipelines/filter.py ...``, as Airflow's Beam
+    operator does): the same exit codes and error messages as ``mmcorpus NAME``."""
+    try:
+        code = main_fn(sys.argv[1:])
+    except UserError as e:
+        print(f"mmcorpus {name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(int(code or 0))
+
+
 def _quiet_optional_gcp(record: logging.LogRecord) -> bool:
     msg = record.getMessage()
     return "apitools not found" not in msg and "Failed to import GCSFileSystem" not in msg

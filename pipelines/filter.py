@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import apache_beam as beam
 
 from pipelines.config import build, load_toml, section, to_dict
 from pipelines.runner import StageResult, add_stage_args, run_stage
-from schemas.errors import UserError
 from transforms.caption_filters import CaptionFilterConfig, CaptionQualityFlagger, caption_filters
 from transforms.filter_base import ApplyFiltersFn
 from transforms.image_filters import ImageFilterConfig, image_filters
@@ -85,8 +83,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main(sys.argv[1:]))
-    except UserError as e:
-        print(f"mmcorpus filter: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    from pipelines.cli import run_script
+
+    run_script(main, "filter")

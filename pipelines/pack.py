@@ -178,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main(sys.argv[1:]))
-    except UserError as e:
-        print(f"mmcorpus pack: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    from pipelines.cli import run_script
+
+    run_script(main, "pack")

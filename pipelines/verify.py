@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -160,8 +159,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main(sys.argv[1:]))
-    except UserError as e:
-        print(f"mmcorpus verify: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    from pipelines.cli import run_script
+
+    run_script(main, "verify")

@@ -13,3 +13,8 @@ from schemas.records import (  # noqa: F401
     Outcome,
     Pair,
 )
+
+__all__ = [
+    "DUPLICATE", "ERROR", "KEPT", "LEDGER_SCHEMA", "PAIR_SCHEMA", "REASON_OK", "REJECTED", "STATUSES",
+    "LedgerRow", "Outcome", "Pair",
+]

@@ -15,7 +15,7 @@ import math
 import os
 import pathlib
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from schemas.errors import UserError

@@ -31,18 +31,7 @@ def sample_pairs(captions_only: int = 40) -> list[Pair]:
 
 
 def make_input_dir(output_dir: str, pairs: list[Pair], stage: str = "rewrite") -> str:
-    """A finished stage output holding ``pairs`` (all kept); like helpers.make_stage_dir, whose
-    ``beam.Map(Outcome.kept)`` trips Beam's type-hint check on ``**extra``."""
-    import apache_beam as beam
+    """A finished stage output holding ``pairs`` (all kept), a rewrite output by default."""
+    from helpers import make_stage_dir
 
-    from pipelines.runner import run_stage
-    from schemas.records import Outcome
-
-    def build(p):
-        return p | "Pairs" >> beam.Create(pairs) | "Keep" >> beam.Map(lambda pair: Outcome.kept(pair))
-
-    run_stage(
-        stage=stage, output_dir=output_dir, config={"test_fixture": True},
-        input_info={"kind": "test", "fingerprint": "test"}, build=build, beam_args=[], num_shards=2, force=True,
-    )
-    return output_dir
+    return make_stage_dir(output_dir, pairs, stage=stage, num_shards=2)

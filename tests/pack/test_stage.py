@@ -8,7 +8,6 @@ import os
 import pathlib
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 

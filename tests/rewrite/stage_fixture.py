@@ -1,25 +1,10 @@
-"""Write Pair records as a finished stage output for rewrite tests.
-
-``tests.helpers.make_stage_dir`` maps ``Outcome.kept`` directly, which Beam 2.77's type-hint check
-rejects (``**extra: str``); this wraps it in a lambda and is otherwise the same.
-"""
+"""Write Pair records as a finished stage output for rewrite tests (a dedup output by default)."""
 
 from __future__ import annotations
 
-import apache_beam as beam
-
-from pipelines.runner import run_stage
-from schemas.records import Outcome, Pair
+import helpers
+from schemas.records import Pair
 
 
 def make_stage_dir(output_dir: str, pairs: list[Pair], stage: str = "dedup", num_shards: int = 2) -> str:
-    """Write ``pairs`` as a finished stage output (all kept) and return the directory."""
-
-    def build(p):
-        return p | "Pairs" >> beam.Create(pairs) | "Keep" >> beam.Map(lambda pair: Outcome.kept(pair))
-
-    run_stage(
-        stage=stage, output_dir=output_dir, config={"test_fixture": True},
-        input_info={"kind": "test", "fingerprint": "test"}, build=build, beam_args=[], num_shards=num_shards, force=True,
-    )
-    return output_dir
+    return helpers.make_stage_dir(output_dir, pairs, stage=stage, num_shards=num_shards)
