@@ -8,12 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
+import torch  # the finetune extra, which make test installs (the reader itself runs without it)
 
 from mmcorpus_reader import PackDataset, shuffle_order
 from schemas import packed as S
-
-torch = pytest.importorskip("torch")  # the finetune extra; the reader itself runs without it
 
 
 def _ids(packs):
@@ -144,7 +142,7 @@ def test_block_diagonal_mask_from_cu_seqlens_keeps_tokens_in_their_sample(stage1
 
 
 def test_transformers_masking_on_our_position_ids_isolates_samples(stage1_parquet):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the finetune extra (make test installs it)
     from transforms.tokens import TextTokenizer
 
     torch.manual_seed(0)

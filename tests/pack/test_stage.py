@@ -107,7 +107,7 @@ def test_webdataset_package_reads_the_same_packs(stage3_parquet, stage3_wds):
 
 
 def test_hf_datasets_reads_the_parquet_shards(stage3_parquet, tmp_path):
-    datasets = pytest.importorskip("datasets")  # dev extra
+    import datasets  # dev extra (make test installs it)
     files = sorted(str(p) for p in pathlib.Path(stage3_parquet, "data").glob("*.parquet"))
     ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path))
     want = _parquet_rows(stage3_parquet)

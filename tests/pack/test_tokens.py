@@ -96,7 +96,7 @@ def test_tokenizer_errors_name_the_path_and_the_fix(tmp_path):
 
 
 def test_transformers_tokenizer_dir(tmp_path):
-    transformers = pytest.importorskip("transformers")  # the finetune extra
+    import transformers  # the finetune extra (make test installs it)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(T.DEFAULT_TOKENIZER), unk_token="<unk>", eos_token="</s>")
     fast.save_pretrained(tmp_path / "tokdir")
     tok = T.TextTokenizer(tmp_path / "tokdir")
