@@ -4,8 +4,8 @@ build, run, and hand back the manifest it wrote."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -14,6 +14,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines import progress  # live counter + time-per-stage summary
 from schemas.manifest import DATA_DIR, LEDGER_DIR, MANIFEST_NAME, Manifest, config_hash
 from transforms.stage_io import WriteStageOutput, join, read_bytes
 
@@ -63,11 +64,8 @@ def is_up_to_date(output_dir: str, config: dict, input_info: dict) -> Manifest |
         path = join(output_dir, entry.path)
         if not FileSystems.exists(path):
             return None
-        if "://" not in path:
-            import os
-
-            if os.path.getsize(path) != entry.bytes:
-                return None
+        if "://" not in path and os.path.getsize(path) != entry.bytes:
+            return None
     return m
 
 
@@ -125,14 +123,10 @@ def run_stage(
         m = is_up_to_date(output_dir, full_config, input_info)
         if m is not None:
             log.info("%s: %s is up to date (config %s), skipping", stage, output_dir, m.config_hash[:12])
-            from pipelines import progress
-
             progress.record_stage(stage, time.monotonic() - t0, m.counts.get("inputs"), m.counts.get("outputs"),
                                   skipped=True, output_dir=output_dir)
             return StageResult(manifest=m, skipped=True, seconds=time.monotonic() - t0)
     clear_output(output_dir)
-    from pipelines import progress  # live counter + time-per-stage summary (issue 6)
-
     with progress.stage_progress(stage, total=input_info.get("records")), beam.Pipeline(
         options=beam_options(beam_args)
     ) as p:
@@ -160,7 +154,3 @@ def run_stage(
     seconds = time.monotonic() - t0
     progress.record_stage(stage, seconds, m.counts.get("inputs"), m.counts.get("outputs"), output_dir=output_dir)
     return StageResult(manifest=m, skipped=False, seconds=seconds)
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
