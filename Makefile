@@ -13,7 +13,7 @@ CORE_STAMP  := $(VENV)/.core-installed
 FULL_STAMP  := $(VENV)/.full-installed
 VLLM_STAMP  := $(VLLM_VENV)/.installed
 
-.PHONY: demo demo-vllm test test-fast env env-full vllm-env bench lock clean
+.PHONY: demo demo-vllm test test-fast env env-full vllm-env system-deps bench lock clean
 
 demo: $(CORE_STAMP)
 	$(VENV)/bin/mmcorpus demo --output build/demo
@@ -23,7 +23,7 @@ demo: $(CORE_STAMP)
 demo-vllm: $(FULL_STAMP) $(VLLM_STAMP)
 	MMCORPUS_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m rewriter.demo_vllm --output build/demo-vllm
 
-test: $(FULL_STAMP) $(VLLM_STAMP)
+test: system-deps $(FULL_STAMP) $(VLLM_STAMP)
 	MMCORPUS_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m pytest
 
 # Everything but the tests that start vLLM or Airflow.
@@ -58,6 +58,18 @@ $(VLLM_STAMP): vllm-requirements.txt
 
 bench: $(FULL_STAMP)
 	$(VENV)/bin/python -m bench.run_all
+
+# System packages from Debian that tests and reports use: headless Chromium (the HTML report is
+# checked in a real browser) and CJK fonts (plots and synthetic documents render Chinese text).
+# Installed only when missing; needs root (as CI is) or an existing install.
+SYSTEM_PACKAGES := chromium fonts-noto-cjk fonts-dejavu-core
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install$$missing (or install them yourself)" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 # Re-resolve and pin: run after changing dependencies in pyproject.toml.
 lock:
