@@ -45,6 +45,9 @@ class Pair:
         qa: question–answer pairs produced by the rewriter, as ``[{"question": .., "answer": ..}]``.
         rewrite_model, prompt_version: provenance of the rewrite.
         cluster_id, cluster_size: set by dedup on the kept representative of a duplicate cluster.
+        lang: the caption's language as the filter stage identified it (ISO 639-1, ``und`` when
+            undetermined; None in files written before language identification existed).
+        lang_score: confidence of ``lang`` in [0, 1].
 
     Example:
         >>> p = Pair(key="abc123", url=None, caption="a dog on a beach")
@@ -70,6 +73,8 @@ class Pair:
     prompt_version: str | None = None
     cluster_id: str | None = None
     cluster_size: int | None = None
+    lang: str | None = None
+    lang_score: float | None = None
 
     def to_row(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -110,6 +115,8 @@ PAIR_SCHEMA = pa.schema(
         pa.field("prompt_version", pa.string()),
         pa.field("cluster_id", pa.string()),
         pa.field("cluster_size", pa.int64()),
+        pa.field("lang", pa.string()),
+        pa.field("lang_score", pa.float64()),
     ]
 )
 PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(Pair))

@@ -54,7 +54,7 @@ def test_thresholds_switch_off_with_none():
     assert reason_of("a cat", cfg) is None
 
 
-def test_language_heuristic():
+def test_language_filter_english_only():
     cfg = CaptionFilterConfig(languages=("en",))
     assert reason_of("a small boat on a calm lake", cfg) is None
     assert reason_of("Интеллектуалы коммунисты на собрании", cfg) == reasons.CAPTION_LANGUAGE
@@ -63,7 +63,8 @@ def test_language_heuristic():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(min_chars=10, max_chars=5), dict(min_words=5, max_words=2), dict(languages=("de",))],
+    [dict(min_chars=10, max_chars=5), dict(min_words=5, max_words=2), dict(languages=("English",)),
+     dict(languages=()), dict(languages=("en",), detect_language=False)],
 )
 def test_bad_config_raises_in_init(kwargs):
     with pytest.raises(ValueError):
