@@ -297,6 +297,9 @@ def describe(stage_dir: str) -> dict[str, Any]:
     packs = pack_summary(stage_dir, m)
     if packs is not None:
         info["packs"] = packs
+    languages = language_counts(stage_dir, m)
+    if languages:
+        info["languages"] = languages
     return info
 
 
@@ -541,6 +544,8 @@ def render_describe(info: dict[str, Any], console) -> None:
     head.add_row("records", f"{_fmt_num(c['inputs'])} in, {_fmt_num(c['outputs'])} kept")
     bad = [k for k, ok in info["invariants"].items() if not ok]
     head.add_row("invariants", "[green]ok[/green]" if not bad else f"[red]violated: {', '.join(bad)}[/red]")
+    if info.get("languages"):
+        head.add_row("languages", escape(", ".join(f"{k} {v:,}" for k, v in info["languages"].items())))
     console.print(head)
 
     t = Table(title="ledger: counts by status and reason")
@@ -737,3 +742,26 @@ def main(argv: list[str] | None = None) -> int:
         render_samples(result["samples"], console)
     return code
 
+
+# --- counts by caption language (issue 11) ---------------------------------------------------------
+def language_counts(stage_dir: str, m: Manifest | None = None, max_rows: int | None = None) -> dict[str, int]:
+    """Kept records per caption language (``lang`` column), most frequent first; empty when the
+    data files have no language (written before language identification, or with it off)."""
+    from collections import Counter
+
+    m = m or read_manifest(stage_dir)
+    counts: Counter = Counter()
+    n = 0
+    for f in sorted(m.files_of(FILE_KIND_DATA), key=lambda f: f.path):
+        if not f.path.endswith(".parquet"):
+            continue
+        path = join(stage_dir, f.path)
+        with FileSystems.open(path, compression_type="uncompressed") as fh:
+            if "lang" not in pq.ParquetFile(fh).schema_arrow.names:
+                return {}
+        col = _read_parquet(path, columns=["lang"]).column("lang").to_pylist()
+        counts.update(x for x in col if x is not None)
+        n += len(col)
+        if max_rows is not None and n >= max_rows:
+            break
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -5,6 +5,8 @@ Panels, in this fixed order, each present only when its data exists in DIR (a st
 directory holding several):
     caption_words      caption length in words: raw input (with --raw-input), each stage output,
                        and the captions before rewriting
+    languages          kept records by caption language (``Pair.lang``) after each stage, labelled
+                       with the language's own name (中文, 日本語: drawn with Noto CJK)
     ledger_reasons     non-kept ledger rows by stage and reason (when there are any)
     cluster_sizes      duplicate cluster sizes (dedup output)
     tokens_per_sample  tokens per packed sample (pack output)
@@ -34,6 +36,7 @@ from pipelines.inspection import (
     _require_dir,
     _seq_len,
     is_stage_dir,
+    language_counts,
     pack_files,
     pack_measures,
     pack_table,
@@ -45,9 +48,10 @@ from schemas.manifest import FILE_KIND_DATA, FILE_KIND_LEDGER, MANIFEST_NAME
 from schemas.records import KEPT
 from transforms.stage_io import join, read_manifest
 
-PANELS = ("caption_words", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack", "images_per_pack")
+PANELS = ("caption_words", "languages", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack", "images_per_pack")
 PANEL_TITLES = {
     "caption_words": "caption length (words)",
+    "languages": "kept records by caption language",
     "ledger_reasons": "removed records by stage and reason",
     "cluster_sizes": "duplicate cluster sizes",
     "tokens_per_sample": "tokens per packed sample",
@@ -58,6 +62,12 @@ PANEL_TITLES = {
 PANEL_W_IN, PANEL_H_IN, DPI = 6.4, 4.0, 100
 FIG_FACE = "#ececec"  # figure background: panels are white on it, empty grid cells stay grey
 MAX_ROWS_DEFAULT = 1_000_000
+# Language labels in their own script, so the panel shows that CJK text renders.
+LANG_NAMES = {"en": "English", "zh": "中文", "ja": "日本語", "ko": "한국어", "es": "Español", "fr": "Français",
+              "de": "Deutsch", "ru": "Русский", "und": "undetermined"}
+# Fonts with Han, Kana and Hangul glyphs, tried in order (fonts-noto-cjk from `make system-deps`;
+# WenQuanYi as a fallback); DejaVu Sans stays first for Latin/Cyrillic.
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Serif CJK SC", "WenQuanYi Zen Hei", "Droid Sans Fallback")
 
 
 def _stage_scope(path: str) -> list[tuple[str, str]]:
@@ -129,6 +139,7 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
             input_format = filter_cfg["format"]
         captions["raw input (before filter)"] = _words(raw_input_captions(raw_input, input_format, max_rows, filter_cfg))
     reasons: Counter = Counter()
+    langs: dict[str, dict[str, int]] = {}
     clusters: list[int] | None = None
     packs: dict[str, list] | None = None
     for stage, d in scope:
@@ -138,6 +149,9 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
             if status != KEPT:
                 reasons[f"{stage}: {reason}"] += n
         t = _read_data_column(d, ["caption", "raw_caption", "cluster_size"], max_rows)
+        stage_langs = _lang_counts(d, max_rows)
+        if stage_langs:
+            langs[f"after {stage}"] = stage_langs
         if t is not None and t.num_rows:
             if stage == "rewrite" or pc.sum(pc.is_valid(t.column("raw_caption"))).as_py():
                 raw = [r if r is not None else c for r, c in zip(t.column("raw_caption").to_pylist(), t.column("caption").to_pylist())]
@@ -152,6 +166,8 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
                 packs = meas
     if captions:
         panels["caption_words"] = captions
+    if langs:
+        panels["languages"] = langs
     if reasons:
         panels["ledger_reasons"] = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
     if clusters is not None:
@@ -162,6 +178,24 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
         if any(v is not None for v in packs["pack_images"]):
             panels["images_per_pack"] = [v for v in packs["pack_images"] if v is not None]
     return {"dir": path, "stages": [s for s, _ in scope], "panels": panels}
+
+
+def _lang_counts(stage_dir: str, max_rows: int) -> dict[str, int]:
+    return language_counts(stage_dir, max_rows=max_rows)
+
+
+def use_cjk_font() -> str | None:
+    """Make the first installed CJK font matplotlib's fallback after DejaVu Sans, so labels in Han,
+    Kana or Hangul render instead of as boxes; returns its name (None: none found). Matplotlib
+    falls back glyph by glyph only across the names in ``font.family`` (a generic family such as
+    ``sans-serif`` resolves to one font), so both go there."""
+    from matplotlib import font_manager, rcParams
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    found = next((name for name in CJK_FONTS if name in installed), None)
+    if found:
+        rcParams["font.family"] = ["DejaVu Sans", found]
+    return found
 
 
 def _cluster_sizes(stage_dir: str, m, data: pa.Table | None) -> list[int]:
@@ -193,6 +227,7 @@ def plot(stats: dict[str, Any], out_path: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    use_cjk_font()
     names = [p for p in PANELS if p in stats["panels"]]
     if not names:
         raise UserError(f"{stats['dir']}: nothing to plot (no captions, ledger reasons, clusters or packs)")
@@ -230,6 +265,15 @@ def _draw(ax, name: str, data) -> None:
         for label, values in data.items():
             ax.hist([min(v, 80) for v in values], bins=bins, histtype="step", linewidth=1.5, label=f"{label} (n={len(values):,})")
         ax.set_xlabel("words (80+ pooled)")
+        ax.set_ylabel("records")
+        ax.legend(fontsize=7)
+    elif name == "languages":
+        codes = sorted({c for v in data.values() for c in v}, key=lambda c: -sum(v.get(c, 0) for v in data.values()))[:12]
+        width = 0.8 / max(1, len(data))
+        for i, (label, counts) in enumerate(data.items()):
+            ax.bar([x + i * width for x in range(len(codes))], [counts.get(c, 0) for c in codes], width=width, label=label)
+        ax.set_xticks([x + width * (len(data) - 1) / 2 for x in range(len(codes))])
+        ax.set_xticklabels([f"{c}\n{LANG_NAMES.get(c, '')}".strip() for c in codes], fontsize=8)
         ax.set_ylabel("records")
         ax.legend(fontsize=7)
     elif name == "ledger_reasons":
@@ -277,7 +321,7 @@ def summarize(stats: dict[str, Any]) -> dict[str, Any]:
     """Small per-panel summaries (n, min, mean, max) for the table and --json."""
     out: dict[str, Any] = {}
     for name, data in stats["panels"].items():
-        if name == "ledger_reasons":
+        if name in ("ledger_reasons", "languages"):
             out[name] = data
         elif name == "caption_words":
             out[name] = {k: _stat(v) for k, v in data.items()}
@@ -331,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "ledger_reasons":
             for k, v in s.items():
                 t.add_row(name, k, f"{v:,}", "", "", "")
+        elif name == "languages":
+            for stage_label, counts in s.items():
+                for code, v in counts.items():
+                    t.add_row(name, f"{stage_label}: {code}", f"{v:,}", "", "", "")
         elif name == "caption_words":
             for k, v in s.items():
                 t.add_row(name, k, *_cells(v))

@@ -32,6 +32,7 @@ UNSPACED = re.compile(f"[{UNSPACED_RANGES}]")
 UNIT = re.compile(f"[{CJK_RANGES}]|[^\\W_{CJK_RANGES}]+(?:['’][^\\W_{CJK_RANGES}]+)*")
 # Letters and combining marks (Devanagari/Thai vowel signs are marks, not punctuation).
 LETTER_OR_MARK = re.compile(r"[^\W\d_]|[\u0300-\u036f\u0900-\u0dff\u0e31-\u0e4e\u0eb1-\u0ecd\u1000-\u109f\u17b4-\u17d3]")
+ASCII_LETTER = re.compile(r"[A-Za-z]")
 CASED = re.compile(r"[A-Za-z\u00c0-\u024f\u0370-\u03ff\u0400-\u04ff]")
 
 SPACED, CJK_ONLY, MIXED, UNSPACED_SCRIPT = "spaced", "cjk", "mixed", "unspaced"
@@ -76,7 +77,7 @@ def profile(text: str) -> ScriptProfile:
     low = text.lower()
     units = tuple(UNIT.findall(low))
     if text.isascii():  # the common English case: no CJK, no unspaced script, every letter cased
-        letters = sum(ch.isalpha() for ch in text)
+        letters = len(ASCII_LETTER.findall(text))
         return ScriptProfile(units, 0, 0, 0, 0, len(units), 0, letters, letters)
     han, kana, hangul = len(HAN.findall(text)), len(KANA.findall(text)), len(HANGUL.findall(text))
     cjk = han + kana + hangul
@@ -150,9 +151,9 @@ ZH_BOILERPLATE = re.compile(
 # A trailing credit or site name after a separator: stripped from the dedup key (a caption with a
 # credit suffix is the same caption), never from the caption itself.
 ZH_CREDIT_SUFFIX = re.compile(
-    r"(?:[\s\-_|/,.:;~]*(?:" + ZH_CREDIT.pattern + "|"
+    r"(?:[\s\-_|/,.:;~()\[\]]*(?:" + ZH_CREDIT.pattern + "|"
     + "|".join(re.escape(s) for s in sorted(ZH_SITES + ("版权所有", "高清壁纸", "免费下载", "素材下载", "高清图片"), key=len, reverse=True))
-    + r"))+[\s\-_|/,.:;~]*$",
+    + r"))+[\s\-_|/,.:;~()\[\]]*$",
     re.IGNORECASE,
 )
 
@@ -185,9 +186,15 @@ class LangResult(NamedTuple):
     method: str  # "script" (decided by the script counts) or "cld2"
 
 
-def _cld2(text: str) -> tuple[str, float]:
+@functools.lru_cache(maxsize=1)
+def _pycld2():
     import pycld2  # CLD2's tables are compiled into the wheel's extension module
 
+    return pycld2
+
+
+def _cld2(text: str) -> tuple[str, float]:
+    pycld2 = _pycld2()
     try:
         reliable, _, details = pycld2.detect(text, bestEffort=True)
     except (pycld2.error, UnicodeError):  # lone surrogates, odd code points: retry on printable text
@@ -218,6 +225,11 @@ def detect(text: str) -> LangResult:
         >>> detect("一只白色的小狗睡在沙发上").lang, detect("a dog asleep on a sofa").lang
         ('zh', 'en')
     """
+    if text.isascii():  # no CJK script to decide on: straight to CLD2 (most English captions)
+        if ASCII_LETTER.search(text) is None:
+            return LangResult(UNDETERMINED, 0.0, "script")
+        code, score = _cld2(text)
+        return LangResult(code, score, "cld2")
     p = profile(text)
     if p.cjk and p.letters:
         share = p.cjk / max(p.letters, p.cjk)

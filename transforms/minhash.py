@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from transforms import lang as lg
+
 SCHEME = "affine32"  # datasketch 2.x default permutation scheme: fmix32, then a*h+b mod 2^32
 WORD = "word"
 CHAR = "char"
@@ -40,21 +42,33 @@ _FOLD = _FoldTable()
 def normalize_caption(text: str | None) -> str:
     """The normal form used by exact-caption dedup and by shingling.
 
-    Steps: Unicode NFKC; ``casefold()``; every punctuation or symbol character (Unicode categories
-    P* and S*) becomes a space; whitespace runs collapse to one space; leading/trailing space is
-    stripped. So ``"A Dog -- on the Beach!!"`` and ``"a dog on the beach"`` are the same caption,
-    while digits and letters of every script are kept as they are.
+    Steps: Unicode NFKC (full-width letters, digits and punctuation become half-width); for text
+    with Han characters, a trailing web credit or stock-site suffix ("…，图片来源：视觉中国", "_千图网")
+    is dropped and Traditional characters become Simplified (OpenCC ``t2s``), so 一個男人 and 一个男人
+    are one caption; ``casefold()``; every punctuation or symbol character (Unicode categories P*
+    and S*, CJK punctuation included) becomes a space; whitespace runs collapse to one space, and
+    whitespace next to a CJK character is removed (spacing there is typography, not a word
+    boundary); leading/trailing space is stripped. So ``"A Dog -- on the Beach!!"`` and
+    ``"a dog on the beach"`` are the same caption, and so are ``"一只猫，在沙发上。"`` and
+    ``"一只猫 在沙发上"``, while digits and letters of every script are kept as they are.
 
     Example:
         >>> normalize_caption("  The DOG, on  the beach!! ")
         'the dog on the beach'
+        >>> normalize_caption("一隻貓，在沙發上。 圖片來源：視覺中國")
+        '一只猫在沙发上'
     """
     if not text:
         return ""
+    cjk = False
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text)
+        if lg.HAN.search(text):
+            text = lg.strip_zh_credit_suffix(lg.to_simplified(text))
+        cjk = lg.CJK.search(text) is not None
     text = text.casefold().translate(_FOLD)
-    return " ".join(text.split())
+    text = " ".join(text.split())
+    return lg.drop_spaces_near_cjk(text) if cjk else text
 
 
 def caption_digest(normalized: str) -> str:
@@ -69,12 +83,20 @@ def shingles(normalized: str, kind: str = WORD, n: int = 2) -> list[str]:
     (spaces included). A caption shorter than ``n`` units yields one shingle, itself, so short
     captions still get a signature; an empty caption yields none.
 
+    CJK: a caption whose characters are mostly CJK is shingled in character n-grams of length
+    ``cjk_ngram(n)`` whatever ``kind`` is (it has no spaces to split words on, and one CJK
+    character carries about what 2–3 Latin letters do; docs/bilingual.md has the measurement).
+
     Example:
         >>> shingles("a dog on the beach", "word", 2)
         ['a dog', 'dog on', 'on the', 'the beach']
     """
     if not normalized:
         return []
+    if kind not in SHINGLE_KINDS:
+        raise ValueError(f"unknown shingle kind {kind!r}; use one of {SHINGLE_KINDS}")
+    if not normalized.isascii() and is_cjk_text(normalized):
+        kind, n = CHAR, cjk_ngram(n if kind == CHAR else CJK_WORD_EQUIVALENT * n)
     if kind == WORD:
         toks = normalized.split(" ")
         if len(toks) <= n:
@@ -90,6 +112,25 @@ def shingles(normalized: str, kind: str = WORD, n: int = 2) -> list[str]:
     else:
         raise ValueError(f"unknown shingle kind {kind!r}; use one of {SHINGLE_KINDS}")
     return list(dict.fromkeys(grams))
+
+
+# Character n-gram length for CJK text: a Latin char 5-gram spans about one word (4.7 letters +
+# space); a Chinese word is about 1.4 characters (docs/bilingual.md), so 2 CJK characters span
+# about the same, and the planted-edit bench (bench/bilingual.py) picks 2 over 3: a dropped
+# character costs 2 of ~15 bigrams but 3 of ~14 trigrams.
+CJK_CHARS_PER_LATIN_CHAR = 0.4
+CJK_WORD_EQUIVALENT = 5  # a word shingle counts as a 5-letter char shingle for CJK text
+
+
+def cjk_ngram(n: int) -> int:
+    """CJK character n-gram length used in place of a Latin character ``n``-gram (5 → 2)."""
+    return max(1, round(n * CJK_CHARS_PER_LATIN_CHAR))
+
+
+def is_cjk_text(normalized: str) -> bool:
+    """Mostly CJK: at least half of the non-space characters are Han, Kana or Hangul."""
+    cjk = len(lg.CJK.findall(normalized))
+    return cjk > 0 and 2 * cjk >= len(normalized) - normalized.count(" ")
 
 
 def hash32(shingle: bytes | str) -> int:

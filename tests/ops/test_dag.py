@@ -122,8 +122,9 @@ def test_dags_test_runs_every_stage_and_writes_outputs(airflow_env, sample_dir):
     assert sorted(os.listdir(run_dir)) == sorted(STAGES + ("stats.png",))
     png = Image.open(os.path.join(run_dir, "stats.png"))
     assert json.loads(png.text["Description"])["panels"] == [
-        "caption_words", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack", "images_per_pack"]
-    assert png.size == (1280, 1200)
+        "caption_words", "languages", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack",
+        "images_per_pack"]
+    assert png.size == (1280, 1600)
     for stage in STAGES:
         d = os.path.join(run_dir, stage)
         manifest = json.loads(open(os.path.join(d, MANIFEST_NAME)).read())

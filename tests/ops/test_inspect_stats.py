@@ -148,9 +148,10 @@ def _cell_drawn_fraction(img: Image.Image, row: int, col: int) -> float:
 @pytest.mark.parametrize(
     "target, panels",
     [
-        ("root", ["caption_words", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack", "images_per_pack"]),
-        ("filter", ["caption_words", "ledger_reasons"]),
-        ("dedup", ["caption_words", "ledger_reasons", "cluster_sizes"]),
+        ("root", ["caption_words", "languages", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack",
+                  "images_per_pack"]),
+        ("filter", ["caption_words", "languages", "ledger_reasons"]),
+        ("dedup", ["caption_words", "languages", "ledger_reasons", "cluster_sizes"]),
     ],
 )
 def test_stats_plot_has_one_panel_per_available_measure(demo_run, tmp_path, capsys, target, panels):
