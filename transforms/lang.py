@@ -38,6 +38,33 @@ CASED = re.compile(r"[A-Za-z\u00c0-\u024f\u0370-\u03ff\u0400-\u04ff]")
 SPACED, CJK_ONLY, MIXED, UNSPACED_SCRIPT = "spaced", "cjk", "mixed", "unspaced"
 
 
+class _ClassTable(dict):
+    """``str.translate`` table, filled lazily: code point → H (Han), K (Kana), G (Hangul),
+    U (unspaced script: letters and marks), C (cased letter), L (other letter or mark), "." (rest)."""
+
+    def __missing__(self, cp: int) -> str:
+        ch = chr(cp)
+        if HAN.match(ch):
+            v = "H"
+        elif KANA.match(ch):
+            v = "K"
+        elif HANGUL.match(ch):
+            v = "G"
+        elif UNSPACED.match(ch):
+            v = "U" if LETTER_OR_MARK.match(ch) or unicodedata.category(ch)[0] in "LM" else "."
+        elif CASED.match(ch):
+            v = "C"
+        elif LETTER_OR_MARK.match(ch) or unicodedata.category(ch)[0] in "LM":
+            v = "L"
+        else:
+            v = "."
+        self[cp] = v
+        return v
+
+
+_SCRIPT_CLASS = _ClassTable()
+
+
 class ScriptProfile(NamedTuple):
     """Counts that decide which length and repetition rules fit a caption.
 
@@ -79,12 +106,14 @@ def profile(text: str) -> ScriptProfile:
     if text.isascii():  # the common English case: no CJK, no unspaced script, every letter cased
         letters = len(ASCII_LETTER.findall(text))
         return ScriptProfile(units, 0, 0, 0, 0, len(units), 0, letters, letters)
-    han, kana, hangul = len(HAN.findall(text)), len(KANA.findall(text)), len(HANGUL.findall(text))
+    classes = text.translate(_SCRIPT_CLASS)  # one pass: every character → its class letter
+    han, kana, hangul = classes.count("H"), classes.count("K"), classes.count("G")
     cjk = han + kana + hangul
+    unspaced = classes.count("U")
+    cased = classes.count("C")
     return ScriptProfile(
         units=units, cjk=cjk, han=han, kana=kana, hangul=hangul, words=len(units) - cjk,
-        unspaced=len(UNSPACED.findall(text)), letters=len(LETTER_OR_MARK.findall(text)),
-        cased=len(CASED.findall(text)),
+        unspaced=unspaced, letters=cjk + unspaced + cased + classes.count("L"), cased=cased,
     )
 
 
@@ -207,11 +236,10 @@ def _cld2(text: str) -> tuple[str, float]:
     code = _FOLD_CODES.get(code, code)
     if code == UNDETERMINED:
         return code, 0.0
-    score = percent / 100.0
-    return code, round(score if reliable else score / 2, 4)
+    return code, percent / 100.0 if reliable else percent / 200.0
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=64)  # the filter asks twice per caption (check, annotate), one after the other
 def detect(text: str) -> LangResult:
     """Language of a caption as an ISO 639-1 code (``und`` when nothing can be said) and a confidence.
 
@@ -228,8 +256,16 @@ def detect(text: str) -> LangResult:
     if text.isascii():  # no CJK script to decide on: straight to CLD2 (most English captions)
         if ASCII_LETTER.search(text) is None:
             return LangResult(UNDETERMINED, 0.0, "script")
-        code, score = _cld2(text)
-        return LangResult(code, score, "cld2")
+        try:  # the common case inlined: this runs once per kept caption
+            reliable, _, details = _pycld2().detect(text, bestEffort=True)
+        except Exception:
+            code, score = _cld2(text)
+            return LangResult(code, score, "cld2")
+        _, code, percent, _ = details[0]
+        code = _FOLD_CODES.get(code, code)
+        if code == UNDETERMINED:
+            return LangResult(code, 0.0, "cld2")
+        return LangResult(code, percent / 100.0 if reliable else percent / 200.0, "cld2")
     p = profile(text)
     if p.cjk and p.letters:
         share = p.cjk / max(p.letters, p.cjk)
