@@ -147,7 +147,7 @@ def test_transformers_masking_on_our_position_ids_isolates_samples(stage1_parque
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=1024,
     )
     model = transformers.LlamaForCausalLM(cfg).eval()
