@@ -9,8 +9,9 @@ The template:
 
 1. collapse whitespace, drop a space before ``, . ; : ! ?``;
 2. drop an immediately repeated word (case-insensitive: ``beach beach`` → ``beach``);
-3. upper-case the first letter and end with a full stop;
-4. answer ``{"qa": [{"question": "What does the image show?", "answer": T}], "caption": T}``.
+3. upper-case the first letter and end with a full stop (``。`` for a Chinese caption);
+4. answer ``{"qa": [{"question": "What does the image show?", "answer": T}], "caption": T}``, with the
+   question in the caption's language (``图片里有什么？`` for Chinese, ``prompts.prompt_language``).
 
 Because it only removes adjacent repeats, every number and name of the caption survives, so its output
 passes the faithfulness rule of ``rewriter.prompts`` by construction (a test checks that on the sample
@@ -30,6 +31,7 @@ from rewriter.client import Completion
 
 OFFLINE_MODEL = "offline-template"
 QUESTION = "What does the image show?"
+QUESTIONS = {"en": QUESTION, "zh": "图片里有什么？"}
 
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
 _PUNCT_NO_SPACE = re.compile(r"([,;])(?=[^\s\d])")
@@ -53,15 +55,15 @@ def tidy(caption: str) -> str:
     if not text:
         return ""
     text = text[0].upper() + text[1:]
-    if text[-1] not in ".!?":
-        text += "."
+    if text[-1] not in ".!?。！？":
+        text += "。" if prompts.prompt_language(text) == "zh" else "."
     return text
 
 
 def template_rewrite(caption: str) -> dict:
     """``{"qa": [...], "caption": ...}`` for one caption."""
     t = tidy(caption)
-    return {"qa": [{"question": QUESTION, "answer": t}], "caption": t}
+    return {"qa": [{"question": QUESTIONS[prompts.prompt_language(t)], "answer": t}], "caption": t}
 
 
 class OfflineTemplateBackend:

@@ -37,6 +37,21 @@ Faithfulness rule (no NER model is available offline, so the rule is lexical and
    two or more letters, or letters are under half of its non-space characters. Rewriting garbage cannot
    preserve it.
 
+4. CJK (a caption with Han, Kana or Hangul; matched by characters, since there are no spaces):
+   a. words are Latin-script runs only (``一个红色STOP标识牌`` has the word ``STOP``), so rules 1–2
+      apply to the digits and Latin tokens inside CJK text (``iPhone``, ``NBA``, ``T恤`` → ``T`` is
+      one letter and exempt);
+   b. numbers 0–20 may also appear as Chinese numerals (``3`` ↔ ``三``, ``2`` ↔ ``两``/``二``);
+   c. titles in 《书名号》 and spans in 「」『』“” quotes must appear character for character (with or
+      without their brackets): they mark works, names and terms;
+   d. garbage means fewer than 2 CJK characters plus words, or letters under half of the characters.
+   Chinese person and place names without such marks are not detected (no NER model offline).
+
+Language: ``prompt_language(caption)`` picks the prompt by script (``zh`` when Han characters are at
+least half of the letters and there is no Kana/Hangul, else ``en``), so a Chinese caption is
+rewritten into Chinese question–answer pairs; the rewriter does not import the filter's language ID
+(``rewriter`` must not import ``transforms``), and the rule matches it on Chinese captions.
+
 ``faithfulness_constraints(raw)`` exposes what the rule requires for a caption, so its reach can be
 measured on real captions (``bench/rewrite_faithfulness.py``).
 
@@ -58,7 +73,7 @@ from typing import Any, NamedTuple
 
 from schemas import reasons
 
-PROMPT_VERSION = "qa-v1"
+PROMPT_VERSION = "qa-v2"  # v2: per-language prompts (en, zh) and the CJK faithfulness rules
 
 # Bounds that keep one response small enough for a 512-token context (the CPU test server's limit).
 MAX_PAIRS = 4
@@ -78,6 +93,35 @@ SYSTEM_PROMPT = (
 )
 
 USER_TEMPLATE = "Raw caption: {caption}"
+
+SYSTEM_PROMPT_ZH = (
+    "你负责改写用于视觉语言预训练语料的网络图片说明。"
+    "根据一条原始说明，用中文写 1 到 4 个关于图片内容的简短问答，只使用说明中给出的事实。"
+    "改正语病、错别字和重复的词。数字、人名、地名、品牌、《书名》和英文缩写必须原样保留。"
+    "然后给出采用的说明：一句通顺的中文，包含所有回答中的事实。"
+    '只回复 JSON：{"qa": [{"question": "...", "answer": "..."}], "caption": "..."}'
+)
+USER_TEMPLATE_ZH = "原始说明：{caption}"
+PROMPTS = {"en": (SYSTEM_PROMPT, USER_TEMPLATE), "zh": (SYSTEM_PROMPT_ZH, USER_TEMPLATE_ZH)}
+LANGUAGES = tuple(PROMPTS)
+
+_HAN_RE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+_KANA_HANGUL_RE = re.compile("[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
+_CJK_CLASS = (
+    "\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f\u1100-\u11ff\u3130-\u318f\uac00-\ud7af"
+    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+)
+_CJK_RE = re.compile(f"[{_CJK_CLASS}]")
+
+
+def prompt_language(caption: str) -> str:
+    """``zh`` for a Chinese caption (Han at least half of the letters, no Kana or Hangul), else ``en``."""
+    text = caption or ""
+    han = len(_HAN_RE.findall(text))
+    if not han or _KANA_HANGUL_RE.search(text):
+        return "en"
+    letters = sum(1 for c in text if c.isalpha())
+    return "zh" if 2 * han >= letters else "en"
 
 OUTPUT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -105,12 +149,14 @@ OUTPUT_SCHEMA: dict[str, Any] = {
 SCHEMA_NAME = "caption_qa"
 
 
-def build_messages(caption: str) -> list[dict[str, str]]:
-    """Chat messages (system + user) asking the rewriter to turn ``caption`` into QA JSON."""
+def build_messages(caption: str, lang: str | None = None) -> list[dict[str, str]]:
+    """Chat messages (system + user) asking the rewriter to turn ``caption`` into QA JSON, in the
+    caption's language (``lang``: ``en`` or ``zh``; default ``prompt_language(caption)``)."""
     text = " ".join((caption or "").split())[:MAX_INPUT_CHARS]
+    system, user = PROMPTS.get(lang or prompt_language(text), PROMPTS["en"])
     return [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": USER_TEMPLATE.format(caption=text)},
+        {"role": "system", "content": system},
+        {"role": "user", "content": user.format(caption=text)},
     ]
 
 
@@ -142,7 +188,12 @@ NUMBER_WORDS = (
 ).split()
 
 _NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)*")
-_TOKEN_RE = re.compile(r"\w+")
+# Words of scripts with spaces: CJK characters are not part of a word (rule 4a).
+_TOKEN_RE = re.compile(f"[^\\W{_CJK_CLASS}]+")
+ZH_NUMERALS = ("零", "一", "二", "三", "四", "五", "六", "七", "八", "九", "十", "十一", "十二", "十三", "十四", "十五",
+               "十六", "十七", "十八", "十九", "二十")
+# Titles and quoted spans kept character for character (rule 4c).
+_QUOTED_RE = re.compile(r"《([^《》]{1,60})》|「([^「」]{1,60})」|『([^『』]{1,60})』|“([^“”]{1,60})”")
 # A new segment starts at the text start or after sentence/segment punctuation.
 _SEGMENT_SPLIT_RE = re.compile(r"(?:[.!?:;|•·]|\s[-–—]+)\s+|\s*[\"“”(\[]\s*")
 
@@ -179,7 +230,8 @@ def _words(text: str) -> list[str]:
 def is_garbage(raw: str) -> bool:
     """True when the caption is too broken for the faithfulness rule to apply (see module doc)."""
     raw = raw or ""
-    if sum(1 for w in _words(raw) if len(w) >= 2) < 2:
+    cjk = len(_CJK_RE.findall(raw))
+    if sum(1 for w in _words(raw) if len(w) >= 2) + (cjk if cjk >= 2 else 0) < 2:
         return True
     chars = [c for c in raw if not c.isspace()]
     letters = sum(1 for c in chars if c.isalpha())
@@ -193,10 +245,12 @@ class Constraints:
     garbage: bool
     numbers: tuple[str, ...] = ()
     entities: tuple[str, ...] = field(default=())
+    spans: tuple[str, ...] = ()  # 《titles》 and quoted spans, matched character for character
+    cjk: bool = False
 
     @property
     def active(self) -> bool:
-        return not self.garbage and bool(self.numbers or self.entities)
+        return not self.garbage and bool(self.numbers or self.entities or self.spans)
 
 
 def faithfulness_constraints(raw: str) -> Constraints:
@@ -225,7 +279,9 @@ def faithfulness_constraints(raw: str) -> Constraints:
                 entities.append(w)  # (c) iPhone, eBay
             elif w[0].isupper() and i > 0 and not title_case and w.lower() not in FUNCTION_WORDS:
                 entities.append(w)  # (a) capitalised mid-segment word
-    return Constraints(garbage=False, numbers=numbers, entities=tuple(dict.fromkeys(entities)))
+    spans = tuple(dict.fromkeys(next(g for g in m.groups() if g) for m in _QUOTED_RE.finditer(raw)))
+    return Constraints(garbage=False, numbers=numbers, entities=tuple(dict.fromkeys(entities)), spans=spans,
+                       cjk=_CJK_RE.search(raw) is not None)
 
 
 def check_faithful(raw: str, adopted: str) -> tuple[bool, str]:
@@ -239,9 +295,13 @@ def check_faithful(raw: str, adopted: str) -> tuple[bool, str]:
     missing = []
     for n in c.numbers:
         spelled = NUMBER_WORDS[int(n)] if n.isdigit() and int(n) <= 20 else None
-        if n not in have_numbers and (spelled is None or spelled not in have_words):
-            missing.append(n)
+        if n in have_numbers or (spelled is not None and spelled in have_words):
+            continue
+        if c.cjk and n.isdigit() and int(n) <= 20 and (ZH_NUMERALS[int(n)] in adopted or (n == "2" and "两" in adopted)):
+            continue
+        missing.append(n)
     missing += [e for e in c.entities if e.lower() not in have_words]
+    missing += [sp for sp in c.spans if sp not in adopted]
     if missing:
         return False, "missing from the adopted caption: " + ", ".join(missing[:10])
     return True, ""

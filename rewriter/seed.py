@@ -2,7 +2,8 @@
 
 ``mmcorpus rewriter seed --input build/filter --output build/seed --n 2000 --endpoint URL --model gpt-4o``
 
-1. **Sample.** Captions of the input stage's kept records are grouped into strata by the filter's
+1. **Sample.** Captions of the input stage's kept records are grouped into strata by language (the
+   filter's ``lang``; ``prompts.prompt_language`` for files written before it), the filter's
    quality flags (``clean`` or the sorted flags joined by ``+``) and a caption-length bucket. Every
    non-empty stratum gets one caption (as long as ``n`` allows), the rest is shared out in proportion
    to stratum size (largest remainder). Inside a stratum captions are taken in order of
@@ -43,6 +44,8 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
+
+import pyarrow as pa
 
 from rewriter import prompts
 from schemas import reasons
@@ -168,10 +171,16 @@ def length_bucket(caption: str, bins: tuple[int, ...]) -> str:
     return f">={lo}"
 
 
+def language_of(row: dict[str, Any]) -> str:
+    """The row's language: the filter's ``lang`` when it has one, else the prompt's script rule."""
+    lang = row.get("lang")
+    return lang if lang and lang != "und" else prompts.prompt_language(row.get("caption") or "")
+
+
 def stratum_of(row: dict[str, Any], bins: tuple[int, ...]) -> str:
     flags = sorted(set(row.get("quality_flags") or []))
     flag_part = "+".join(flags) if flags else ("flagged" if row.get("needs_rewrite") else "clean")
-    return f"{flag_part}|{length_bucket(row['caption'], bins)}"
+    return f"{language_of(row)}|{flag_part}|{length_bucket(row['caption'], bins)}"
 
 
 def allocate(sizes: dict[str, int], n: int) -> dict[str, int]:
@@ -222,11 +231,15 @@ def sample_rows(rows: list[dict[str, Any]], config: SampleConfig) -> tuple[list[
 
 
 def read_population(stage_dir: str, policy: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Kept records of a stage output as ``{key, caption, quality_flags, needs_rewrite}`` rows."""
+    """Kept records of a stage output as ``{key, caption, quality_flags, needs_rewrite, lang}`` rows
+    (``lang`` is None in files written before language identification)."""
     from transforms.stage_io import read_table
 
     try:
-        table = read_table(stage_dir, columns=["key", "caption", "quality_flags", "needs_rewrite"])
+        try:
+            table = read_table(stage_dir, columns=["key", "caption", "quality_flags", "needs_rewrite", "lang"])
+        except (KeyError, ValueError, pa.ArrowInvalid):  # an older output without the lang column
+            table = read_table(stage_dir, columns=["key", "caption", "quality_flags", "needs_rewrite"])
     except FileNotFoundError as e:
         raise UserError(f"--input {stage_dir}: not a finished stage output ({e}); run the filter stage first") from e
     rows, skipped = [], Counter()
@@ -381,7 +394,7 @@ async def annotate(
         caption = row["caption"]
         record = {
             "key": row["key"], "caption": caption, "quality_flags": list(row.get("quality_flags") or []),
-            "needs_rewrite": bool(row.get("needs_rewrite")), "stratum": row["stratum"],
+            "needs_rewrite": bool(row.get("needs_rewrite")), "stratum": row["stratum"], "lang": language_of(row),
             "model": teacher.model, "prompt_version": prompts.PROMPT_VERSION,
             "status": STATUS_FAILED, "reason": "", "detail": "", "response": None, "text": None,
             "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0,

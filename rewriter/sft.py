@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
@@ -66,12 +67,20 @@ def split_hash(key: str, salt: str) -> int:
     return int.from_bytes(hashlib.sha256((salt + key).encode("utf-8")).digest()[:8], "big")
 
 
+def record_language(record: dict[str, Any]) -> str:
+    """The seed record's language (``lang``, written by ``rewriter seed``; the prompt's script rule
+    for seed sets written before it)."""
+    return record.get("lang") or prompts.prompt_language(record.get("caption") or "")
+
+
 def to_example(record: dict[str, Any]) -> dict[str, Any]:
-    """One chat example from one validated seed record."""
+    """One chat example from one validated seed record, prompted in the caption's language; ``lang``
+    rides along (sharegpt readers take ``messages`` and ignore it)."""
     response = record["response"]
-    messages = prompts.build_messages(record["caption"])
+    lang = record_language(record)
+    messages = prompts.build_messages(record["caption"], lang if lang in prompts.LANGUAGES else None)
     messages.append({"role": "assistant", "content": prompts.render_output(response["qa"], response["caption"])})
-    return {"messages": messages}
+    return {"messages": messages, "lang": lang}
 
 
 def split_records(records: Iterable[dict[str, Any]], config: ExportConfig) -> tuple[list[dict], list[dict]]:
@@ -132,6 +141,7 @@ def export_sft(seed_path: str, output_dir: str, config: ExportConfig = ExportCon
         "skipped_not_ok": len(records) - len(usable),
         "train": len(train),
         "validation": len(val),
+        "languages": dict(sorted(Counter(record_language(r) for r in usable).items())),
         "split_rule": "validation iff sha256(salt + key)[:8] mod 10000 < validation_fraction * 10000",
     }
     write_bytes_atomic(

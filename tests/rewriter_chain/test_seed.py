@@ -38,8 +38,11 @@ def test_strata_from_flags_and_length():
     assert length_bucket("x" * 40, (32, 64)) == "32-63"
     assert length_bucket("x" * 64, (32, 64)) == ">=64"
     row = {"caption": "a b", "quality_flags": ["url_token", "repeated_words"], "needs_rewrite": True}
-    assert stratum_of(row, (32,)) == "repeated_words+url_token|<32"
-    assert stratum_of({"caption": "a" * 40, "quality_flags": [], "needs_rewrite": False}, (32,)) == "clean|>=32"
+    assert stratum_of(row, (32,)) == "en|repeated_words+url_token|<32"
+    assert stratum_of({"caption": "a" * 40, "quality_flags": [], "needs_rewrite": False}, (32,)) == "en|clean|>=32"
+    # language first: the filter's lang, else the prompt's script rule for older files
+    assert stratum_of({"caption": "一只白色的小狗睡在沙发上", "quality_flags": [], "needs_rewrite": False}, (32,)) == "zh|clean|<32"
+    assert stratum_of({"caption": "un perro en la playa", "lang": "es", "quality_flags": []}, (32,)) == "es|clean|<32"
 
 
 def test_sample_rows_is_deterministic_and_stratified():
