@@ -5,6 +5,8 @@ Three inputs, all in data/sample/ (see its ATTRIBUTION.md):
           (webdataset shards + status parquet, 2 failed downloads included):
           filter → dedup → rewrite → pack (Parquet and WebDataset) → export for MiniCPM-V fine-tuning
   cc3m    8,000 Conceptual Captions validation captions (metadata pass, no images): filter → dedup
+  coco-cn 2,000 COCO-CN human-written Chinese captions (metadata pass): filter → dedup → rewrite
+          (Chinese prompt; the offline template answers in Chinese too)
   laion   1,000 LAION-style alt-texts from img2dataset's test set (metadata pass): filter → dedup
 
 The rewrite stage uses the offline template backend by default (no model, deterministic; the
@@ -88,6 +90,14 @@ def run(args: argparse.Namespace) -> int:
         ("cc3m/filter", filter_stage.main, ["--input", str(data / "cc3m_val_captions_8k.tsv"), "--caption-col", "0",
                                             "--url-col", "1", "--output", str(out / "cc3m" / "filter"), *force]),
         ("cc3m/dedup", dedup.main, ["--input", str(out / "cc3m" / "filter"), "--output", str(out / "cc3m" / "dedup"), *force]),
+        # The Chinese sample next to the English ones (issue 11): same stages, same defaults.
+        ("coco-cn/filter", filter_stage.main, ["--input", str(data / "coco_cn_captions_2k.tsv"), "--caption-col", "1",
+                                               "--url-col", "0", "--header", "no", "--output", str(out / "coco-cn" / "filter"),
+                                               *force]),
+        ("coco-cn/dedup", dedup.main, ["--input", str(out / "coco-cn" / "filter"), "--output", str(out / "coco-cn" / "dedup"),
+                                       *force]),
+        ("coco-cn/rewrite", rewrite.main, ["--input", str(out / "coco-cn" / "dedup"), "--output", str(out / "coco-cn" / "rewrite"),
+                                           "--policy", "all", *rewrite_backend, *force]),
         ("laion/filter", filter_stage.main, ["--input", str(data / "img2dataset_sample_1000.parquet"), "--caption-col", "TEXT",
                                              "--url-col", "URL", "--output", str(out / "laion" / "filter"), *force]),
         ("laion/dedup", dedup.main, ["--input", str(out / "laion" / "filter"), "--output", str(out / "laion" / "dedup"), *force]),
