@@ -266,7 +266,37 @@ def stage_throughput(n: int = 10_000, repeats: int = 2) -> str:
             f"| off | {off:,.0f} |\n| on | {on:,.0f} |\n\nRatio on/off: **{on / off:.3f}** (requirement ≥ 0.8).")
 
 
+# Published tokens per character of production tokenizers (see docs/bilingual.md for the sources).
+PUBLISHED = (
+    ("Llama-3 (128K vocab), English", 1 / 3.94, "The Llama 3 Herd of Models (Dubey et al. 2024), model architecture: 3.94 chars/token on English"),
+    ("Llama-3, Simplified Chinese (cc100-zh-Hans)", 1 / 1.24, "Tokenizer Arena (xu-song/tokenizer-arena README): 1.24 chars/token"),
+    ("Llama (32K vocab), Simplified Chinese", 1 / 0.70, "Tokenizer Arena: 0.70 chars/token"),
+)
+
+
+def tokenizer_rates() -> str:
+    """Tokens per character of the bundled tokenizer on the sample captions (which it was trained
+    on) and on Chinese captions it never saw, next to published figures of production tokenizers."""
+    from transforms.tokens import TextTokenizer
+
+    tok = TextTokenizer()
+    en, zh = english_captions(), chinese_captions()
+    unseen_zh = ["公园里有一只黑色的狗在草地上奔跑", "两个小孩在海边堆沙堡", "一位老人坐在长椅上看报纸",
+                 "厨房的桌子上放着一碗新鲜的水果", "雪山脚下有一片蓝色的湖泊"]
+
+    def rate(caps):
+        return sum(len(tok.encode(c)) for c in caps) / sum(len(c) for c in caps)
+
+    rows = ["| text | tokens / char | source |", "|---|---|---|",
+            f"| CC3M English captions (bundled tokenizer, vocab {len(tok._tok.get_vocab()) if tok._tok else '?'}) | {rate(en):.3f} | measured |",
+            f"| COCO-CN Chinese captions (bundled tokenizer) | {rate(zh):.3f} | measured (in training data) |",
+            f"| Chinese captions written for the test, unseen | {rate(unseen_zh):.3f} | measured |"]
+    rows += [f"| {name} | {value:.3f} | {src} |" for name, value, src in PUBLISHED]
+    return "\n".join(rows)
+
+
 SECTIONS = {"filter": ("Filter loss on curated captions", filter_loss), "lid": ("Language ID accuracy", lid_accuracy),
+            "tokens": ("Tokens per character, en vs zh", tokenizer_rates),
             "dedup": ("Near-duplicates: Chinese next to English", dedup_quality),
             "throughput": ("Caption rules alone (no Beam), language ID on vs off", throughput),
             "stage": ("Filter stage throughput, language ID on vs off", stage_throughput)}
