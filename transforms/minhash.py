@@ -84,8 +84,9 @@ def shingles(normalized: str, kind: str = WORD, n: int = 2) -> list[str]:
     captions still get a signature; an empty caption yields none.
 
     CJK: a caption whose characters are mostly CJK is shingled in character n-grams of length
-    ``cjk_ngram(n)`` whatever ``kind`` is (it has no spaces to split words on, and one CJK
-    character carries about what 2–3 Latin letters do; docs/bilingual.md has the measurement).
+    ``cjk_ngram(n)`` for ``char`` (one CJK character carries about what 2–3 Latin letters do) and
+    of ``round(1.4 n)`` characters for ``word`` (it has no spaces to split words on; a Chinese word
+    is about 1.4 characters): docs/bilingual.md has the measurement.
 
     Example:
         >>> shingles("a dog on the beach", "word", 2)
@@ -96,7 +97,7 @@ def shingles(normalized: str, kind: str = WORD, n: int = 2) -> list[str]:
     if kind not in SHINGLE_KINDS:
         raise ValueError(f"unknown shingle kind {kind!r}; use one of {SHINGLE_KINDS}")
     if not normalized.isascii() and is_cjk_text(normalized):
-        kind, n = CHAR, cjk_ngram(n if kind == CHAR else CJK_WORD_EQUIVALENT * n)
+        kind, n = CHAR, (cjk_ngram(n) if kind == CHAR else max(1, round(n * CJK_CHARS_PER_WORD)))
     if kind == WORD:
         toks = normalized.split(" ")
         if len(toks) <= n:
@@ -119,7 +120,7 @@ def shingles(normalized: str, kind: str = WORD, n: int = 2) -> list[str]:
 # about the same, and the planted-edit bench (bench/bilingual.py) picks 2 over 3: a dropped
 # character costs 2 of ~15 bigrams but 3 of ~14 trigrams.
 CJK_CHARS_PER_LATIN_CHAR = 0.4
-CJK_WORD_EQUIVALENT = 5  # a word shingle counts as a 5-letter char shingle for CJK text
+CJK_CHARS_PER_WORD = 1.4  # word n-grams become character n-grams of about the same span (2 words → 3)
 
 
 def cjk_ngram(n: int) -> int:
