@@ -19,8 +19,6 @@ from schemas.records import Pair
 from transforms import lang as lg
 from transforms.filter_base import BaseFilter
 
-WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
-
 # A caption that is only a camera/file name: DSC_2481, IMG_4663.jpg, Taichung_Polaroid_20070131-2, P1010123.JPG
 FILENAME_CAPTION = re.compile(
     r"^\s*[\w\-.]*\d{3,}[\w\-]*(\.(jpe?g|png|gif|webp|tiff?|bmp|heic|raw|cr2|nef))?\s*$", re.IGNORECASE
@@ -53,7 +51,6 @@ WATERMARK = re.compile(
 HTML = re.compile(r"</?[a-z][^>]{0,200}>|&(amp|quot|lt|gt|nbsp|#\d+);", re.IGNORECASE)
 TRAILING_ID = re.compile(r"(?:\s[-–#]\s*|\s)#?(\d{3,})\s*$")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-ALPHA = re.compile(r"[^\W\d_]")
 CJK_RUN_REPEAT = re.compile(f"([{lg.CJK_RANGES}]{{2,}})\\1")
 LANG_CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$")
 ENGLISH_STOPWORDS = frozenset(
@@ -272,8 +269,8 @@ class BoilerplateFilter(BaseFilter):
 class CaptionWordsFilter(BaseFilter):
     """Rejects captions that are too short or too long in the units of their script: fewer than
     ``min_words`` words (space-separated scripts), fewer than ``min_cjk_chars`` CJK characters (CJK
-    text: reason ``caption_too_short_chars``), or, for mixed text, words / min_words + CJK
-    characters / min_cjk_chars below 1. Thai, Lao, Khmer, Myanmar and Tibetan text has no word
+    text: reason ``caption_too_short_chars``), or, for mixed text (when both minimums are set),
+    words / min_words + CJK characters / min_cjk_chars below 1. Thai, Lao, Khmer, Myanmar and Tibetan text has no word
     spaces either: only the character limits apply to it. ``max_words`` counts words only."""
 
     name = "caption_words"
@@ -294,7 +291,7 @@ class CaptionWordsFilter(BaseFilter):
         elif kind == lg.CJK_ONLY:
             if self.min_cjk_chars is not None and p.cjk < self.min_cjk_chars:
                 return False, reasons.CAPTION_TOO_SHORT_CHARS, f"{p.cjk} CJK chars < {self.min_cjk_chars}"
-        elif (self.min_words or self.min_cjk_chars) and length_units(p, self.min_words, self.min_cjk_chars) < 1:
+        elif self.min_words and self.min_cjk_chars and length_units(p, self.min_words, self.min_cjk_chars) < 1:
             return False, reasons.CAPTION_TOO_SHORT_WORDS, (
                 f"{p.words} words + {p.cjk} CJK chars < {self.min_words} words / {self.min_cjk_chars} chars"
             )

@@ -28,7 +28,7 @@ HANGUL = re.compile(f"[{HANGUL_RANGES}]")
 CJK = re.compile(f"[{CJK_RANGES}]")
 UNSPACED = re.compile(f"[{UNSPACED_RANGES}]")
 # A caption's units: one CJK character, or one word of any other script (letters/digits, with
-# inner apostrophes). For text without CJK this is exactly the caption filters' word regex.
+# inner apostrophes). For text without CJK these are exactly the words the caption rules counted before.
 UNIT = re.compile(f"[{CJK_RANGES}]|[^\\W_{CJK_RANGES}]+(?:['’][^\\W_{CJK_RANGES}]+)*")
 # Letters and combining marks (Devanagari/Thai vowel signs are marks, not punctuation).
 LETTER_OR_MARK = re.compile(r"[^\W\d_]|[\u0300-\u036f\u0900-\u0dff\u0e31-\u0e4e\u0eb1-\u0ecd\u1000-\u109f\u17b4-\u17d3]")

@@ -35,16 +35,25 @@ def _zh_captions(sample_dir) -> list[str]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, vllm_python, cc3m_captions, sample_dir):
+    """The tiny bilingual model served by vLLM, plus ``teacher``: a LoRA adapter fine-tuned (while the
+    server starts) on the offline template's answers to 200 English and 200 Chinese captions."""
     from rewriter.serving import ServeConfig, VLLMServer
-    from rewriter.tiny import make_tiny_model
+    from rewriter.tiny import make_template_teacher, make_tiny_model
 
     work = tmp_path_factory.mktemp("bilingual-vllm")
     zh = _zh_captions(sample_dir)
     model = make_tiny_model(str(work / "model"), cc3m_captions[:1500] + zh[:1500])
     cfg = ServeConfig(model=model, served_model_name="tiny-bi", python=vllm_python, max_model_len=512,
-                      log_path=str(work / "vllm.log"))
-    with VLLMServer(cfg) as server:
+                      runtime_lora=True, log_path=str(work / "vllm.log"))
+    server = VLLMServer(cfg).start(wait=False)
+    try:
+        mixed = [c for pair in zip(cc3m_captions[2000:2200], zh[:200]) for c in pair]
+        adapter = make_template_teacher(model, mixed, str(work / "teacher"), steps=250)
+        server.wait()
+        server.load_lora("teacher", adapter)
         yield {"server": server, "model": model, "zh": zh, "work": work}
+    finally:
+        server.stop()
 
 
 def _n_prompt_tokens(tok, messages) -> int:
@@ -70,6 +79,30 @@ def test_the_server_receives_the_prompt_in_the_captions_language(served, cc3m_ca
     # the Chinese system prompt is a different text: a different request, not the English one
     en_for_zh = _n_prompt_tokens(tok, prompts.build_messages(served["zh"][1600], lang="en"))
     assert counts["zh"] != en_for_zh
+
+
+def test_teacher_answers_chinese_captions_in_chinese(served, cc3m_captions):
+    """The adapter learned the template in both languages: through the real server, with the JSON
+    schema enforced, Chinese captions come back as Chinese QA and English ones as English QA."""
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = openai.OpenAI(base_url=served["server"].base_url, api_key="EMPTY", max_retries=0, timeout=180)
+
+    def ask(caption):
+        r = client.chat.completions.create(model="teacher", messages=prompts.build_messages(caption),
+                                           response_format=prompts.response_format(), max_tokens=160, temperature=0.0)
+        c = r.choices[0]
+        return prompts.validate_detailed(caption, c.message.content, c.finish_reason)
+
+    probes = {"zh": served["zh"][1800:1808], "en": cc3m_captions[2600:2608]}
+    with ThreadPoolExecutor(8) as pool:
+        verdicts = {lang: list(pool.map(ask, caps)) for lang, caps in probes.items()}
+    questions = {lang: [v.parsed["qa"][0]["question"] for v in vs if v.ok] for lang, vs in verdicts.items()}
+    print("teacher probe:", {k: [v.reason for v in vs] for k, vs in verdicts.items()}, questions)
+    assert len(questions["zh"]) >= 4 and len(questions["en"]) >= 4
+    assert all(q == "图片里有什么？" for q in questions["zh"])
+    assert all(q == "What does the image show?" for q in questions["en"])
 
 
 def test_rewrite_stage_on_a_mixed_language_input(served, cc3m_captions, tmp_path):
