@@ -35,25 +35,17 @@ def _zh_captions(sample_dir) -> list[str]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, vllm_python, cc3m_captions, sample_dir):
-    """The tiny bilingual model served by vLLM, plus ``teacher``: a LoRA adapter fine-tuned (while the
-    server starts) on the offline template's answers to 200 English and 200 Chinese captions."""
+    """The tiny model (tokenizer trained on English and Chinese captions) served by vLLM's CPU build."""
     from rewriter.serving import ServeConfig, VLLMServer
-    from rewriter.tiny import make_template_teacher, make_tiny_model
+    from rewriter.tiny import make_tiny_model
 
     work = tmp_path_factory.mktemp("bilingual-vllm")
     zh = _zh_captions(sample_dir)
     model = make_tiny_model(str(work / "model"), cc3m_captions[:1500] + zh[:1500])
     cfg = ServeConfig(model=model, served_model_name="tiny-bi", python=vllm_python, max_model_len=512,
-                      runtime_lora=True, log_path=str(work / "vllm.log"))
-    server = VLLMServer(cfg).start(wait=False)
-    try:
-        mixed = [c for pair in zip(cc3m_captions[2000:2200], zh[:200]) for c in pair]
-        adapter = make_template_teacher(model, mixed, str(work / "teacher"), steps=250)
-        server.wait()
-        server.load_lora("teacher", adapter)
+                      log_path=str(work / "vllm.log"))
+    with VLLMServer(cfg) as server:
         yield {"server": server, "model": model, "zh": zh, "work": work}
-    finally:
-        server.stop()
 
 
 def _n_prompt_tokens(tok, messages) -> int:
@@ -79,37 +71,6 @@ def test_the_server_receives_the_prompt_in_the_captions_language(served, cc3m_ca
     # the Chinese system prompt is a different text: a different request, not the English one
     en_for_zh = _n_prompt_tokens(tok, prompts.build_messages(served["zh"][1600], lang="en"))
     assert counts["zh"] != en_for_zh
-
-
-def test_teacher_answers_chinese_captions_in_chinese(served, cc3m_captions):
-    """The adapter learned the template's frame in both languages: through the real server, with the
-    JSON schema enforced, answers to Chinese captions open with the Chinese question and answers to
-    English ones with the English question. (Its text after that is mostly noise, and many answers
-    run out of tokens: the tiny model only learns the frame in 250 steps, so the question is what is
-    checked, read from the raw completion.)"""
-    import re
-    from concurrent.futures import ThreadPoolExecutor
-
-    import openai
-
-    client = openai.OpenAI(base_url=served["server"].base_url, api_key="EMPTY", max_retries=0, timeout=180)
-
-    def ask(caption):
-        r = client.chat.completions.create(model="teacher", messages=prompts.build_messages(caption),
-                                           response_format=prompts.response_format(), max_tokens=160, temperature=0.0)
-        return r.choices[0].message.content or ""
-
-    probes = {"zh": served["zh"][1800:1808], "en": cc3m_captions[2600:2608]}
-    with ThreadPoolExecutor(8) as pool:
-        texts = {lang: list(pool.map(ask, caps)) for lang, caps in probes.items()}
-    first_q = re.compile(r'^\s*\{\s*"qa"\s*:\s*\[\s*\{\s*"question"\s*:\s*"([^"]{0,40})')
-    opened = {lang: [(first_q.match(t).group(1) if first_q.match(t) else "") for t in ts] for lang, ts in texts.items()}
-    print("teacher first questions:", json.dumps(opened, ensure_ascii=False))
-    zh_q = sum(q.startswith("图片里有什么") for q in opened["zh"])
-    en_q = sum(q.startswith("What does the image show") for q in opened["en"])
-    assert zh_q >= 6 and en_q >= 6, opened
-    assert not any(q.startswith("What does") for q in opened["zh"])
-    assert not any(q.startswith("图片") for q in opened["en"])
 
 
 def test_rewrite_stage_on_a_mixed_language_input(served, cc3m_captions, tmp_path):
