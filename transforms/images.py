@@ -147,7 +147,7 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
 def _scale_16_bit(im: Image.Image) -> Image.Image:
     a = np.asarray(im).astype(np.int64)
     a = np.clip(a, 0, 65535)
-    return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -163,7 +163,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         return _scale_16_bit(im)
     if mode == "F":
         a = np.clip(np.asarray(im), 0, 255)
-        return Image.fromarray(np.rint(a).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.rint(a).astype(np.uint8)).convert("RGB")
     return im.convert("RGB")
 
 
