@@ -387,7 +387,10 @@ def _bad_text_field(fields: dict[str, Any]) -> str | None:
     """Detail naming the first field (url, key, meta column) that holds text that is not UTF-8."""
     for name in sorted(fields, key=str):
         value = fields[name]
-        text = value if isinstance(value, str) else _meta_json({"v": value}) if value is not None else ""
+        if value is None or isinstance(value, (int, float, bool, bytes)):
+            text = ""  # cannot hold a surrogate (bytes are rendered as their repr)
+        else:
+            text = value if isinstance(value, str) else _meta_json({"v": value})
         if has_surrogates(str(name)) or has_surrogates(text):
             return f"field {str(name)[:40]!r}: {_describe_bad(value if isinstance(value, str) else text)}"[:200]
     return None
