@@ -90,14 +90,14 @@ class ImageFilter(BaseFilter):
                 return False, reasons.IMAGE_UNDECODABLE, f"size {w}x{h}"
             if cfg.max_pixels is not None and w * h > cfg.max_pixels:
                 return False, reasons.IMAGE_TOO_MANY_PIXELS, f"{w}x{h} = {w * h} pixels > {cfg.max_pixels}"
-            if cfg.allowed_formats is not None and im.format not in cfg.allowed_formats:
+            head = images.read_header(im)
+            if cfg.allowed_formats is not None and head.format not in cfg.allowed_formats:
                 return False, reasons.IMAGE_FORMAT, (
-                    f"{im.format} is not a format mmcorpus takes here (filter.image.allowed_formats = "
+                    f"{head.format} is not a format mmcorpus takes here (filter.image.allowed_formats = "
                     f"{', '.join(cfg.allowed_formats)})"
                 )
-            head = images.read_header(im)
             if head.frames > 1 and cfg.reject_animated:
-                return False, reasons.IMAGE_ANIMATED, f"{im.format} with {head.frames} frames: only still images are taken"
+                return False, reasons.IMAGE_ANIMATED, f"{head.format} with {head.frames} frames: only still images are taken"
             # Size rules see the picture as a viewer shows it: after the EXIF rotation.
             w, h = head.width, head.height
             if cfg.min_side is not None and min(w, h) < cfg.min_side:

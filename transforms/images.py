@@ -114,10 +114,14 @@ def frame_count(im: Image.Image) -> int:
 
 
 def read_header(im: Image.Image) -> Header:
+    """Header facts; an MPO (a camera JPEG with an embedded preview or depth map after the primary
+    picture) is reported as the JPEG it is, with one frame: the extra pictures are not an animation."""
     w, h = im.size
     o = orientation(im)
     if o in _SWAPS_SIDES:
         w, h = h, w
+    if im.format == "MPO":
+        return Header(format="JPEG", width=w, height=h, mode=im.mode, orientation=o, frames=1)
     return Header(format=im.format, width=w, height=h, mode=im.mode, orientation=o, frames=frame_count(im))
 
 
@@ -192,7 +196,7 @@ def decode(
     if max_pixels is not None and w * h > max_pixels:
         raise TooManyPixels(f"{w}x{h} = {w * h} pixels > {max_pixels}")
     o = orientation(im)
-    if draft_size is not None and im.format == "JPEG":
+    if draft_size is not None and im.format in ("JPEG", "MPO"):
         dw, dh = draft_size
         if o in _SWAPS_SIDES:
             dw, dh = dh, dw

@@ -178,6 +178,18 @@ def test_animated_and_foreign_formats():
     assert run_filters(Pair(key="k", image=webp), keep_first)[1] is None
 
 
+
+def test_camera_mpo_is_a_still_jpeg():
+    """Phones and cameras write MPO: a JPEG whose primary picture is followed by a preview or depth
+    map. Pillow calls it MPO with 2 frames; it is neither a foreign format nor an animation."""
+    buf = io.BytesIO()
+    rw.upright(400, 300).save(buf, "MPO", save_all=True, append_images=[Image.new("RGB", (160, 120), BLUE)])
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        assert (im.format, im.n_frames) == ("MPO", 2)
+    pair, reason, _ = run_filters(Pair(key="k", image=buf.getvalue()), image_filters(ImageFilterConfig()))
+    assert reason is None and (pair.image_format, pair.width, pair.height) == ("JPEG", 400, 300)
+
+
 def run_measured(cmd: list[str], tmp: pathlib.Path) -> tuple[int, str, str, int]:
     """Run ``cmd``; return (exit code, stdout, stderr, its own peak RSS in bytes, from os.wait4)."""
     out, err = tmp / "stdout.txt", tmp / "stderr.txt"
