@@ -170,6 +170,14 @@ def resolve_input(spec: InputSpec) -> ResolvedInput:
             root = posixpath.dirname(root)
     if not files:
         raise UserError(f"no input files found at {spec.path!r}: pass a file, a directory or a glob")
+    bad_names = [f for f in files if has_surrogates(f)]
+    if bad_names:
+        # Every ledger row names its file; Arrow cannot store a name that is not UTF-8.
+        shown = _raw_bytes(bad_names[0]).decode("utf-8", "backslashreplace")
+        raise UserError(
+            f"{shown}: file name is not UTF-8 ({len(bad_names)} such file(s)); rename it, "
+            "e.g. convmv -f latin1 -t utf8 --notest DIR -r"
+        )
     fmt = spec.format
     tars = [f for f in files if tar_stem(f) is not None]
     if fmt == "auto":

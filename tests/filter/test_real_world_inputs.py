@@ -327,6 +327,19 @@ def test_empty_input_directory_exits_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_non_utf8_file_name_stops_before_work(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "good.csv").write_text("url,caption\nhttp://127.0.0.1/1.jpg,a boat in a harbour\n")
+    with open(os.path.join(os.fsencode(d), b"caf\xe9.csv"), "wb") as f:
+        f.write(b"url,caption\nhttp://127.0.0.1/2.jpg,a cafe on a corner\n")
+    proc = subprocess.run([*MMCORPUS, "filter", "--input", str(d), "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert f"{d}/caf\\xe9.csv: file name is not UTF-8 (1 such file(s)); rename it" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("source", ["header_only.csv", "empty_archive"])
 def test_zero_record_input_writes_empty_outputs_and_a_manifest(tmp_path, source):
     if source == "empty_archive":
