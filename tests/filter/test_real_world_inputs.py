@@ -179,6 +179,40 @@ def test_animated_and_foreign_formats():
 
 
 
+def test_remaining_modes_and_apng():
+    """Modes the fixture tar does not carry: 32-bit I (16-bit range), F, PA; and an animated PNG."""
+    i32 = Image.fromarray(np.array([[65535, 32896, 0, 70000]], dtype=np.int32))
+    assert i32.mode == "I"
+    assert list(images.to_rgb(i32).get_flattened_data()) == [(255,) * 3, (128,) * 3, (0,) * 3, (255,) * 3]
+    f = Image.fromarray(np.array([[300.0, -5.0, 100.4]], dtype=np.float32))
+    assert f.mode == "F"
+    assert list(images.to_rgb(f).get_flattened_data()) == [(255,) * 3, (0,) * 3, (100,) * 3]
+    pa_ = Image.new("PA", (2, 1))
+    pa_.putpalette([*RED, *BLUE] + [0, 0, 0] * 254)
+    pa_.putpixel((0, 0), (0, 0))
+    pa_.putpixel((1, 0), (1, 255))
+    assert list(images.to_rgb(pa_).get_flattened_data()) == [WHITE, BLUE]
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300), RED).save(buf, "PNG", save_all=True, append_images=[Image.new("RGB", (300, 300), BLUE)])
+    assert run_filters(Pair(key="k", image=buf.getvalue()), image_filters(ImageFilterConfig()))[1:] == (
+        "image_animated", "PNG with 2 frames: only still images are taken")
+
+
+@pytest.mark.parametrize("ext, mode", [(".tar.bz2", "w:bz2"), (".tar.xz", "w:xz"), (".tgz", "w:gz")])
+def test_other_compressed_shards_are_read(tmp_path, ext, mode):
+    d = tmp_path / "in"
+    d.mkdir()
+    with tarfile.open(d / f"00000{ext}", mode) as tf:
+        for name, data in (("000000000.jpg", (REAL / "images" / "progressive.jpg").read_bytes()),
+                           ("000000000.txt", b"a progressive photo of a red block on blue")):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), rw.MTIME
+            tf.addfile(info, io.BytesIO(data))
+    ledger, data = run_filter(tmp_path / "out", "--input", str(d))
+    assert [(r["key"], r["status"], r["reason"]) for r in ledger] == [("000000000", "kept", "ok")]
+    assert data[0]["source"] == f"00000{ext}#000000:000000000.jpg"
+
+
 def test_camera_mpo_is_a_still_jpeg():
     """Phones and cameras write MPO: a JPEG whose primary picture is followed by a preview or depth
     map. Pillow calls it MPO with 2 frames; it is neither a foreign format nor an animation."""
