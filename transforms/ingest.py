@@ -607,6 +607,7 @@ class ReadInputUnitFn(beam.DoFn):
         and one larger than ``max_member_bytes`` is never read (stream mode skips its blocks)."""
         current_key: str | None = None
         current: dict[str, bytes | _Skipped] = {}
+        held = 0  # bytes of the sample in hand
         first_name = ""
         size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
         limit = self.spec.max_member_bytes
@@ -671,6 +672,14 @@ class ReadInputUnitFn(beam.DoFn):
                         if current_key is not None:
                             yield current_key, current, first_name
                         current_key, current, first_name = stem, {}, f"{ordinal:06d}:{shown}"
+                        held = 0
+                    if isinstance(data, bytes):
+                        held += len(data)
+                        if held > limit:
+                            # Many members under one key (.a1, .a2, ...) must not add up past the cap
+                            # either: drop what is held, keep only the verdict.
+                            data = _Skipped(reasons.MEMBER_TOO_LARGE, f"sample {stem[:80]!r}: members add up to more than max_member_bytes {limit}")
+                            current = {}
                     current[ext.lower()] = data
                 # tarfile's stream mode ends silently at a header cut short; a complete archive has its
                 # end-of-archive blocks after the last member.

@@ -326,6 +326,19 @@ def test_oversized_member_is_skipped_unread(tmp_path):
     assert 0 < rss < 1 << 30, f"peak RSS {rss >> 20} MiB"
 
 
+def test_many_members_under_one_key_count_against_the_cap(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    members = [(f"000000000.x{i}", rw.noise(40_000, i)) for i in range(5)] + [("000000000.txt", b"a sample of many parts")]
+    members += [("000000001.jpg", (REAL / "images" / "progressive.jpg").read_bytes()), ("000000001.txt", b"a progressive photo of a red block")]
+    (d / "00000.tar").write_bytes(rw.tar_of(members))
+    ledger, _ = run_filter(tmp_path / "out", "--input", str(d), "--max-member-bytes", "100000")
+    assert sorted((r["key"], r["reason"], r["detail"]) for r in ledger) == [
+        ("000000000", "member_too_large", "sample '000000000': members add up to more than max_member_bytes 100000"),
+        ("000000001", "ok", ""),
+    ]
+
+
 def test_truncated_tar_gz_is_a_ledger_row(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
