@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -145,8 +146,14 @@ def _is_dir(path: str) -> bool:
 
 
 def _parquet_columns(path: str) -> list[str]:
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return pq.ParquetFile(f).schema_arrow.names
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            return pq.ParquetFile(f).schema_arrow.names
+    except (pa.ArrowException, OSError) as e:
+        # A file named .parquet that is not one (or is cut short) stops the run before any work.
+        raise InputSchemaError(
+            f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e)[:120]}); replace it or move it out of the input"
+        ) from None
 
 
 def resolve_input(spec: InputSpec) -> ResolvedInput:
@@ -312,7 +319,12 @@ def preflight(resolved: ResolvedInput, max_files: int = 1000) -> None:
     with the file named. Workers check again (files beyond ``max_files``)."""
     spec = resolved.spec
     for path in resolved.files[:max_files]:
-        if resolved.format == "table":
+        if resolved.format == "webdataset":
+            stem = tar_stem(path)
+            status = path if stem is None else stem + ".parquet"
+            if status.endswith(".parquet") and FileSystems.exists(status):
+                _parquet_columns(status)  # img2dataset's status file must be readable
+        elif resolved.format == "table":
             if path.endswith(".parquet"):
                 check_table_columns(path, _parquet_columns(path), spec)
             elif path.endswith((".csv", ".tsv")):

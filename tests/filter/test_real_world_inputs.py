@@ -22,6 +22,7 @@ from pipelines import export
 from pipelines import filter as filter_stage
 from pipelines.verify import verify
 from schemas import reasons
+from schemas.errors import InputSchemaError
 from transforms import images
 from transforms.image_filters import ImageFilterConfig, image_filters
 from transforms.filter_base import run_filters
@@ -405,6 +406,21 @@ def test_non_utf8_file_name_stops_before_work(tmp_path):
     assert proc.returncode == 2
     assert f"{d}/caf\\xe9.csv: file name is not UTF-8 (1 such file(s)); rename it" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", ["table", "status"])
+def test_a_file_named_parquet_that_is_not_one_stops_before_work(tmp_path, layout):
+    d = tmp_path / "in"
+    d.mkdir()
+    if layout == "status":  # img2dataset status file next to a good tar
+        shutil.copy(REAL / "webdataset" / "00002.tar", d / "00000.tar")
+    (d / "00000.parquet").write_bytes(b"this is not a parquet file\n")
+    with pytest.raises(InputSchemaError) as err:
+        filter_stage.main(["--input", str(d), "--output", str(tmp_path / "out")])
+    assert str(err.value) == (
+        f"{d}/00000.parquet: not a readable Parquet file (ArrowInvalid: Parquet magic bytes not found in footer. "
+        "Either the file is corrupted or this is not a parquet file.); replace it or move it out of the input")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("source", ["header_only.csv", "empty_archive"])
