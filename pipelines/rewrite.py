@@ -78,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
                    help="retries on 429/5xx/time-out/connection error (default 5)")
     p.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, help="completion token limit (default 256)")
     p.add_argument("--temperature", type=float, help="sampling temperature (default 0)")
+    p.add_argument("--fallback-reason", "--fallback_reason", dest="fallback_reason",
+                   help="this run is a fallback (the Airflow DAG sets it when the endpoint is down and the run "
+                        "asked for rewrite_fallback): recorded in the manifest config as rewrite_fallback")
     p.add_argument("--no-preflight", "--no_preflight", dest="preflight", action="store_false",
                    help="do not check that the endpoint answers before starting the pipeline")
     add_stage_args(p)
@@ -196,8 +199,11 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
         pairs = p | "Read" >> ReadStage(args.input)
         return pairs | "RewriteCaptions" >> RewriteCaptions(cfg)
 
+    config = {"rewrite": cfg.hashed()}
+    if args.fallback_reason:  # provenance a reader of the output must see: not the model's rewrites
+        config["rewrite_fallback"] = {"backend": cfg.backend, "reason": args.fallback_reason}
     return run_stage(
-        stage=STAGE, output_dir=args.output, config={"rewrite": cfg.hashed()}, input_info=input_info,
+        stage=STAGE, output_dir=args.output, config=config, input_info=input_info,
         build=build_pipeline, beam_args=beam_args, num_shards=args.num_shards, force=args.force,
     )
 

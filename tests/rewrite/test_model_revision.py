@@ -67,15 +67,15 @@ def test_new_weights_under_the_same_name_are_asked_again(dedup_dir, tmp_path):
     with ServedWeights("/models/rewriter-2026-11-01", "What does the old model see?") as old:
         questions, m_old = _run(old, dedup_dir, str(tmp_path / "r1"), cache)
         assert questions == {"What does the old model see?"} and len(old.seen) == len(CAPTIONS)
-    assert m_old.config["rewrite"]["model_revision"] == "/models/rewriter-2026-11-01"
 
     # New weights, same served name, same cache: every caption is asked again, no stale answer.
     with ServedWeights("/models/rewriter-2026-11-30", "What does the new model see?") as new:
         questions, m_new = _run(new, dedup_dir, str(tmp_path / "r2"), cache)
         assert questions == {"What does the new model see?"}
         assert len(new.seen) == len(CAPTIONS)
-    assert m_new.config["rewrite"]["model_revision"] == "/models/rewriter-2026-11-30"
     assert m_new.config_hash != m_old.config_hash
+    assert m_old.config["rewrite"]["model_revision"] == "/models/rewriter-2026-11-01"
+    assert m_new.config["rewrite"]["model_revision"] == "/models/rewriter-2026-11-30"
 
     # Rolling back to the old weights is free: their answers are still cached under their revision.
     with ServedWeights("/models/rewriter-2026-11-01", "never asked") as back:
