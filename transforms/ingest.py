@@ -635,7 +635,6 @@ class ReadInputUnitFn(beam.DoFn):
             yield Outcome(key=safe_key(None, rel, "tar"), status=ERROR, reason=reasons.TAR_UNREADABLE, detail=detail, source=rel)
             yield _TarBroken(reasons.TAR_UNREADABLE, detail)
             return
-        plain = path.endswith(".tar")
         with FileSystems.open(path, compression_type="uncompressed") as f:
             try:
                 # "r|*": stream mode (bounded memory, no seeks) with gzip/bz2/xz detected from the magic.
@@ -695,6 +694,8 @@ class ReadInputUnitFn(beam.DoFn):
                     current[ext.lower()] = data
                 # tarfile's stream mode ends silently at a header cut short; a complete archive has its
                 # end-of-archive blocks after the last member.
+                # (by content, not name: a gzipped tar named .tar is compressed too)
+                plain = getattr(tf.fileobj, "comptype", "tar") == "tar"
                 total = size if plain else _stream_length(tf)
             except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
                 # The next header (or the compressed stream) is corrupt: the sample in hand is complete.

@@ -199,8 +199,9 @@ def test_remaining_modes_and_apng():
         "image_animated", "PNG with 2 frames: only still images are taken")
 
 
-@pytest.mark.parametrize("ext, mode", [(".tar.bz2", "w:bz2"), (".tar.xz", "w:xz"), (".tgz", "w:gz")])
+@pytest.mark.parametrize("ext, mode", [(".tar.bz2", "w:bz2"), (".tar.xz", "w:xz"), (".tgz", "w:gz"), (".tar", "w:gz")])
 def test_other_compressed_shards_are_read(tmp_path, ext, mode):
+    """Compression is detected from the bytes: a gzipped tar named .tar is read whole, not called cut."""
     d = tmp_path / "in"
     d.mkdir()
     with tarfile.open(d / f"00000{ext}", mode) as tf:
