@@ -295,6 +295,19 @@ def check_table_columns(path: str, columns: list[str], spec: InputSpec) -> None:
         )
 
 
+# Excel and Notepad save "UTF-8" csv with a byte-order mark; utf-8-sig drops it, so the first column
+# is "url", not "\ufeffurl". Bytes that are not UTF-8 stay as surrogates and become ledger rows.
+CSV_ENCODING = "utf-8-sig"
+
+
+def _check_not_utf16(path: str, head: bytes) -> None:
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InputSchemaError(
+            f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); mmcorpus reads UTF-8: "
+            f"re-encode it, e.g. iconv -f UTF-16 -t UTF-8 IN > OUT"
+        )
+
+
 def _csv_dialect(path: str) -> dict[str, Any]:
     if path.endswith(".tsv"):
         return {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
@@ -329,7 +342,9 @@ def preflight(resolved: ResolvedInput, max_files: int = 1000) -> None:
                 check_table_columns(path, _parquet_columns(path), spec)
             elif path.endswith((".csv", ".tsv")):
                 with FileSystems.open(path, compression_type="uncompressed") as f:
-                    text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+                    _check_not_utf16(path, f.read(4))
+                    f.seek(0)
+                    text = io.TextIOWrapper(f, encoding=CSV_ENCODING, errors="surrogateescape", newline="")
                     first = next(csv.reader(text, **_csv_dialect(path)), None)
                 if first is None:
                     continue
@@ -482,7 +497,7 @@ class ReadInputUnitFn(beam.DoFn):
 
     def _read_csv(self, path: str, rel: str) -> Iterator[Pair | Outcome]:
         with FileSystems.open(path, compression_type="uncompressed") as f:
-            text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+            text = io.TextIOWrapper(f, encoding=CSV_ENCODING, errors="surrogateescape", newline="")
             reader = csv.reader(text, **_csv_dialect(path))
             header: list[str] | None = None
             row_no = -1
@@ -522,7 +537,8 @@ class ReadInputUnitFn(beam.DoFn):
                     continue
                 source = src(rel, row_no)
                 try:
-                    line = raw.decode("utf-8")
+                    # utf-8-sig: a leading byte-order mark (Excel, Notepad) is not part of the first record
+                    line = raw.decode("utf-8-sig" if row_no == 0 else "utf-8")
                 except UnicodeDecodeError:
                     yield Outcome(
                         key=record_key(rel, str(row_no), None), status=REJECTED, reason=reasons.CAPTION_INVALID_UTF8,

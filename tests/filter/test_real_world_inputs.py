@@ -380,7 +380,9 @@ def test_tables_with_bad_fields_and_non_text_captions(tmp_path):
     assert details["int_caption.parquet#00000000"] == "int: 7"
     assert details["list_caption.parquet#00000000"] == "list: ['a', 'cat']"
     assert details["rows.jsonl#00000002"] == "dict: {'en': 'a dog on a beach'}"
-    assert sorted(p["caption"] for p in data) == ["a brown dog running on a sandy beach", "a wooden boat moored in a quiet harbour"]
+    assert sorted(p["caption"] for p in data) == [
+        "a brown dog running on a sandy beach", "a row of bicycles parked by a canal",
+        "a wooden boat moored in a quiet harbour", "a yellow tram crossing a bridge at dusk"]
     assert all(ch.ok for ch in verify(str(out)))
 
 
@@ -407,6 +409,15 @@ def test_non_utf8_file_name_stops_before_work(tmp_path):
     assert proc.returncode == 2
     assert f"{d}/caf\\xe9.csv: file name is not UTF-8 (1 such file(s)); rename it" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_utf16_csv_stops_with_the_fix(tmp_path):
+    path = tmp_path / "captions.csv"
+    path.write_bytes("url,caption\nhttp://127.0.0.1/1.jpg,a boat in a harbour\n".encode("utf-16"))
+    with pytest.raises(InputSchemaError) as err:
+        filter_stage.main(["--input", str(path), "--output", str(tmp_path / "out")])
+    assert str(err.value) == (f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); mmcorpus reads UTF-8: "
+                              "re-encode it, e.g. iconv -f UTF-16 -t UTF-8 IN > OUT")
 
 
 @pytest.mark.parametrize("layout", ["table", "status"])
