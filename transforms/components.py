@@ -18,7 +18,7 @@ linked to), so a component may be split in two — duplicates kept, never a reco
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import apache_beam as beam
 
@@ -32,7 +32,7 @@ def _edge_hash(hi: str, lo: str) -> int:
 def _reiterable(values: Iterable[str]) -> Iterable[str]:
     """Grouped values that can be iterated twice: a one-shot iterator is copied into a list (only
     a runner that hands one over pays the memory; Beam's own grouped values are re-iterable)."""
-    return list(values) if iter(values) is values else values
+    return list(values) if isinstance(values, Iterator) else values
 
 
 def normalize_edge(u: str, v: str) -> Edge | None:
