@@ -90,6 +90,11 @@ def test_rewrite_stage_on_a_mixed_language_input(served, cc3m_captions, tmp_path
     assert sorted(r["key"] for r in ledger) == sorted(p.key for p in pairs)  # every record, exactly once
     assert all(r["reason"] in REWRITE_REASONS for r in ledger), [r["reason"] for r in ledger]
     assert {(r["model"], r["prompt_version"]) for r in ledger} == {("tiny-bi", "qa-v2")}
-    for row in read_table(str(out)).to_pylist():  # whatever was kept still carries its language
+    rows = read_table(str(out)).to_pylist()
+    # on_failure=keep_raw (the default): a failed rewrite keeps the record with its raw caption
+    kept = {r["key"] for r in ledger if r["status"] == "kept"}
+    assert {r["key"] for r in rows} == kept
+    for row in rows:  # every kept record still carries its language and its own caption
         assert row["lang"] == row["key"][:2]
+        assert row["caption"] == {p.key: p.caption for p in pairs}[row["key"]] or row["raw_caption"] is not None
     print("bilingual rewrite reasons:", json.dumps(sorted(r["reason"] for r in ledger)))
