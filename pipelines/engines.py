@@ -222,23 +222,46 @@ def _concat(lists):
     return list(itertools.chain.from_iterable(lists))
 
 
-def _group_values(kv):
+def _chunks(parts: list, n: int) -> list[list]:
+    """Split a list of partitions into at most ``n`` runs of neighbours (order kept)."""
+    size = max(1, -(-len(parts) // n))
+    return [parts[i:i + size] for i in range(0, len(parts), size)] or [[]]
+
+
+def _split_by_key(partitions: list, n: int) -> tuple:
+    """Hash-partition the ``(key, value)`` elements of some partitions into ``n`` buckets by a
+    process-independent hash (Python's ``hash`` is salted per process; workers are processes)."""
+    from dask.base import tokenize
+
+    buckets: list[list] = [[] for _ in range(n)]
+    for partition in partitions:
+        for kv in partition:
+            buckets[int(tokenize(kv[0]), 16) % n].append(kv)
+    return tuple(buckets)
+
+
+def _merge_groups(buckets: list[list]) -> list:
+    """One output partition of a GroupByKey: ``(key, [values])`` in first-seen order. Values arrive
+    as Beam's ReifyWindows left them (``WindowedValue``); the grouped output carries plain values."""
     from apache_beam.utils.windowed_value import WindowedValue
 
-    key, items = kv
-    return key, [v[1].value if isinstance(v[1], WindowedValue) else v[1] for v in items]
+    groups: dict = {}
+    for bucket in buckets:
+        for key, value in bucket:
+            groups.setdefault(key, []).append(value.value if isinstance(value, WindowedValue) else value)
+    return list(groups.items())
 
 
 class _Translator(beam.pipeline.PipelineVisitor):
     """Build one dask bag per leaf transform; remember which bags nothing consumes (the sinks)."""
 
-    def __init__(self, bag_kwargs: dict, reshuffle_partitions: int):
+    def __init__(self, bag_kwargs: dict, partitions: int):
         from apache_beam.runners.dask.overrides import (
             _Create, _Flatten, _GroupAlsoByWindow, _GroupByKeyOnly, _Read, _Reshuffle,
         )
 
         self.bag_kwargs = bag_kwargs
-        self.reshuffle_partitions = reshuffle_partitions
+        self.partitions = partitions  # of every shuffle's output (GroupByKey, Reshuffle, Flatten)
         self.bags: dict = {}
         self.consumed: set = set()
         self._kinds = {
@@ -288,21 +311,40 @@ class _Translator(beam.pipeline.PipelineVisitor):
         return db.from_sequence(values, npartitions=npartitions, partition_size=size)
 
     def _flatten(self, node, inputs):
+        import dask
         import dask.bag as db
 
-        return db.concat(inputs) if inputs else db.from_delayed([_empty()])
+        if not inputs:
+            return db.from_delayed([_empty()])
+        parts = [d for bag in inputs for d in bag.to_delayed(optimize_graph=False)]
+        # Concatenating bags adds up their partitions; merge neighbours so a Flatten -> ParDo chain
+        # (CoGroupByKey's tagging, dedup's rounds) runs as at most P tasks, not the sum of its inputs.
+        return db.from_delayed([dask.delayed(_concat, pure=True)(chunk) for chunk in _chunks(parts, self.partitions)])
 
     def _identity(self, node, inputs):
         return inputs[0]
 
     def _reshuffle(self, node, inputs):
         # Spread the elements over the cluster's threads (order kept, so outputs stay deterministic).
-        return inputs[0].repartition(npartitions=max(inputs[0].npartitions, self.reshuffle_partitions))
+        return inputs[0].repartition(npartitions=max(inputs[0].npartitions, self.partitions))
 
     def _group(self, node, inputs):
-        return inputs[0].groupby(lambda kv: kv[0], shuffle="tasks").map(_group_values)
+        # Our own all-to-all shuffle into exactly P partitions. dask.bag's groupby keeps the input's
+        # partition count, so Flatten -> GroupByKey chains (CoGroupByKey, dedup's rounds) multiply
+        # partitions into tens of thousands of tiny tasks; merging partitions with Bag.repartition
+        # before it gave wrong joins in dedup (seen here with dask 2026.8), so it is not used.
+        import dask
+        import dask.bag as db
+
+        n = self.partitions
+        parts = inputs[0].to_delayed(optimize_graph=False)
+        splits = [dask.delayed(_split_by_key, pure=True, nout=n)(chunk, n) for chunk in _chunks(parts, n)]
+        merged = [dask.delayed(_merge_groups, pure=True)([s[j] for s in splits]) for j in range(n)]
+        return db.from_delayed(merged)
 
     def _pardo(self, node, inputs):
+        import dask
+
         transform = node.transform
         args, kwargs = transform.raw_side_inputs
         sides = list(node.side_inputs)
@@ -316,7 +358,8 @@ class _Translator(beam.pipeline.PipelineVisitor):
             bag = self._input_bag(si.pvalue)
             # Materialised once, in the same graph, and broadcast to every partition that reads it.
             side_items.append(bag.reduction(list, _concat))
-        return inputs[0].map_partitions(_run_dofn_partition, spec, *side_items)
+        # One graph key for the DoFn and its arguments, not a copy inside every partition's task.
+        return inputs[0].map_partitions(_run_dofn_partition, dask.delayed(spec, pure=False, traverse=False), *side_items)
 
     def sinks(self) -> list:
         return [bag for node, bag in self.bags.items() if node not in self.consumed]
@@ -424,11 +467,13 @@ class DaskRunner(_dask_runner_base()):
         try:
             threads = sum(client.nthreads().values()) or 1
             pipeline.replace_all(dask_overrides())
-            translator = _Translator(bag_kwargs, reshuffle_partitions=bag_kwargs.get("npartitions") or 2 * threads)
+            translator = _Translator(bag_kwargs, partitions=bag_kwargs.get("npartitions") or threads)
             pipeline.visit(translator)
             # Every sink is reduced to its element count so nothing but small ints travels back.
             counts = [bag.count() for bag in translator.sinks()]
-            futures = client.compute(list(dask.optimize(*counts)))
+            # optimize_graph=False: dask.bag's fusion makes partitions lazy iterators, and a lazy partition
+            # read by two consumers is exhausted by the first (seen as wrong joins in dedup).
+            futures = client.compute(counts, optimize_graph=False)
         except BaseException:
             client.close()
             if cluster is not None:
