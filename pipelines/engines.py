@@ -85,16 +85,16 @@ def translate(beam_args: list[str]) -> list[str]:
     out: list[str] = []
     dask_flags = []
     for name, value in flags:
-        name = _ALIASES.get(name, name)
-        if name.startswith("--dask_"):
+        if _ALIASES.get(name, name).startswith("--dask_"):
             dask_flags.append(name)
+        name = _ALIASES.get(name, name)
         if name == "--runner" and is_dask(value):
             value = DASK_RUNNER
         out.append(name if value is None else f"{name}={value}")
     if not is_dask(runner):
         if dask_flags:
             raise UserError(
-                f"{', '.join(sorted(set(dask_flags)))} only apply to the Dask engine: add --runner dask "
+                f"{', '.join(sorted(set(dask_flags)))} only applies to the Dask engine: add --runner dask "
                 f"(runner is {runner or 'DirectRunner, the default'})"
             )
         return out
@@ -181,11 +181,16 @@ class _ParDoSpec:
     side_views: list  # (view class, view options, window mapping fn) per side input
 
 
-def _run_dofn_partition(items, spec: _ParDoSpec, *side_values):
+def _run_dofn_partition(items, spec_bytes: bytes, *side_values):
     """One bundle = one Dask partition: setup, start_bundle, process every element, finish_bundle
-    (whose outputs are kept), teardown. Receivers are built here, fresh per partition."""
+    (whose outputs are kept), teardown. The DoFn is unpickled here, fresh per partition: a DoFn
+    set up in place (clients, threads, event loops) must never be shared by two partitions or be
+    shipped to another worker."""
+    import cloudpickle
     from apache_beam.runners.common import DoFnContext, DoFnInvoker, DoFnSignature, _OutputHandler
     from apache_beam.transforms.sideinputs import SideInputMap
+
+    spec: _ParDoSpec = cloudpickle.loads(spec_bytes)
 
     out: list = []
     receivers = _Receivers(out)
@@ -343,7 +348,9 @@ class _Translator(beam.pipeline.PipelineVisitor):
         return db.from_delayed(merged)
 
     def _pardo(self, node, inputs):
+        import cloudpickle
         import dask
+        import dask.bag as db
 
         transform = node.transform
         args, kwargs = transform.raw_side_inputs
@@ -356,13 +363,24 @@ class _Translator(beam.pipeline.PipelineVisitor):
         for si in sides:
             self.consumed.add(si.pvalue.producer)
             bag = self._input_bag(si.pvalue)
-            # Materialised once, in the same graph, and broadcast to every partition that reads it.
-            side_items.append(bag.reduction(list, _concat))
-        # One graph key for the DoFn and its arguments, not a copy inside every partition's task.
-        return inputs[0].map_partitions(_run_dofn_partition, dask.delayed(spec, pure=False, traverse=False), *side_items)
+            # Materialised once, in the same graph, and handed whole to every partition that reads it.
+            side_items.append(dask.delayed(_concat, pure=True)(bag.to_delayed(optimize_graph=False)))
+        # The pickled DoFn is one graph value shared by every partition's task (not a copy per task).
+        spec_bytes = dask.delayed(cloudpickle.dumps(spec), pure=False, traverse=False)
+        # Plain delayed calls, not Bag.map_partitions: a bag that is both a main input and, through an
+        # Item argument, a side input was computed twice (once per worker; dask 2026.8), and a DoFn's
+        # side effects (requests, writes) must run once.
+        return db.from_delayed([
+            dask.delayed(_run_dofn_partition, pure=True)(part, spec_bytes, *side_items)
+            for part in inputs[0].to_delayed(optimize_graph=False)
+        ])
 
     def sinks(self) -> list:
         return [bag for node, bag in self.bags.items() if node not in self.consumed]
+
+
+def _sum(counts) -> int:
+    return sum(counts)
 
 
 def _no_elements() -> list:
@@ -470,10 +488,16 @@ class DaskRunner(_dask_runner_base()):
             translator = _Translator(bag_kwargs, partitions=bag_kwargs.get("npartitions") or threads)
             pipeline.visit(translator)
             # Every sink is reduced to its element count so nothing but small ints travels back.
-            counts = [bag.count() for bag in translator.sinks()]
+            sinks = translator.sinks()
+            log.info("Dask engine: %d transforms, %d sinks, %d partitions per shuffle",
+                     len(translator.bags), len(sinks), translator.partitions)
+            # Every sink reduced to its element count, all in ONE collection: computing several
+            # collections that share upstream tasks ran those tasks once per collection (seen here:
+            # every DoFn twice), and side effects (requests, writes) must run once.
+            total = dask.delayed(_sum, pure=False)([bag.count() for bag in sinks])
             # optimize_graph=False: dask.bag's fusion makes partitions lazy iterators, and a lazy partition
             # read by two consumers is exhausted by the first (seen as wrong joins in dedup).
-            futures = client.compute(counts, optimize_graph=False)
+            futures = [client.compute(total, optimize_graph=False)]
         except BaseException:
             client.close()
             if cluster is not None:
