@@ -322,3 +322,33 @@ def test_worker_sigkill_mid_rewrite_completes_identical_and_resumes_from_cache(d
     assert set(asked) == set(caps) and max(asked.values()) <= 2  # only in-flight answers were asked twice
     assert_identical(tmp_path / "direct", tmp_path / "dask")
     dask_cluster.wait_for_workers(2)  # the nanny restarted the killed worker
+
+
+# --- a real model server -------------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+def test_rewrite_against_real_vllm_identical(dask_cluster, tmp_path, sample_dir):
+    """The rewrite stage on Dask against a real vLLM server (CPU build, tiny random model made here):
+    the same ledger and the same bytes as the DirectRunner's run against the same server."""
+    python = os.environ.get("MMCORPUS_VLLM_PYTHON")
+    if not python or not os.path.exists(python):
+        pytest.fail("MMCORPUS_VLLM_PYTHON must name the vLLM venv's python (`make test` sets it)", pytrace=False)
+    from rewriter.serving import ServeConfig, VLLMServer
+    from rewriter.tiny import make_tiny_model, read_texts
+
+    model = make_tiny_model(str(tmp_path / "model"), read_texts(str(sample_dir / "cc3m_val_captions_8k.tsv"), 2000))
+    cfg = ServeConfig(model=model, served_model_name="rewriter", python=python, max_model_len=512,
+                      log_path=str(tmp_path / "vllm.log"))
+    inp = rewrite_input(str(tmp_path / "in"), captions(12, start=300))
+    flags = ["--model", "rewriter", "--policy", "all", "--max-tokens", "48", "--batch-size", "4", "--concurrency", "2",
+             "--timeout", "120"]
+    with VLLMServer(cfg) as server:
+        run("rewrite", "--input", inp, "--output", str(tmp_path / "direct"), "--endpoint", server.base_url,
+            "--cache-dir", str(tmp_path / "cache-direct"), *flags)
+        run("rewrite", "--input", inp, "--output", str(tmp_path / "dask"), "--endpoint", server.base_url,
+            "--cache-dir", str(tmp_path / "cache-dask"), *flags, *on_dask(dask_cluster))
+    ledger = read_table(str(tmp_path / "dask"), "ledger").to_pylist()
+    assert sorted(r["key"] for r in ledger) == [f"k{i:04d}" for i in range(12)]
+    assert all(r["model"] == "rewriter" for r in ledger)
+    assert_identical(tmp_path / "direct", tmp_path / "dask")
