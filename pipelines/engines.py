@@ -136,7 +136,8 @@ def check_scheduler(address: str, timeout_s: float = _SCHEDULER_CHECK_TIMEOUT_S)
 # transform's bag is computed, so other leaves never run; (4) a side input is recomputed from
 # scratch inside every task that reads it (upstream side effects repeat); (5) Reshuffle is a no-op,
 # so everything read from one Create partition stays in one task. ``DaskRunner`` keeps Beam's
-# overrides and its Create/Flatten translations and replaces the rest.
+# overrides (which turn Create, GroupByKey, Flatten, Reshuffle and Read into marker transforms) and
+# translates every transform itself (``_Translator``).
 
 
 def _windowed(item: t.Any):
