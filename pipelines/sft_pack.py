@@ -182,7 +182,8 @@ def export(argv: list[str]) -> str:
     for s in iter_samples(args.input):
         image_rel = None
         if s.image:
-            image_rel = f"images/{s.key}.{_image_ext(s.image)}"
+            # content-addressed: an image shared by several conversations is written once
+            image_rel = f"images/{hashlib.sha256(s.image).hexdigest()[:20]}.{_image_ext(s.image)}"
             if image_rel not in written_images:
                 write_bytes_atomic(join(args.output, image_rel), s.image)
                 written_images.add(image_rel)
