@@ -201,18 +201,19 @@ def _summary(name: str, result) -> str:
     m = result.manifest
     state = "up to date, skipped" if result.skipped else f"done in {result.seconds:.1f}s"
     by_reason = {k: v for k, v in m.counts["by_reason"].items() if not k.startswith("kept/")}
-    return f"sft {name}: {state}: {m.counts['inputs']} in, {m.counts['outputs']} kept, rejected {by_reason or 'none'}"
+    line = f"sft {name}: {state}: {m.counts['inputs']} in, {m.counts['outputs']} kept, not kept {by_reason or 'none'}"
+    x = m.extra
+    if "packs" in x:
+        line += (f"; {x.get('packed_samples')} samples in {x.get('packs')} packs ({x.get('pack_shards')} shards, "
+                 f"fill {100 * (x.get('pack_fill') or 0):.2f}%)")
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    subs = {"ingest": ingest, "split": split}
-    try:
-        from pipelines import sft_pack
+    from pipelines import sft_pack  # pack, export, make-tokenizer
 
-        subs.update(sft_pack.SUBCOMMANDS)
-    except ImportError:  # pack/export live in their own module
-        pass
+    subs = {"ingest": ingest, "split": split, **sft_pack.SUBCOMMANDS}
     if not argv or argv[0] not in subs:
         print(f"usage: mmcorpus sft {{{'|'.join(subs)}}} ...\n\n{__doc__}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

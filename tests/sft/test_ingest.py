@@ -160,3 +160,21 @@ def test_unusable_input_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="no .json/.jsonl file found"):
         cli.ingest(["--input", str(tmp_path / "nope.json"), "--format", "llava", "--output", str(tmp_path / "o")])
+
+
+def test_images_joined_from_img2dataset_shards(tmp_path):
+    import tarfile
+
+    i2d = REPO / "data" / "sample" / "i2d_webdataset"
+    with tarfile.open(i2d / "00000.tar") as tar:
+        want = tar.extractfile("0000003.jpg").read()
+    recs = tmp_path / "c.jsonl"
+    recs.write_text(
+        json.dumps({"id": "a", "image": "0000003.jpg", "caption": "a photo"}) + "\n"
+        + json.dumps({"id": "b", "image": "9999999.jpg", "caption": "a photo"}) + "\n"
+    )
+    out = tmp_path / "out"
+    r = cli.ingest(["--input", str(recs), "--format", "caption", "--name", "c", "--images", str(i2d), "--output", str(out)])
+    assert r.manifest.config["images"] == "i2d"
+    assert _ledger(out) == {"c-a": ("kept", "ok"), "c-b": ("rejected", "sft_image_not_found")}
+    assert _samples(out)["c-a"].image == want
