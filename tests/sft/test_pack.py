@@ -177,3 +177,13 @@ def test_acceptance_packed_loss_equals_one_by_one(chain, chat_tok_dir):
             assert torch.allclose(packed, single, atol=1e-5, rtol=1e-5), (packed, single)
             checked += len(single)
     assert checked >= 6
+
+
+def test_pack_rerun_is_byte_identical(chain, chat_tok_dir, tmp_path):
+    from transforms.stage_io import read_manifest
+
+    again = tmp_path / "again"
+    cli.main(["pack", "--input", str(chain["split"]), "--part", "1", "--tokenizer", chat_tok_dir, "--seq-len", str(SEQ),
+              "--stage", "2", "--query-num", "64", "--output", str(again), "--num-shards", "2"])
+    a, b = read_manifest(str(chain["1"])), read_manifest(str(again))
+    assert [(f.path, f.sha256) for f in a.files] == [(f.path, f.sha256) for f in b.files]
