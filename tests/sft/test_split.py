@@ -63,6 +63,12 @@ def test_split_per_source(tmp_path, capsys):
     assert rep["llava_qa90"]["part1"]["samples"] == 30 and rep["llava_qa90"]["part2"]["samples"] == 60
     assert rep["mix"]["part1"] == {"samples": 1, "turns": 1, "assistant_tokens": rep["mix"]["part1"]["assistant_tokens"], "text_only": 0}
     assert rep["mix"]["part2"]["samples"] == 3 and rep["mix"]["part2"]["turns"] == 1 + 4 + 1 and rep["mix"]["part2"]["text_only"] == 1
+    from pipelines.stats import collect, plot
+
+    st = collect(str(out))
+    lens = st["panels"]["sft_answer_tokens"]
+    assert {k: len(v) for k, v in lens.items()} == {"part 1": 31, "part 2": 66}  # turns per part
+    assert "sft_answer_tokens" in plot(st, str(tmp_path / "stats.png"))
     printed = capsys.readouterr().out
     assert "llava_qa90" in printed and "part2" in printed and "90 in, 90 kept" not in printed  # 94 inputs
     assert "94 in, 94 kept" in printed
