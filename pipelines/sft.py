@@ -11,10 +11,8 @@ Examples (see docs/sft.md):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from dataclasses import asdict
 
 import apache_beam as beam
 
@@ -22,7 +20,7 @@ from pipelines.config import build, load_toml, section, to_dict
 from pipelines.runner import add_stage_args, run_stage
 from schemas import sft as S
 from schemas.errors import UserError
-from schemas.records import Outcome
+from schemas.records import REJECTED, Outcome
 from transforms import sft_ingest as I
 from transforms.sft_split import AssignPartFn, SftSplitConfig, SummarizeSplit
 from transforms.stage_io import ReadStage, read_manifest, stage_input_info
@@ -54,7 +52,7 @@ def ingest(argv: list[str]):
     p.add_argument("--images", default=None, help="image directory, img2dataset output, or a stage directory; joined by id")
     add_stage_args(p)
     args, beam_args = p.parse_known_args(argv)
-    cfg = build(SftIngestConfig, section(load_toml(args.config), "sft.ingest"), "sft.ingest")
+    cfg = build(I.SftIngestConfig, section(load_toml(args.config), "sft.ingest"), "sft.ingest")
     name = args.name or os.path.splitext(os.path.basename(args.input.rstrip("/")))[0]
     config = {"format": args.format, "name": name, "ingest": to_dict(cfg), "images": None}
     image_kind = None
@@ -125,12 +123,9 @@ def _attach(element, where):
     key, groups = element
     if key.startswith("\x00"):  # text-only samples: nothing to join
         for s in groups["samples"]:
-            yield I._kept(s)
+            yield I.kept_outcome(s)
         return
     yield from I.join_keyed_images(element, where)
-
-
-SftIngestConfig = I.SftIngestConfig
 
 
 class FromStageFn(beam.DoFn):
@@ -142,9 +137,9 @@ class FromStageFn(beam.DoFn):
 
     def process(self, pair):
         try:
-            yield I._kept(I.pair_to_sample(pair, self.dataset, self.cfg))
+            yield I.kept_outcome(I.pair_to_sample(pair, self.dataset, self.cfg))
         except I.SftRecordError as e:
-            yield Outcome.dropped(pair, "rejected", e.reason, e.detail)
+            yield Outcome.dropped(pair, REJECTED, e.reason, e.detail)
 
 
 # --- split ---------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from transforms.packing import PackingConfig
 from transforms.sft_pack import PrepareSftFn, SftPackConfig
 from transforms.shards import PackSamples, ShardConfig
 from transforms.stage_io import ReadStage, join, read_manifest, stage_input_info, write_bytes_atomic
-from transforms.tokens import QUERY_NUMS, TextTokenizer, StageProfile
+from transforms.tokens import QUERY_NUMS, StageProfile, TextTokenizer
 
 SUMMARY_KEYS = ("packed_samples", "packs", "pack_tokens", "pack_fill", "truncated_tokens", "pack_images", "pack_shards")
 

@@ -14,7 +14,7 @@ import posixpath
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -369,7 +369,7 @@ def image_id(ref: str) -> str:
     return stem if ext.lower() in IMAGE_EXTS else base
 
 
-def _kept(sample: S.SftSample) -> Outcome:
+def kept_outcome(sample: S.SftSample) -> Outcome:
     return Outcome.kept(sample.to_pair())
 
 
@@ -400,14 +400,14 @@ class AttachLocalImageFn(_Counted):
     def process(self, sample: S.SftSample):
         if sample.image_ref is None:
             self.inc(KEPT)
-            yield _kept(sample)
+            yield kept_outcome(sample)
             return
         for path in self._candidates(sample.image_ref):
             if FileSystems.exists(path) and not os.path.isdir(path):
                 with FileSystems.open(path, compression_type="uncompressed") as f:
                     sample.image = f.read()
                 self.inc(KEPT)
-                yield _kept(sample)
+                yield kept_outcome(sample)
                 return
         self.inc(f"rejected_{reasons.SFT_IMAGE_NOT_FOUND}")
         yield _not_found(sample, self.image_dir or "(no --images given)")
@@ -421,7 +421,7 @@ def join_keyed_images(element: tuple[str, dict[str, list]], where: str) -> Itera
     for sample in groups["samples"]:
         if images:
             sample.image, sample.width, sample.height = images[0].image, images[0].width, images[0].height
-            yield _kept(sample)
+            yield kept_outcome(sample)
         else:
             yield _not_found(sample, where)
 

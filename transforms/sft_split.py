@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
