@@ -72,6 +72,9 @@ def pack(argv: list[str]):
     p.add_argument("--format", default=P.FORMAT_PARQUET, choices=P.FORMATS)
     p.add_argument("--truncate-turns", "--truncate_turns", dest="truncate_turns", action="store_true",
                    help="cut a conversation longer than seq-len after its last whole turn that fits (else sft_too_long)")
+    p.add_argument("--check-mask", "--check_mask", dest="check_mask", action="store_true",
+                   help="check every record's labels against transformers' return_assistant_tokens_mask "
+                        "(template needs {% generation %}); disagreeing records -> sft_label_mismatch")
     p.add_argument("--max-images-per-pack", "--max_images_per_pack", dest="max_images_per_pack", type=int, default=None)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--partitions", type=int, default=1)
@@ -80,13 +83,19 @@ def pack(argv: list[str]):
     args, beam_args = p.parse_known_args(argv)
     from transforms.sft_template import load_chat_tokenizer
 
-    load_chat_tokenizer(args.tokenizer)  # fail fast: no transformers, no template, missing tokens
+    from transforms.sft_template import has_generation_markers
+
+    tok = load_chat_tokenizer(args.tokenizer)  # fail fast: no transformers, no template, missing tokens
+    if args.check_mask and not has_generation_markers(tok):
+        raise UserError(f"--check-mask: the chat template of {args.tokenizer} has no {{% generation %}} block "
+                        "(add one around the assistant content and its end-of-turn token, or drop --check-mask)")
     input_info = _input(args.input)
     try:
         profile = StageProfile.for_stage(args.stage, args.query_num)
         packing = PackingConfig(seq_len=args.seq_len, window=args.window, max_images_per_pack=args.max_images_per_pack)
         shards = ShardConfig(format=args.format, partitions=args.partitions, max_packs_per_shard=args.max_packs_per_shard)
-        cfg = SftPackConfig(part=None if args.part == "all" else int(args.part), truncate_turns=args.truncate_turns)
+        cfg = SftPackConfig(part=None if args.part == "all" else int(args.part), truncate_turns=args.truncate_turns,
+                            check_mask=args.check_mask)
     except ValueError as e:
         raise UserError(f"mmcorpus sft pack flags: {e}") from None
     files = TextTokenizer.files_of(args.tokenizer)

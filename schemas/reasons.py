@@ -87,6 +87,7 @@ SFT_IMAGE_NOT_FOUND = "sft_image_not_found"  # the named image is not in the ima
 SFT_TOO_MANY_TURNS = "sft_too_many_turns"  # more turns than max_turns
 SFT_TOO_LONG_CHARS = "sft_too_long_chars"  # more characters than max_chars
 SFT_OTHER_PART = "sft_other_part"  # sft pack --part N: the record belongs to the other part
+SFT_LABEL_MISMATCH = "sft_label_mismatch"  # sft pack --check-mask: labels differ from the template's generation mask
 SFT_TOO_LONG = "sft_too_long"  # templated tokens > seq_len and truncation is off (or cannot help)
 
 # --- unexpected exceptions (dead letter): "exception_<ExcType>" ------------------------------

@@ -21,6 +21,8 @@ class SftPackConfig:
         part: pack only part 1 or part 2 (None: both).
         truncate_turns: a conversation longer than ``seq_len`` is cut after its last whole turn
             that fits (ledger detail says how many turns were cut) instead of ``sft_too_long``.
+        check_mask: also compute transformers' ``return_assistant_tokens_mask`` for every record and
+            reject disagreeing ones (``sft_label_mismatch``); needs ``{% generation %}`` in the template.
 
     Example:
         >>> SftPackConfig(part=2).truncate_turns
@@ -29,6 +31,7 @@ class SftPackConfig:
 
     part: int | None = None
     truncate_turns: bool = False
+    check_mask: bool = False
 
     def __post_init__(self):
         if self.part not in (None, S.PART_1, S.PART_2):
@@ -78,6 +81,11 @@ class PrepareSftFn(PrepareSampleFn):
             grid = self.profile.grid(w, h)
         from transforms.sft_template import SftTooLong, fit
 
+        if self.cfg.check_mask:
+            bad = self.templater.mask_mismatches(sample.messages())
+            if bad:
+                what = "token ids differ" if bad < 0 else f"{bad} tokens differ"
+                return self._reject(pair, reasons.SFT_LABEL_MISMATCH, f"{what} from return_assistant_tokens_mask")
         toks = self.templater.tokens(sample.messages(), grid=grid, has_image=image is not None)
         try:
             toks = fit(toks, self.packing.seq_len, self.cfg.truncate_turns)

@@ -114,7 +114,18 @@ class ChatTemplater:
             ends.append(len(upto))
         return full, spans, ends
 
-    def tokens(self, messages: list[dict[str, str]], grid: tuple[int, int] | None = None, has_image: bool = False) -> SftTokens:
+    def mask_mismatches(self, messages: list[dict[str, str]]) -> int:
+        """Tokens where our labels (before image expansion) disagree with transformers'
+        ``return_assistant_tokens_mask`` (needs ``{% generation %}`` in the template); -1 when the
+        token ids themselves differ."""
+        ref = self.tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ours = self.tokens(messages, has_image=False, expand_image=False)
+        if list(ref["input_ids"]) != ours.input_ids:
+            return -1
+        return sum((lab != IGNORE_INDEX) != bool(m) for lab, m in zip(ours.labels, ref["assistant_masks"]))
+
+    def tokens(self, messages: list[dict[str, str]], grid: tuple[int, int] | None = None, has_image: bool = False,
+               expand_image: bool = True) -> SftTokens:
         """Tokens and labels of a conversation; the ``<image>`` marker (when ``has_image``) becomes
         the MiniCPM-V placeholder span for ``grid`` (None: overview only)."""
         text, spans, ends = self.assistant_spans(messages)
@@ -135,6 +146,8 @@ class ChatTemplater:
                 ti += 1
         turn_ends += [len(ids)] * (len(ends) - len(turn_ends))
         out = SftTokens(input_ids=ids, labels=labels, turn_ends=turn_ends)
+        if not expand_image:
+            return out
         marks = [t for t, x in enumerate(ids) if x == self.ids["im_start"]]
         if has_image:
             if len(marks) != 1:
@@ -148,6 +161,10 @@ class ChatTemplater:
         elif marks:
             raise ValueError(f"{IM_START} in a conversation without an image")
         return out
+
+
+def has_generation_markers(tokenizer) -> bool:
+    return "generation" in (tokenizer.chat_template or "") and "endgeneration" in tokenizer.chat_template
 
 
 def fit(toks: SftTokens, seq_len: int, truncate: bool) -> SftTokens:

@@ -187,3 +187,33 @@ def test_pack_rerun_is_byte_identical(chain, chat_tok_dir, tmp_path):
               "--stage", "2", "--query-num", "64", "--output", str(again), "--num-shards", "2"])
     a, b = read_manifest(str(chain["1"])), read_manifest(str(again))
     assert [(f.path, f.sha256) for f in a.files] == [(f.path, f.sha256) for f in b.files]
+
+
+def test_check_mask_flags_a_template_that_trains_the_separator(chain, chat_tok_dir, tmp_path, capsys):
+    import shutil
+
+    from schemas.errors import UserError
+
+    ok = tmp_path / "ok"
+    base = ["pack", "--input", str(chain["split"]), "--part", "1", "--seq-len", str(SEQ), "--stage", "2",
+            "--query-num", "64", "--check-mask"]
+    cli.main(base + ["--tokenizer", chat_tok_dir, "--output", str(ok)])
+    assert sum(v[0] == "kept" for v in _ledger(ok).values()) == 30
+    # a template whose generation block also covers the "\n" after <|im_end|>: its mask now includes a
+    # token our rule leaves untrained, so every part-1 record (one assistant turn each) disagrees by one
+    other = tmp_path / "tok_nl"
+    shutil.copytree(chat_tok_dir, other)
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    old = "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    assert old in cfg["chat_template"]
+    cfg["chat_template"] = cfg["chat_template"].replace(old, "{{ message['content'] + '<|im_end|>' + '\\n' }}{% endgeneration %}")
+    (other / "tokenizer_config.json").write_text(json.dumps(cfg))
+    bad = tmp_path / "bad"
+    cli.main(base + ["--tokenizer", str(other), "--output", str(bad)])
+    led = _ledger(bad)
+    mism = [v for v in led.values() if v[1] == "sft_label_mismatch"]
+    assert len(mism) == 30 and {v[2] for v in mism} == {"1 tokens differ from return_assistant_tokens_mask"}
+    cfg["chat_template"] = cfg["chat_template"].replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    (other / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="no {% generation %} block"):
+        cli.main(base + ["--tokenizer", str(other), "--output", str(tmp_path / "none")])
