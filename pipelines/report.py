@@ -78,8 +78,9 @@ class ReportConfig:
         largest_clusters: the largest dedup clusters always shown, besides the sampled ones.
         cluster_members: members shown per cluster (the kept one first, then by key hash).
         stats_rows: rows per stage the ``stats`` plots read (None: every row).
-        raw_input: the filter stage's raw input, to show images and captions of records the filter
-            removed (their only copy is there).
+        raw_inputs: the filter stages' raw inputs (directories or files, as given to ``mmcorpus
+            filter --input``), to show images and captions of records the filter removed (their only
+            copy is there). A ledger ``source`` is looked up in each, first match wins.
 
     Example:
         >>> ReportConfig(samples=4, thumb_max_side=128).thumb_quality
@@ -93,7 +94,7 @@ class ReportConfig:
     largest_clusters: int = 3
     cluster_members: int = 12
     stats_rows: int | None = 50_000
-    raw_input: str | None = None
+    raw_inputs: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.samples < 1:
@@ -401,24 +402,34 @@ class Thumbnails:
 
 
 class RawInput:
-    """Images and captions of the filter's raw input, looked up by a ledger ``source``
-    (``shard.tar#NNNNNN:member`` or ``file.parquet#NNNNNNNN``)."""
+    """Images and captions of the filters' raw inputs, looked up by a ledger ``source``
+    (``shard.tar#NNNNNN:member`` or ``file.parquet#NNNNNNNN``, relative to the input root)."""
 
-    def __init__(self, root: str | None):
-        self.root = root
+    def __init__(self, roots: tuple[str, ...]):
+        self.roots = tuple(roots)
         self._tars: dict[str, dict[str, Any]] = {}
 
+    def _path(self, rel: str) -> str | None:
+        for root in self.roots:
+            if os.path.isdir(root) and os.path.isfile(os.path.join(root, rel)):
+                return os.path.join(root, rel)
+            if os.path.isfile(root) and os.path.basename(root) == rel:
+                return root
+        return None
+
     def get(self, source: str | None) -> dict | None:
-        if not self.root or not source or "#" not in source:
+        if not self.roots or not source or "#" not in source:
             return None
         rel, _, where = source.partition("#")
-        path = join(self.root, rel) if os.path.isdir(self.root) else self.root
+        path = self._path(rel)
+        if path is None:
+            return None
         try:
             if rel.endswith(".tar") and ":" in where:
                 return self._tar_member(path, where.split(":", 1)[1])
             if rel.endswith(".parquet") and where.isdigit():
                 return self._parquet_row(path, int(where))
-        except (OSError, ValueError, KeyError, IndexError):
+        except (OSError, ValueError, KeyError, IndexError, tarfile_error()):
             return None
         return None
 
@@ -452,14 +463,22 @@ class RawInput:
             n = pf.metadata.row_group(rg).num_rows
             if row < start + n:
                 names = pf.schema_arrow.names
-                cols = [c for c in ("caption", "jpg", "png", "webp") if c in names]
+                cap = next((c for c in ("caption", "TEXT", "text", "txt") if c in names), None)
+                cols = [c for c in (cap, "jpg", "png", "webp") if c and c in names]
                 r = pf.read_row_group(rg, columns=cols).slice(row - start, 1).to_pylist()[0]
-                return {"caption": r.get("caption"), "image": next((r[c] for c in ("jpg", "png", "webp") if r.get(c)), None)}
+                return {"caption": r.get(cap) if cap else None,
+                        "image": next((r[c] for c in ("jpg", "png", "webp") if r.get(c)), None)}
             start += n
         return None
 
 
 # --- building the report -------------------------------------------------------------------------
+
+
+def tarfile_error() -> type[Exception]:
+    import tarfile
+
+    return tarfile.TarError
 
 
 def anchor(kind: str, value: str) -> str:
@@ -502,7 +521,7 @@ class RunReport:
         for _, d in run["stages"]:
             inp = self.manifests[d].input or {}
             self.input_dir[d] = shas.get(inp.get("fingerprint")) if inp.get("kind") == "stage" else None
-        self.raw = RawInput(cfg.raw_input)
+        self.raw = RawInput(cfg.raw_inputs)
         self._records: dict[tuple[str, str], dict | None] = {}
 
     # records
@@ -538,7 +557,7 @@ class RunReport:
             if raw:
                 caption, image = raw.get("caption"), raw.get("image")
             else:
-                note = "raw input not given (--raw-input)" if not self.cfg.raw_input else "no image in the raw input"
+                note = "raw input not given (--raw-input)" if not self.cfg.raw_inputs else "no image in the raw input"
         thumb, why = self.thumbs.add(image)
         card = {
             "key": key, "trace": anchor("key", key), "status": status, "reason": reason,
@@ -924,8 +943,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"largest dedup clusters always shown (default {d.largest_clusters})")
     p.add_argument("--stats-rows", "--stats_rows", dest="stats_rows", type=int, default=d.stats_rows,
                    help=f"rows per stage the stats plots read (default {d.stats_rows:,})")
-    p.add_argument("--raw-input", "--raw_input", dest="raw_input",
-                   help="the filter's raw input (as given to `mmcorpus filter --input`): shows the records the filter removed")
+    p.add_argument("--raw-input", "--raw_input", dest="raw_inputs", action="append", default=[], metavar="PATH",
+                   help="a filter's raw input (as given to `mmcorpus filter --input`; repeatable): shows the records "
+                        "the filter removed")
     return p
 
 
@@ -936,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = ReportConfig(samples=args.samples, seed=args.seed, thumb_max_side=args.thumb_max_side,
                            thumb_quality=args.thumb_quality, largest_clusters=args.largest_clusters,
-                           stats_rows=args.stats_rows, raw_input=args.raw_input)
+                           stats_rows=args.stats_rows, raw_inputs=tuple(args.raw_inputs))
     except ValueError as e:
         raise UserError(str(e)) from None
     out = write_report(path, args.output, cfg)
