@@ -490,10 +490,11 @@ def _pack_of_key(stage_dir: str, m: Manifest, key: str) -> dict | None:
     return _packs_of_keys(stage_dir, m, [key]).get(key)
 
 
-def trace_keys(path: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+def trace_keys(path: str, keys: list[str], locate_packs: bool = True) -> dict[str, dict[str, Any]]:
     """``trace_key`` for many keys at once: each stage's ledger, data and pack shards are read once
     for all of them (only the shards and row groups that can hold them), so tracing a sample of a
-    large run costs about as much as tracing one key."""
+    large run costs about as much as tracing one key. ``locate_packs=False`` skips finding each
+    key's pack (which reads every pack shard's key lists; the pack ledger's detail names the pack)."""
     stages = run_stage_dirs(path)
     if not stages:
         raise UserError(f"no finished stage outputs (*/{MANIFEST_NAME}) under {run_root(path)}: pass a stage output or run directory")
@@ -504,7 +505,7 @@ def trace_keys(path: str, keys: list[str]) -> dict[str, dict[str, Any]]:
         ledger = _ledger_rows_for_keys(d, m, keys) if keys else {}
         kept = [k for k in keys if ledger.get(k) and ledger[k][0].get("status") == "kept"]
         data = _data_rows_for_keys(d, m, kept) if kept else {}
-        packs = _packs_of_keys(d, m, kept) if kept and stage == "pack" else {}
+        packs = _packs_of_keys(d, m, kept) if kept and stage == "pack" and locate_packs else {}
         for key in keys:
             rows = ledger.get(key, [])
             step: dict[str, Any] = {"stage": stage, "dir": d}

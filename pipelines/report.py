@@ -93,7 +93,7 @@ class ReportConfig:
     thumb_quality: int = 75
     largest_clusters: int = 3
     cluster_members: int = 12
-    stats_rows: int | None = 50_000
+    stats_rows: int | None = 10_000
     raw_inputs: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -257,70 +257,119 @@ class StageScan:
     samples: dict[tuple[str, str], list[str]]
     cluster_sizes: Counter = field(default_factory=Counter)  # dedup: duplicates per cluster_id
     cluster_kept: dict[str, str] = field(default_factory=dict)
+    cluster_where: dict[str, set] = field(default_factory=dict)  # cluster_id -> {(ledger file, row group)}
+    row_groups_read: int = 0  # row groups whose key column was read (the cost of sampling)
+
+
+# A group with at most RARE_FACTOR * samples rows is sampled from all its rows; a larger one from
+# the rows it has in a few row groups picked by a seeded hash (at least CANDIDATE_FACTOR * samples
+# candidates), so the key column is read from a bounded number of row groups whatever the corpus.
+RARE_FACTOR = 8
+CANDIDATE_FACTOR = 4
 
 
 def scan_ledger(stage_dir: str, m: Manifest, cfg: ReportConfig) -> StageScan:
-    """Sample ``cfg.samples`` keys per (status, reason) by key hash, reading only key/status/reason
-    (and, for dedup, cluster columns) one row group at a time."""
-    bottom = BottomK(cfg.samples)
+    """Sample ``cfg.samples`` keys per (status, reason).
+
+    Two steps: status and reason (dictionary-encoded, a few bytes per row) are read for every row
+    group to know where each group's rows are; keys are read only from the row groups the sample
+    needs, and the sample is the keys with the smallest seeded key hash among the candidates. For
+    dedup, ``cluster_id`` of the duplicates is counted too (the largest clusters need every one).
+    """
+    files = sorted(m.files_of(FILE_KIND_LEDGER), key=lambda f: f.path)
+    where: dict[tuple[str, str], list[tuple[str, int, np.ndarray]]] = {}
     sizes: Counter = Counter()
     kept_of: dict[str, str] = {}
-    for f in sorted(m.files_of(FILE_KIND_LEDGER), key=lambda f: f.path):
-        pf = _open_parquet(join(stage_dir, f.path))
-        names = pf.schema_arrow.names
-        cluster_cols = [c for c in ("cluster_id", "kept_key") if c in names]
+    cluster_where: dict[str, set] = {}
+    for f in files:
+        pf = pq.ParquetFile(FileSystems.open(join(stage_dir, f.path), compression_type="uncompressed"),
+                            read_dictionary=["status", "reason"])
+        has_clusters = "cluster_id" in pf.schema_arrow.names and "kept_key" in pf.schema_arrow.names
         for rg in range(pf.num_row_groups):
-            t = pf.read_row_group(rg, columns=["key", "status", "reason", *cluster_cols])
-            hashes = key_hashes(t.column("key"), cfg.seed)
-            group = pc.binary_join_element_wise(t.column("status"), t.column("reason"), "/").combine_chunks()
-            enc = group.dictionary_encode()
-            codes = enc.indices.to_numpy(zero_copy_only=False)
-            keys = t.column("key").combine_chunks()
-            for code, name in enumerate(enc.dictionary.to_pylist()):
-                idx = np.nonzero(codes == code)[0]
-                if len(idx):
-                    status, reason = name.split("/", 1)
-                    bottom.offer((status, reason), hashes[idx], keys.take(pa.array(idx)))
-            if len(cluster_cols) == 2:
-                dup = t.filter(pc.and_(pc.equal(t.column("status"), "duplicate"), pc.is_valid(t.column("cluster_id"))))
-                if dup.num_rows:
-                    vc = pc.value_counts(dup.column("cluster_id").combine_chunks())
-                    for v, c in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
-                        sizes[v] += c
-                    firsts = pc.unique(dup.column("cluster_id").combine_chunks())
-                    if any(c not in kept_of for c in firsts.to_pylist()):
-                        for cid, kk in zip(dup.column("cluster_id").to_pylist(), dup.column("kept_key").to_pylist()):
-                            if kk is not None:
-                                kept_of.setdefault(cid, kk)
-    by_reason = m.counts.get("by_reason", {})
+            t = pf.read_row_group(rg, columns=["status", "reason"])
+            st, rs = t.column("status").combine_chunks(), t.column("reason").combine_chunks()
+            if not isinstance(st, pa.DictionaryArray):
+                st, rs = st.dictionary_encode(), rs.dictionary_encode()
+            si = st.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            ri = rs.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            code = si * (len(rs.dictionary) + 1) + ri
+            s_names, r_names = st.dictionary.to_pylist(), rs.dictionary.to_pylist()
+            for c in np.unique(code):
+                idx = np.nonzero(code == c)[0].astype(np.int32)
+                where.setdefault((s_names[c // (len(r_names) + 1)], r_names[c % (len(r_names) + 1)]), []).append((f.path, rg, idx))
+            if has_clusters and "duplicate" in s_names:
+                dup_code = s_names.index("duplicate")
+                dup_idx = np.nonzero(si == dup_code)[0]
+                if len(dup_idx):
+                    c = pf.read_row_group(rg, columns=["cluster_id", "kept_key"]).take(pa.array(dup_idx))
+                    vc = pc.value_counts(c.column("cluster_id").combine_chunks())
+                    for v, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+                        if v is not None:
+                            sizes[v] += n
+                            cluster_where.setdefault(v, set()).add((f.path, rg))
+                    new = [i for i, v in enumerate(c.column("cluster_id").to_pylist()) if v is not None and v not in kept_of]
+                    if new:
+                        kk = c.column("kept_key").take(pa.array(new)).to_pylist()
+                        for i, k in zip(new, kk):
+                            kept_of.setdefault(c.column("cluster_id")[i].as_py(), k)
+
+    # which rows are candidates: all rows of a rare group, else the rows in the first row groups
+    # of a seeded order until there are enough
+    order = {(p, r): key_hash(f"{p}#{r}", cfg.seed) for parts in where.values() for p, r, _ in parts}
+    candidates: dict[tuple[str, str], list[tuple[str, int, np.ndarray]]] = {}
+    for group, parts in where.items():
+        total = sum(len(i) for _, _, i in parts)
+        if total <= RARE_FACTOR * cfg.samples:
+            candidates[group] = parts
+            continue
+        chosen, n = [], 0
+        for p, r, i in sorted(parts, key=lambda x: (order[(x[0], x[1])], x[0], x[1])):
+            chosen.append((p, r, i))
+            n += len(i)
+            if n >= CANDIDATE_FACTOR * cfg.samples:
+                break
+        candidates[group] = chosen
+    need: dict[tuple[str, int], list[tuple[tuple[str, str], np.ndarray]]] = {}
+    for group, parts in candidates.items():
+        for p, r, i in parts:
+            need.setdefault((p, r), []).append((group, i))
+    bottom = BottomK(cfg.samples)
+    open_files: dict[str, pq.ParquetFile] = {}
+    for (p, r), items in sorted(need.items()):
+        pf = open_files.get(p) or open_files.setdefault(p, _open_parquet(join(stage_dir, p)))
+        keys = pf.read_row_group(r, columns=["key"]).column("key").combine_chunks()
+        hashes = key_hashes(keys, cfg.seed)
+        for group, idx in items:
+            bottom.offer(group, hashes[idx], keys.take(pa.array(idx)))
+
     groups = []
-    for name, n in by_reason.items():
+    for name, n in m.counts.get("by_reason", {}).items():
         status, reason = name.split("/", 1)
         groups.append((status, reason, n))
     groups.sort(key=lambda g: (STATUSES.index(g[0]) if g[0] in STATUSES else 9, -g[2], g[1]))
     samples = {(s, r): bottom.sample((s, r)) for s, r, _ in groups}
-    return StageScan(groups=groups, samples=samples, cluster_sizes=sizes, cluster_kept=kept_of)
+    return StageScan(groups=groups, samples=samples, cluster_sizes=sizes, cluster_kept=kept_of,
+                     cluster_where=cluster_where, row_groups_read=len(need))
 
 
-def cluster_members(stage_dir: str, m: Manifest, clusters: list[str]) -> dict[str, list[dict]]:
-    """The duplicate ledger rows (key, reason, detail) of ``clusters``: key/cluster_id are read
-    for every row group, reason/detail only where a chosen cluster has members."""
+def cluster_members(stage_dir: str, m: Manifest, clusters: list[str], where: dict[str, set] | None = None) -> dict[str, list[dict]]:
+    """The duplicate ledger rows (key, reason, detail) of ``clusters``, read only from the row
+    groups ``where`` says hold them (every row group when not given)."""
     want = pa.array(sorted(clusters), pa.string())
     out: dict[str, list[dict]] = {c: [] for c in clusters}
     if not clusters:
         return out
+    locs = None if where is None else set().union(*(where.get(c, set()) for c in clusters))
     for f in sorted(m.files_of(FILE_KIND_LEDGER), key=lambda f: f.path):
         pf = _open_parquet(join(stage_dir, f.path))
         if "cluster_id" not in pf.schema_arrow.names:
             continue
         for rg in range(pf.num_row_groups):
-            t = pf.read_row_group(rg, columns=["key", "cluster_id", "status"])
-            mask = pc.and_(pc.is_in(t.column("cluster_id"), value_set=want), pc.equal(t.column("status"), "duplicate"))
-            idx = np.nonzero(mask.to_numpy(zero_copy_only=False))[0] if t.num_rows else []
-            if len(idx) == 0:
+            if locs is not None and (f.path, rg) not in locs:
                 continue
-            wide = pf.read_row_group(rg, columns=["key", "cluster_id", "reason", "detail"]).take(pa.array(idx))
-            for r in wide.to_pylist():
+            t = pf.read_row_group(rg, columns=["key", "cluster_id", "status", "reason", "detail"])
+            mask = pc.and_(pc.is_in(t.column("cluster_id"), value_set=want), pc.equal(t.column("status"), "duplicate"))
+            for r in t.filter(mask).to_pylist():
                 out[r["cluster_id"]].append(r)
     return out
 
@@ -619,33 +668,36 @@ def _value_counts(stage_dir: str, m: Manifest) -> dict[str, list[tuple[str, int]
 
 
 def _sample_packs(stage_dir: str, m: Manifest, cfg: ReportConfig) -> list[dict]:
-    """``cfg.samples`` packs chosen by pack-id hash; only their row groups (or tar members) read."""
+    """``cfg.samples`` packs: Parquet row groups in a seeded order until there are enough candidates,
+    then the smallest pack-id hashes; only the chosen packs' row groups (or tar members) are read."""
     files = inspection.pack_files(stage_dir, m)
     bottom = BottomK(cfg.samples)
     where: dict[str, tuple[str, int | None]] = {}
+    units: list[tuple[int, str, int | None]] = []
     for path in files:
+        name = path.rsplit("/", 1)[-1]
         if path.endswith(".tar"):
+            units.append((key_hash(name, cfg.seed), path, None))
+        else:
+            n = _open_parquet(path).num_row_groups
+            units.extend((key_hash(f"{name}#{rg}", cfg.seed), path, rg) for rg in range(n))
+    seen = 0
+    for _, path, rg in sorted(units, key=lambda u: (u[0], u[1], -1 if u[2] is None else u[2])):
+        if seen >= CANDIDATE_FACTOR * cfg.samples:
+            break
+        if rg is None:
             import tarfile
 
             with FileSystems.open(path, compression_type="uncompressed") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
                 ids = sorted({m_.name.rsplit("/", 1)[-1].split(".", 1)[0] for m_ in tar.getmembers() if m_.name.endswith(".json")})
             arr = pa.array(ids, pa.string())
-            for i in ids:
-                where[i] = (path, None)
         else:
-            pf = _open_parquet(path)
-            offset = 0
-            chunks = []
-            for rg in range(pf.num_row_groups):
-                col = pf.read_row_group(rg, columns=["pack_id"]).column("pack_id")
-                for i in col.to_pylist():
-                    where[i] = (path, rg)
-                chunks.append(col)
-                offset += len(col)
-            arr = pa.chunked_array(chunks, pa.string()) if chunks else pa.array([], pa.string())
-            arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+            arr = _open_parquet(path).read_row_group(rg, columns=["pack_id"]).column("pack_id").combine_chunks()
+        for i in arr.to_pylist():
+            where[i] = (path, rg)
         if len(arr):
             bottom.offer("packs", key_hashes(arr, cfg.seed), arr)
+        seen += len(arr)
     chosen = bottom.sample("packs")
     rows: dict[str, dict] = {}
     by_src: dict[tuple[str, int | None], list[str]] = {}
@@ -753,7 +805,7 @@ def build_run(run: dict[str, Any], cfg: ReportConfig, thumbs: Thumbnails, out_di
             largest = [c for c, _ in ranked[: cfg.largest_clusters]]
             rest = [c for c, _ in ranked[cfg.largest_clusters:]]
             sampled = sorted(rest, key=lambda c: (key_hash(c, cfg.seed), c))[: cfg.samples]
-            members = cluster_members(d, m, largest + sampled)
+            members = cluster_members(d, m, largest + sampled, scan.cluster_where)
             chosen = []
             for cid in largest + sampled:
                 dups = sorted(members.get(cid, []), key=lambda r: (key_hash(r["key"], cfg.seed), r["key"]))
@@ -767,7 +819,8 @@ def build_run(run: dict[str, Any], cfg: ReportConfig, thumbs: Thumbnails, out_di
             clusters_of[d] = chosen
         if inspection.pack_files(d, m):
             packs_of[d] = _sample_packs(d, m, cfg)
-    traces = inspection.trace_keys(run["root"], sorted(traced)) if traced else {}
+    # The pack ledger's detail names each sample's pack: no need to search every pack shard for it.
+    traces = inspection.trace_keys(run["root"], sorted(traced), locate_packs=False) if traced else {}
 
     # fetch every record the cards show, one pass per (source stage dir)
     need: dict[str, set[str]] = {}
