@@ -259,6 +259,7 @@ class StageScan:
     cluster_kept: dict[str, str] = field(default_factory=dict)
     cluster_where: dict[str, set] = field(default_factory=dict)  # cluster_id -> {(ledger file, row group)}
     row_groups_read: int = 0  # row groups whose key column was read (the cost of sampling)
+    rg_rank: dict[tuple[str, int], int] = field(default_factory=dict)  # seeded order of (ledger file, row group)
 
 
 # A group with at most RARE_FACTOR * samples rows is sampled from all its rows; a larger one from
@@ -284,38 +285,46 @@ def scan_ledger(stage_dir: str, m: Manifest, cfg: ReportConfig) -> StageScan:
     for f in files:
         pf = pq.ParquetFile(FileSystems.open(join(stage_dir, f.path), compression_type="uncompressed"),
                             read_dictionary=["status", "reason"])
-        has_clusters = "cluster_id" in pf.schema_arrow.names and "kept_key" in pf.schema_arrow.names
+        if pf.metadata.num_rows == 0:
+            continue
+        # one read per file of two dictionary columns; row group boundaries from the footer
+        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        t = pf.read(columns=["status", "reason"])
+        st, rs = t.column("status").combine_chunks(), t.column("reason").combine_chunks()
+        if not isinstance(st, pa.DictionaryArray):
+            st, rs = st.dictionary_encode(), rs.dictionary_encode()
+        si = st.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        ri = rs.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        width = len(rs.dictionary) + 1
+        code = si * width + ri
+        s_names, r_names = st.dictionary.to_pylist(), rs.dictionary.to_pylist()
         for rg in range(pf.num_row_groups):
-            t = pf.read_row_group(rg, columns=["status", "reason"])
-            st, rs = t.column("status").combine_chunks(), t.column("reason").combine_chunks()
-            if not isinstance(st, pa.DictionaryArray):
-                st, rs = st.dictionary_encode(), rs.dictionary_encode()
-            si = st.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-            ri = rs.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-            code = si * (len(rs.dictionary) + 1) + ri
-            s_names, r_names = st.dictionary.to_pylist(), rs.dictionary.to_pylist()
-            for c in np.unique(code):
-                idx = np.nonzero(code == c)[0].astype(np.int32)
-                where.setdefault((s_names[c // (len(r_names) + 1)], r_names[c % (len(r_names) + 1)]), []).append((f.path, rg, idx))
-            if has_clusters and "duplicate" in s_names:
-                dup_code = s_names.index("duplicate")
-                dup_idx = np.nonzero(si == dup_code)[0]
-                if len(dup_idx):
-                    c = pf.read_row_group(rg, columns=["cluster_id", "kept_key"]).take(pa.array(dup_idx))
-                    vc = pc.value_counts(c.column("cluster_id").combine_chunks())
-                    for v, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
-                        if v is not None:
-                            sizes[v] += n
-                            cluster_where.setdefault(v, set()).add((f.path, rg))
-                    new = [i for i, v in enumerate(c.column("cluster_id").to_pylist()) if v is not None and v not in kept_of]
-                    if new:
-                        kk = c.column("kept_key").take(pa.array(new)).to_pylist()
-                        for i, k in zip(new, kk):
-                            kept_of.setdefault(c.column("cluster_id")[i].as_py(), k)
+            part = code[starts[rg]: starts[rg + 1]]
+            for c in np.unique(part):
+                idx = np.nonzero(part == c)[0].astype(np.int32)
+                where.setdefault((s_names[c // width], r_names[c % width]), []).append((f.path, rg, idx))
+        names = pf.schema_arrow.names
+        if "cluster_id" in names and "kept_key" in names and "duplicate" in s_names:
+            dup = np.nonzero(si == s_names.index("duplicate"))[0]
+            if len(dup):
+                c = pf.read(columns=["cluster_id", "kept_key"]).take(pa.array(dup))
+                c = c.append_column("rg", pa.array(np.searchsorted(starts, dup, side="right") - 1))
+                c = c.filter(pc.is_valid(c.column("cluster_id")))
+                agg = c.group_by("cluster_id").aggregate([("cluster_id", "count"), ("kept_key", "min")])
+                for cid, n, kk in zip(agg.column("cluster_id").to_pylist(), agg.column("cluster_id_count").to_pylist(),
+                                      agg.column("kept_key_min").to_pylist()):
+                    sizes[cid] += n
+                    if kk is not None:
+                        kept_of[cid] = min(kept_of.get(cid, kk), kk)
+                locs = c.group_by(["cluster_id", "rg"]).aggregate([])
+                for cid, rg in zip(locs.column("cluster_id").to_pylist(), locs.column("rg").to_pylist()):
+                    cluster_where.setdefault(cid, set()).add((f.path, rg))
 
     # which rows are candidates: all rows of a rare group, else the rows in the first row groups
     # of a seeded order until there are enough
-    order = {(p, r): key_hash(f"{p}#{r}", cfg.seed) for parts in where.values() for p, r, _ in parts}
+    # The same (file, row group) names in every stage rank the same, and they hold about the same
+    # key range (shards are by key hash, sorted by key): samples of all stages share key ranges.
+    order = {loc: key_hash(f"{loc[0]}#{loc[1]}", cfg.seed) for loc in {(p, r) for parts in where.values() for p, r, _ in parts}}
     candidates: dict[tuple[str, str], list[tuple[str, int, np.ndarray]]] = {}
     for group, parts in where.items():
         total = sum(len(i) for _, _, i in parts)
@@ -349,7 +358,7 @@ def scan_ledger(stage_dir: str, m: Manifest, cfg: ReportConfig) -> StageScan:
     groups.sort(key=lambda g: (STATUSES.index(g[0]) if g[0] in STATUSES else 9, -g[2], g[1]))
     samples = {(s, r): bottom.sample((s, r)) for s, r, _ in groups}
     return StageScan(groups=groups, samples=samples, cluster_sizes=sizes, cluster_kept=kept_of,
-                     cluster_where=cluster_where, row_groups_read=len(need))
+                     cluster_where=cluster_where, row_groups_read=len(need), rg_rank=order)
 
 
 def cluster_members(stage_dir: str, m: Manifest, clusters: list[str], where: dict[str, set] | None = None) -> dict[str, list[dict]]:
@@ -370,6 +379,7 @@ def cluster_members(stage_dir: str, m: Manifest, clusters: list[str], where: dic
             t = pf.read_row_group(rg, columns=["key", "cluster_id", "status", "reason", "detail"])
             mask = pc.and_(pc.is_in(t.column("cluster_id"), value_set=want), pc.equal(t.column("status"), "duplicate"))
             for r in t.filter(mask).to_pylist():
+                r["_loc"] = (f.path, rg)
                 out[r["cluster_id"]].append(r)
     return out
 
@@ -803,12 +813,17 @@ def build_run(run: dict[str, Any], cfg: ReportConfig, thumbs: Thumbnails, out_di
         if scan.cluster_sizes:
             ranked = sorted(scan.cluster_sizes.items(), key=lambda kv: (-kv[1], kv[0]))
             largest = [c for c, _ in ranked[: cfg.largest_clusters]]
-            rest = [c for c, _ in ranked[cfg.largest_clusters:]]
-            sampled = sorted(rest, key=lambda c: (key_hash(c, cfg.seed), c))[: cfg.samples]
+            rest = pa.array([c for c, _ in ranked[cfg.largest_clusters:]], pa.string())
+            # Prefer clusters (and members) in the row groups first in the seeded order, the same
+            # key ranges the other samples come from: tracing them then reads few row groups.
+            rank = scan.rg_rank
+            first_rank = [min(rank.get(loc, 0) for loc in scan.cluster_where.get(c, {("", 0)})) for c in rest.to_pylist()]
+            hashes = key_hashes(rest, cfg.seed).tolist()
+            sampled = [c for _, _, c in sorted(zip(first_rank, hashes, rest.to_pylist()))[: cfg.samples]]
             members = cluster_members(d, m, largest + sampled, scan.cluster_where)
             chosen = []
             for cid in largest + sampled:
-                dups = sorted(members.get(cid, []), key=lambda r: (key_hash(r["key"], cfg.seed), r["key"]))
+                dups = sorted(members.get(cid, []), key=lambda r: (rank.get(r["_loc"], 0), key_hash(r["key"], cfg.seed), r["key"]))
                 kept_key = scan.cluster_kept.get(cid)
                 shown = dups[: cfg.cluster_members - 1]
                 chosen.append({"cluster_id": cid, "size": scan.cluster_sizes[cid] + 1, "kept_key": kept_key,
