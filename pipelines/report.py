@@ -361,25 +361,36 @@ def scan_ledger(stage_dir: str, m: Manifest, cfg: ReportConfig) -> StageScan:
                      cluster_where=cluster_where, row_groups_read=len(need), rg_rank=order)
 
 
-def cluster_members(stage_dir: str, m: Manifest, clusters: list[str], where: dict[str, set] | None = None) -> dict[str, list[dict]]:
+def cluster_members(stage_dir: str, m: Manifest, clusters: list[str], where: dict[str, set] | None = None,
+                    rank: dict | None = None, limit: int | None = None) -> dict[str, list[dict]]:
     """The duplicate ledger rows (key, reason, detail) of ``clusters``, read only from the row
-    groups ``where`` says hold them (every row group when not given)."""
-    want = pa.array(sorted(clusters), pa.string())
+    groups ``where`` says hold them (every row group when not given), in ``rank`` order, stopping
+    for a cluster once it has ``limit`` members."""
+    want = set(clusters)
     out: dict[str, list[dict]] = {c: [] for c in clusters}
     if not clusters:
         return out
-    locs = None if where is None else set().union(*(where.get(c, set()) for c in clusters))
-    for f in sorted(m.files_of(FILE_KIND_LEDGER), key=lambda f: f.path):
-        pf = _open_parquet(join(stage_dir, f.path))
+    if where is None:
+        locs = [(f.path, rg) for f in sorted(m.files_of(FILE_KIND_LEDGER), key=lambda f: f.path)
+                for rg in range(_open_parquet(join(stage_dir, f.path)).num_row_groups)]
+    else:
+        locs = sorted(set().union(*(where.get(c, set()) for c in clusters)))
+    rank = rank or {}
+    locs.sort(key=lambda loc: (rank.get(loc, 0), loc))
+    files: dict[str, pq.ParquetFile] = {}
+    for loc in locs:
+        open_ = [c for c in want if (limit is None or len(out[c]) < limit) and (where is None or loc in where.get(c, ()))]
+        if not open_:
+            continue
+        pf = files.get(loc[0]) or files.setdefault(loc[0], _open_parquet(join(stage_dir, loc[0])))
         if "cluster_id" not in pf.schema_arrow.names:
             continue
-        for rg in range(pf.num_row_groups):
-            if locs is not None and (f.path, rg) not in locs:
-                continue
-            t = pf.read_row_group(rg, columns=["key", "cluster_id", "status", "reason", "detail"])
-            mask = pc.and_(pc.is_in(t.column("cluster_id"), value_set=want), pc.equal(t.column("status"), "duplicate"))
-            for r in t.filter(mask).to_pylist():
-                r["_loc"] = (f.path, rg)
+        t = pf.read_row_group(loc[1], columns=["key", "cluster_id", "status", "reason", "detail"])
+        mask = pc.and_(pc.is_in(t.column("cluster_id"), value_set=pa.array(sorted(open_), pa.string())),
+                       pc.equal(t.column("status"), "duplicate"))
+        for r in t.filter(mask).to_pylist():
+            if limit is None or len(out[r["cluster_id"]]) < limit:
+                r["_loc"] = loc
                 out[r["cluster_id"]].append(r)
     return out
 
@@ -814,20 +825,17 @@ def build_run(run: dict[str, Any], cfg: ReportConfig, thumbs: Thumbnails, out_di
             ranked = sorted(scan.cluster_sizes.items(), key=lambda kv: (-kv[1], kv[0]))
             largest = [c for c, _ in ranked[: cfg.largest_clusters]]
             rest = pa.array([c for c, _ in ranked[cfg.largest_clusters:]], pa.string())
-            # Prefer clusters (and members) in the row groups first in the seeded order, the same
-            # key ranges the other samples come from: tracing them then reads few row groups.
+            sampled = [c for _, c in sorted(zip(key_hashes(rest, cfg.seed).tolist(), rest.to_pylist()))[: cfg.samples]]
+            # Members are read in the seeded row-group order, which the other samples come from too:
+            # a large cluster's shown members then sit in few row groups, and tracing them is cheap.
             rank = scan.rg_rank
-            first_rank = [min(rank.get(loc, 0) for loc in scan.cluster_where.get(c, {("", 0)})) for c in rest.to_pylist()]
-            hashes = key_hashes(rest, cfg.seed).tolist()
-            sampled = [c for _, _, c in sorted(zip(first_rank, hashes, rest.to_pylist()))[: cfg.samples]]
-            members = cluster_members(d, m, largest + sampled, scan.cluster_where)
+            members = cluster_members(d, m, largest + sampled, scan.cluster_where, rank, cfg.cluster_members - 1)
             chosen = []
             for cid in largest + sampled:
-                dups = sorted(members.get(cid, []), key=lambda r: (rank.get(r["_loc"], 0), key_hash(r["key"], cfg.seed), r["key"]))
+                shown = sorted(members.get(cid, []), key=lambda r: (rank.get(r["_loc"], 0), key_hash(r["key"], cfg.seed), r["key"]))
                 kept_key = scan.cluster_kept.get(cid)
-                shown = dups[: cfg.cluster_members - 1]
                 chosen.append({"cluster_id": cid, "size": scan.cluster_sizes[cid] + 1, "kept_key": kept_key,
-                               "largest": cid in largest, "dups": shown, "hidden": len(dups) - len(shown)})
+                               "largest": cid in largest, "dups": shown, "hidden": scan.cluster_sizes[cid] - len(shown)})
                 traced.update(r["key"] for r in shown)
                 if kept_key:
                     traced.add(kept_key)
