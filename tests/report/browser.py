@@ -49,21 +49,36 @@ class Chromium:
         self.ws = self._conn.__enter__()
         self._id = 0
         self._events: list[dict] = []
+        self._replies: dict[int, dict] = {}
 
-    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
+    def _post(self, method: str, params: dict | None = None, session: str | None = None) -> int:
         self._id += 1
         msg: dict = {"id": self._id, "method": method, "params": params or {}}
         if session:
             msg["sessionId"] = session
         self.ws.send(json.dumps(msg))
+        return self._id
+
+    def _receive(self, timeout: float) -> None:
+        """One message: replies are kept by id, events in order. A dialog blocks its page (and its
+        load event) until answered, so it is answered at once (without waiting for the reply)."""
+        msg = json.loads(self.ws.recv(timeout=timeout))
+        if "id" in msg:
+            self._replies[msg["id"]] = msg
+            return
+        self._events.append(msg)
+        if msg.get("method") == "Page.javascriptDialogOpening":
+            self._post("Page.handleJavaScriptDialog", {"accept": True}, session=msg.get("sessionId"))
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
+        mid = self._post(method, params, session)
         deadline = time.monotonic() + self.timeout
-        while True:
-            reply = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
-            if reply.get("id") == self._id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply.get("result", {})
-            self._events.append(reply)
+        while mid not in self._replies:
+            self._receive(max(0.1, deadline - time.monotonic()))
+        reply = self._replies.pop(mid)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply.get("result", {})
 
     def _pump(self, until, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -71,7 +86,7 @@ class Chromium:
             if until():
                 return
             try:
-                self._events.append(json.loads(self.ws.recv(timeout=0.2)))
+                self._receive(0.2)
             except TimeoutError:
                 continue
 
@@ -105,7 +120,6 @@ class Chromium:
                 ev.console_errors.append(f"{p['entry'].get('text')} {p['entry'].get('url', '')}".strip())
             elif m == "Page.javascriptDialogOpening":
                 ev.dialogs.append(p.get("message", ""))
-                self.send("Page.handleJavaScriptDialog", {"accept": True}, session=session)
         return ev
 
     def evaluate(self, session: str, expression: str):
