@@ -239,6 +239,8 @@ def fetch_rows(stage_dir: str, m: Manifest, keys: list[str], columns: tuple[str,
     out: dict[str, dict] = {}
     for rel, ks in sorted(by_file.items()):
         pf = _open_parquet(join(stage_dir, rel))
+        if "key" not in pf.schema_arrow.names:  # a later stage's own record layout: no cards from it
+            continue
         cols = [c for c in columns if c in pf.schema_arrow.names]
         want = pa.array(sorted(set(ks)), pa.string())
         for rg in _row_groups_for_keys(pf, ks):
