@@ -560,7 +560,7 @@ def anchor(kind: str, value: str) -> str:
 
 def find_runs(path: str) -> list[dict[str, Any]]:
     """``[{"name", "root", "stages": [(stage, dir)]}]``: a stage dir (that stage alone, its run for
-    traces), a run dir (its stage dirs), or a directory of runs (each subdirectory holding stages)."""
+    traces), a run dir (its stage dirs), or a directory of runs (every run below it, any depth)."""
     path = path.rstrip("/") or "/"
     if inspection.is_stage_dir(path):
         root = inspection.run_root(path)
@@ -569,10 +569,9 @@ def find_runs(path: str) -> list[dict[str, Any]]:
     if stages:
         return [{"name": os.path.basename(path) or path, "root": path, "stages": stages}]
     runs = []
-    for m in sorted(FileSystems.match([join(path, "*", "*", MANIFEST_NAME)])[0].metadata_list, key=lambda m: m.path):
-        root = m.path[: -len(MANIFEST_NAME) - 1].rsplit("/", 1)[0]
-        if not any(r["root"] == root for r in runs):
-            runs.append({"name": os.path.basename(root), "root": root, "stages": inspection.run_stage_dirs(root)})
+    for root in inspection.find_runs(path):  # every run below, at any depth
+        name = root[len(path):].strip("/") or os.path.basename(root)
+        runs.append({"name": name, "root": root, "stages": inspection.run_stage_dirs(root)})
     return [r for r in runs if r["stages"]]
 
 
