@@ -70,9 +70,10 @@ def build_input(sample_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def report_run(sample_dir, tmp_path_factory) -> dict[str, pathlib.Path]:
-    """The run (filter, dedup, rewrite, pack, pack-wds) and its report at ``SAMPLES`` per group."""
+    """The run (filter, dedup, rewrite, pack, pack-wds) and its report at ``SAMPLES`` per group
+    (built once per session; tests write other reports elsewhere and never change it)."""
     from pipelines import dedup, pack, report, rewrite
     from pipelines import filter as filter_
 

@@ -177,3 +177,32 @@ def test_browser_helper_catches_console_errors_and_dialogs(tmp_path):
         assert b.evaluate(session, 'document.getElementById("x").textContent') == "hi"
     finally:
         b.close()
+
+
+def test_counts_per_dataset_and_language_when_records_carry_them(report_run, tmp_path):
+    import re
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(report_run["filter"], run / "filter")
+    expected_ds, expected_lang = {}, {}
+    for i, f in enumerate(sorted((run / "filter" / "data").glob("*.parquet"))):
+        t = pq.read_table(f)
+        ds = ["laion-en" if (i + j) % 3 else "wukong-zh" for j in range(t.num_rows)]
+        lang = ["zh" if d == "wukong-zh" else "en" for d in ds]
+        lang[0] = None
+        for d in ds:
+            expected_ds[d] = expected_ds.get(d, 0) + 1
+        for x in lang:
+            key = "(none)" if x is None else x
+            expected_lang[key] = expected_lang.get(key, 0) + 1
+        pq.write_table(t.append_column("dataset", pa.array(ds)).append_column("lang", pa.array(lang, pa.string())), f)
+    out = tmp_path / "rep"
+    report.write_report(str(run), str(out), ReportConfig(samples=1))
+    html = (out / "index.html").read_text()
+    section = html[html.index("Records per dataset and language"):html.index("Statistics")]
+    for col, expected in (("dataset", expected_ds), ("lang", expected_lang)):
+        table = section[section.index(f"<th>{col}</th>"):]
+        table = table[: table.index("</table>")]
+        rows = dict(re.findall(r"<tr><td>([^<]+)</td><td class=\"n\">(\d+)</td></tr>", table))
+        assert {k: int(v) for k, v in rows.items()} == expected
