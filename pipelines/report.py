@@ -159,12 +159,9 @@ def key_hashes(keys: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
     if total:
         seg = data[offsets[0]: offsets[-1]].astype(np.uint64) + np.uint64(1)
         maxlen = int(lengths.max())
-        powers = np.empty(maxlen, dtype=np.uint64)
         with np.errstate(over="ignore"):
-            w = np.uint64(1)
-            for i in range(maxlen):
-                powers[i] = w
-                w = w * np.uint64(_POLY)
+            powers = np.ones(maxlen, dtype=np.uint64)
+            powers[1:] = np.cumprod(np.full(maxlen - 1, _POLY, dtype=np.uint64))  # wraps mod 2^64
             starts = (offsets[:-1] - offsets[0])
             pos = np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
             contrib = seg * powers[pos]
