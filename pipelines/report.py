@@ -394,9 +394,24 @@ def cluster_members(stage_dir: str, m: Manifest, clusters: list[str], where: dic
     return out
 
 
+_LINK_KEYS = ("link", "link_type", "rule", "via")
+_DISTANCE_KEYS = ("distance", "dist", "hamming", "jaccard", "similarity")
+
+
+def _key_values(detail: str) -> dict[str, str]:
+    """``key=value`` pairs of a dedup detail (``link=near-image hamming=3 kept=k round=1``): the
+    dedup stage's own ``parse_detail`` when it has one, else the same split done here."""
+    try:
+        from transforms.dedup import parse_detail
+    except ImportError:  # an older dedup without it
+        return dict(part.split("=", 1) for part in detail.split() if "=" in part)
+    return parse_detail(detail)
+
+
 def parse_link(reason: str, detail: str | None) -> dict[str, Any]:
     """Link type and distance of a dedup member from its ledger row, whatever shape the detail has:
-    JSON (``{"link": .., "distance": ..}``) or text (``... jaccard 0.82``, ``hamming=3``)."""
+    ``key=value`` pairs (``link=near-image hamming=3 ...``), JSON (``{"link": .., "distance": ..}``)
+    or free text (``... jaccard 0.82``). The ledger reason is the link type when the detail has none."""
     out: dict[str, Any] = {"link": reason, "distance": None}
     if not detail:
         return out
@@ -405,15 +420,23 @@ def parse_link(reason: str, detail: str | None) -> dict[str, Any]:
     except ValueError:
         d = None
     if isinstance(d, dict):
-        for k in ("link", "link_type", "rule", "via"):
+        for k in _LINK_KEYS:
             if isinstance(d.get(k), str):
                 out["link"] = d[k]
                 break
-        for k in ("distance", "dist", "jaccard", "similarity", "hamming"):
+        for k in _DISTANCE_KEYS:
             v = d.get(k)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out["distance"] = f"{k} {v:g}"
                 break
+        return out
+    kv = _key_values(detail) if "=" in detail else {}
+    link = next((kv[k] for k in _LINK_KEYS if kv.get(k)), None)
+    if link:
+        out["link"] = link
+    dist = next(((k, kv[k]) for k in _DISTANCE_KEYS if _DISTANCE.fullmatch(f"{k} {kv.get(k, '')}")), None)
+    if dist:
+        out["distance"] = f"{dist[0]} {dist[1]}"
         return out
     mt = _DISTANCE.search(detail)
     if mt:

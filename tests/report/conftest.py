@@ -18,7 +18,8 @@ from PIL import Image
 HOSTILE_CAPTION = 'A red car <script>alert(1)</script> parked by the harbour <img src=x onerror="alert(2)"> at dusk'
 HOSTILE_KEY = "9000001"
 # Both hostile records are duplicates of bundled photos, so dedup puts them in clusters, and the
-# report shows every cluster of this run: their text is on the page whatever the sample.
+# report shows every cluster of this run (3 <= largest + samples): their text is on the page
+# whatever the sample.
 HOSTILE_CAPTION_2 = "<img src=x onerror=alert(3)>"
 HOSTILE_KEY_2 = "9000005"
 SAMPLES = 4
@@ -49,7 +50,8 @@ def build_input(sample_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     records = [
         (HOSTILE_KEY, HOSTILE_CAPTION, img["0000011.jpg"]),  # exact image of 0000011 (and kept: more caption words)
         ("9000002", "Fireworks over Morey's Pier, North Wildwood, July 2007", img["0000000.jpg"]),  # exact image of 0000000
-        ("9000004", "Café le fil du Rasoir #2", mirrored),  # near caption of 0000010 ("Café le fil du Rasoir #1")
+        # near caption of 0000010 ("Café le fil du Rasoir #1") on another image: kept by strict dedup
+        ("9000004", "Café le fil du Rasoir #2", mirrored),
         (HOSTILE_KEY_2, HOSTILE_CAPTION_2, tiny),  # near image of 0000007
     ]
     rows = []

@@ -150,13 +150,17 @@ def test_thumbnail_total_and_files(report_run, pages):
 def test_dedup_clusters_show_every_member_and_the_representative(report_run, pages):
     ledger = [r for r in _ledger(report_run["dedup"]) if r["status"] == "duplicate"]
     expected: dict[str, dict] = {}
+    details: dict[str, dict] = {}
     for r in ledger:
         c = expected.setdefault(r["cluster_id"], {"kept": r["kept_key"], "dups": {}})
         c["dups"][r["key"]] = r["reason"]
-    # exact-image x2 (one kept by the hostile caption), near-caption, near-image (hostile caption)
-    assert len(expected) == 4
+        details[r["key"]] = dict(p.split("=", 1) for p in (r["detail"] or "").split() if "=" in p)
+    # exact-image x2 (one with the hostile caption), near-image (the other hostile caption); the
+    # near-caption pair has different images, which strict dedup does not merge
+    assert len(expected) == 3
     shown = _stage(pages, "dedup")["clusters"]
     assert len(shown) == len(expected)
+    distances = 0
     for members in shown:
         reps = [m for m in members if m["rep"]]
         assert len(reps) == 1
@@ -166,8 +170,13 @@ def test_dedup_clusters_show_every_member_and_the_representative(report_run, pag
             assert m["img"]
             if not m["rep"]:
                 assert m["link"].startswith(f"link {expected[cid]['dups'][m['key']]}"), m
+                for metric in ("hamming", "jaccard"):  # the distance the ledger detail carries
+                    if metric in details[m["key"]]:
+                        assert f"{metric} {details[m['key']][metric]}" in m["link"], m
+                        distances += 1
             else:
                 assert "kept representative" in m["link"]
+    assert distances >= 1  # the near-image member's Hamming distance is shown
 
 
 def test_hostile_captions_are_literal_text(report_run, pages):
