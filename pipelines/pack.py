@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pipelines.runner import add_stage_args, run_stage
 from schemas import packed as S
 from schemas.errors import UserError
+from storage.staging import staging_dir
 from transforms.packing import ALGORITHMS, PackingConfig
 from transforms.shards import PackSamples, ShardConfig
 from transforms.stage_io import ReadStage, join, read_manifest, stage_input_info
@@ -126,7 +127,7 @@ def run(argv: list[str]):
     def build(p):
         pairs = p | "Read" >> ReadStage(args.input)
         out = pairs | "Pack" >> PackSamples(
-            args.output, profile, packing, shards, tokenizer_path=str(tok_path), require_image=args.require_image
+            staging_dir(args.output), profile, packing, shards, tokenizer_path=str(tok_path), require_image=args.require_image
         )
         extra = {k: out["summary"] | f"Extra_{k}" >> _pick(k) for k in SUMMARY_KEYS}
         return {"outcomes": out["outcomes"], "write_data": False, "files": out["files"], "extra": extra}
@@ -134,6 +135,7 @@ def run(argv: list[str]):
     return run_stage(
         stage="pack", output_dir=args.output, config=config, input_info=input_info, build=build,
         beam_args=beam_args, num_shards=args.num_shards, force=args.force,
+        target_shard_bytes=args.target_shard_bytes,
     )
 
 
