@@ -75,6 +75,10 @@ LEDGER_ROW_GROUP_ROWS = 16384
 SORT_BUFFER_BYTES = 64 * 1024 * 1024
 # Bookkeeping per buffered outcome beyond its pickled bytes (sort-key tuple, list slot).
 _ENTRY_OVERHEAD = 256
+# Sorted runs merged at once, and the read buffer of each: merging holds MERGE_FANIN x (buffer + one
+# record); more runs than that are first merged in groups into longer runs.
+MERGE_FANIN = 64
+_RUN_READ_BUFFER = 64 * 1024
 
 
 def shard_of(key: str, num_shards: int) -> int:
@@ -109,7 +113,7 @@ def _write_run(entries: list[tuple[tuple, bytes]], path: str) -> None:
 
 
 def _read_run(path: str) -> Iterator[tuple[tuple, bytes]]:
-    with open(path, "rb", buffering=1 << 20) as f:
+    with open(path, "rb", buffering=_RUN_READ_BUFFER) as f:
         while True:
             try:
                 yield pickle.load(f)
@@ -141,6 +145,17 @@ def sorted_outcomes(outcomes: Iterable[Outcome], spill_dir: str, buffer_bytes: i
         runs.append(os.path.join(spill_dir, f"run-{len(runs):05d}"))
         _write_run(buf, runs[-1])
         buf = []
+    n = len(runs)
+    while len(runs) > MERGE_FANIN:  # bound the open runs: merge the oldest into one longer run
+        group, runs = runs[:MERGE_FANIN], runs[MERGE_FANIN:]
+        merged = os.path.join(spill_dir, f"run-{n:05d}")
+        n += 1
+        with open(merged, "wb") as f:
+            for entry in heapq.merge(*(_read_run(r) for r in group)):
+                pickle.dump(entry, f, protocol=pickle.HIGHEST_PROTOCOL)
+        for r in group:
+            os.remove(r)
+        runs.append(merged)
     for _, blob in heapq.merge(*(_read_run(r) for r in runs)):
         yield pickle.loads(blob)
 
