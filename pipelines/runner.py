@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -28,7 +29,8 @@ log = logging.getLogger("mmcorpus")
 
 # Output bytes per data/ledger shard a stage aims at when --num-shards is not given (docs/scale.md).
 DEFAULT_TARGET_SHARD_BYTES = 512 * 1024 * 1024
-# Set to 1 to report each shard write's own peak memory (tracemalloc; slows the writer).
+# Set to 1 to report each shard write's own peak memory (tracemalloc; slows the writer), or to a file
+# path that every shard write appends a JSON line to (works on runners without metrics, e.g. Dask).
 MEASURE_WRITER_MEMORY_ENV = "MMCORPUS_WRITER_MEMORY"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -143,19 +145,34 @@ class StageResult:
     writer_peak_bytes: dict[str, int] | None = None
 
 
-def _writer_peaks(result, stage: str) -> dict[str, int] | None:
+def _writer_peaks(result, stage: str, log_path: str | None) -> dict[str, int] | None:
+    """Per-shard writer peaks from the run's metrics, else from the JSON lines of ``log_path``."""
     from apache_beam.metrics.metric import MetricsFilter
 
     try:
         found = result.metrics().query(MetricsFilter().with_name(WRITER_PEAK_METRIC))["distributions"]
     except Exception:  # a runner without metrics support
-        return None
+        found = []
     for d in found:
         if d.key.metric.namespace == f"mmcorpus.{stage}":
             v = d.committed or d.attempted
             if v is not None and v.count:
                 return {"max": int(v.max), "min": int(v.min), "mean": int(v.sum / v.count), "shards": int(v.count)}
+    if log_path and os.path.exists(log_path):
+        import json
+
+        with open(log_path, encoding="utf-8") as f:
+            peaks = [json.loads(line)["peak_bytes"] for line in f if line.strip() and json.loads(line)["stage"] == stage]
+        if peaks:
+            return {"max": max(peaks), "min": min(peaks), "mean": sum(peaks) // len(peaks), "shards": len(peaks)}
     return None
+
+
+def _measure_setting() -> bool | str:
+    value = os.environ.get(MEASURE_WRITER_MEMORY_ENV, "")
+    if value in ("", "0"):
+        return False
+    return True if value == "1" else os.path.abspath(value)
 
 
 def run_stage(
@@ -204,7 +221,7 @@ def run_stage(
                 return StageResult(manifest=m, skipped=True, seconds=time.monotonic() - t0)
         clear_output(output_dir)
         staged = staging_dir(output_dir)
-        measure = os.environ.get(MEASURE_WRITER_MEMORY_ENV, "") not in ("", "0")
+        measure = _measure_setting()
         with progress.stage_progress(stage, total=input_info.get("records")):
             p = beam.Pipeline(options=beam_options(beam_args))
             built = build(p)
@@ -228,7 +245,10 @@ def run_stage(
             )
             result = p.run()
             result.wait_until_finish()
-        peaks = _writer_peaks(result, stage) if measure else None
+        peaks = _writer_peaks(result, stage, measure if isinstance(measure, str) else None) if measure else None
+        if peaks:
+            print(f"mmcorpus {stage}: writer peak per shard: max {peaks['max'] / 2**20:.1f} MiB, mean "
+                  f"{peaks['mean'] / 2**20:.1f} MiB over {peaks['shards']} shards", file=sys.stderr)
         m = publish(output_dir)
     seconds = time.monotonic() - t0
     progress.record_stage(stage, seconds, m.counts.get("inputs"), m.counts.get("outputs"), output_dir=output_dir)

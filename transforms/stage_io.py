@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import json
 import os
 import pickle
 import tempfile
@@ -253,11 +254,14 @@ class WriteShardFn(beam.DoFn):
     buffer of ``sort_buffer_bytes``, sorted runs spilled to local disk beyond it) and streamed into
     Parquet one row group at a time (``DATA_ROW_GROUP_ROWS`` rows or ``DATA_ROW_GROUP_BYTES``).
     With ``measure_memory`` the step's own peak (tracemalloc + Arrow pool) is reported as the Beam
-    distribution ``mmcorpus.<stage>/writer_peak_bytes``.
+    distribution ``mmcorpus.<stage>/writer_peak_bytes``; when ``measure_memory`` is a path, each shard
+    also appends ``{"stage", "shard", "records", "peak_bytes"}`` as a JSON line to that (local or shared)
+    file, for runners whose results carry no metrics.
     """
 
     def __init__(self, output_dir: str, stage: str, num_shards: int, write_data: bool = True,
-                 sort_buffer_bytes: int = SORT_BUFFER_BYTES, measure_memory: bool = False, spill_dir: str | None = None):
+                 sort_buffer_bytes: int = SORT_BUFFER_BYTES, measure_memory: bool | str = False,
+                 spill_dir: str | None = None):
         self.output_dir = output_dir
         self.stage = stage
         self.num_shards = num_shards
@@ -278,12 +282,16 @@ class WriteShardFn(beam.DoFn):
 
     def process(self, element: tuple[int, Iterable[Outcome]]):
         shard, outcomes = element
-        with _MemoryProbe(self.measure_memory) as probe, tempfile.TemporaryDirectory(
+        with _MemoryProbe(bool(self.measure_memory)) as probe, tempfile.TemporaryDirectory(
             prefix="mmcorpus-sort-", dir=self.spill_dir
         ) as tmp:
             result = self._write(shard, sorted_outcomes(outcomes, tmp, self.sort_buffer_bytes), probe)
         if self.measure_memory:
             self._peak.update(int(probe.peak))
+            if isinstance(self.measure_memory, str):
+                line = {"stage": self.stage, "shard": shard, "records": sum(result.counts.values()), "peak_bytes": int(probe.peak)}
+                with open(self.measure_memory, "a", encoding="utf-8") as f:  # one short append per shard
+                    f.write(json.dumps(line, sort_keys=True) + "\n")
         yield result
 
     def _write(self, shard: int, outcomes: Iterator[Outcome], probe: _MemoryProbe) -> ShardResult:
@@ -394,7 +402,8 @@ class WriteStageOutput(beam.PTransform):
         sort_buffer_bytes: outcomes a shard writer sorts in memory before spilling sorted runs to
             local disk (``spill_dir``, default the system temp dir); does not change the bytes written.
         measure_memory: report each shard write's own peak memory as the Beam distribution
-            ``mmcorpus.<stage>/writer_peak_bytes`` (tracemalloc + Arrow pool; slows the write).
+            ``mmcorpus.<stage>/writer_peak_bytes`` (tracemalloc + Arrow pool; slows the write); a path
+            also gets one JSON line per shard (see ``WriteShardFn``).
         spill_dir: local directory for sorted runs (needs up to one shard of free space).
 
     Returns the PCollection holding the one ``Manifest`` written.
@@ -414,7 +423,7 @@ class WriteStageOutput(beam.PTransform):
         write_data: bool = True,
         files: beam.PCollection | None = None,
         sort_buffer_bytes: int = SORT_BUFFER_BYTES,
-        measure_memory: bool = False,
+        measure_memory: bool | str = False,
         spill_dir: str | None = None,
     ):
         super().__init__()

@@ -55,3 +55,27 @@ def test_filter_and_dedup_size_their_shards_from_their_input(tmp_path, sample_di
     assert stage_input_info(str(tmp_path / "f"))["bytes"] == data_bytes
     dedup.run(["--input", str(tmp_path / "f"), "--output", str(tmp_path / "d"), "--target-shard-bytes", str(data_bytes // 2 - 1)])
     assert read_manifest(str(tmp_path / "d")).config["num_shards"] == 3  # 2 targets and a bit
+
+
+@pytest.mark.parametrize("setting", ["1", "path"])
+def test_writer_peak_is_reported_per_shard(tmp_path, monkeypatch, setting):
+    import json
+
+    import apache_beam as beam
+
+    from pipelines.runner import MEASURE_WRITER_MEMORY_ENV, run_stage
+    from schemas.records import Outcome, Pair
+
+    log = tmp_path / "peaks.jsonl"
+    monkeypatch.setenv(MEASURE_WRITER_MEMORY_ENV, "1" if setting == "1" else str(log))
+    pairs = [Pair(key=f"k{i:04d}", caption=f"caption {i}", source=f"t#{i}") for i in range(300)]
+    result = run_stage(
+        stage="bench", output_dir=str(tmp_path / "out"), config={}, input_info={"kind": "test", "fingerprint": "x"},
+        build=lambda p: p | beam.Create(pairs) | beam.Map(lambda pair: Outcome.kept(pair)), beam_args=[], num_shards=3, force=True,
+    )
+    peaks = result.writer_peak_bytes
+    assert peaks["shards"] == 3 and 0 < peaks["min"] <= peaks["mean"] <= peaks["max"] < 50 * 2**20
+    if setting == "path":
+        lines = [json.loads(x) for x in log.read_text().splitlines()]
+        assert sorted(x["shard"] for x in lines) == [0, 1, 2] and sum(x["records"] for x in lines) == 300
+        assert max(x["peak_bytes"] for x in lines) == peaks["max"]
