@@ -213,11 +213,7 @@ class _StreamingParquet:
     def _flush(self) -> None:
         if not self.rows:
             return
-        if self.writer is None:
-            self.sink = HashingSink(self.tmp)
-            self.writer = pq.ParquetWriter(
-                self.sink, self.schema, compression=PARQUET_COMPRESSION, write_statistics=True, store_schema=True
-            )
+        self._open()
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
         self.total_rows += len(self.rows)
         self.rows, self.pending_bytes = [], 0
@@ -226,8 +222,16 @@ class _StreamingParquet:
         self.probe.sample()
         del table
 
+    def _open(self) -> None:
+        if self.writer is None:
+            self.sink = HashingSink(self.tmp)
+            self.writer = pq.ParquetWriter(
+                self.sink, self.schema, compression=PARQUET_COMPRESSION, write_statistics=True, store_schema=True
+            )
+
     def close(self, kind: str) -> FileEntry:
         self._flush()
+        self._open()  # a file with no rows is still a valid Parquet file
         self.writer.close()
         self.sink.close()
         rename_over(self.tmp, self.path)
