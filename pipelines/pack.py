@@ -18,7 +18,7 @@ import pathlib
 import sys
 from dataclasses import asdict
 
-from pipelines.runner import add_stage_args, run_stage
+from pipelines.runner import add_stage_args, ledger_only_input_info, resolve_num_shards, run_stage
 from schemas import packed as S
 from schemas.errors import UserError
 from storage.staging import staging_dir
@@ -134,7 +134,10 @@ def run(argv: list[str]):
 
     return run_stage(
         stage="pack", output_dir=args.output, config=config, input_info=input_info, build=build,
-        beam_args=beam_args, num_shards=args.num_shards, force=args.force,
+        beam_args=beam_args, force=args.force,
+        # only the ledger goes through the stage writer (pack shards roll by --max-shard-bytes): size it
+        num_shards=args.num_shards if args.num_shards is not None
+        else resolve_num_shards(None, args.target_shard_bytes, ledger_only_input_info(input_info)),
         target_shard_bytes=args.target_shard_bytes,
     )
 

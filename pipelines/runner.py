@@ -49,11 +49,22 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+# Stored bytes of one ledger row, generously (key, stage, status, reason, short detail, source; zstd):
+# sizes the shards of stages that write only a ledger through WriteStageOutput (pack).
+LEDGER_ROW_BYTES = 256
+
+
+def ledger_only_input_info(input_info: dict[str, Any]) -> dict[str, Any]:
+    """``input_info`` for sizing a ledger-only output: its bytes are the ledger's, ~LEDGER_ROW_BYTES per record."""
+    return {"bytes": int(input_info.get("records") or 0) * LEDGER_ROW_BYTES}
+
+
 def resolve_num_shards(num_shards: int | None, target_shard_bytes: int, input_info: dict[str, Any]) -> int:
     """``num_shards`` when given, else one shard per ``target_shard_bytes`` of input (at least 1).
 
     Input bytes stand in for output bytes: filter and dedup only drop records, rewrite adds a little
-    text to records whose bytes are mostly images, pack writes only its (small) ledger here.
+    text to records whose bytes are mostly images; pack writes only its ledger here and sizes it with
+    ``ledger_only_input_info``.
     """
     if num_shards is not None:
         if num_shards < 1:

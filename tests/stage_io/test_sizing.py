@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipelines.runner import DEFAULT_TARGET_SHARD_BYTES, parse_size, resolve_num_shards
+from pipelines.runner import DEFAULT_TARGET_SHARD_BYTES, ledger_only_input_info, parse_size, resolve_num_shards
 from schemas.errors import UserError
 from storage.files import read_manifest, stage_input_info
 
@@ -29,12 +29,13 @@ def test_resolve_num_shards():
     assert resolve_num_shards(None, 512 * mib, {"bytes": 512 * mib + 1}) == 2
     assert resolve_num_shards(None, 100, {"files": [{"bytes": 250}, {"bytes": 120}]}) == 4
     assert resolve_num_shards(7, 100, {"bytes": 10**9}) == 7
+    assert ledger_only_input_info({"records": 1000, "bytes": 10**12}) == {"bytes": 256_000}
     with pytest.raises(UserError, match="--num-shards 0"):
         resolve_num_shards(0, 100, {"bytes": 1})
 
 
 def _shards(out) -> set[str]:
-    return {f.path.rsplit("-of-", 1)[1] for f in read_manifest(str(out)).files}
+    return {f.path.rsplit("-of-", 1)[1] for f in read_manifest(str(out)).files if f.kind in ("data", "ledger")}
 
 
 def test_filter_and_dedup_size_their_shards_from_their_input(tmp_path, sample_dir):
@@ -55,6 +56,15 @@ def test_filter_and_dedup_size_their_shards_from_their_input(tmp_path, sample_di
     assert stage_input_info(str(tmp_path / "f"))["bytes"] == data_bytes
     dedup.run(["--input", str(tmp_path / "f"), "--output", str(tmp_path / "d"), "--target-shard-bytes", str(data_bytes // 2 - 1)])
     assert read_manifest(str(tmp_path / "d")).config["num_shards"] == 3  # 2 targets and a bit
+
+    # pack writes only its ledger through the stage writer: sized from 256 B per input record
+    from pipelines import pack
+
+    records = m.counts["outputs"]
+    pack.run(["--input", str(tmp_path / "f"), "--output", str(tmp_path / "p"), "--seq-len", "512",
+              "--target-shard-bytes", str(records * 256 // 4 + 1)])
+    pm = read_manifest(str(tmp_path / "p"))
+    assert pm.config["num_shards"] == 4 and _shards(tmp_path / "p") == {"00004.parquet"}
 
 
 @pytest.mark.parametrize("setting", ["1", "path"])
