@@ -182,7 +182,8 @@ def input_bytes(input_info: dict[str, Any]) -> int:
     """Bytes of a stage's input from its ``input_info``: the stage input's data files, or the raw files."""
     if "bytes" in input_info:
         return int(input_info["bytes"] or 0)
-    return sum(int(f.get("bytes") or 0) for f in input_info.get("files") or [])
+    # raw inputs list {"path", "bytes", ...} per file; inputs that list bare names count as 0 (one shard)
+    return sum(int(f.get("bytes") or 0) for f in input_info.get("files") or [] if isinstance(f, dict))
 
 
 def read_table(stage_dir: str, kind: str = FILE_KIND_DATA, columns: list[str] | None = None) -> pa.Table:

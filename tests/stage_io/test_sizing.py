@@ -30,6 +30,7 @@ def test_resolve_num_shards():
     assert resolve_num_shards(None, 100, {"files": [{"bytes": 250}, {"bytes": 120}]}) == 4
     assert resolve_num_shards(7, 100, {"bytes": 10**9}) == 7
     assert ledger_only_input_info({"records": 1000, "bytes": 10**12}) == {"bytes": 256_000}
+    assert resolve_num_shards(None, 100, {"files": ["a.jsonl", "b.jsonl"]}) == 1  # names without sizes
     with pytest.raises(UserError, match="--num-shards 0"):
         resolve_num_shards(0, 100, {"bytes": 1})
 
