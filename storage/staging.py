@@ -9,12 +9,15 @@ trust only the manifest) ignore the partial directory and the next run clears it
 
 from __future__ import annotations
 
+import logging
 import os
 
 from schemas.manifest import MANIFEST_NAME, Manifest
 from storage.files import delete_tree, exists, is_remote, join, read_bytes, rename_over
 
 STAGING_NAME = ".staging"
+
+log = logging.getLogger("mmcorpus")
 
 
 def staging_dir(output_dir: str) -> str:
@@ -34,14 +37,22 @@ def publish(output_dir: str) -> Manifest:
     if not exists(manifest_path):
         raise RuntimeError(f"{staged}: the pipeline finished without writing {MANIFEST_NAME}; nothing published")
     manifest = Manifest.from_json(read_bytes(manifest_path).decode("utf-8"))
+    staged_files = []
     for entry in manifest.files:
         src = join(staged, entry.path)
         if not exists(src):
+            final = join(output_dir, entry.path)
+            if exists(final) and (is_remote(final) or os.path.getsize(final) == entry.bytes):
+                # a stage that wrote this file under its final name itself (not crash-safe: write it
+                # under staging_dir(output_dir) instead); it is complete, so keep it
+                log.warning("%s was written outside %s; it is kept, but such a stage is not crash-safe", final, staged)
+                continue
             raise RuntimeError(f"{src} is listed in the staged manifest but was not written")
         if not is_remote(src) and os.path.getsize(src) != entry.bytes:
             raise RuntimeError(f"{src} has {os.path.getsize(src)} bytes, the staged manifest says {entry.bytes}")
-    for entry in manifest.files:
-        rename_over(join(staged, entry.path), join(output_dir, entry.path))
+        staged_files.append(entry.path)
+    for rel in staged_files:
+        rename_over(join(staged, rel), join(output_dir, rel))
     rename_over(manifest_path, join(output_dir, MANIFEST_NAME))
     delete_tree(staged)
     return manifest
