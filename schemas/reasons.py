@@ -70,6 +70,11 @@ PACK_TOO_MANY_IMAGES = "pack_too_many_images"
 PACK_NO_IMAGE = "pack_no_image"
 PACK_IMAGE_UNDECODABLE = "pack_image_undecodable"
 
+# --- select ----------------------------------------------------------------------------------
+NOT_SELECTED = "not_selected"  # eligible, but the per-source / per-language draw left it out
+NOT_ELIGIBLE = "not_eligible"  # the stage's eligibility rule excludes it (e.g. shorter side < 448 px)
+IN_EARLIER_SELECTION = "in_earlier_selection"  # disjoint re-selection: the named earlier selection holds it
+
 # --- unexpected exceptions (dead letter): "exception_<ExcType>" ------------------------------
 EXCEPTION_PREFIX = "exception_"
 
