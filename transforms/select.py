@@ -40,7 +40,7 @@ OVERLAP = ("disjoint", "allow")
 BUCKET_BITS = 16
 NO_DATASET = "(none)"  # records of an unnamed single input
 NO_LANG = "und"  # records without a `lang` field (language ID not run)
-RAKING_ROUNDS = 200
+RAKING_ROUNDS = 1000
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,6 @@ def cell_targets(cfg: SelectConfig, pool: dict[tuple, int]) -> dict[tuple, int]:
     m = {c: float(pool[c]) for c in cells}
     margins = marginal_targets(cfg, pool)
     for _ in range(RAKING_ROUNDS):
-        worst = 0.0
         for axis, targets in sorted(margins.items()):
             sums: dict[Any, float] = defaultdict(float)
             for c in cells:
@@ -273,11 +272,13 @@ def cell_targets(cfg: SelectConfig, pool: dict[tuple, int]) -> dict[tuple, int]:
             for c in cells:
                 v = c[axis]
                 t = targets.get(v, 0)
-                f = t / sums[v] if sums[v] > 0 else 0.0
-                m[c] *= f
+                m[c] *= t / sums[v] if sums[v] > 0 else 0.0
+        worst = 0.0  # after a full round: how far every marginal still is from its target
+        for axis, targets in margins.items():
             for v, t in targets.items():
-                worst = max(worst, abs(sum(m[c] for c in cells if c[axis] == v) - t))
-        if worst < 1e-9:
+                if any(c[axis] == v for c in cells):
+                    worst = max(worst, abs(sum(m[c] for c in cells if c[axis] == v) - t))
+        if worst < 1e-6:
             break
     total = sum(m.values())
     if total <= 0:
