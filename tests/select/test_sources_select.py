@@ -254,3 +254,39 @@ def test_plan_threshold_takes_exact_remainder():
     hist = {(("a", "und", False), b): 3 for b in range(5)}  # 15 records over 5 buckets
     plan = make_plan(cfg, hist)[("a", "und", False)]
     assert (plan.target, plan.base, plan.cut, plan.need) == (7, 0, 2, 1)
+
+
+def test_inspect_and_stats_break_counts_down_by_dataset(run, capsys):
+    from pipelines import inspection, stats
+
+    out = run["out"]
+    ds = {r["key"]: r["dataset"] for r in read_table(str(out / "filter"), columns=["key", "dataset"]).to_pylist()}
+    want: dict[str, Counter] = {}
+    for r in read_table(str(out / "dedup"), "ledger", columns=["key", "status"]).to_pylist():
+        want.setdefault(ds[r["key"]], Counter())[r["status"]] += 1
+    want = {k: dict(v) for k, v in want.items()}
+    assert inspection.describe(str(out / "dedup"))["by_dataset"] == want
+    assert want["laion"]["duplicate"] >= PLANTED
+    capsys.readouterr()
+    assert stats.main([str(out / "dedup"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["by_dataset"] == {"dedup": want}
+
+
+def test_dedup_names_stage_inputs(run):
+    """`dedup --input NAME=DIR` over unnamed single-source outputs: keys prefixed, dataset set."""
+    root, out = run["root"], run["out"]
+    if not (out / "single_cc3m").exists():
+        _cli("filter", "--input", root / "cc3m", "--caption-col", 0, "--url-col", 1, "--output", out / "single_cc3m")
+    if not (out / "single_photos").exists():
+        _cli("filter", "--input", SAMPLE / "i2d_webdataset", "--output", out / "single_photos")
+    _cli("dedup", "--input", f"en={out / 'single_cc3m'}", "--input", f"img={out / 'single_photos'}",
+         "--output", out / "dedup_named")
+    ledger = read_table(str(out / "dedup_named"), "ledger", columns=["key"]).to_pylist()
+    want = ({f"en-{r['key']}" for r in read_table(str(out / "single_cc3m"), columns=["key"]).to_pylist()}
+            | {f"img-{r['key']}" for r in read_table(str(out / "single_photos"), columns=["key"]).to_pylist()})
+    assert sorted(r["key"] for r in ledger) == sorted(want)
+    data = read_table(str(out / "dedup_named"), columns=["key", "dataset"]).to_pylist()
+    assert all(r["dataset"] == r["key"].split("-", 1)[0] for r in data)
+    # several inputs must all be named
+    assert cli.main(["dedup", "--input", str(out / "single_cc3m"), "--input", str(out / "single_photos"),
+                     "--output", str(out / "x")]) == 2
