@@ -194,6 +194,7 @@ def test_stage2_disjoint_reselection_min_side_and_upsampling(run):
     assert by_reason["ok"] == 30
     # every non-photo, never-selected record is not eligible (no image size), or outside the weights
     assert mixture["rules"]["in_earlier_selection"] == len(first)
+    assert cli.main(["verify", str(out / "select2"), str(out / "select1"), str(out / "dedup")]) == 0
 
 
 def test_stage2_overlap_allowed_is_measured(run):
@@ -287,6 +288,7 @@ def test_dedup_names_stage_inputs(run):
     assert sorted(r["key"] for r in ledger) == sorted(want)
     data = read_table(str(out / "dedup_named"), columns=["key", "dataset"]).to_pylist()
     assert all(r["dataset"] == r["key"].split("-", 1)[0] for r in data)
+    assert cli.main(["verify", str(out / "dedup_named")]) == 0
     # several inputs must all be named
     assert cli.main(["dedup", "--input", str(out / "single_cc3m"), "--input", str(out / "single_photos"),
                      "--output", str(out / "x")]) == 2
