@@ -19,7 +19,7 @@ from schemas.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "filter": ("pipelines.filter", "ingest raw inputs and apply caption/image filters"),
     "dedup": ("pipelines.dedup", "exact + near-duplicate removal (MinHash LSH, perceptual hashes)"),
-    "select": ("pipelines.select", "draw a training stage's source/language mixture by key hash"),
+    "select": ("pipelines.select_stage", "draw a training stage's source/language mixture by key hash"),
     "rewrite": ("pipelines.rewrite", "rewrite captions into QA pairs through an OpenAI-compatible endpoint"),
     "rewriter": ("rewriter.cli", "seed annotation, SFT export, fine-tuning and serving of the rewriter"),
     "pack": ("pipelines.pack", "token accounting and packing into Parquet/WebDataset training shards"),

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipelines import cli
 from schemas import reasons
-from transforms.select import SelectConfig, cell_targets, make_plan
+from transforms.selection import SelectConfig, cell_targets, make_plan
 from transforms.stage_io import read_manifest, read_table
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ from pipelines.config import load_toml
 from pipelines.runner import add_stage_args, run_stage
 from schemas.errors import UserError
 from schemas.manifest import FILE_KIND_DATA
-from transforms.select import NO_DATASET, Select, check_names, load_select_config
+from transforms.selection import NO_DATASET, Select, check_names, load_select_config
 from transforms.sources import TagSourceFn, combined_input_info, parse_inputs
 from transforms.stage_io import ReadStage, join, read_manifest, stage_input_info
 
