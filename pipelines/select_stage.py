@@ -19,7 +19,7 @@ from pipelines.config import load_toml
 from pipelines.runner import add_stage_args, run_stage
 from schemas.errors import UserError
 from schemas.manifest import FILE_KIND_DATA
-from transforms.selection import NO_DATASET, Select, check_names, load_select_config
+from transforms.selection import NO_DATASET, ReadSelectionKeys, Select, check_names, load_select_config
 from transforms.sources import TagSourceFn, combined_input_info, parse_inputs
 from transforms.stage_io import ReadStage, join, read_manifest, stage_input_info
 
@@ -93,11 +93,7 @@ def run(argv: list[str]):
         pairs = parts[0] if len(parts) == 1 else parts | "Sources" >> beam.Flatten()
         earlier = None
         if cfg.earlier is not None:
-            earlier = (
-                p
-                | "ReadEarlier" >> ReadStage(cfg.earlier)
-                | "EarlierOriginals" >> beam.FlatMap(lambda r: [] if r.replica else [r.key])
-            )
+            earlier = p | "ReadEarlier" >> ReadSelectionKeys(cfg.earlier)
         outcomes, report, files = pairs | "Select" >> Select(cfg, args.output, earlier)
         return {"outcomes": outcomes, "extra": {"mixture": report}, "files": files}
 

@@ -24,14 +24,16 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple
 
 import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from schemas import reasons
 from schemas.errors import UserError
-from schemas.manifest import FileEntry
+from schemas.manifest import FILE_KIND_DATA, FileEntry
 from schemas.records import REJECTED, Outcome, Pair
 from transforms.keys import safe_key
-from transforms.stage_io import join, write_bytes_atomic
+from transforms.stage_io import ExpandRowGroupsFn, join, read_manifest, write_bytes_atomic
 
 FILE_KIND_MIXTURE = "mixture"
 MIXTURE_NAME = "mixture.json"
@@ -485,6 +487,39 @@ class _WriteMixtureFn(beam.DoFn):
         write_bytes_atomic(join(self.output_dir, MIXTURE_NAME), data)
         yield FileEntry(path=MIXTURE_NAME, kind=FILE_KIND_MIXTURE, rows=1, bytes=len(data),
                         sha256=hashlib.sha256(data).hexdigest())
+
+
+class _ReadOriginalKeysFn(beam.DoFn):
+    """(path, row_group) -> keys of the original (non-replica) records: two columns, no images."""
+
+    def process(self, unit: tuple[str, int]):
+        path, rg = unit
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            t = pq.ParquetFile(f).read_row_group(rg, columns=["key", "replica"])
+        for key, replica in zip(t.column("key").to_pylist(), t.column("replica").to_pylist()):
+            if not replica:
+                yield key
+
+
+class ReadSelectionKeys(beam.PTransform):
+    """Keys of an earlier ``select`` output's original records, read row group by row group.
+
+    Args:
+        stage_dir: the earlier select output directory.
+    """
+
+    def __init__(self, stage_dir: str):
+        super().__init__()
+        self.paths = [join(stage_dir, e.path) for e in read_manifest(stage_dir).files_of(FILE_KIND_DATA)]
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "DataFiles" >> beam.Create(self.paths)
+            | "RowGroups" >> beam.ParDo(ExpandRowGroupsFn())
+            | "Spread" >> beam.Reshuffle()
+            | "Keys" >> beam.ParDo(_ReadOriginalKeysFn())
+        )
 
 
 class Select(beam.PTransform):
