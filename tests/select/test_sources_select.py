@@ -292,3 +292,19 @@ def test_dedup_names_stage_inputs(run):
     # several inputs must all be named
     assert cli.main(["dedup", "--input", str(out / "single_cc3m"), "--input", str(out / "single_photos"),
                      "--output", str(out / "x")]) == 2
+
+
+def test_bundled_mix_configs_parse():
+    """data/mix/*.toml (the docs' worked example) stay valid configs."""
+    import tomllib
+
+    from transforms.selection import load_select_config
+    from transforms.sources import source_settings
+
+    doc = tomllib.loads((REPO / "data" / "mix" / "mix.toml").read_text())
+    cfgs = [load_select_config(doc, s) for s in (1, 2, 3)]
+    assert [c.target_pairs for c in cfgs] == [3000, 3000, 1000]
+    assert [c.earlier for c in cfgs] == [None, "build/mix/select1", "build/mix/select2"]
+    assert [c.on_short for c in cfgs] == ["report", "report", "upsample"]
+    src = tomllib.loads((REPO / "data" / "mix" / "sources.toml").read_text())
+    assert sorted(source_settings(src, ["cc3m", "laion", "photos"])) == ["cc3m", "laion"]
