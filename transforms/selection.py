@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple
 
 import apache_beam as beam
@@ -386,13 +386,6 @@ def _decide_boundary(element, plan: dict):
     p = plan[cell]
     for i, c in enumerate(sorted(cands, key=lambda c: (c.h, c.pair.key))):
         yield from emit_copies(c, p.base + (1 if i < p.need else 0))
-
-
-def _to_dict(pairs: Iterable[tuple]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        out[k] = out.get(k, 0) + v
-    return out
 
 
 class _MergeCounts(beam.CombineFn):
