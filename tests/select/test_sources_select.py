@@ -308,3 +308,13 @@ def test_bundled_mix_configs_parse():
     assert [c.on_short for c in cfgs] == ["report", "report", "upsample"]
     src = tomllib.loads((REPO / "data" / "mix" / "sources.toml").read_text())
     assert sorted(source_settings(src, ["cc3m", "laion", "photos"])) == ["cc3m", "laion"]
+
+
+def test_select_byte_identical_on_the_dask_runner(run):
+    """The same selection under `--runner dask` (a local 2-worker cluster) writes the same bytes."""
+    root, out = run["root"], run["out"]
+    if not (out / "select1").exists():
+        test_stage1_mixture_exact_and_rerun_identical(run)
+    _cli("select", "--input", out / "dedup", "--stage", 1, "--config", root / "mix.toml", "--output", out / "select1_dask",
+         "--num-shards", 3, "--runner", "dask", "--dask-workers", 2)
+    assert _files_sha(out / "select1") == _files_sha(out / "select1_dask")
