@@ -19,6 +19,7 @@ from pipelines.config import load_toml
 from pipelines.runner import add_stage_args, run_stage
 from schemas.errors import UserError
 from schemas.manifest import FILE_KIND_DATA
+from storage.staging import staging_dir
 from transforms.selection import NO_DATASET, ReadSelectionKeys, Select, check_names, load_select_config
 from transforms.sources import TagSourceFn, combined_input_info, parse_inputs
 from transforms.stage_io import ReadStage, join, read_manifest, stage_input_info
@@ -94,7 +95,8 @@ def run(argv: list[str]):
         earlier = None
         if cfg.earlier is not None:
             earlier = p | "ReadEarlier" >> ReadSelectionKeys(cfg.earlier)
-        outcomes, report, files = pairs | "Select" >> Select(cfg, args.output, earlier)
+        # mixture.json goes to the staging area like every stage file; publish moves it into place
+        outcomes, report, files = pairs | "Select" >> Select(cfg, staging_dir(args.output), earlier)
         return {"outcomes": outcomes, "extra": {"mixture": report}, "files": files}
 
     return run_stage(
