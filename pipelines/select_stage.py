@@ -108,6 +108,7 @@ def run(argv: list[str]):
         beam_args=beam_args,
         num_shards=args.num_shards,
         force=args.force,
+        target_shard_bytes=args.target_shard_bytes,
     )
 
 

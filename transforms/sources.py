@@ -19,6 +19,7 @@ import apache_beam as beam
 
 from schemas.errors import UserError
 from schemas.records import Outcome, Pair
+from storage.files import input_bytes
 from transforms.keys import safe_key
 
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9_]{1,32}$")
@@ -153,5 +154,6 @@ def combined_input_info(infos: list[tuple[str | None, dict[str, Any]]]) -> dict[
         "kind": "sources",
         "fingerprint": h.hexdigest(),
         "records": sum(records) if all(r is not None for r in records) else None,
+        "bytes": sum(input_bytes(info) for _, info in infos),  # sizes the shards (runner.resolve_num_shards)
         "sources": {name: info for name, info in infos},
     }

@@ -318,3 +318,16 @@ def test_select_byte_identical_on_the_dask_runner(run):
     _cli("select", "--input", out / "dedup", "--stage", 1, "--config", root / "mix.toml", "--output", out / "select1_dask",
          "--num-shards", 3, "--runner", "dask", "--dask-workers", 2)
     assert _files_sha(out / "select1") == _files_sha(out / "select1_dask")
+
+
+def test_combined_input_info_sizes_shards_from_every_source():
+    from pipelines.runner import resolve_num_shards
+    from transforms.sources import combined_input_info
+
+    infos = [("a", {"kind": "stage", "fingerprint": "f1", "records": 10, "bytes": 300}),
+             ("b", {"kind": "raw", "fingerprint": "f2", "records": 5, "files": [{"path": "x", "bytes": 200}]})]
+    info = combined_input_info(infos)
+    assert (info["bytes"], info["records"], sorted(info["sources"])) == (500, 15, ["a", "b"])
+    assert resolve_num_shards(None, 100, info) == 5
+    assert combined_input_info(infos[:1]) != combined_input_info([(None, infos[0][1])])  # named ≠ unnamed
+    assert combined_input_info([(None, infos[0][1])]) == infos[0][1]  # unnamed single input: unchanged
