@@ -323,9 +323,11 @@ class StandInServer:
                       "total_tokens": len(caption.split()) + 60 + len(content.split())},
         }
         if req.get("logprobs") and fault is None:
-            # One fixed-value entry per whitespace token; alternatives "yes"/"no" for a yes/no answer.
+            # One fixed-value entry per word or punctuation token; alternatives "yes"/"no" for a yes/no word.
+            import re
+
             entries = []
-            for tok in content.split() or [content]:
+            for tok in re.findall(r"\w+|[^\w\s]", content) or [content]:
                 top = [{"token": tok, "logprob": -0.05}]
                 if tok in ("yes", "no"):
                     top.append({"token": "no" if tok == "yes" else "yes", "logprob": -3.0})
