@@ -60,7 +60,8 @@ class SeenRequest:
 def caption_of(body: dict) -> str:
     """The raw caption inside a request built by ``rewriter.prompts.build_messages``; for a request
     whose user content is a list of parts, its text parts joined by newlines; a request's ``seed``
-    (RLAIF-V policy samples) is appended as ``|seed=N`` so each sample has its own fault schedule."""
+    (RLAIF-V policy samples) is appended as ``|seed=N`` so each sample has its own fault schedule
+    (and the server appends ``|img=<sha256 of the image URLs>[:12]`` to requests carrying images)."""
     prefix = prompts.USER_TEMPLATE.split("{caption}")[0]
     text = ""
     for m in body.get("messages") or []:
@@ -274,6 +275,10 @@ class StandInServer:
         req = json.loads(body.decode("utf-8"))
         caption = caption_of(req)
         n_images, image_problem = check_image_parts(req)
+        if n_images:  # same text about another image is another request (own attempts, own faults)
+            urls = [p.get("image_url", {}).get("url", "") for m in req.get("messages") or []
+                    if isinstance(m.get("content"), list) for p in m["content"] if isinstance(p, dict)]
+            caption += "|img=" + hashlib.sha256("".join(urls).encode("utf-8")).hexdigest()[:12]
         if image_problem is not None:  # what vLLM does with an image it cannot load: a 400
             with self._lock:
                 self.seen.append(SeenRequest(caption=caption, attempt=-1, fault="bad_image", t=time.monotonic(),

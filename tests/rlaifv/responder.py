@@ -9,7 +9,8 @@ The responder answers the three request kinds by what the request carries:
 - labeler (``answer``): ``no`` when the question holds ``wrong``, else ``yes``.
 
 Markers in the prompt make bad answers on cue: ``EMPTY`` (policy answers ""), ``BADCLAIMS`` (claims
-answer ``{"claims": "x"}``), ``MAYBE`` (labeler answers ``maybe``).
+answer ``{"claims": "x"}``), ``MAYBE`` (labeler answers ``maybe``); ``LABFAIL`` is carried into a
+claim and its question (``labfail``) so a fault plan can target that record's labeler calls.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def respond(body: dict) -> tuple[str, str]:
         if "EMPTY" in text:
             return "", "stop"
         extra = "".join(f" There is a wrong thing {k}." for k in range(body["seed"] % 3))
-        tag = " BADCLAIMS." if "BADCLAIMS" in text else (" MAYBE." if "MAYBE" in text else "")
+        tag = "".join(f" {m}." for m in ("BADCLAIMS", "MAYBE", "LABFAIL") if m in text)
         url = body["messages"][0]["content"][0]["image_url"]["url"]
         photo = hashlib.sha256(url.encode()).hexdigest()[:8]  # each image its own claims: no shared cache entries
         return f"The picture is photo {photo}." + tag + extra, "stop"

@@ -35,7 +35,7 @@ def test_chain_photos_to_dpo(photos_stage, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "rlaifv generate: ~32 requests" in err  # the estimate printed before the run
         assert len(pol.seen) == 32 and all(r.images == 1 for r in pol.seen)
-        assert sorted(int(r.caption.rsplit("|seed=", 1)[1]) for r in pol.seen) == [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8
+        assert sorted(int(r.caption.rsplit("|seed=", 1)[1].split("|")[0]) for r in pol.seen) == [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8
         m = read_manifest(str(out / "gen"))
         assert (m.counts["inputs"], m.counts["outputs"]) == (8, 8)
         rows = read_table(str(out / "gen")).to_pylist()
