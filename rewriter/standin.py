@@ -365,6 +365,55 @@ class StandInServer:
             return [r.caption for r in self.seen]
 
 
+def _user_text(body: dict) -> str:
+    for m in body["messages"]:
+        if m["role"] == "user":
+            c = m["content"]
+            return c if isinstance(c, str) else "\n".join(p["text"] for p in c if p["type"] == "text")
+    return ""
+
+
+def rlaifv_respond(body: dict) -> tuple[str, str]:
+    """Deterministic RLAIF-V answers (tests, README example), by what the request carries:
+
+    - policy (a ``seed`` in the body): ``"The picture is photo <sha256(data URL)[:8]>."`` followed by
+      ``seed % 3`` sentences ``"There is a wrong thing N."``; with seeds 0..3 the scores are 0, -1, -2, 0;
+    - claims (``response_format`` named ``claims``): the answer split at ". ";
+    - questions (``questions``): ``"Is it true that <claim>?"`` per claim;
+    - labeler (``answer``): ``no`` when the question holds ``wrong``, else ``yes``.
+
+    Markers in the prompt make bad answers on cue: ``EMPTY`` (policy answers ""), ``BADCLAIMS`` (claims
+    answer ``{"claims": "x"}``), ``MAYBE`` (labeler answers ``maybe``); ``LABFAIL`` is carried into a
+    claim and its question (``labfail``) so a fault plan can target that record's labeler calls.
+    """
+    text = _user_text(body)
+    fmt = ((body.get("response_format") or {}).get("json_schema") or {}).get("name")
+    if "seed" in body:
+        if "EMPTY" in text:
+            return "", "stop"
+        extra = "".join(f" There is a wrong thing {k}." for k in range(body["seed"] % 3))
+        tag = "".join(f" {m}." for m in ("BADCLAIMS", "MAYBE", "LABFAIL") if m in text)
+        url = body["messages"][0]["content"][0]["image_url"]["url"]
+        photo = hashlib.sha256(url.encode()).hexdigest()[:8]  # claims differ per image
+        return f"The picture is photo {photo}." + tag + extra, "stop"
+    if fmt == "claims":
+        answer = text.split("Answer: ", 1)[1]
+        if "BADCLAIMS" in answer:
+            return json.dumps({"claims": "x"}), "stop"
+        claims = [s.strip().rstrip(".") + "." for s in answer.split(". ") if s.strip()]
+        return json.dumps({"claims": claims}), "stop"
+    if fmt == "questions":
+        claims = json.loads(text)["claims"]
+        return json.dumps({"questions": [f"Is it true that {c[:-1].lower()}?" for c in claims]}), "stop"
+    if fmt == "answer":
+        if "maybe" in text:
+            return json.dumps({"answer": "maybe"}), "stop"
+        return json.dumps({"answer": "no" if "wrong" in text else "yes"}), "stop"
+    return "unexpected request", "stop"
+
+
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rewriter.standin", description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=0)
@@ -372,9 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rlaifv", action="store_true", help="answer RLAIF-V policy/claims/labeler requests (rlaifv_respond)")
     args = p.parse_args(argv)
     srv = StandInServer(latency_s=args.latency, max_concurrency=args.max_concurrency,
-                        fault_rate=args.fault_rate, seed=args.seed, port=args.port).start()
+                        fault_rate=args.fault_rate, seed=args.seed, port=args.port,
+                        respond_body=rlaifv_respond if args.rlaifv else None).start()
     print(f"PORT {srv.port}", flush=True)
     try:
         sys.stdin.read()  # serve until stdin closes (the parent process exits or closes the pipe)
