@@ -8,6 +8,7 @@ Examples:
         --labeler-endpoint http://127.0.0.1:8003/v1 --labeler-model mllm
     mmcorpus rlaifv pairs --input out/rlaifv-fb --output out/rlaifv-pairs --margin 1 --max-pairs-per-image 2
     mmcorpus rlaifv export --input out/rlaifv-pairs --output out/dpo --format trl,llamafactory
+    mmcorpus rlaifv show --input out/rlaifv-fb --key KEY     # claims, questions, answers, scores
 
 generate/feedback/pairs are Beam stages (ledger + manifest; skipped when up to date; unknown flags go
 to Beam). Model answers are cached under ``--cache-dir`` (default ``rlaifv-cache`` beside ``--output``),
@@ -32,7 +33,7 @@ from rewriter.client import ClientConfig
 from rewriter.seed import CHARS_PER_TOKEN, token_cost
 from schemas.errors import UserError
 from schemas.records import KEPT
-from schemas.rlaifv import PAIR_META_KEY, get_doc
+from schemas.rlaifv import META_KEY, PAIR_META_KEY, get_doc
 from transforms.rlaifv import (
     FeedbackConfig,
     FeedbackFn,
@@ -44,7 +45,7 @@ from transforms.rlaifv import (
 )
 from transforms.stage_io import ReadStage, read_manifest, read_table, stage_input_info
 
-SUBCOMMANDS = ("generate", "feedback", "pairs", "export")
+SUBCOMMANDS = ("generate", "feedback", "pairs", "export", "show")
 EXPORT_FORMATS = ("trl", "llamafactory")
 
 
@@ -106,7 +107,26 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--input", required=True, help="a finished `rlaifv pairs` output")
     e.add_argument("--output", required=True)
     e.add_argument("--format", default="trl,llamafactory", help="comma list of trl, llamafactory")
+    s = sub.add_parser("show", help="the audit document (responses, claims, questions, answers) of one key")
+    s.add_argument("--input", required=True, help="an rlaifv generate / feedback / pairs output")
+    s.add_argument("--key", required=True)
     return p
+
+
+def show(stage_dir: str, key: str) -> dict[str, Any]:
+    """``meta["rlaifv"]`` (or ``meta["rlaifv_pair"]``) of ``key`` in a stage output, else its ledger row."""
+    try:
+        table = read_table(stage_dir, columns=["key", "meta"])
+    except FileNotFoundError as e:
+        raise UserError(f"--input {stage_dir}: {e}") from None
+    for row in table.to_pylist():
+        if row["key"] == key:
+            meta = json.loads(row["meta"] or "{}")
+            return {k: meta[k] for k in (META_KEY, PAIR_META_KEY) if k in meta}
+    for row in read_table(stage_dir, "ledger").to_pylist():
+        if row["key"] == key:
+            return {"ledger": row}
+    raise UserError(f"--key {key} is not in {stage_dir} (neither kept nor in the ledger)")
 
 
 def _cache_dir(args) -> str | None:
@@ -134,15 +154,16 @@ def _input(args) -> dict[str, Any]:
     return stage_input_info(args.input)
 
 
-def estimate(kind: str, records: int, args, image_tokens: int = 768) -> dict[str, Any]:
-    """Requests, tokens, USD and hours for a generate / feedback run over ``records`` records."""
+def estimate(kind: str, records: int, args, image_tokens: int = 768, n: int = 8) -> dict[str, Any]:
+    """Requests, tokens, USD and hours for a generate / feedback run over ``records`` records (``n``:
+    responses per record for feedback, from the generate manifest)."""
     if kind == "generate":
         requests = records * args.n
         prompt = requests * (image_tokens + 16)
         out_exp = out_max = requests * args.policy_max_tokens
         out_exp = requests * min(150, args.policy_max_tokens)
     else:
-        responses = records * 8  # upper bound of the usual n; the stage reads the real n as it runs
+        responses = records * n
         claims = args.expected_claims
         requests = int(responses * (2 + claims))
         text_prompt = int(responses * 2 * (60 + 600 / CHARS_PER_TOKEN))
@@ -164,6 +185,8 @@ def print_estimate(kind: str, est: dict[str, Any], args) -> None:
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult | dict:
+    if args.command == "show":
+        return show(args.input, args.key)
     if args.command == "export":
         return export(args.input, args.output, [f.strip() for f in args.format.split(",") if f.strip()])
     info = _input(args)
@@ -191,7 +214,8 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult | dict:
                                  batch_size=args.batch_size)
         except ValueError as e:
             raise UserError(str(e)) from None
-        print_estimate("feedback", estimate("feedback", info.get("records") or 0, args), args)
+        n = int(read_manifest(args.input).config.get("rlaifv_generate", {}).get("n", 8))
+        print_estimate("feedback", estimate("feedback", info.get("records") or 0, args, n=n), args)
         fn, stage = FeedbackFn(cfg), "rlaifv_feedback"
     else:
         try:
@@ -299,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args, beam_args = parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
     result = run(args, beam_args)
     if isinstance(result, dict):
-        print(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1, ensure_ascii=False))
         return 0
     from pipelines.summary import print_stage_summary
 

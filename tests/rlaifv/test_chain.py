@@ -48,6 +48,7 @@ def test_chain_photos_to_dpo(photos_stage, tmp_path, capsys):
               "--claims-endpoint", clm.base_url, "--claims-model", "llm",
               "--labeler-endpoint", lab.base_url, "--labeler-model", "mllm", *common]
         _run(fb)
+        assert "rlaifv feedback: ~256 requests" in capsys.readouterr().err  # 8 x 4 responses x (2 + 6 claims)
         # per image: responses of seeds 0 and 3 are the same text, so 3 distinct claim lists and 3 question
         # lists; the distinct questions are "photo", "wrong thing 0", "wrong thing 1": 3 labeler calls
         # (identical requests in flight share one HTTP request; without that the count depends on timing)
@@ -62,6 +63,11 @@ def test_chain_photos_to_dpo(photos_stage, tmp_path, capsys):
         assert [a["answer"] for a in r1["answers"]] == ["yes", "no"]
         assert r1["answers"][1]["logprob_no"] == -0.05 and r1["answers"][1]["logprob_yes"] == -3.0
         assert [r["score"] for r in fbrow["responses"]] == [0, -1, -2, 0]
+        capsys.readouterr()
+        _run(["show", "--input", str(out / "fb"), "--key", "astronaut"])
+        shown = json.loads(capsys.readouterr().out)["rlaifv"]["responses"][2]
+        assert shown["claims"][1:] == ["There is a wrong thing 0.", "There is a wrong thing 1."]
+        assert shown["questions"][1] == "Is it true that there is a wrong thing 0?" and shown["score"] == -2
 
         _run(["pairs", "--input", str(out / "fb"), "--output", str(out / "pairs"), "--margin", "1",
               "--max-pairs-per-image", "2", "--seed", "7", "--num-shards", "2"])
