@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("pipelines.verify", "check a stage output's invariants and checksums"),
     "inspect": ("pipelines.inspection", "show what an output directory holds; trace a key"),
     "stats": ("pipelines.stats", "statistics and plots of an output directory"),
+    "report": ("pipelines.report", "static HTML report of a run: samples by reason, dedup clusters, rewrites, packs"),
     "demo": ("pipelines.demo", "run the whole pipeline on the bundled sample data"),
 }
 
