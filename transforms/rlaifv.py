@@ -43,7 +43,7 @@ from apache_beam.metrics import Metrics
 from rewriter.cache import ResponseCache, cache_key
 from rewriter.client import ClientConfig, Completion, RequestFailed, RewriteClient
 from schemas import reasons
-from schemas.records import ERROR, KEPT, REJECTED, Outcome, Pair
+from schemas.records import ERROR, REJECTED, Outcome, Pair
 from schemas.rlaifv import META_KEY, PAIR_META_KEY, RESPONSE_OK, canonical_json, get_doc, set_doc
 
 GENERATE_PROMPT_VERSION = "rlaifv-generate-v1"

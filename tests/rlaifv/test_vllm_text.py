@@ -8,7 +8,6 @@ question answers, and a forced rerun sends vLLM nothing."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
