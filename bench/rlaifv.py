@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     judgments = sum(e["text"].startswith('{"answer"') for e in fb_entries)
     with open(f"{tmp}/pairs/manifest.json") as f:
         m = json.load(f)
-    n_pairs = m["counts"]["outputs"]
+    n_pairs = m["extra"]["pair_stats"]["pairs"]
     ideal = args.concurrency / args.latency
     print(json.dumps({
         "records": args.records, "n": args.n, "L_s": args.latency, "C": args.concurrency, "ideal_rps": ideal,

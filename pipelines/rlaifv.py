@@ -114,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def show(stage_dir: str, key: str) -> dict[str, Any]:
-    """``meta["rlaifv"]`` (or ``meta["rlaifv_pair"]``) of ``key`` in a stage output, else its ledger row."""
+    """``meta["rlaifv"]`` (or ``meta["rlaifv_pairs"]``) of ``key`` in a stage output, else its ledger row."""
     try:
         table = read_table(stage_dir, columns=["key", "meta"])
     except FileNotFoundError as e:
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult | dict:
                         | "Pairs" >> beam.FlatMap(make_pairs, cfg))
             stats = (outcomes
                      | "KeptPairs" >> beam.Filter(lambda o: o.status == KEPT)
-                     | "PairDocs" >> beam.Map(lambda o: get_doc(o.pair.meta, PAIR_META_KEY))
+                     | "PairDocs" >> beam.FlatMap(lambda o: get_doc(o.pair.meta, PAIR_META_KEY)["pairs"])
                      | "Stats" >> beam.CombineGlobally(PairStatsFn()))
             return outcomes, {"pair_stats": stats}
 
@@ -270,20 +270,22 @@ def export(stage_dir: str, output: str, formats: list[str]) -> dict[str, Any]:
     if unknown or not formats:
         raise UserError(f"--format {','.join(formats)}: choose from {', '.join(EXPORT_FORMATS)}")
     rows = _pair_rows(stage_dir)
-    written: dict[str, Any] = {"pairs": len(rows)}
+    written: dict[str, Any] = {"images": len(rows),
+                               "pairs": sum(len(get_doc(r["meta"], PAIR_META_KEY)["pairs"]) for r in rows)}
     if "trl" in formats:
         import datasets
 
         records = []
         for r in rows:
             d = get_doc(r["meta"], PAIR_META_KEY)
-            records.append({
-                "prompt": [{"role": "user", "content": [{"type": "image", "text": None},
-                                                        {"type": "text", "text": d["prompt"]}]}],
-                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": d["chosen"]}]}],
-                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": d["rejected"]}]}],
-                "images": [{"bytes": r["image"], "path": None}],
-            })
+            for pd in d["pairs"]:
+                records.append({
+                    "prompt": [{"role": "user", "content": [{"type": "image", "text": None},
+                                                            {"type": "text", "text": d["prompt"]}]}],
+                    "chosen": [{"role": "assistant", "content": [{"type": "text", "text": pd["chosen"]}]}],
+                    "rejected": [{"role": "assistant", "content": [{"type": "text", "text": pd["rejected"]}]}],
+                    "images": [{"bytes": r["image"], "path": None}],
+                })
         msg = [{"role": datasets.Value("string"),
                 "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}]
         features = datasets.Features({"prompt": msg, "chosen": msg, "rejected": msg,
@@ -299,15 +301,14 @@ def export(stage_dir: str, output: str, formats: list[str]) -> dict[str, Any]:
         for r in rows:
             d = get_doc(r["meta"], PAIR_META_KEY)
             ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(r["image_format"] or "", "bin")
-            rel = f"images/{d['source_key']}.{ext}"
-            img_path = os.path.join(base, rel)
-            if not os.path.exists(img_path):
-                with open(img_path, "wb") as fh:
-                    fh.write(r["image"])
-            items.append({"conversations": [{"from": "human", "value": "<image>" + d["prompt"]}],
-                          "chosen": {"from": "gpt", "value": d["chosen"]},
-                          "rejected": {"from": "gpt", "value": d["rejected"]},
-                          "images": [rel]})
+            rel = f"images/{r['key']}.{ext}"
+            with open(os.path.join(base, rel), "wb") as fh:
+                fh.write(r["image"])
+            for pd in d["pairs"]:
+                items.append({"conversations": [{"from": "human", "value": "<image>" + d["prompt"]}],
+                              "chosen": {"from": "gpt", "value": pd["chosen"]},
+                              "rejected": {"from": "gpt", "value": pd["rejected"]},
+                              "images": [rel]})
         with open(os.path.join(base, "rlaifv_dpo.json"), "w", encoding="utf-8") as fh:
             json.dump(items, fh, ensure_ascii=False, indent=1)
         info = {"rlaifv_dpo": {"file_name": "rlaifv_dpo.json", "formatting": "sharegpt", "ranking": True,

@@ -15,10 +15,11 @@ after ``feedback`` each response additionally holds ``claims`` ([str]), ``questi
 ``score`` (minus the number of "no" answers; None when the response has no score), and the document
 holds ``claims_model``, ``labeler_model``.
 
-``meta["rlaifv_pair"]`` after ``pairs`` (one record per pair)::
+``meta["rlaifv_pairs"]`` after ``pairs`` (one record per image and prompt, so the ledger stays one row
+per input record; the ``rlaifv`` document is dropped there)::
 
-    {"source_key": str, "prompt": str, "chosen": str, "rejected": str, "chosen_i": int,
-     "rejected_i": int, "chosen_score": int, "rejected_score": int}
+    {"prompt": str, "pairs": [{"chosen": str, "rejected": str, "chosen_i": int, "rejected_i": int,
+                               "chosen_score": int, "rejected_score": int}]}
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 from typing import Any
 
 META_KEY = "rlaifv"
-PAIR_META_KEY = "rlaifv_pair"
+PAIR_META_KEY = "rlaifv_pairs"
 RESPONSE_OK = "ok"
 
 

@@ -525,11 +525,12 @@ class FeedbackFn(_AsyncBatchFn):
 
 
 def make_pairs(pair: Pair, cfg: PairsConfig) -> list[Outcome]:
-    """DPO pair records of one feedback record (kept), or one rejected outcome ``rlaifv_no_pair``.
+    """The one outcome of a feedback record: kept with ``meta["rlaifv_pairs"]`` holding its DPO pairs,
+    or rejected ``rlaifv_no_pair``.
 
     Candidates are all (i, j) of scored responses with ``|score_i - score_j| >= margin`` (ties never),
     minus those the length control drops; they are shuffled by ``Random(f"{seed}|{key}")`` and the
-    first ``max_pairs_per_image`` kept. Pair keys are ``<key>-<chosen i>-<rejected i>``.
+    first ``max_pairs_per_image`` kept, listed in (chosen, rejected) index order.
     """
     doc = get_doc(pair.meta) or {}
     scored = [r for r in doc.get("responses") or [] if r.get("score") is not None]
@@ -550,17 +551,13 @@ def make_pairs(pair: Pair, cfg: PairsConfig) -> list[Outcome]:
         candidates = candidates[: cfg.max_pairs_per_image]
     if not candidates:
         return [Outcome.dropped(pair, REJECTED, reasons.RLAIFV_NO_PAIR, f"{len(scored)} scored responses")]
+    pairs = [{"chosen": c["text"], "rejected": r["text"], "chosen_i": c["i"], "rejected_i": r["i"],
+              "chosen_score": c["score"], "rejected_score": r["score"]}
+             for c, r in sorted(candidates, key=lambda cr: (cr[0]["i"], cr[1]["i"]))]
     base_meta = json.loads(pair.meta or "{}")
     base_meta.pop(META_KEY, None)
-    out = []
-    for chosen, rejected in sorted(candidates, key=lambda cr: (cr[0]["i"], cr[1]["i"])):
-        pd = {"source_key": pair.key, "prompt": doc["prompt"], "chosen": chosen["text"],
-              "rejected": rejected["text"], "chosen_i": chosen["i"], "rejected_i": rejected["i"],
-              "chosen_score": chosen["score"], "rejected_score": rejected["score"]}
-        rec = pair.replace(key=f"{pair.key}-{chosen['i']}-{rejected['i']}", caption=doc["prompt"],
-                           meta=set_doc(canonical_json(base_meta), pd, PAIR_META_KEY))
-        out.append(Outcome.kept(rec))
-    return out
+    meta = set_doc(canonical_json(base_meta), {"prompt": doc["prompt"], "pairs": pairs}, PAIR_META_KEY)
+    return [Outcome.kept(pair.replace(caption=doc["prompt"], meta=meta))]
 
 
 class PairStatsFn(beam.CombineFn):

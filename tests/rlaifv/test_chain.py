@@ -72,14 +72,17 @@ def test_chain_photos_to_dpo(photos_stage, tmp_path, capsys):
         _run(["pairs", "--input", str(out / "fb"), "--output", str(out / "pairs"), "--margin", "1",
               "--max-pairs-per-image", "2", "--seed", "7", "--num-shards", "2"])
         pm = read_manifest(str(out / "pairs"))
-        # scores 0,-1,-2,0: 5 candidate pairs (the 0/0 tie dropped), capped at 2 per image
-        assert pm.counts["outputs"] == 16 and pm.counts["by_reason"] == {"kept/ok": 16}
+        # scores 0,-1,-2,0: 5 candidate pairs (the 0/0 tie dropped), capped at 2 per image; one record per image
+        assert (pm.counts["inputs"], pm.counts["outputs"]) == (8, 8) and pm.counts["by_reason"] == {"kept/ok": 8}
         stats = pm.extra["pair_stats"]
         assert stats["pairs"] == 16
         assert stats["chosen_longer_share"] == 0.0  # every chosen answer has fewer (wrong) sentences
         assert sum(stats["score_gaps"].values()) == 16 and set(stats["score_gaps"]) <= {"1", "2"}
-        docs = [get_doc(r["meta"], PAIR_META_KEY) for r in read_table(str(out / "pairs")).to_pylist()]
-        assert all(d["chosen_score"] > d["rejected_score"] for d in docs)
+        docs = [p for r in read_table(str(out / "pairs")).to_pylist() for p in get_doc(r["meta"], PAIR_META_KEY)["pairs"]]
+        assert len(docs) == 16 and all(d["chosen_score"] > d["rejected_score"] for d in docs)
+        from pipelines.verify import main as verify_main
+
+        assert verify_main([str(out / "gen"), str(out / "fb"), str(out / "pairs")]) == 0
 
         # same seed: same pairs, byte for byte
         _run(["pairs", "--input", str(out / "fb"), "--output", str(out / "pairs2"), "--margin", "1",
