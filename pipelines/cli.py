@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rewriter": ("rewriter.cli", "seed annotation, SFT export, fine-tuning and serving of the rewriter"),
     "pack": ("pipelines.pack", "token accounting and packing into Parquet/WebDataset training shards"),
     "sft": ("pipelines.sft", "SFT data: ingest, part 1/2 split, chat-templated packs, exports"),
+    "rlaifv": ("pipelines.rlaifv", "RLAIF-V preference data: generate, feedback, pairs, DPO export"),
     "export": ("pipelines.export", "export data for other tools (e.g. MiniCPM-V fine-tuning JSON)"),
     "verify": ("pipelines.verify", "check a stage output's invariants and checksums"),
     "inspect": ("pipelines.inspection", "show what an output directory holds; trace a key"),

@@ -95,6 +95,18 @@ SFT_OTHER_PART = "sft_other_part"  # sft pack --part N: the record belongs to th
 SFT_LABEL_MISMATCH = "sft_label_mismatch"  # sft pack --check-mask: labels differ from the template's generation mask
 SFT_TOO_LONG = "sft_too_long"  # templated tokens > seq_len and truncation is off (or cannot help)
 
+# --- rlaifv (generate, feedback, pairs) -------------------------------------------------------
+# Transport failures of model calls reuse the client's rewrite_exhausted_retries / rewrite_client_error /
+# rewrite_invalid_json (one model-call layer); the detail names the endpoint (policy, claims, labeler).
+RLAIFV_IMAGE_UNDECODABLE = "rlaifv_image_undecodable"  # no image bytes, or bytes PIL cannot decode
+RLAIFV_NO_PROMPT = "rlaifv_no_prompt"  # neither the record's QA nor the prompt pool gives a prompt
+RLAIFV_EMPTY_RESPONSE = "rlaifv_empty_response"  # the policy answered with empty / whitespace text
+RLAIFV_CLAIMS_INVALID = "rlaifv_claims_invalid"  # claim splitter output is not {"claims": [str, ...]}
+RLAIFV_QUESTIONS_INVALID = "rlaifv_questions_invalid"  # not {"questions": [str]} with one question per claim
+RLAIFV_ANSWER_NOT_YES_NO = "rlaifv_answer_not_yes_no"  # labeler answer is not exactly yes or no
+RLAIFV_TOO_FEW_RESPONSES = "rlaifv_too_few_responses"  # fewer than 2 usable responses survived (detail: why)
+RLAIFV_NO_PAIR = "rlaifv_no_pair"  # a response set gave no pair (all gaps < margin, ties, length control)
+
 # --- unexpected exceptions (dead letter): "exception_<ExcType>" ------------------------------
 EXCEPTION_PREFIX = "exception_"
 
