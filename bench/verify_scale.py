@@ -5,7 +5,8 @@ checksum throughput against `sha256sum` over the same files, measured in one run
     .venv/bin/python -m bench.verify_scale --sizes 100000,400000 --quick
 
 The stage outputs are synthesized directly with pyarrow (a filter-stage layout: sorted key shards of
-data and ledger, the stage's Parquet settings, a valid manifest), so no Beam run is needed. Each
+data and ledger, the stage's Parquet settings, a valid manifest; one record in 200 carries 20 KB of
+incompressible image bytes), so no Beam run is needed. Each
 `verify` runs as its own process (`python -m pipelines.cli verify DIR --json`); its peak RSS comes from
 `os.wait4`. Checksum throughput is bytes per CPU-second of one thread (the load-robust figure on a
 shared machine) and per wall-second, for `sha256sum` (one process, one core) and for verify's
@@ -36,6 +37,8 @@ from schemas.records import LEDGER_SCHEMA, PAIR_SCHEMA
 from transforms.stage_io import DATA_ROW_GROUP_ROWS, LEDGER_ROW_GROUP_ROWS, table_to_parquet_bytes
 
 COMMAND = "python -m bench.verify_scale"
+TITLE = "Verify at scale"
+IMAGE_EVERY = 200  # one record in 200 carries 20 KB of incompressible "image" bytes: ~70 MB per 1M rows
 # (status, reason, share in percent): a filter-stage mix
 MIX = [("kept", reasons.OK, 70), ("rejected", reasons.CAPTION_TOO_SHORT_WORDS, 20), ("rejected", reasons.CAPTION_REPETITIVE, 10)]
 
@@ -53,11 +56,13 @@ def _status_index(index: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, r, side="right")
 
 
-def synthesize_stage(output_dir: str, n: int, num_shards: int | None = None, caption_bytes: int = 60) -> Manifest:
+def synthesize_stage(output_dir: str, n: int, num_shards: int | None = None, caption_bytes: int = 60,
+                     image_every: int = 0, image_bytes: int = 20_000) -> Manifest:
     """Write a finished filter-stage output of ``n`` ledger rows (70% kept) with pyarrow alone.
 
     Shards are sorted by key like the stage writer's; data rows carry a caption of about
-    ``caption_bytes`` bytes. Memory: one shard at a time.
+    ``caption_bytes`` bytes, and every ``image_every``-th record (0: none) ``image_bytes`` of
+    incompressible bytes in ``image``, so the files weigh what image data weighs. Memory: one shard.
     """
     num_shards = num_shards or max(4, n // 200_000)
     os.makedirs(os.path.join(output_dir, DATA_DIR), exist_ok=True)
@@ -93,6 +98,10 @@ def synthesize_stage(output_dir: str, n: int, num_shards: int | None = None, cap
         cols["meta"] = pa.array(["{}"] * k)
         cols["quality_flags"] = pa.array([[]] * k, pa.list_(pa.string()))
         cols["needs_rewrite"] = pa.array(np.zeros(k, dtype=bool))
+        if image_every:
+            kept_index = index[kept_mask]
+            rng = np.random.default_rng(s)
+            cols["image"] = pa.array([rng.bytes(image_bytes) if i % image_every == 0 else None for i in kept_index.tolist()], pa.binary())
         data = pa.table(cols).select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
         for idx, (status, reason, _) in enumerate(MIX):
             c = int((status_i == idx).sum())
@@ -223,7 +232,7 @@ def run(sizes: list[int], jobs: int, workdir: str | None = None, partition_keys:
         for n in sizes:
             d = os.path.join(root, f"stage-{n}")
             t = time.perf_counter()
-            m = synthesize_stage(d, n)
+            m = synthesize_stage(d, n, image_every=IMAGE_EVERY)
             gen_s = time.perf_counter() - t
             r = measure_verify(d, jobs, partition_keys)
             r.update(n=n, files=len(m.files), bytes=sum(e.bytes for e in m.files), outputs=m.counts["outputs"], synth_s=gen_s)
@@ -242,7 +251,7 @@ def section(quick: bool = False, argv: list[str] | None = None) -> str:
     sizes = [int(s) for s in ("50000,200000" if quick else args.sizes).split(",")]
     cmd = f"{COMMAND} --sizes {','.join(map(str, sizes))} --jobs {args.jobs}" + (" --quick" if quick else "")
     res = run(sizes, args.jobs, partition_keys=args.partition_keys)
-    lines = ["## Verify at scale", "", f"`{cmd}` (load average {res['load_avg']:.1f} on {os.cpu_count()} cores at the end of the run)", "",
+    lines = [f"`{cmd}` (load average {res['load_avg']:.1f} on {os.cpu_count()} cores at the end of the run)", "",
              "| ledger rows | output rows | files | MB | verify wall s | verify CPU s | peak RSS MiB |", "|---|---|---|---|---|---|---|"]
     for r in res["verify"]:
         lines.append(f"| {r['n']:,} | {r['outputs']:,} | {r['files']} | {r['bytes'] / 1e6:,.0f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mib']:,} |")
