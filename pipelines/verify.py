@@ -305,7 +305,8 @@ def verify(stage_dir: str, jobs: int = 1, partition_keys: int = DEFAULT_PARTITIO
     if check_keys:
         # The manifest's row counts were just confirmed by checksum, but read them from the files'
         # footers anyway: the bound must hold for a manifest that lies.
-        expected = sum(_num_rows(p) for p in ledger_files + data_files)
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="verify-footers") as pool:
+            expected = sum(pool.map(_num_rows, ledger_files + data_files))
         keys = KeyCheck(expected, partition_keys, tmp_dir)
     try:
         # ledger: counts by status/reason (a vocabulary-sized Counter), kept keys to the key check
