@@ -10,10 +10,11 @@ share of the pairs (``--image-share``, default 2%: 20k at 1M) carrying real imag
 photos of data/sample, cropped at seeded positions, resized to varied sizes and re-encoded at varied
 JPEG qualities, so that every image's bytes (and mostly its perceptual hash) differ.
 
-Each stage runs as its own process (``python -m pipelines.cli STAGE ...``). A sampler thread follows
-that process, its children and, on Dask, the scheduler and worker processes this script started
-(psutil, every 0.2 s); CPU seconds are the stage process tree's own rusage (``os.wait4``) plus the
-Dask processes' CPU-time deltas. pairs/s/core = the stage's input records / its CPU seconds.
+Each stage runs as its own process (``python -m pipelines.cli STAGE ...``). A sampler thread reads
+the peak RSS (VmHWM, every 0.2 s) of that process, its children and, on Dask, the scheduler and
+worker processes this script started. CPU seconds are the stage process tree's own rusage
+(``os.wait4``) plus the Dask processes' CPU-time deltas. pairs/s/core = the stage's input records /
+its CPU seconds.
 
 Engines: ``direct`` (Beam DirectRunner, in-memory, one process) and ``dask`` (a real local cluster:
 ``dask scheduler`` + ``dask worker --nworkers 2 --nthreads 1 --memory-limit M`` as separate processes,
@@ -124,6 +125,19 @@ def write_input(directory: str, n: int, image_share: float, seed: int = 0) -> di
 # --- measuring processes -----------------------------------------------------------------------
 
 
+def _hwm(pid: int) -> int | None:
+    """VmHWM (peak RSS of the process's own address space since exec) in bytes, on Linux. Monotonic,
+    so sampling it misses at most the growth of a process's last moments."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class Sampler:
     """Peak RSS per process (by role) of a process tree plus extra processes, sampled every ``period`` s."""
 
@@ -174,10 +188,12 @@ class Sampler:
             except self.psutil.Error:
                 pass
         for name, p in procs.items():
-            try:
-                rss = p.memory_info().rss
-            except self.psutil.Error:
-                continue
+            rss = _hwm(p.pid)
+            if rss is None:
+                try:
+                    rss = p.memory_info().rss
+                except self.psutil.Error:
+                    continue
             self.peaks[name] = max(self.peaks.get(name, 0), rss)
 
     def _run(self) -> None:
@@ -293,7 +309,7 @@ def run_stage_measured(argv: list[str], extra_pids: dict[str, int], log_path: st
     if proc.returncode != 0:
         with open(log_path, errors="replace") as f:
             raise RuntimeError(f"mmcorpus {' '.join(argv)} exited {proc.returncode}:\n{f.read()[-3000:]}")
-    peaks["driver"] = max(peaks.get("driver", 0), ru.ru_maxrss * 1024)
+    # Not ru_maxrss: Linux carries the parent's RSS at fork/exec into the child's, and this process is big.
     return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime + extra_cpu, "peaks": peaks}
 
 

@@ -147,21 +147,50 @@ def refresh_manifest(output_dir: str, **counts) -> Manifest:
     return m
 
 
+# Runs a module like `python -m` and, at exit, writes the process's VmHWM (peak RSS of its own address
+# space, which starts at exec) to $BENCH_HWM_FILE. ru_maxrss from wait4 is no use here: Linux carries
+# the parent's RSS at fork/exec into the child's maxrss, and the bench process is big after synthesis.
+_HWM_WRAPPER = """
+import atexit, os, runpy, sys
+def _hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(os.environ["BENCH_HWM_FILE"], "w").write(line.split()[1])
+atexit.register(_hwm)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def _run_measured(cmd: list[str]) -> tuple[float, float, int, str]:
-    """(wall s, CPU s, peak RSS MiB, stdout) of one child process, from its own rusage (os.wait4)."""
+    """(wall s, CPU s, peak RSS MiB, stdout) of one child process. CPU from its own rusage (os.wait4);
+    peak RSS from its VmHWM when ``cmd`` is ``[python, -m, module, ...]`` (else 0)."""
+    env = dict(os.environ)
+    hwm_file = None
+    if len(cmd) > 2 and cmd[0] == sys.executable and cmd[1] == "-m":
+        fd, hwm_file = tempfile.mkstemp(prefix="bench-hwm-")
+        os.close(fd)
+        env["BENCH_HWM_FILE"] = hwm_file
+        cmd = [sys.executable, "-c", _HWM_WRAPPER, *cmd[2:]]
     t = time.perf_counter()
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=env)
+        err = proc.stderr.read().decode(errors="replace")  # drained while it runs: no pipe deadlock
         _, status, ru = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t
-        err = proc.stderr.read().decode(errors="replace")
         proc.stderr.close()
         out.seek(0)
         text = out.read().decode()
-    if proc.returncode not in (0,):
+    rss = 0
+    if hwm_file:
+        with open(hwm_file) as f:
+            content = f.read().strip()
+        os.unlink(hwm_file)
+        rss = int(content) // 1024 if content else 0
+    if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{err[-3000:]}")
-    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss // 1024, text
+    return wall, ru.ru_utime + ru.ru_stime, rss, text
 
 
 def measure_verify(stage_dir: str, jobs: int, partition_keys: int | None = None) -> dict:
