@@ -19,7 +19,7 @@ its CPU seconds.
 Engines: ``direct`` (Beam DirectRunner, in-memory, one process) and ``dask`` (a real local cluster:
 ``dask scheduler`` + ``dask worker --nworkers 2 --nthreads 1 --memory-limit M`` as separate processes,
 stages run with ``--runner dask --dask-address``). Dask is used only when this checkout's stages
-accept ``--dask-address``.
+understand ``--runner dask`` (see ``dask_supported``).
 """
 
 from __future__ import annotations
@@ -276,10 +276,19 @@ class DaskCluster:
             f.close()
 
 
+_DASK_PROBE = """
+from apache_beam.options.pipeline_options import StandardOptions
+from pipelines.runner import beam_options
+print(beam_options(["--runner", "dask", "--dask-workers", "1"]).view_as(StandardOptions).runner)
+"""
+
+
 def dask_supported() -> bool:
-    """Whether this checkout's stage commands take ``--runner dask --dask-address`` (issue 9's alias)."""
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "filter", "--help"], capture_output=True, text=True, cwd=REPO)
-    return "--dask-address" in out.stdout
+    """Whether this checkout's stages understand ``--runner dask`` (issue 9's alias): their option
+    translation then names a real Dask runner class instead of passing the bare word through."""
+    out = subprocess.run([sys.executable, "-c", _DASK_PROBE], capture_output=True, text=True, cwd=REPO)
+    runner = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else ""
+    return "dask" in runner.lower() and runner.lower() != "dask"
 
 
 # --- the run -----------------------------------------------------------------------------------
