@@ -13,10 +13,16 @@ Each run writes below ``<output_root>/<run id>/<stage>``. Every stage task decla
 Asset (``mmcorpus/<stage>``), and its asset event's ``extra`` carries that run's directory, so other
 DAGs can be scheduled on, e.g., ``Asset("mmcorpus/pack")`` and read where the new shards are.
 
-The rewrite stage runs against a model endpoint only when one is configured and answers
-``GET <endpoint>/models``; otherwise the ``choose_rewrite`` branch takes ``rewrite_fallback``:
-``offline-template`` (the deterministic dry-run rewriter) or ``skip`` (pack the dedup output).
+The rewrite stage runs against the model endpoint. When it is not configured or does not answer
+``GET <endpoint>/models``, the run fails loudly by default (``rewrite_fallback`` = ``none``): the
+``rewrite_endpoint`` task runs anyway, its preflight fails with the reason, and ``pack`` and
+``verify`` never run, so no pack asset is published from a corpus that was never rewritten. A
+fallback is an explicit choice (``rewrite_fallback`` = ``offline-template``, the deterministic
+dry-run rewriter, or ``skip``, pack the dedup output); when taken, it is written into the rewrite
+manifest's config (``rewrite_fallback``) and into the ``rewrite``, ``pack`` and ``verified`` asset
+events (``extra["rewrite"]``, ``extra["rewrite_fallback_reason"]``).
 ``verify`` checks every stage output of the run and draws ``<run dir>/stats.png``.
+``MMCORPUS_RETRIES`` (default 2) sets every task's retries.
 See docs/operations.md.
 """
 
@@ -46,13 +52,18 @@ DEFAULTS = {
     "runner": os.environ.get("MMCORPUS_RUNNER", "DirectRunner"),
     "rewrite_endpoint": os.environ.get("MMCORPUS_REWRITE_ENDPOINT", ""),
     "rewrite_model": os.environ.get("MMCORPUS_REWRITE_MODEL", "rewriter"),
-    "rewrite_fallback": os.environ.get("MMCORPUS_REWRITE_FALLBACK", "offline-template"),
+    # No silent fallback: without a healthy endpoint the run fails unless a fallback is asked for.
+    "rewrite_fallback": os.environ.get("MMCORPUS_REWRITE_FALLBACK", "none"),
     "stage_profile": os.environ.get("MMCORPUS_STAGE_PROFILE", "2"),
     "seq_len": os.environ.get("MMCORPUS_SEQ_LEN", "2048"),
     "pack_format": os.environ.get("MMCORPUS_PACK_FORMAT", "parquet"),
     "num_shards": os.environ.get("MMCORPUS_NUM_SHARDS", "8"),
 }
 SCHEDULE = os.environ.get("MMCORPUS_SCHEDULE", "@weekly")
+RETRIES = int(os.environ.get("MMCORPUS_RETRIES", "2"))
+FALLBACKS = ("none", "offline-template", "skip")
+# What choose_rewrite decided, for the stage options and the asset events of the tasks after it.
+REWRITE_MODE = "{{ ti.xcom_pull(task_ids='choose_rewrite', key='rewrite') }}"
 # The interpreter that runs the stage files: this environment's, where mmcorpus is installed.
 PY_INTERPRETER = os.environ.get("MMCORPUS_PYTHON", sys.executable)
 # Options for every stage, passed straight to Beam (e.g. Dataflow project/region/temp_location).
@@ -90,7 +101,9 @@ VERIFIED = Asset(name="mmcorpus/verified", uri=f"{_asset_root()}/verified", grou
 
 class StageOperator(BeamRunPythonPipelineOperator):
     """``BeamRunPythonPipelineOperator`` for one mmcorpus stage file that records the run's output
-    directory in its Asset event (``extra={"path", "run_id"}``)."""
+    directory in its Asset event (``extra={"path", "run_id"}``), and for the stages after the rewrite
+    decision, how the captions were rewritten (``rewrite``: ``endpoint``, ``offline-template`` or
+    ``skip``; ``rewrite_fallback_reason`` when a fallback was taken)."""
 
     def __init__(self, *, stage: str, output_dir: str, **kwargs):
         super().__init__(outlets=[ASSETS[stage]], **kwargs)
@@ -101,8 +114,21 @@ class StageOperator(BeamRunPythonPipelineOperator):
 
     def execute(self, context):
         result = super().execute(context)
-        context["outlet_events"][ASSETS[self.stage]].extra = {"path": self.output_dir, "run_id": context["run_id"]}
+        extra = {"path": self.output_dir, "run_id": context["run_id"]}
+        if self.stage in ("rewrite", "pack"):
+            extra.update(rewrite_decision(context["ti"]))
+        context["outlet_events"][ASSETS[self.stage]].extra = extra
         return result
+
+
+def rewrite_decision(ti) -> dict:
+    """``{"rewrite": mode}`` plus ``rewrite_fallback_reason`` when a fallback was taken (from XCom)."""
+    mode = ti.xcom_pull(task_ids="choose_rewrite", key="rewrite")
+    out = {"rewrite": mode}
+    why = ti.xcom_pull(task_ids="choose_rewrite", key="rewrite_fallback_reason")
+    if why:
+        out["rewrite_fallback_reason"] = why
+    return out
 
 
 def beam_stage(stage: str, options: dict, **kwargs) -> StageOperator:
@@ -120,17 +146,29 @@ def beam_stage(stage: str, options: dict, **kwargs) -> StageOperator:
     )
 
 
-def endpoint_healthy(endpoint: str, timeout: float = 5.0) -> bool:
-    """True when an OpenAI-compatible server answers ``GET <endpoint>/models`` with 200."""
+def endpoint_problem(endpoint: str, timeout: float = 5.0) -> str | None:
+    """None when an OpenAI-compatible server answers ``GET <endpoint>/models`` with 200, else why not
+    (the URL without credentials or query, and the error type or status; never a response body)."""
     if not endpoint:
-        return False
+        return "no rewrite_endpoint configured"
+    import urllib.error
+    import urllib.parse
     import urllib.request
 
+    parts = urllib.parse.urlsplit(endpoint)
+    shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
     try:
         with urllib.request.urlopen(endpoint.rstrip("/") + "/models", timeout=timeout) as r:
-            return r.status == 200
-    except Exception:  # unreachable, refused, timed out: no GPU endpoint for this run
-        return False
+            return None if r.status == 200 else f"{shown} answered GET /models with HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        return f"{shown} answered GET /models with HTTP {e.code}"
+    except Exception as e:  # unreachable, refused, timed out: no GPU endpoint for this run
+        return f"{shown} did not answer GET /models ({type(e).__name__})"
+
+
+def endpoint_healthy(endpoint: str, timeout: float = 5.0) -> bool:
+    """True when an OpenAI-compatible server answers ``GET <endpoint>/models`` with 200."""
+    return endpoint_problem(endpoint, timeout) is None
 
 
 with DAG(
@@ -140,7 +178,7 @@ with DAG(
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=5), "retry_exponential_backoff": True},
+    default_args={"retries": RETRIES, "retry_delay": timedelta(minutes=5), "retry_exponential_backoff": True},
     user_defined_macros={"safe_run_dir": safe_run_dir},
     params={
         "input": Param("", type="string", description="input file/dir/glob (img2dataset output or a metadata table)"),
@@ -149,7 +187,8 @@ with DAG(
         "runner": Param("", type="string", description="DirectRunner | DataflowRunner | FlinkRunner | SparkRunner"),
         "rewrite_endpoint": Param("", type="string", description="OpenAI-compatible base URL, e.g. http://gpu:8000/v1"),
         "rewrite_model": Param("", type="string", description="served model name"),
-        "rewrite_fallback": Param("", type="string", description="when no healthy endpoint: offline-template | skip"),
+        "rewrite_fallback": Param("", type="string", description="when the endpoint is down or not configured: "
+                                  "none (default: the rewrite task fails, nothing is packed) | offline-template | skip"),
         "stage_profile": Param("", type="string", description="pack profile: 1 (224px), 2 (448px), 3 (slicing)"),
         "seq_len": Param("", type="string", description="packed sequence length"),
         "pack_format": Param("", type="string", description="parquet | webdataset"),
@@ -163,22 +202,34 @@ with DAG(
 
     @task.branch(retries=0)
     def choose_rewrite(params=None, ti=None) -> str:
-        """Rewrite against the model endpoint when it is configured and healthy, else the fallback."""
+        """Rewrite against the model endpoint when it is configured and healthy; otherwise the
+        fallback the run asked for, or (``none``, the default) the endpoint task anyway, which fails."""
+        import logging
+
         from airflow.sdk import Variable
 
         def get(name: str) -> str:
             return (params or {}).get(name) or Variable.get(f"mmcorpus_{name}", default=DEFAULTS[name])
 
-        endpoint = get("rewrite_endpoint")
-        if endpoint_healthy(endpoint):
+        fallback = get("rewrite_fallback") or "none"
+        if fallback not in FALLBACKS:
+            raise ValueError(f"rewrite_fallback must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
+        problem = endpoint_problem(get("rewrite_endpoint"))
+        if problem is None or fallback == "none":
+            if problem is not None:
+                logging.getLogger("mmcorpus.dag").error(
+                    "%s and rewrite_fallback is none: the rewrite task will fail and nothing will be packed; "
+                    "fix the endpoint, or rerun with rewrite_fallback=offline-template or skip", problem)
             ti.xcom_push(key="pack_input", value="rewrite")
+            ti.xcom_push(key="rewrite", value="endpoint")
             return "rewrite_endpoint"
-        fallback = get("rewrite_fallback")
+        reason = f"{problem}; rewrite_fallback={fallback}"
+        logging.getLogger("mmcorpus.dag").warning("rewrite fallback: %s", reason)
+        ti.xcom_push(key="rewrite", value=fallback)
+        ti.xcom_push(key="rewrite_fallback_reason", value=reason)
         if fallback == "skip":
             ti.xcom_push(key="pack_input", value="dedup")
             return "no_rewrite"
-        if fallback != "offline-template":
-            raise ValueError(f"rewrite_fallback must be offline-template or skip, not {fallback!r}")
         ti.xcom_push(key="pack_input", value="rewrite")
         return "rewrite_offline"
 
@@ -189,7 +240,10 @@ with DAG(
         task_id="rewrite_endpoint",
     )
     rewrite_offline = beam_stage(
-        "rewrite", {"input": stage_dir("dedup"), "backend": "offline-template"}, task_id="rewrite_offline"
+        "rewrite",
+        {"input": stage_dir("dedup"), "backend": "offline-template",
+         "fallback_reason": "{{ ti.xcom_pull(task_ids='choose_rewrite', key='rewrite_fallback_reason') }}"},
+        task_id="rewrite_offline",
     )
     no_rewrite = EmptyOperator(task_id="no_rewrite")
     pack = beam_stage(
@@ -218,12 +272,15 @@ with DAG(
         if code != 0:
             raise RuntimeError(f"mmcorpus verify failed (exit {code}) for {dirs}")
         summary = {s["stage"]: {"inputs": s["inputs"], "outputs": s["outputs"]} for s in run["stages"]}
+        from airflow.sdk import get_current_context
+
+        decision = rewrite_decision(get_current_context()["ti"])
         # One picture per run for people: `mmcorpus stats <run> --plot <run>/stats.png`.
         from pipelines import stats as stats_cmd
 
         plot = f"{run_dir.rstrip('/')}/stats.png"
         panels = stats_cmd.plot(stats_cmd.collect(run_dir), plot)
-        outlet_events[VERIFIED].extra = {"path": run_dir, "stages": summary, "stats_png": plot}
+        outlet_events[VERIFIED].extra = {"path": run_dir, "stages": summary, "stats_png": plot, **decision}
         return {"run_dir": run_dir, "stages": summary, "stats_png": plot, "panels": panels}
 
     verified = verify(RUN_DIR)

@@ -7,7 +7,8 @@ on ``sys.path`` — and Beam, dataclasses and Airflow's Beam operator all rely o
 
 Examples:
     mmcorpus inspect build/demo/filter                 # stage, config hash, counts by reason, files
-    mmcorpus inspect build/demo                        # one line per stage of the run
+    mmcorpus inspect build/demo/photos                 # one line per stage of the run
+    mmcorpus inspect build/demo                        # every run below it, at any depth
     mmcorpus inspect build/demo/pack --samples 2       # two decoded packs
     mmcorpus inspect build/demo/filter --key 0006400c1c224e19   # its fate in filter, dedup, rewrite, pack
     mmcorpus inspect build/demo/dedup --json           # the same facts for scripts
@@ -73,6 +74,17 @@ def run_stage_dirs(path: str) -> list[tuple[str, str]]:
             continue
         found.append((stage, stage_dir))
     return sorted(found, key=lambda s: (_stage_rank(s[0]), s[1]))
+
+
+def find_runs(path: str) -> list[str]:
+    """Every run directory at or below ``path``, at any depth, sorted: the parents of the finished
+    stage outputs (directories holding a ``manifest.json``) found below it."""
+    path = path.rstrip("/") or "/"
+    found = FileSystems.match([join(path, "**", MANIFEST_NAME)])[0].metadata_list
+    stage_dirs = {m.path[: -len(MANIFEST_NAME) - 1] for m in found}
+    # a manifest below a stage output (none today) belongs to that output, not to a run of its own
+    stage_dirs = {d for d in stage_dirs if not any(d.startswith(o + "/") for o in stage_dirs if o != d)}
+    return sorted({d.rsplit("/", 1)[0] for d in stage_dirs if "/" in d})
 
 
 def _require_dir(path: str) -> None:
@@ -691,7 +703,8 @@ def render_trace(trace: dict[str, Any], console) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmcorpus inspect", description="Show what an output directory holds.")
-    p.add_argument("dir", help="a stage output directory (with manifest.json) or a run directory holding several")
+    p.add_argument("dir", help="a stage output directory (with manifest.json), a run directory, or any directory "
+                                "holding runs at any depth")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--samples", type=int, default=0, metavar="N", help="also show N decoded samples (or packs)")
     p.add_argument("--key", help="trace one sample key through every stage of the run (exit 1 if no stage saw it)")
@@ -704,15 +717,24 @@ def main(argv: list[str] | None = None) -> int:
     _require_dir(path)
     result: dict[str, Any] = {}
     if args.key:
+        if not is_stage_dir(path) and not run_stage_dirs(path):
+            runs = find_runs(path)
+            if runs:
+                raise UserError(f"--key follows a sample through one run, and {path} holds {len(runs)} runs: "
+                                f"pass one of {', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''}")
         result["trace"] = trace_key(path, args.key)
     elif is_stage_dir(path):
         result["describe"] = describe(path)
     else:
-        run = describe_run(path)
-        if not run["stages"]:
+        # A run (stage outputs right below it) or any directory holding runs, at any depth.
+        runs = find_runs(path)
+        if not runs:
             raise UserError(f"{path} has no {MANIFEST_NAME} and no stage outputs below it: "
                             "pass a finished stage output directory or a run directory")
-        result["run"] = run
+        if runs == [path]:
+            result["run"] = describe_run(path)
+        else:
+            result["runs"] = [describe_run(r) for r in runs]
     if args.samples > 0:
         if not is_stage_dir(path):
             raise UserError(f"--samples needs a stage output directory, and {path} has no {MANIFEST_NAME}")
@@ -733,6 +755,10 @@ def main(argv: list[str] | None = None) -> int:
         render_describe(result["describe"], console)
     if "run" in result:
         render_run(result["run"], console)
+    for run in result.get("runs", []):
+        render_run(run, console)
+    if "runs" in result:
+        console.print(f"{len(result['runs'])} runs below {escape(path)}")
     if "samples" in result:
         render_samples(result["samples"], console)
     return code

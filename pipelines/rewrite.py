@@ -9,6 +9,11 @@ Examples:
         --model rewriter --policy needs_rewrite --cache-dir out/rewrite-cache --concurrency 32 \
         [--direct_running_mode=multi_processing --direct_num_workers=2]
 
+A record whose rewrite fails stays in the output with its raw caption (``--on-failure keep_raw``, the
+default; its ledger row is ``kept`` with the failure as reason) or leaves it (``--on-failure drop``).
+The served weights' identity (``--model-revision``, else the ``root`` the endpoint reports for
+``--model`` on ``GET /models``) is hashed into the config and every cache key.
+
 Settings can also come from the ``[rewrite]`` table of ``--config FILE.toml`` (keys as in
 ``transforms.rewrite.RewriteConfig``); flags win. Every flag has an underscore alias (``--cache_dir``)
 for Airflow's Beam operator. Unknown flags go to Beam.
@@ -17,6 +22,7 @@ for Airflow's Beam operator. Unknown flags go to Beam.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -25,7 +31,8 @@ from urllib.parse import urlsplit
 from pipelines.config import build, load_toml, section
 from pipelines.runner import StageResult, add_stage_args, run_stage
 from schemas.errors import UserError
-from transforms.rewrite import BACKEND_OFFLINE, BACKEND_OPENAI, BACKENDS, POLICIES, RewriteCaptions, RewriteConfig
+from transforms.rewrite import (BACKEND_OFFLINE, BACKEND_OPENAI, BACKENDS, ON_FAILURE, POLICIES, RewriteCaptions,
+                                RewriteConfig)
 from transforms.stage_io import ReadStage, read_manifest, stage_input_info
 
 STAGE = "rewrite"
@@ -36,6 +43,7 @@ _FLAGS = {
     "endpoint": "endpoint", "model": "model", "policy": "policy", "backend": "backend", "cache_dir": "cache_dir",
     "api_key_env": "api_key_env", "concurrency": "concurrency", "batch_size": "batch_size", "timeout": "timeout_s",
     "max_retries": "max_retries", "max_tokens": "max_tokens", "temperature": "temperature",
+    "on_failure": "on_failure", "model_revision": "model_revision", "cache_threads": "cache_threads",
 }
 
 
@@ -47,7 +55,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="a finished stage output directory (normally the dedup's)")
     p.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (backend openai)")
     p.add_argument("--model", help="served model name (backend openai); keys the response cache")
+    p.add_argument("--model-revision", "--model_revision", dest="model_revision",
+                   help="identity of the served weights (checkpoint hash, git sha); default: the 'root' the "
+                        "endpoint's GET /models reports for --model. Keys the cache and the config hash")
     p.add_argument("--policy", choices=POLICIES, help="which records to rewrite (default needs_rewrite)")
+    p.add_argument("--on-failure", "--on_failure", dest="on_failure", choices=ON_FAILURE,
+                   help="a record whose rewrite failed: keep_raw (default; kept with its raw caption, the "
+                        "failure as ledger reason) or drop (rejected/error row, not in the output)")
     p.add_argument("--backend", choices=BACKENDS,
                    help=f"{BACKEND_OPENAI} (default) or {BACKEND_OFFLINE} (deterministic template, no model)")
     p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir",
@@ -57,11 +71,16 @@ def parser() -> argparse.ArgumentParser:
                    help="environment variable holding the API key (default OPENAI_API_KEY; never pass the key itself)")
     p.add_argument("--concurrency", type=int, help="requests in flight per worker (default 16)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, help="records per batch (default 128)")
+    p.add_argument("--cache-threads", "--cache_threads", dest="cache_threads", type=int,
+                   help="threads doing cache I/O per worker, off the request loop (default 16)")
     p.add_argument("--timeout", type=float, help="per-request time-out in seconds (default 60)")
     p.add_argument("--max-retries", "--max_retries", dest="max_retries", type=int,
                    help="retries on 429/5xx/time-out/connection error (default 5)")
     p.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, help="completion token limit (default 256)")
     p.add_argument("--temperature", type=float, help="sampling temperature (default 0)")
+    p.add_argument("--fallback-reason", "--fallback_reason", dest="fallback_reason",
+                   help="this run is a fallback (the Airflow DAG sets it when the endpoint is down and the run "
+                        "asked for rewrite_fallback): recorded in the manifest config as rewrite_fallback")
     p.add_argument("--no-preflight", "--no_preflight", dest="preflight", action="store_false",
                    help="do not check that the endpoint answers before starting the pipeline")
     add_stage_args(p)
@@ -88,6 +107,7 @@ def resolve_config(args: argparse.Namespace) -> RewriteConfig:
             log.warning("backend %s ignores %s", BACKEND_OFFLINE, " and ".join(ignored))
         values.pop("endpoint", None)
         values.pop("model", None)
+        values.pop("model_revision", None)
     elif backend == BACKEND_OPENAI:
         missing = [f"--{k}" for k in ("endpoint", "model") if not values.get(k)]
         if missing:
@@ -109,8 +129,20 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-def preflight(cfg: RewriteConfig) -> None:
-    """Fail fast, with the fix, when the endpoint does not answer ``GET /models``."""
+def served_revision(models_body: object, model: str) -> str | None:
+    """The identity of ``model`` in a ``GET /models`` answer: vLLM's ``root`` (the weights' path or hub
+    id; for a LoRA module, the adapter's path, with its ``parent``). ``created`` is not used: vLLM
+    stamps it with the time of the request. None when the server does not say (OpenAI, stand-ins)."""
+    data = models_body.get("data") if isinstance(models_body, dict) else None
+    for card in data if isinstance(data, list) else []:
+        if isinstance(card, dict) and card.get("id") == model and isinstance(card.get("root"), str) and card["root"]:
+            parent = card.get("parent")
+            return f"{card['root']} (parent {parent})" if isinstance(parent, str) and parent else card["root"]
+    return None
+
+
+def preflight(cfg: RewriteConfig) -> dict | None:
+    """Fail fast, with the fix, when the endpoint does not answer ``GET /models``; return its answer."""
     import httpx
 
     key = os.environ.get(cfg.api_key_env, "")
@@ -130,6 +162,25 @@ def preflight(cfg: RewriteConfig) -> None:
         )
     if r.status_code >= 400:
         log.warning("endpoint %s answered GET /models with HTTP %d; continuing", redact(cfg.endpoint), r.status_code)
+        return None
+    try:
+        return r.json()
+    except ValueError:
+        return None
+
+
+def with_revision(cfg: RewriteConfig, models_body: dict | None) -> RewriteConfig:
+    """``cfg`` with ``model_revision`` from the endpoint when the user gave none."""
+    if cfg.backend != BACKEND_OPENAI or cfg.model_revision:
+        return cfg
+    revision = served_revision(models_body, str(cfg.model))
+    if revision is None:
+        log.warning("the endpoint does not report a revision for model %r and no --model-revision was given: "
+                    "cached answers are keyed by the served name alone, so new weights served under that name "
+                    "would get old answers; pass --model-revision", cfg.model)
+        return cfg
+    log.info("model %r: revision %s (from GET /models)", cfg.model, revision)
+    return dataclasses.replace(cfg, model_revision=revision)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
@@ -140,14 +191,19 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
         raise UserError(f"--input {args.input}: {e}") from None
     input_info = stage_input_info(args.input)
     if cfg.backend == BACKEND_OPENAI and args.preflight:
-        preflight(cfg)
+        cfg = with_revision(cfg, preflight(cfg))
+    elif cfg.backend == BACKEND_OPENAI:
+        cfg = with_revision(cfg, None)
 
     def build_pipeline(p):
         pairs = p | "Read" >> ReadStage(args.input)
         return pairs | "RewriteCaptions" >> RewriteCaptions(cfg)
 
+    config = {"rewrite": cfg.hashed()}
+    if args.fallback_reason:  # provenance a reader of the output must see: not the model's rewrites
+        config["rewrite_fallback"] = {"backend": cfg.backend, "reason": args.fallback_reason}
     return run_stage(
-        stage=STAGE, output_dir=args.output, config={"rewrite": cfg.hashed()}, input_info=input_info,
+        stage=STAGE, output_dir=args.output, config=config, input_info=input_info,
         build=build_pipeline, beam_args=beam_args, num_shards=args.num_shards, force=args.force,
     )
 

@@ -16,11 +16,18 @@ Why one file per entry (and not sqlite with WAL):
   a local disk; shard the cache by run or compact it into Parquet offline if that matters.
 
 Layout: ``ROOT/v1/ab/abcdef...json`` (two-hex-digit fan-out). The key is the sha256 of the canonical
-JSON of ``[model, prompt_version, caption, generation params]``; the entry stores the completion text,
+JSON of ``[model, prompt_version, caption, generation params]``, plus ``{"revision": ...}`` when the
+served model's revision is known (``--model-revision``, or the ``root`` that vLLM's ``GET /v1/models``
+reports for the served name): new weights served under an old name get new keys, so they are
+asked afresh instead of answered from the old weights' entries. The entry stores the completion text,
 ``finish_reason`` and token usage, plus the caption's sha256 (not the caption itself) and never any
 credential. Every completed HTTP 200 answer is cached, valid or not (re-asking a deterministic model
 would pay for the same answer again); transport failures (retries exhausted, 4xx) are not, so a rerun
 retries them.
+
+Where it lives: a local directory, a URL of a Beam filesystem (``gs://``, ``s3://``, ``hdfs://``), or
+any other fsspec URL (``memory://`` in benches). Every method blocks on I/O: callers on an event loop
+run them in a thread pool (``transforms.rewrite.RewriteBatchFn`` does).
 
 Example:
     cache = ResponseCache("/data/rewrite-cache")
@@ -40,9 +47,14 @@ from typing import Any
 LAYOUT_VERSION = "v1"
 
 
-def cache_key(model: str, prompt_version: str, caption: str, params: dict[str, Any] | None = None) -> str:
-    """sha256 hex of the canonical JSON of what determines a completion."""
-    doc = [model, prompt_version, caption, params or {}]
+def cache_key(
+    model: str, prompt_version: str, caption: str, params: dict[str, Any] | None = None, revision: str | None = None
+) -> str:
+    """sha256 hex of the canonical JSON of what determines a completion. ``revision`` (the served
+    weights' identity) is appended only when known, so entries written without one keep their keys."""
+    doc: list[Any] = [model, prompt_version, caption, params or {}]
+    if revision:
+        doc.append({"revision": revision})
     blob = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -57,6 +69,16 @@ class ResponseCache:
     def __init__(self, root: str):
         self.root = root.rstrip("/") if "://" in root else os.path.abspath(root)
         self.remote = "://" in root
+        self._fs = None  # an fsspec filesystem, for URLs Beam has no filesystem for
+        if self.remote:
+            from apache_beam.io.filesystems import FileSystems
+
+            try:
+                FileSystems.get_filesystem(self.root)
+            except ValueError:  # not a Beam scheme (memory://, ...): fsspec
+                import fsspec
+
+                self._fs = fsspec.url_to_fs(self.root)[0]
 
     def path(self, key: str) -> str:
         if len(key) < 3 or not all(c in "0123456789abcdef" for c in key):
@@ -70,7 +92,9 @@ class ResponseCache:
         is overwritten by the next put)."""
         path = self.path(key)
         try:
-            if self.remote:
+            if self._fs is not None:  # one round trip: a missing object is FileNotFoundError
+                raw = self._fs.cat_file(path)
+            elif self.remote:
                 from apache_beam.io.filesystems import FileSystems
 
                 if not FileSystems.exists(path):
@@ -93,6 +117,9 @@ class ResponseCache:
         """Store ``entry`` (JSON-able) atomically under ``key``."""
         data = json.dumps(dict(entry, key=key), sort_keys=True, ensure_ascii=False).encode("utf-8")
         path = self.path(key)
+        if self._fs is not None:
+            self._fs.pipe_file(path, data)  # one object, published whole
+            return
         if self.remote:
             from apache_beam.io.filesystems import FileSystems
 

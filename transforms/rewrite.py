@@ -22,20 +22,32 @@ Outcomes (every selected record gets exactly one; ledger rows carry ``model`` an
 - kept / ``ok``: ``caption`` = the adopted caption, ``raw_caption`` = the caption before rewriting
   (the earliest one if the record was rewritten before), ``qa``, ``rewrite_model``, ``prompt_version``;
 - kept / ``rewrite_skipped``: not selected by the policy, record unchanged (no model, no ledger model);
-- **rejected** (the endpoint answered, the answer breaks the contract; rerunning would get the same
-  cached answer): ``rewrite_truncated``, ``rewrite_empty``, ``rewrite_invalid_json``,
-  ``rewrite_off_format``, ``rewrite_unfaithful`` (see ``rewriter.prompts``);
-- **error** (no answer; not cached, so ``--force`` rerun retries only these): ``rewrite_exhausted_retries``,
-  ``rewrite_client_error``, and ``exception_<Type>`` for anything unexpected.
+- a failed rewrite, by ``on_failure``:
 
-Counters (``Metrics.counter(RewriteBatchFn, name)``): ``total``, ``kept``, ``cache_hits``, ``requests``,
-``retries``, ``rejected_<reason>``, ``errors_<reason>``.
+  - ``keep_raw`` (the default): **kept** with the failure as its ledger reason, the record unchanged
+    (its raw caption in ``caption``, ``raw_caption``/``qa``/``rewrite_model`` null: not rewritten;
+    ``needs_rewrite`` still true), the failure's detail after ``kept raw caption: `` in the ledger.
+    Kept = outputs still holds; ``reason != "ok"`` on a kept row says the caption is not a rewrite.
+  - ``drop``: **rejected** when the endpoint answered but the answer breaks the contract (a rerun gets
+    the same cached answer): ``rewrite_truncated``, ``rewrite_empty``, ``rewrite_invalid_json``,
+    ``rewrite_off_format``, ``rewrite_unfaithful`` (see ``rewriter.prompts``); **error** when no answer
+    came (not cached, so a ``--force`` rerun asks only these again): ``rewrite_exhausted_retries``,
+    ``rewrite_client_error``, and ``exception_<Type>`` for anything unexpected.
+
+Cache I/O (one blocking call per lookup and per store, network round trips on an object store) runs in
+a thread pool of ``cache_threads``, never on the event loop that keeps the requests in flight: a batch's
+lookups go out together, each answer is stored while the other requests keep running.
+
+Counters (``Metrics.counter(RewriteBatchFn, name)``): ``total``, ``kept``, ``cache_hits``,
+``cache_errors``, ``requests``, ``retries``, ``kept_raw_<reason>``, ``rejected_<reason>``,
+``errors_<reason>``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import threading
 from dataclasses import asdict, dataclass
@@ -58,6 +70,10 @@ POLICIES = ("needs_rewrite", "all")
 BACKEND_OPENAI = "openai"
 BACKEND_OFFLINE = "offline-template"
 BACKENDS = (BACKEND_OPENAI, BACKEND_OFFLINE)
+KEEP_RAW = "keep_raw"
+DROP = "drop"
+ON_FAILURE = (KEEP_RAW, DROP)
+KEPT_RAW_PREFIX = "kept raw caption: "
 
 # No answer came back: the record may succeed on a rerun.
 ERROR_REASONS = frozenset({reasons.REWRITE_EXHAUSTED_RETRIES, reasons.REWRITE_CLIENT_ERROR})
@@ -77,15 +93,22 @@ class RewriteConfig:
     Args:
         backend: ``openai`` (any OpenAI-compatible endpoint: vLLM, OpenAI) or ``offline-template``
             (deterministic template, no model; see ``rewriter.offline``).
-        model: served model name (``openai`` backend). It keys the cache: give every fine-tuned
-            rewriter a distinct name (``rewriter-v3``), never reuse one for new weights.
+        model: served model name (``openai`` backend). It keys the cache, with ``model_revision``.
+        model_revision: identity of the served weights (a checkpoint hash, a git sha, a path): part of
+            the config hash and of every cache key, so new weights under the same served name never
+            get the old weights' cached answers. ``mmcorpus rewrite`` fills it from the endpoint's
+            ``GET /models`` (the served name's ``root``) when not given; pass it explicitly when
+            weights are replaced in place under the same path.
         endpoint: base URL, e.g. ``http://127.0.0.1:8000/v1`` (``openai`` backend). Not hashed into
             the manifest config and never logged with credentials.
         policy: ``needs_rewrite`` (only records the filter flagged) or ``all``.
+        on_failure: ``keep_raw`` (default: a record whose rewrite failed stays, with its raw caption,
+            kept in the ledger with the failure as reason) or ``drop`` (rejected / error rows).
         cache_dir: response cache root (local dir or ``gs://``...); None: no cache.
         api_key_env: environment variable holding the API key (read on the workers only).
         concurrency: requests in flight per worker (per DoFn instance).
         batch_size: records per ``BatchElements`` batch; a few times ``concurrency`` keeps slots busy.
+        cache_threads: threads doing cache I/O per worker (lookups of a batch run in parallel).
         timeout_s, max_retries, backoff_base_s, backoff_max_s: per-request policy (``rewriter.client``).
         max_tokens, temperature: generation parameters (part of the cache key).
 
@@ -96,12 +119,15 @@ class RewriteConfig:
 
     backend: str = BACKEND_OPENAI
     model: str | None = None
+    model_revision: str | None = None
     endpoint: str | None = None
     policy: str = "needs_rewrite"
+    on_failure: str = KEEP_RAW
     cache_dir: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = 16
     batch_size: int = 128
+    cache_threads: int = 16
     timeout_s: float = 60.0
     max_retries: int = 5
     backoff_base_s: float = 0.5
@@ -114,6 +140,10 @@ class RewriteConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {self.on_failure!r}")
+        if self.cache_threads < 1:
+            raise ValueError("cache_threads must be >= 1")
         if self.backend == BACKEND_OPENAI and not (self.endpoint and self.model):
             raise ValueError("the openai backend needs endpoint and model (or use backend offline-template)")
         if self.batch_size < 1:
@@ -127,6 +157,11 @@ class RewriteConfig:
     def model_label(self) -> str:
         """What ledger rows and records name as the model."""
         return OFFLINE_MODEL if self.backend == BACKEND_OFFLINE else str(self.model)
+
+    @property
+    def revision(self) -> str | None:
+        """The served weights' identity when known (never for the offline template)."""
+        return self.model_revision if self.backend == BACKEND_OPENAI and self.model_revision else None
 
     def generation_params(self) -> dict[str, Any]:
         if self.backend == BACKEND_OFFLINE:
@@ -142,8 +177,10 @@ class RewriteConfig:
         return {
             "backend": self.backend,
             "model": self.model_label,
+            "model_revision": self.revision,
             "prompt_version": prompts.PROMPT_VERSION,
             "policy": self.policy,
+            "on_failure": self.on_failure,
             "generation": self.generation_params(),
             "max_retries": self.max_retries if self.backend == BACKEND_OPENAI else 0,
         }
@@ -208,9 +245,12 @@ class RewriteBatchFn(beam.DoFn):
     So a slow request holds up only its own batch's output, never the slots: they stay busy across
     batch boundaries instead of draining at the end of each batch.
 
-    Each distinct (model, prompt version, caption, generation params) is looked up in the cache, asked
-    at most once per batch, and written to the cache as soon as its answer arrives (so a crash
-    mid-batch loses only the answers still in flight). Counters are published from the Beam thread.
+    Each distinct (model, revision, prompt version, caption, generation params) is looked up in the
+    cache, asked at most once per batch, and written to the cache as soon as its answer arrives (so a
+    crash mid-batch loses only the answers still in flight). Cache calls block, so they run in a
+    thread pool: a batch's lookups all at once, then each store while the other requests run. A
+    failing cache call costs a cache hit (counter ``cache_errors``), never a record. Counters are
+    published from the Beam thread.
     """
 
     def __init__(self, config: RewriteConfig, max_pending_batches: int = 2):
@@ -225,11 +265,15 @@ class RewriteBatchFn(beam.DoFn):
         self._thread.start()
         self._backend = make_backend(self.config)
         self._cache = ResponseCache(self.config.cache_dir) if self.config.cache_dir else None
+        self._pool = (concurrent.futures.ThreadPoolExecutor(self.config.cache_threads, thread_name_prefix="rewrite-cache")
+                      if self._cache is not None else None)
         self._model = self.config.model_label
+        self._revision = self.config.revision
         self._params = self.config.generation_params()
         self._counters: dict[str, Any] = {}
-        self._published = {"requests": 0, "retries": 0, "cache_hits": 0}
+        self._published = {"requests": 0, "retries": 0, "cache_hits": 0, "cache_errors": 0}
         self._cache_hits = 0  # incremented on the loop thread, published from the Beam thread
+        self._cache_errors = 0
         self._pending: collections.deque = collections.deque()
 
     def _inc(self, name: str, n: int = 1) -> None:
@@ -265,12 +309,17 @@ class RewriteBatchFn(beam.DoFn):
         self._publish_stats()
         for o in outcomes:
             self._inc("total")
-            self._inc("kept" if o.status == KEPT else f"{'errors' if o.status == ERROR else 'rejected'}_{o.reason}")
+            if o.status == KEPT:
+                self._inc("kept")
+                if o.reason != reasons.OK:
+                    self._inc(f"kept_raw_{o.reason}")
+            else:
+                self._inc(f"{'errors' if o.status == ERROR else 'rejected'}_{o.reason}")
             yield WindowedValue(o, timestamp, [window])
 
     def _publish_stats(self) -> None:
         stats = getattr(self._backend, "stats", None)
-        now = {"cache_hits": self._cache_hits}
+        now = {"cache_hits": self._cache_hits, "cache_errors": self._cache_errors}
         if stats is not None:
             now.update(requests=stats.requests, retries=stats.retries)
         for name, value in now.items():
@@ -289,6 +338,8 @@ class RewriteBatchFn(beam.DoFn):
         self._thread.join(timeout=30)
         if not loop.is_running():
             loop.close()
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=True)
 
     # --- per batch ---------------------------------------------------------------------------
     async def _rewrite_batch(self, batch: list[Pair]) -> list[Outcome]:
@@ -297,25 +348,47 @@ class RewriteBatchFn(beam.DoFn):
             if p.caption and p.caption.strip():
                 keys.setdefault(self._key(p.caption), p.caption)
         ordered = list(keys)
-        answers = await asyncio.gather(*(self._answer(k, keys[k]) for k in ordered), return_exceptions=True)
+        cached = await self._lookup(ordered)
+        answers = await asyncio.gather(*(self._answer(k, keys[k], cached.get(k)) for k in ordered),
+                                       return_exceptions=True)
         by_key = dict(zip(ordered, answers))
         return [self._outcome(p, by_key.get(self._key(p.caption)) if p.caption and p.caption.strip() else None)
                 for p in batch]
 
     def _key(self, caption: str) -> str:
-        return cache_key(self._model, prompts.PROMPT_VERSION, caption, self._params)
+        return cache_key(self._model, prompts.PROMPT_VERSION, caption, self._params, revision=self._revision)
 
-    async def _answer(self, key: str, caption: str) -> Completion:
-        if self._cache is not None:
-            entry = self._cache.get(key)
-            if entry is not None:
-                self._cache_hits += 1
-                return Completion.from_entry(entry)
+    async def _lookup(self, keys: list[str]) -> dict[str, dict]:
+        """Cache entries of ``keys`` that exist, read in the thread pool, all at once."""
+        if self._cache is None or not keys:
+            return {}
+        loop = asyncio.get_running_loop()
+        found = await asyncio.gather(*(loop.run_in_executor(self._pool, self._cache.get, k) for k in keys),
+                                     return_exceptions=True)
+        out = {}
+        for k, entry in zip(keys, found):
+            if isinstance(entry, BaseException):  # an unreachable cache is a miss, not a lost record
+                self._cache_errors += 1
+                log.warning("rewrite cache lookup failed: %s", type(entry).__name__)
+            elif entry is not None:
+                out[k] = entry
+        return out
+
+    async def _answer(self, key: str, caption: str, entry: dict | None) -> Completion:
+        if entry is not None:
+            self._cache_hits += 1
+            return Completion.from_entry(entry)
         completion = await self._backend.complete(caption)
         if self._cache is not None:
             entry = completion.to_entry()
             entry.update(model=self._model, prompt_version=prompts.PROMPT_VERSION, params=self._params)
-            self._cache.put(key, entry)
+            if self._revision:
+                entry["model_revision"] = self._revision
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._pool, self._cache.put, key, entry)
+            except Exception as exc:  # the answer is still good; only the next run pays for it again
+                self._cache_errors += 1
+                log.warning("rewrite cache store failed: %s", type(exc).__name__)
         return completion
 
     def _outcome(self, pair: Pair, answer: Completion | BaseException | None) -> Outcome:
@@ -337,6 +410,9 @@ class RewriteBatchFn(beam.DoFn):
         )
 
     def _failed(self, pair: Pair, reason: str, detail: str) -> Outcome:
+        if self.config.on_failure == KEEP_RAW:  # the record as it came in: raw caption, not rewritten
+            return Outcome(key=pair.key, status=KEPT, reason=reason, pair=pair, detail=KEPT_RAW_PREFIX + detail,
+                           source=pair.source, extra={"model": self._model, "prompt_version": prompts.PROMPT_VERSION})
         return Outcome.dropped(
             pair, status_of(reason), reason, detail, model=self._model, prompt_version=prompts.PROMPT_VERSION
         )

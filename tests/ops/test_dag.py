@@ -36,7 +36,8 @@ def airflow_env(tmp_path_factory, sample_dir) -> dict[str, str]:
         "MMCORPUS_OUTPUT_ROOT": str(tmp_path_factory.mktemp("airflow_runs")),
         "MMCORPUS_NUM_SHARDS": "2",
         "MMCORPUS_SEQ_LEN": "512",
-        # Configured but unreachable: the branch must notice and fall back, never hang or fail.
+        # Configured but unreachable: the branch must notice, never hang; the run fails unless a
+        # fallback is asked for (test_endpoint_down_fails_the_rewrite_and_publishes_no_pack).
         "MMCORPUS_REWRITE_ENDPOINT": "http://127.0.0.1:9/v1",
         "MMCORPUS_PROGRESS": "0",
         # Runner options for every stage pass straight through to Beam (as Dataflow/Flink ones would).
@@ -92,19 +93,20 @@ def test_dagbag_imports_without_errors_and_has_the_stage_chain(airflow_env):
     assert {"input", "output_root", "runner", "rewrite_endpoint", "stage_profile"} <= set(info["params"])
 
 
-def _dags_test(env: dict, conf: dict | None = None) -> str:
+def _dags_test(env: dict, conf: dict | None = None, check: bool = True) -> str:
     cmd = [sys.executable, "-m", "airflow", "dags", "test", "mmcorpus_corpus"]
     if conf:
         cmd += ["-c", json.dumps(conf)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    if check:
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     return out.stdout + out.stderr
 
 
-def _last_run(env: dict) -> tuple[str, dict[str, str], list[tuple[str, dict]]]:
+def _last_run(env: dict, expect: str = "success") -> tuple[str, dict[str, str], list[tuple[str, dict]]]:
     db = sqlite3.connect(os.path.join(env["AIRFLOW_HOME"], "airflow.db"))
     run_id, state = db.execute("SELECT run_id, state FROM dag_run WHERE dag_id='mmcorpus_corpus' ORDER BY id DESC LIMIT 1").fetchone()
-    assert state == "success"
+    assert state == expect
     states = dict(db.execute("SELECT task_id, state FROM task_instance WHERE run_id=?", (run_id,)).fetchall())
     events = [(name, json.loads(extra)) for name, extra in db.execute(
         "SELECT a.name, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
@@ -112,8 +114,26 @@ def _last_run(env: dict) -> tuple[str, dict[str, str], list[tuple[str, dict]]]:
     return run_id, states, events
 
 
+def test_endpoint_down_fails_the_rewrite_and_publishes_no_pack(airflow_env):
+    # The default (no rewrite_fallback): the endpoint is down, so the rewrite task fails with the
+    # reason, pack and verify never run, and no rewrite/pack/verified asset event is published.
+    env = dict(airflow_env, MMCORPUS_RETRIES="0")  # fail now, not after two 5-minute retries
+    log = _dags_test(env, check=False)
+    run_id, states, events = _last_run(airflow_env, expect="failed")
+    assert states == {"filter": "success", "dedup": "success", "choose_rewrite": "success",
+                      "rewrite_endpoint": "failed", "rewrite_offline": "skipped", "no_rewrite": "skipped",
+                      "pack": "upstream_failed", "verify": "upstream_failed"}
+    assert [n for n, _ in events] == ["mmcorpus/filter", "mmcorpus/dedup"]
+    run_dir = os.path.join(airflow_env["MMCORPUS_OUTPUT_ROOT"], "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id))
+    assert sorted(os.listdir(run_dir)) == ["dedup", "filter"]
+    assert ("http://127.0.0.1:9/v1 did not answer GET /models (URLError) and rewrite_fallback is none: the rewrite "
+            "task will fail and nothing will be packed") in log
+    assert "--endpoint http://127.0.0.1:9/v1 does not answer (ConnectError)" in log  # the stage's own preflight
+
+
 def test_dags_test_runs_every_stage_and_writes_outputs(airflow_env, sample_dir):
-    log = _dags_test(airflow_env)
+    # The offline template only when the run asks for it: recorded in the manifest and the asset events.
+    log = _dags_test(airflow_env, {"rewrite_fallback": "offline-template"})
     run_id, states, events = _last_run(airflow_env)
     assert states == {"filter": "success", "dedup": "success", "choose_rewrite": "success",
                       "rewrite_offline": "success", "rewrite_endpoint": "skipped", "no_rewrite": "skipped",
@@ -141,7 +161,10 @@ def test_dags_test_runs_every_stage_and_writes_outputs(airflow_env, sample_dir):
     assert counts["filter"]["by_status"]["error"] == sum(st != "success" for st in status) > 0
     assert [counts[s]["inputs"] for s in STAGES[1:]] == [counts[s]["outputs"] for s in STAGES[:-1]]
     rewrite_cfg = json.loads(open(os.path.join(run_dir, "rewrite", MANIFEST_NAME)).read())["config"]
-    assert "offline-template" in json.dumps(rewrite_cfg)
+    fallback_reason = ("http://127.0.0.1:9/v1 did not answer GET /models (URLError); "
+                       "rewrite_fallback=offline-template")
+    assert rewrite_cfg["rewrite"]["backend"] == "offline-template"
+    assert rewrite_cfg["rewrite_fallback"] == {"backend": "offline-template", "reason": fallback_reason}
     assert verify.main([os.path.join(run_dir, s) for s in STAGES] + ["--json"]) == 0
     # The Beam operator passed the runner and our flags straight through.
     commands = [ln.split("Running command: ", 1)[1] for ln in log.splitlines() if "Running command: " in ln]
@@ -156,6 +179,9 @@ def test_dags_test_runs_every_stage_and_writes_outputs(airflow_env, sample_dir):
     assert [n for n, _ in events] == ["mmcorpus/filter", "mmcorpus/dedup", "mmcorpus/rewrite", "mmcorpus/pack", "mmcorpus/verified"]
     assert [e["path"] for _, e in events[:4]] == [os.path.join(run_dir, s) for s in STAGES]
     assert events[4][1]["stages"]["pack"]["outputs"] == counts["pack"]["outputs"]
+    decision = {"rewrite": "offline-template", "rewrite_fallback_reason": fallback_reason}
+    assert "rewrite" not in events[0][1] and "rewrite" not in events[1][1]
+    assert [{k: e[k] for k in decision} for _, e in events[2:]] == [decision] * 3
 
 
 def test_dags_test_without_rewrite_packs_the_dedup_output(airflow_env):
@@ -179,3 +205,6 @@ def test_dags_test_without_rewrite_packs_the_dedup_output(airflow_env):
     index = json.loads(open(os.path.join(run_dir, "pack", "data", "index.json")).read())
     assert (index["seq_len"], index["pack_format"]) == (1024, "webdataset")
     assert "mmcorpus/rewrite" not in [n for n, _ in events]
+    pack_event = dict(events)["mmcorpus/pack"]
+    assert (pack_event["rewrite"], pack_event["rewrite_fallback_reason"]) == (
+        "skip", "http://127.0.0.1:9/v1 did not answer GET /models (URLError); rewrite_fallback=skip")

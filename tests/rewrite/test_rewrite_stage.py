@@ -81,7 +81,7 @@ def test_offline_backend_policy_and_records(tmp_path, sample_dir):
     selected = [p for p in pairs if p.needs_rewrite]
     assert Counter((r["status"], r["reason"]) for r in ledger.values()) == Counter(
         {("kept", "ok"): len(selected) - 1, ("kept", reasons.REWRITE_SKIPPED): len(pairs) - len(selected),
-         ("rejected", reasons.REWRITE_EMPTY): 1}
+         ("kept", reasons.REWRITE_EMPTY): 1}  # on_failure keep_raw (the default): kept as it came
     )
     for p in pairs:
         row, led = data.get(p.key), ledger[p.key]
@@ -89,7 +89,8 @@ def test_offline_backend_policy_and_records(tmp_path, sample_dir):
             assert row["caption"] == p.caption and row["raw_caption"] is None and row["qa"] is None
             assert (led["model"], led["prompt_version"]) == (None, None)
         elif p.key == "k0003":
-            assert row is None and led["detail"] == "no caption to rewrite"
+            assert (row["caption"], row["raw_caption"], row["qa"], row["rewrite_model"]) == ("   ", None, None, None)
+            assert led["detail"] == "kept raw caption: no caption to rewrite"
             assert (led["model"], led["prompt_version"]) == ("offline-template", prompts.PROMPT_VERSION)
         else:
             from rewriter.offline import tidy
@@ -106,7 +107,7 @@ def test_offline_backend_policy_and_records(tmp_path, sample_dir):
     # --policy all changes the config: rerun; same input + config again: byte-identical files.
     out_all = str(tmp_path / "rewrite-all")
     rewrite_cli.main(["--input", inp, "--output", out_all, "--backend", "offline-template", "--policy", "all"])
-    assert read_manifest(out_all).counts["by_reason"] == {"kept/ok": len(pairs) - 1, "rejected/rewrite_empty": 1}
+    assert read_manifest(out_all).counts["by_reason"] == {"kept/ok": len(pairs) - 1, "kept/rewrite_empty": 1}
     first = file_hashes(out_all)
     rewrite_cli.main(["--input", inp, "--output", out_all, "--backend", "offline-template", "--policy", "all", "--force"])
     assert file_hashes(out_all) == first
@@ -156,6 +157,7 @@ def test_fault_injection_every_input_ends_once(tmp_path, sample_dir):
     out, cache_dir = str(tmp_path / "rewrite"), str(tmp_path / "cache")
     argv = ["--input", inp, "--output", out, "--model", "rw-test", "--cache-dir", cache_dir, "--policy", "all",
             "--timeout", "2", "--max-retries", str(max_retries), "--concurrency", "8", "--batch-size", "16",
+            "--on-failure", "drop",  # this test is about which failures are errors, rejections, cached
             "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
     # time-out 2 s against hangs of 4 s: a loaded box must not turn a slow answer into an extra attempt
     with StandInServer(latency_s=0.01, fault_rate=rate, seed=seed, hang_s=4.0, retry_after_s=1) as srv:
@@ -349,7 +351,8 @@ def test_unexpected_exception_is_an_error_row_and_duplicates_are_asked_once(tmp_
              Pair(key="c", caption="boom goes the dynamite", needs_rewrite=True),
              Pair(key="d", caption="a cat", needs_rewrite=False)]
     cache_dir = str(tmp_path / "cache")
-    cfg = RewriteConfig(backend="offline-template", policy="needs_rewrite", cache_dir=cache_dir, batch_size=8)
+    cfg = RewriteConfig(backend="offline-template", policy="needs_rewrite", cache_dir=cache_dir, batch_size=8,
+                        on_failure="drop")
     with beam.Pipeline() as p:
         outcomes = p | beam.Create(pairs) | RewriteCaptions(cfg)
         _ = (outcomes | beam.Map(lambda o: json.dumps([o.key, o.status, o.reason, o.detail, o.extra.get("model"),
