@@ -30,7 +30,7 @@ BENCH_DIR = os.path.join(REPO, "bench")
 # Section order in BENCHMARKS.md; modules found in bench/ but not listed here run after these.
 ORDER = [
     "filter_throughput", "filter_rejections", "dedup_quality", "dedup_speed", "rewrite_throughput",
-    "rewrite_faithfulness", "rewrite_vllm", "pack_fill", "ops_overhead", "verify_scale", "scale",
+    "rewrite_cache_latency", "rewrite_faithfulness", "rewrite_vllm", "pack_fill", "ops_overhead", "verify_scale", "scale",
 ]
 # Modules in bench/ that are helpers, not benchmarks.
 HELPERS = {"run_all", "dedup_data"}
