@@ -5,7 +5,11 @@ Example:
 
 Writes ``OUTPUT/minicpmv.json``: a list of ``{"id", "image", "conversations": [{"role", "content"}]}``
 (MiniCPM-V's ``finetune/dataset.py`` format) with ``<image>`` opening the first user turn, and the
-image files under ``OUTPUT/images/<key>.<ext>`` (original bytes, no re-encoding). The rewriter's QA pairs
+image files under ``OUTPUT/images/<key>.<ext>``. An image is copied byte for byte when a plain
+``Image.open(..).convert("RGB")`` (what MiniCPM-V's loader does) already shows the right picture;
+one with an EXIF rotation, alpha, CMYK or 16-bit pixels is re-encoded upright as 8-bit RGB through
+``transforms.images`` (JPEG quality 95 for JPEG sources, PNG otherwise) and listed under
+``normalised`` in ``export.json``. The rewriter's QA pairs
 (``Pair.qa``) become the turns; a sample without QA gets one turn: a fixed prompt answered by its
 caption. Samples without an image are skipped and counted in ``OUTPUT/export.json``.
 """
@@ -35,17 +39,30 @@ IMAGE_DIR = "images"
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
 
-def _image_ext(pair: Pair) -> str:
-    fmt = pair.image_format
-    if not fmt:
-        from PIL import Image
+NORMALISED_JPEG_QUALITY = 95
 
-        try:
-            with Image.open(io.BytesIO(pair.image)) as im:
-                fmt = im.format
-        except Exception:  # undecodable bytes are still exported as they are; the trainer will say so
-            fmt = None
-    return _EXT.get((fmt or "").upper(), "bin")
+
+def _export_image(pair: Pair) -> tuple[bytes, str, bool]:
+    """(bytes, extension, normalised?) of one sample's image for the trainer."""
+    from transforms import images
+
+    try:
+        with images.open_image(pair.image) as im:
+            head = images.read_header(im)
+            plain = im.mode in ("RGB", "L") and "transparency" not in im.info
+    except Exception:  # undecodable bytes are still exported as they are; the trainer will say so
+        return pair.image, _EXT.get((pair.image_format or "").upper(), "bin"), False
+    ext = _EXT.get((head.format or "").upper(), "bin")
+    if plain and head.orientation == 1:
+        return pair.image, ext, False
+    # The trainer neither rotates by EXIF nor composites alpha: hand it the picture the filter saw.
+    rgb = images.decode(pair.image)
+    buf = io.BytesIO()
+    if head.format == "JPEG":
+        rgb.save(buf, "JPEG", quality=NORMALISED_JPEG_QUALITY)
+        return buf.getvalue(), "jpg", True
+    rgb.save(buf, "PNG")
+    return buf.getvalue(), "png", True
 
 
 def conversations(pair: Pair, caption_prompt: str = DEFAULT_CAPTION_PROMPT) -> list[dict[str, str]]:
@@ -66,7 +83,7 @@ def export_minicpmv(input_dir: str, output_dir: str, caption_prompt: str = DEFAU
         manifest = read_manifest(input_dir)
     except FileNotFoundError as e:
         raise UserError(f"--input {input_dir}: {e}") from None
-    records, skipped, with_qa = [], [], 0
+    records, skipped, normalised, with_qa = [], [], [], 0
     for entry in manifest.files_of(FILE_KIND_DATA):
         with FileSystems.open(join(input_dir, entry.path), compression_type="uncompressed") as f:
             pf = pq.ParquetFile(f)
@@ -76,8 +93,11 @@ def export_minicpmv(input_dir: str, output_dir: str, caption_prompt: str = DEFAU
                     if not pair.image:
                         skipped.append(pair.key)
                         continue
-                    rel = f"{IMAGE_DIR}/{pair.key}.{_image_ext(pair)}"
-                    write_bytes_atomic(join(output_dir, rel), pair.image)
+                    data, ext, changed = _export_image(pair)
+                    rel = f"{IMAGE_DIR}/{pair.key}.{ext}"
+                    write_bytes_atomic(join(output_dir, rel), data)
+                    if changed:
+                        normalised.append(pair.key)
                     with_qa += bool(pair.qa)
                     records.append({"id": pair.key, "image": rel, "conversations": conversations(pair, caption_prompt)})
     records.sort(key=lambda r: r["id"])
@@ -89,6 +109,7 @@ def export_minicpmv(input_dir: str, output_dir: str, caption_prompt: str = DEFAU
         "with_qa": with_qa,
         "caption_only": len(records) - with_qa,
         "skipped_no_image": sorted(skipped),
+        "normalised": sorted(normalised),
         "json_sha256": hashlib.sha256(data).hexdigest(),
     }
     write_bytes_atomic(join(output_dir, SUMMARY_NAME), (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode("utf-8"))

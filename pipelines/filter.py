@@ -11,7 +11,16 @@ from pipelines.runner import StageResult, add_stage_args, run_stage
 from transforms.caption_filters import CaptionFilterConfig, CaptionQualityFlagger, caption_filters
 from transforms.filter_base import ApplyFiltersFn
 from transforms.image_filters import ImageFilterConfig, image_filters
-from transforms.ingest import FORMATS, InputSpec, ReadPairs, fingerprint, preflight, resolve_input
+from transforms.ingest import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    FINGERPRINT_MODES,
+    FORMATS,
+    InputSpec,
+    ReadPairs,
+    fingerprint,
+    preflight,
+    resolve_input,
+)
 from transforms.stage_io import ReadStage, stage_input_info
 
 STAGE = "filter"
@@ -30,6 +39,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-col", "--caption_col", dest="caption_col", default="caption", help="caption column")
     p.add_argument("--key-col", "--key_col", dest="key_col", default=None, help="key column (default: 'key' if present)")
     p.add_argument("--header", default="auto", choices=("auto", "yes", "no"), help="csv/tsv header row")
+    p.add_argument("--max-member-bytes", "--max_member_bytes", dest="max_member_bytes", type=int,
+                   default=DEFAULT_MAX_MEMBER_BYTES, help="tar members larger than this are skipped unread (member_too_large)")
+    p.add_argument("--fingerprint", default="stat", choices=FINGERPRINT_MODES,
+                   help="how a changed input is noticed: stat (size, mtime, edges, Parquet footer) or content (sha256 of every byte)")
     add_stage_args(p)
     return p
 
@@ -46,7 +59,7 @@ def load_configs(path: str | None, input_format: str) -> tuple[CaptionFilterConf
 def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
     spec = InputSpec(
         path=args.input, format=args.input_format, url_col=args.url_col, caption_col=args.caption_col,
-        key_col=args.key_col, header=args.header,
+        key_col=args.key_col, header=args.header, max_member_bytes=args.max_member_bytes,
     )
     resolved = resolve_input(spec)
     caption_cfg, image_cfg = load_configs(args.config, resolved.format)
@@ -56,7 +69,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
         input_info = stage_input_info(resolved.root)
     else:
         preflight(resolved)
-        input_info = fingerprint(resolved)
+        input_info = fingerprint(resolved, args.fingerprint)
     config = {
         "input": spec.to_config() | {"resolved_format": resolved.format},
         "caption": to_dict(caption_cfg),

@@ -13,6 +13,11 @@ MISSING_FROM_TAR = "missing_from_tar"  # status file says success, but the tar h
 TAR_TRUNCATED = "tar_truncated"  # tar ends inside a member; the member (and the rest) are lost
 TAR_UNREADABLE = "tar_unreadable"  # not a tar at all / header checksum errors
 UNSAFE_MEMBER_NAME = "unsafe_member_name"  # absolute path, '..', or a key with dots/slashes
+UNSAFE_MEMBER_TYPE = "unsafe_member_type"  # symlink, hardlink, device or fifo member: never followed or read
+MEMBER_NAME_INVALID_UTF8 = "member_name_invalid_utf8"  # tar member name that is not UTF-8
+MEMBER_TOO_LARGE = "member_too_large"  # tar member bigger than ingest's max_member_bytes: skipped unread
+FIELD_INVALID_UTF8 = "field_invalid_utf8"  # a csv/tsv field other than the caption (url, key, meta) is not UTF-8
+CAPTION_NOT_TEXT = "caption_not_text"  # caption cell is a number, list, struct, ... (never str()-ed)
 DUPLICATE_KEY = "duplicate_key"  # a second record with a key already seen in this stage
 ROW_UNREADABLE = "row_unreadable"  # malformed csv/jsonl row
 CAPTION_MISSING = "caption_missing"  # no caption at all (null / no .txt member)
@@ -36,7 +41,8 @@ IMAGE_MISSING = "image_missing"  # an image input (tar, img2dataset parquet) rec
 IMAGE_EMPTY = "image_empty"
 IMAGE_UNDECODABLE = "image_undecodable"
 IMAGE_TRUNCATED = "image_truncated"
-IMAGE_FORMAT = "image_format"
+IMAGE_FORMAT = "image_format"  # a format mmcorpus does not take (GIF, BMP, HEIC, ...): the detail names it
+IMAGE_ANIMATED = "image_animated"  # animated GIF/WebP/APNG (first-frame use would be silent)
 IMAGE_TOO_MANY_PIXELS = "image_too_many_pixels"  # decompression-bomb guard, checked from the header
 IMAGE_TOO_SMALL = "image_too_small"
 IMAGE_ASPECT_RATIO = "image_aspect_ratio"
@@ -46,6 +52,7 @@ EXACT_CAPTION = "exact-caption"
 EXACT_IMAGE = "exact-image"
 NEAR_CAPTION = "near-caption"
 NEAR_IMAGE = "near-image"
+CAPTION_OVERUSED = "caption_overused"  # strict dedup: a caption on more than max_pairs_per_caption image records
 
 # --- rewrite ---------------------------------------------------------------------------------
 REWRITE_SKIPPED = "rewrite_skipped"  # kept as is: policy did not select it (status kept)
@@ -62,6 +69,26 @@ PACK_TOO_LONG = "pack_too_long"  # sample longer than the sequence length and sp
 PACK_TOO_MANY_IMAGES = "pack_too_many_images"
 PACK_NO_IMAGE = "pack_no_image"
 PACK_IMAGE_UNDECODABLE = "pack_image_undecodable"
+
+# --- sft (ingest, split, pack) ------------------------------------------------------------------
+SFT_RECORD_UNREADABLE = "sft_record_unreadable"  # not a JSON object / lacks the fields its format needs
+SFT_NO_TURNS = "sft_no_turns"  # no user/assistant turn at all
+SFT_BAD_ROLE = "sft_bad_role"  # a speaker that is neither human/user, gpt/assistant nor system
+SFT_CONSECUTIVE_USER = "sft_consecutive_user"  # two user (human) turns in a row
+SFT_CONSECUTIVE_ASSISTANT = "sft_consecutive_assistant"  # two assistant turns in a row / assistant first
+SFT_ENDS_WITH_USER = "sft_ends_with_user"  # last turn is a question without an answer
+SFT_EMPTY_ANSWER = "sft_empty_answer"  # an assistant turn that is empty or whitespace
+SFT_EMPTY_QUESTION = "sft_empty_question"
+SFT_MARKER_WITHOUT_IMAGE = "sft_marker_without_image"  # <image> in a turn, no image named
+SFT_IMAGE_WITHOUT_MARKER = "sft_image_without_marker"  # an image named, no <image> in any user turn
+SFT_MULTIPLE_MARKERS = "sft_multiple_markers"  # more than one <image> for the one image
+SFT_MARKER_IN_ANSWER = "sft_marker_in_answer"  # <image> inside an assistant turn
+SFT_IMAGE_NOT_FOUND = "sft_image_not_found"  # the named image is not in the image source
+SFT_TOO_MANY_TURNS = "sft_too_many_turns"  # more turns than max_turns
+SFT_TOO_LONG_CHARS = "sft_too_long_chars"  # more characters than max_chars
+SFT_OTHER_PART = "sft_other_part"  # sft pack --part N: the record belongs to the other part
+SFT_LABEL_MISMATCH = "sft_label_mismatch"  # sft pack --check-mask: labels differ from the template's generation mask
+SFT_TOO_LONG = "sft_too_long"  # templated tokens > seq_len and truncation is off (or cannot help)
 
 # --- unexpected exceptions (dead letter): "exception_<ExcType>" ------------------------------
 EXCEPTION_PREFIX = "exception_"

@@ -2,7 +2,8 @@
 metadata-only tables (parquet, csv/tsv, jsonl) as Beam sources that split across workers.
 
 Every input record becomes either a ``Pair`` (to be filtered) or an ``Outcome`` that is already a
-ledger row (download failures, broken tars, unreadable rows, hostile member names, bad UTF-8).
+ledger row (download failures, broken tars, unreadable rows, hostile or oversized members, bad UTF-8
+in any text field, captions that are not text). The rules are in docs/inputs.md.
 Work is split into units — one tar shard, one parquet row group, one csv/jsonl file — that are
 spread over workers with a Reshuffle, so a directory of img2dataset shards reads in parallel.
 """
@@ -14,15 +15,18 @@ import dataclasses
 import hashlib
 import io
 import json
+import lzma
 import os
 import posixpath
 import re
 import sys
 import tarfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -35,12 +39,24 @@ from transforms.keys import is_safe_key, record_key, safe_key
 
 FORMATS = ("auto", "webdataset", "i2d-parquet", "table", "stage")
 TABLE_EXTS = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Member extensions taken as the sample's image, in this order. Formats the image filter does not
+# accept (gif, bmp, ...) are still handed to it, so the ledger names the format instead of calling
+# the image missing.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "heic", "heif", "jxl", "jp2", "ico")
+# Members that are never the image (img2dataset writes txt/json; webdataset users add labels).
+TEXT_EXTS = ("txt", "json", "cls", "md", "html")
 I2D_IMAGE_COLUMNS = ("jpg", "png", "webp")
 SUCCESS = "success"
-# How many bytes at each end of a file go into its fingerprint (full hashes of 200M-pair inputs
-# would make the driver read terabytes).
+# Tar shards read (Python's tarfile detects the compression from the magic bytes) ...
+TAR_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+# ... and tar shards recognised but not readable here: each becomes a tar_unreadable ledger row.
+UNSUPPORTED_TAR_EXTS = (".tar.zst", ".tar.zstd", ".tzst", ".tar.lz4", ".tar.lz", ".tar.br")
+# A member larger than this is skipped unread (``member_too_large``): no web image is this big, and
+# reading it would put the whole member into a worker's memory.
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20
+# How many bytes at each end of a file go into its fingerprint, next to size and mtime.
 FINGERPRINT_EDGE_BYTES = 1 << 20
+FINGERPRINT_MODES = ("stat", "content")
 # csv's default field limit (128 KiB) would turn a long caption into a crash; the caption filter
 # rejects it with a reason instead.
 csv.field_size_limit(min(sys.maxsize, 1 << 31 - 1))
@@ -59,6 +75,7 @@ class InputSpec:
             img2dataset's ``--url_col`` / ``--caption_col``.
         key_col: column holding a key; default ``key`` when present, else keys are hashed.
         header: csv/tsv header handling: ``auto`` (names → header, indexes → none), ``yes``, ``no``.
+        max_member_bytes: tar members larger than this are skipped unread (``member_too_large``).
 
     Example:
         InputSpec("data/sample/cc3m_val_captions_8k.tsv", format="table", caption_col="0", url_col="1")
@@ -70,8 +87,11 @@ class InputSpec:
     caption_col: str = "caption"
     key_col: str | None = None
     header: str = "auto"
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
 
     def __post_init__(self):
+        if self.max_member_bytes < 1:
+            raise ValueError("max_member_bytes must be >= 1")
         if self.format not in FORMATS:
             raise ValueError(f"input format must be one of {FORMATS}, not {self.format!r}")
         if self.header not in ("auto", "yes", "no"):
@@ -107,6 +127,18 @@ def _match(pattern: str) -> list[str]:
     return sorted(m.path for m in result.metadata_list)
 
 
+def tar_stem(path: str) -> str | None:
+    """``a/00000`` for ``a/00000.tar`` / ``.tar.gz`` / ... (also unsupported compressions); None if not a tar."""
+    for ext in TAR_EXTS + UNSUPPORTED_TAR_EXTS:
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return None
+
+
+def _hidden(path: str, root: str) -> bool:
+    return any(part.startswith(".") for part in relpath(path, root).split("/"))
+
+
 def _is_dir(path: str) -> bool:
     if "://" in path:
         return path.endswith("/")
@@ -114,8 +146,14 @@ def _is_dir(path: str) -> bool:
 
 
 def _parquet_columns(path: str) -> list[str]:
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return pq.ParquetFile(f).schema_arrow.names
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            return pq.ParquetFile(f).schema_arrow.names
+    except (pa.ArrowException, OSError) as e:
+        # A file named .parquet that is not one (or is cut short) stops the run before any work.
+        raise InputSchemaError(
+            f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e)[:120]}); replace it or move it out of the input"
+        ) from None
 
 
 def resolve_input(spec: InputSpec) -> ResolvedInput:
@@ -125,7 +163,13 @@ def resolve_input(spec: InputSpec) -> ResolvedInput:
         root = path
         if FileSystems.exists(f"{path}/{MANIFEST_NAME}") and spec.format in ("auto", "stage"):
             return ResolvedInput(spec, "stage", root, ())
-        files = [p for p in _match(f"{path}/*") if not posixpath.basename(p).startswith(".")]
+        # Recursive, so two img2dataset runs copied side by side (run1/, run2/) read as one input.
+        files = [p for p in _match(f"{path}/**") if not _hidden(p, root)]
+        if not files:
+            raise UserError(
+                f"input directory {spec.path!r} has no files (hidden files are ignored): "
+                "point --input at the img2dataset output or metadata table"
+            )
     else:
         files = _match(path)
         root = posixpath.dirname(path) if any(c in path for c in "*?[") else posixpath.dirname(path)
@@ -133,8 +177,16 @@ def resolve_input(spec: InputSpec) -> ResolvedInput:
             root = posixpath.dirname(root)
     if not files:
         raise UserError(f"no input files found at {spec.path!r}: pass a file, a directory or a glob")
+    bad_names = [f for f in files if has_surrogates(f)]
+    if bad_names:
+        # Every ledger row names its file; Arrow cannot store a name that is not UTF-8.
+        shown = _raw_bytes(bad_names[0]).decode("utf-8", "backslashreplace")
+        raise UserError(
+            f"{shown}: file name is not UTF-8 ({len(bad_names)} such file(s)); rename it, "
+            "e.g. convmv -f latin1 -t utf8 --notest DIR -r"
+        )
     fmt = spec.format
-    tars = [f for f in files if f.endswith(".tar")]
+    tars = [f for f in files if tar_stem(f) is not None]
     if fmt == "auto":
         if tars:
             fmt = "webdataset"
@@ -148,7 +200,7 @@ def resolve_input(spec: InputSpec) -> ResolvedInput:
                 fmt = "table"
     if fmt == "webdataset":
         # Shards are the tars plus status parquets that have no tar (a shard whose downloads all failed).
-        stems_with_tar = {f[: -len(".tar")] for f in tars}
+        stems_with_tar = {tar_stem(f) for f in tars}
         status_only = [f for f in files if f.endswith(".parquet") and f[: -len(".parquet")] not in stems_with_tar]
         files = sorted(tars + status_only)
         if not files:
@@ -162,25 +214,69 @@ def resolve_input(spec: InputSpec) -> ResolvedInput:
     return ResolvedInput(spec, fmt, root, tuple(files))
 
 
-def fingerprint(resolved: ResolvedInput) -> dict[str, Any]:
-    """Input description for the manifest: per file its relative name, size, and a sha256 over its
-    first and last MiB (with the size, enough to notice any realistic change)."""
+def _parquet_footer(f, size: int) -> bytes:
+    """The Parquet footer (FileMetaData: schema, row groups, per-column statistics) and its length word."""
+    if size < 12:
+        return b""
+    f.seek(size - 8)
+    tail = f.read(8)
+    if tail[4:] != b"PAR1":
+        return b""
+    n = int.from_bytes(tail[:4], "little")
+    if n + 8 > size:
+        return b""
+    f.seek(size - 8 - n)
+    return f.read(n + 8)
+
+
+def fingerprint(resolved: ResolvedInput, mode: str = "stat") -> dict[str, Any]:
+    """Input description for the manifest, so a changed input makes the stage run again.
+
+    ``stat`` (default): per file its relative name, size, modification time, a sha256 over its first
+    and last MiB and, for Parquet, over its footer (row-group offsets and per-column min/max/null
+    statistics). Any in-place edit changes the mtime (local disks, GCS, S3 rewrite the object), so
+    this catches an edit in the middle that keeps the size, and reads ~2 MiB per file whatever the
+    input size. ``content``: a sha256 over every byte (streamed, 8 MiB at a time) for inputs whose
+    mtimes cannot be trusted (``cp -p``/``touch -r``/``rsync -t`` of different content); it reads the
+    whole input on the driver (measured in docs/inputs.md).
+    """
+    if mode not in FINGERPRINT_MODES:
+        raise ValueError(f"fingerprint mode must be one of {FINGERPRINT_MODES}, not {mode!r}")
     entries = []
     h = hashlib.sha256()
     for path in resolved.files:
-        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
-        with FileSystems.open(path, compression_type="uncompressed") as f:
-            head = f.read(FINGERPRINT_EDGE_BYTES)
-            if size > 2 * FINGERPRINT_EDGE_BYTES:
-                f.seek(size - FINGERPRINT_EDGE_BYTES)
-                tail = f.read()
-            else:
-                tail = b""
-        edge = hashlib.sha256(head + tail).hexdigest()
+        md = FileSystems.match([path])[0].metadata_list[0]
+        size = md.size_in_bytes
+        mtime = _mtime_ns(path, md)
         rel = resolved.rel(path)
-        entries.append({"path": rel, "bytes": size, "edge_sha256": edge})
-        h.update(f"{rel}\0{size}\0{edge}\n".encode())
-    return {"kind": resolved.format, "fingerprint": h.hexdigest(), "files": entries}
+        entry: dict[str, Any] = {"path": rel, "bytes": size, "mtime_ns": mtime}
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            if mode == "content":
+                full = hashlib.sha256()
+                while chunk := f.read(8 << 20):
+                    full.update(chunk)
+                entry["sha256"] = full.hexdigest()
+            else:
+                head = f.read(FINGERPRINT_EDGE_BYTES)
+                tail = b""
+                if size > 2 * FINGERPRINT_EDGE_BYTES:
+                    f.seek(size - FINGERPRINT_EDGE_BYTES)
+                    tail = f.read()
+                entry["edge_sha256"] = hashlib.sha256(head + tail).hexdigest()
+                if path.endswith(".parquet"):
+                    entry["footer_sha256"] = hashlib.sha256(_parquet_footer(f, size)).hexdigest()
+        entries.append(entry)
+        h.update((json.dumps(entry, sort_keys=True) + "\n").encode())
+    return {"kind": resolved.format, "fingerprint_mode": mode, "fingerprint": h.hexdigest(), "files": entries}
+
+
+def _mtime_ns(path: str, md) -> int:
+    if "://" not in path:
+        try:
+            return os.stat(path).st_mtime_ns
+        except OSError:
+            pass
+    return int(round((md.last_updated_in_seconds or 0) * 1e9))
 
 
 # --- column checks (driver-side preflight and worker-side) --------------------------------------
@@ -196,6 +292,19 @@ def check_table_columns(path: str, columns: list[str], spec: InputSpec) -> None:
         raise InputSchemaError(
             f"{path}: column(s) {missing} not found; the file has {columns[:20]}. "
             f"Name the right ones with --caption-col/--url-col (e.g. --caption-col TEXT --url-col URL)."
+        )
+
+
+# Excel and Notepad save "UTF-8" csv with a byte-order mark; utf-8-sig drops it, so the first column
+# is "url", not "\ufeffurl". Bytes that are not UTF-8 stay as surrogates and become ledger rows.
+CSV_ENCODING = "utf-8-sig"
+
+
+def _check_not_utf16(path: str, head: bytes) -> None:
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InputSchemaError(
+            f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); mmcorpus reads UTF-8: "
+            f"re-encode it, e.g. iconv -f UTF-16 -t UTF-8 IN > OUT"
         )
 
 
@@ -223,12 +332,19 @@ def preflight(resolved: ResolvedInput, max_files: int = 1000) -> None:
     with the file named. Workers check again (files beyond ``max_files``)."""
     spec = resolved.spec
     for path in resolved.files[:max_files]:
-        if resolved.format == "table":
+        if resolved.format == "webdataset":
+            stem = tar_stem(path)
+            status = path if stem is None else stem + ".parquet"
+            if status.endswith(".parquet") and FileSystems.exists(status):
+                _parquet_columns(status)  # img2dataset's status file must be readable
+        elif resolved.format == "table":
             if path.endswith(".parquet"):
                 check_table_columns(path, _parquet_columns(path), spec)
             elif path.endswith((".csv", ".tsv")):
                 with FileSystems.open(path, compression_type="uncompressed") as f:
-                    text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+                    _check_not_utf16(path, f.read(4))
+                    f.seek(0)
+                    text = io.TextIOWrapper(f, encoding=CSV_ENCODING, errors="surrogateescape", newline="")
                     first = next(csv.reader(text, **_csv_dialect(path)), None)
                 if first is None:
                     continue
@@ -261,8 +377,25 @@ def _meta_json(d: dict[str, Any]) -> str:
     return json.dumps(d, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
 
 
+# Lone surrogates: undecodable bytes kept by surrogateescape (csv, tar names), or a JSON "\\ud800"
+# escape. Arrow refuses them, so a record carrying one must become a ledger row before the writer.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_surrogates(value: str) -> bool:
+    return _SURROGATE.search(value) is not None
+
+
+def _raw_bytes(value: str) -> bytes:
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate outside the escape range (from a JSON \\u escape)
+        return value.encode("utf-8", "surrogatepass")
+
+
 def _clean_caption(value: Any) -> tuple[str | None, str | None]:
-    """(caption, problem reason) from a raw cell: bytes must be UTF-8; surrogates mean the bytes were not."""
+    """(caption, problem reason) from a raw cell: bytes must be UTF-8; surrogates mean the bytes were
+    not; anything but text (numbers, lists, structs) is refused, never ``str()``-ed into a caption."""
     if value is None:
         return None, reasons.CAPTION_MISSING
     if isinstance(value, bytes):
@@ -271,18 +404,31 @@ def _clean_caption(value: Any) -> tuple[str | None, str | None]:
         except UnicodeDecodeError:
             return None, reasons.CAPTION_INVALID_UTF8
     if not isinstance(value, str):
-        value = str(value)
-    if any("\udc80" <= ch <= "\udcff" for ch in value):
+        return None, reasons.CAPTION_NOT_TEXT
+    if has_surrogates(value):
         return None, reasons.CAPTION_INVALID_UTF8
     return value, None
 
 
 def _describe_bad(value: Any) -> str:
     if isinstance(value, str):
-        value = value.encode("utf-8", "surrogateescape")
+        value = _raw_bytes(value)
     if isinstance(value, bytes):
         return f"{len(value)} bytes, starts {value[:40]!r}"
-    return repr(value)[:80]
+    return f"{type(value).__name__}: {repr(value)[:80]}"
+
+
+def _bad_text_field(fields: dict[str, Any]) -> str | None:
+    """Detail naming the first field (url, key, meta column) that holds text that is not UTF-8."""
+    for name in sorted(fields, key=str):
+        value = fields[name]
+        if value is None or isinstance(value, (int, float, bool, bytes)):
+            text = ""  # cannot hold a surrogate (bytes are rendered as their repr)
+        else:
+            text = value if isinstance(value, str) else _meta_json({"v": value})
+        if has_surrogates(str(name)) or has_surrogates(text):
+            return f"field {str(name)[:40]!r}: {_describe_bad(value if isinstance(value, str) else text)}"[:200]
+    return None
 
 
 class ReadInputUnitFn(beam.DoFn):
@@ -323,6 +469,9 @@ class ReadInputUnitFn(beam.DoFn):
         if problem is not None:
             detail = "" if problem == reasons.CAPTION_MISSING else _describe_bad(caption)
             return Outcome(key=key_s, status=REJECTED, reason=problem, detail=detail, source=source)
+        bad = _bad_text_field({self.spec.url_col: url_s, "key": None if key is None else str(key), **meta})
+        if bad is not None:
+            return Outcome(key=key_s, status=REJECTED, reason=reasons.FIELD_INVALID_UTF8, detail=bad, source=source)
         if not url_s:
             return Outcome(key=key_s, status=REJECTED, reason=reasons.URL_MISSING, detail="", source=source)
         return Pair(key=key_s, url=url_s, caption=cap, source=source, meta=_meta_json(meta))
@@ -348,7 +497,7 @@ class ReadInputUnitFn(beam.DoFn):
 
     def _read_csv(self, path: str, rel: str) -> Iterator[Pair | Outcome]:
         with FileSystems.open(path, compression_type="uncompressed") as f:
-            text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+            text = io.TextIOWrapper(f, encoding=CSV_ENCODING, errors="surrogateescape", newline="")
             reader = csv.reader(text, **_csv_dialect(path))
             header: list[str] | None = None
             row_no = -1
@@ -388,7 +537,8 @@ class ReadInputUnitFn(beam.DoFn):
                     continue
                 source = src(rel, row_no)
                 try:
-                    line = raw.decode("utf-8")
+                    # utf-8-sig: a leading byte-order mark (Excel, Notepad) is not part of the first record
+                    line = raw.decode("utf-8-sig" if row_no == 0 else "utf-8")
                 except UnicodeDecodeError:
                     yield Outcome(
                         key=record_key(rel, str(row_no), None), status=REJECTED, reason=reasons.CAPTION_INVALID_UTF8,
@@ -435,7 +585,8 @@ class ReadInputUnitFn(beam.DoFn):
             )
         cap, problem = _clean_caption(row.get("caption"))
         if problem is not None:
-            return Outcome(key=key, status=REJECTED, reason=problem, detail="", source=source)
+            detail = "" if problem == reasons.CAPTION_MISSING else _describe_bad(row.get("caption"))
+            return Outcome(key=key, status=REJECTED, reason=problem, detail=detail, source=source)
         skip = {"key", "caption", "url", "status", "error_message", "width", "height", "jpg", "png", "webp", "txt", "json"}
         meta = {k: v for k, v in row.items() if k not in skip}
         return Pair(
@@ -452,7 +603,7 @@ class ReadInputUnitFn(beam.DoFn):
         status_rel = self.resolved.rel(status_path) if status_path else None
         seen: set[str] = set()
         failure: tuple[str, str] | None = None  # (reason, detail) if the tar broke
-        if path.endswith(".tar"):
+        if tar_stem(path) is not None:
             for item in self._iter_tar(path, rel):
                 if isinstance(item, _TarBroken):
                     failure = (item.reason, item.detail)
@@ -479,22 +630,32 @@ class ReadInputUnitFn(beam.DoFn):
                               detail="status says success but the tar has no such sample", source=source)
 
     def _iter_tar(self, path: str, rel: str):
-        """Yields (key, {ext: bytes}, first_member_name) per sample, Outcomes for hostile members, and a
-        final ``_TarBroken`` if the tar is broken. Members are never written to disk."""
+        """Yields (key, {ext: bytes | _Skipped}, first_member_name) per sample, Outcomes for hostile
+        members, and a final ``_TarBroken`` if the tar is broken. Members are never written to disk,
+        and one larger than ``max_member_bytes`` is never read (stream mode skips its blocks)."""
         current_key: str | None = None
-        current: dict[str, bytes] = {}
+        current: dict[str, bytes | _Skipped] = {}
+        held = 0  # bytes of the sample in hand
         first_name = ""
         size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+        limit = self.spec.max_member_bytes
 
         def cut(where: str, exc: BaseException | str):
             text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {str(exc)[:80]}"
             return Outcome(key=safe_key(None, rel, where), status=ERROR, reason=reasons.TAR_TRUNCATED,
                            detail=f"{where}: {text}", source=f"{rel}:{where[:200]}")
 
+        unsupported = next((e for e in UNSUPPORTED_TAR_EXTS if path.endswith(e)), None)
+        if unsupported is not None:
+            detail = f"{unsupported} compression is not read by mmcorpus: decompress to .tar (or recompress as .tar.gz)"
+            yield Outcome(key=safe_key(None, rel, "tar"), status=ERROR, reason=reasons.TAR_UNREADABLE, detail=detail, source=rel)
+            yield _TarBroken(reasons.TAR_UNREADABLE, detail)
+            return
         with FileSystems.open(path, compression_type="uncompressed") as f:
             try:
-                tf = tarfile.open(fileobj=f, mode="r|")
-            except tarfile.TarError as e:
+                # "r|*": stream mode (bounded memory, no seeks) with gzip/bz2/xz detected from the magic.
+                tf = tarfile.open(fileobj=f, mode="r|*")
+            except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
                 yield Outcome(key=safe_key(None, rel, "tar"), status=ERROR, reason=reasons.TAR_UNREADABLE,
                               detail=f"{type(e).__name__}: {str(e)[:120]}", source=rel)
                 yield _TarBroken(reasons.TAR_UNREADABLE, str(e)[:120])
@@ -502,48 +663,75 @@ class ReadInputUnitFn(beam.DoFn):
             try:
                 for ordinal, member in enumerate(tf):
                     name = member.name
-                    unsafe = _unsafe_member(member)
+                    bad_utf8 = has_surrogates(name)
+                    shown = _raw_bytes(name).decode("utf-8", "backslashreplace") if bad_utf8 else name
+                    unsafe = _unsafe_member_name(member)
                     if unsafe:
-                        yield Outcome(key=safe_key(None, rel, name), status=REJECTED, reason=reasons.UNSAFE_MEMBER_NAME,
-                                      detail=f"{unsafe}: {name[:120]!r}", source=f"{rel}:{name[:200]}")
+                        yield Outcome(key=safe_key(None, rel, shown), status=REJECTED, reason=reasons.UNSAFE_MEMBER_NAME,
+                                      detail=f"{unsafe}: {shown[:120]!r}", source=f"{rel}:{shown[:200]}")
                         continue
-                    if not member.isfile():
+                    if member.isdir():
                         continue  # directories: structure, not records
-                    stem, _, ext = posixpath.basename(name).partition(".")
-                    try:
-                        data = tf.extractfile(member).read()
-                    except (tarfile.TarError, EOFError, OSError) as e:
-                        # The member's data is cut: its sample is lost; the sample before it is whole.
-                        if current_key is not None and current_key != stem:
-                            yield current_key, current, first_name
-                        out = cut(name, e)
-                        out.key = safe_key(stem, rel, name)
-                        yield out
-                        yield _TarBroken(reasons.TAR_TRUNCATED, str(e)[:120])
-                        return
+                    stem, _, ext = posixpath.basename(shown).partition(".")
+                    skipped: _Skipped | None = None
+                    kind = _unsafe_member_type(member)
+                    if kind is not None:
+                        skipped = _Skipped(reasons.UNSAFE_MEMBER_TYPE, f"{shown[:120]!r} is a {kind}: never followed or read")
+                    elif bad_utf8:
+                        skipped = _Skipped(reasons.MEMBER_NAME_INVALID_UTF8, f"member name is not UTF-8: {_raw_bytes(name)[:80]!r}")
+                    elif member.size > limit:
+                        skipped = _Skipped(reasons.MEMBER_TOO_LARGE, f"{shown[:120]!r} is {member.size} bytes > max_member_bytes {limit}")
+                    if skipped is not None:
+                        data: bytes | _Skipped = skipped
+                    else:
+                        try:
+                            data = tf.extractfile(member).read()
+                        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+                            # The member's data is cut: its sample is lost; the sample before it is whole.
+                            if current_key is not None and current_key != stem:
+                                yield current_key, current, first_name
+                            out = cut(shown, e)
+                            out.key = safe_key(stem, rel, shown)
+                            yield out
+                            yield _TarBroken(reasons.TAR_TRUNCATED, str(e)[:120])
+                            return
                     if stem != current_key:
                         if current_key is not None:
                             yield current_key, current, first_name
-                        current_key, current, first_name = stem, {}, f"{ordinal:06d}:{name}"
+                        current_key, current, first_name = stem, {}, f"{ordinal:06d}:{shown}"
+                        held = 0
+                    if isinstance(data, bytes):
+                        held += len(data)
+                        if held > limit:
+                            # Many members under one key (.a1, .a2, ...) must not add up past the cap
+                            # either: drop what is held, keep only the verdict.
+                            data = _Skipped(reasons.MEMBER_TOO_LARGE, f"sample {stem[:80]!r}: members add up to more than max_member_bytes {limit}")
+                            current = {}
                     current[ext.lower()] = data
-            except (tarfile.TarError, EOFError, OSError) as e:
-                # The next header is corrupt: the sample in hand is complete.
+                # tarfile's stream mode ends silently at a header cut short; a complete archive has its
+                # end-of-archive blocks after the last member.
+                # (by content, not name: a gzipped tar named .tar is compressed too)
+                plain = getattr(tf.fileobj, "comptype", "tar") == "tar"
+                total = size if plain else _stream_length(tf)
+            except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+                # The next header (or the compressed stream) is corrupt: the sample in hand is complete.
                 if current_key is not None:
                     yield current_key, current, first_name
-                yield cut(f"after {first_name}", e)
+                yield cut(f"after {first_name or 'start'}", e)
                 yield _TarBroken(reasons.TAR_TRUNCATED, str(e)[:120])
                 return
             if current_key is not None:
                 yield current_key, current, first_name
-            # tarfile's stream mode ends silently at a header cut short; a complete archive has its
-            # end-of-archive blocks after the last member.
-            if tf.offset + 2 * tarfile.BLOCKSIZE > size:
+            if tf.offset + 2 * tarfile.BLOCKSIZE > total:
                 yield cut(f"after {first_name or 'start'}", "no end-of-archive marker (file cut inside a header)")
                 yield _TarBroken(reasons.TAR_TRUNCATED, "no end-of-archive marker")
 
-    def _tar_sample(self, rel: str, stem: str, members: dict[str, bytes], first_name: str, status_row: dict | None):
+    def _tar_sample(self, rel: str, stem: str, members: dict[str, bytes | _Skipped], first_name: str, status_row: dict | None):
         source = f"{rel}#{first_name}"
         key = safe_key(stem, rel)
+        skipped = next((m for _, m in sorted(members.items()) if isinstance(m, _Skipped)), None)
+        if skipped is not None:
+            return Outcome(key=key, status=REJECTED, reason=skipped.reason, detail=skipped.detail, source=source)
         meta: dict[str, Any] = {}
         if "json" in members:
             try:
@@ -560,11 +748,20 @@ class ReadInputUnitFn(beam.DoFn):
         else:
             cap, problem = _clean_caption(meta.get("caption", (status_row or {}).get("caption")))
         if problem is not None:
-            detail = _describe_bad(members.get("txt")) if problem == reasons.CAPTION_INVALID_UTF8 else ""
+            raw = members.get("txt") if "txt" in members else meta.get("caption")
+            detail = "" if problem == reasons.CAPTION_MISSING else _describe_bad(raw)
             return Outcome(key=key, status=REJECTED, reason=problem, detail=detail, source=source)
         image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        if image is None:
+            # An unknown extension (.mp4, .svg, ...): hand its bytes to the image filter, which names
+            # the format, rather than calling the image missing.
+            image = next((m for e, m in sorted(members.items()) if e not in TEXT_EXTS), None)
         for drop in ("caption", "url", "key", "status", "error_message", "width", "height"):
             meta.pop(drop, None)
+        url = None if url is None else str(url)
+        bad = _bad_text_field({"url": url, **meta})
+        if bad is not None:
+            return Outcome(key=key, status=REJECTED, reason=reasons.FIELD_INVALID_UTF8, detail=bad, source=source)
         return Pair(key=key, url=url, caption=cap, image=image, source=source, meta=_meta_json(meta))
 
 
@@ -574,7 +771,25 @@ class _TarBroken:
     detail: str
 
 
-def _unsafe_member(member: tarfile.TarInfo) -> str | None:
+@dataclass(frozen=True)
+class _Skipped:
+    """A member that was not read (link, device, non-UTF-8 name, too large): its sample becomes a ledger row."""
+
+    reason: str
+    detail: str
+
+
+def _stream_length(tf: tarfile.TarFile) -> int:
+    """Uncompressed length of a compressed tar read in stream mode: what was consumed plus the rest
+    (the end-of-archive padding, normally a few KiB), read in bounded chunks."""
+    stream = tf.fileobj
+    total = stream.tell()
+    while chunk := stream.read(1 << 20):
+        total += len(chunk)
+    return total
+
+
+def _unsafe_member_name(member: tarfile.TarInfo) -> str | None:
     name = member.name
     if not name or "\x00" in name:
         return "empty or NUL in name"
@@ -582,10 +797,18 @@ def _unsafe_member(member: tarfile.TarInfo) -> str | None:
         return "absolute path"
     if ".." in name.split("/"):
         return "parent-directory component"
-    if member.issym() or member.islnk():
-        return "link member"
+    return None
+
+
+def _unsafe_member_type(member: tarfile.TarInfo) -> str | None:
+    if member.issym():
+        return f"symlink to {member.linkname[:80]!r}"
+    if member.islnk():
+        return f"hardlink to {member.linkname[:80]!r}"
     if member.isdev() or member.isfifo():
-        return "device member"
+        return "device or fifo"
+    if not member.isfile():
+        return "special member"
     return None
 
 
@@ -598,8 +821,9 @@ class ExpandUnitsFn(beam.DoFn):
     def process(self, path: str):
         fmt = self.resolved.format
         if fmt == "webdataset":
-            if path.endswith(".tar"):
-                status = path[: -len(".tar")] + ".parquet"
+            stem = tar_stem(path)
+            if stem is not None:
+                status = stem + ".parquet"
                 yield ("tar", path, status if FileSystems.exists(status) else None)
             else:  # a status parquet without a tar
                 yield ("tar", path, path)

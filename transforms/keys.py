@@ -18,9 +18,16 @@ def hash_key(*parts: str | None, length: int = 16) -> str:
     """A short hex key from the given parts (None and "" hash differently)."""
     h = hashlib.sha256()
     for p in parts:
-        h.update(b"\x01" if p is None else b"\x00" + p.encode("utf-8", "surrogateescape"))
+        h.update(b"\x01" if p is None else b"\x00" + _utf8(p))
         h.update(b"\x1f")
     return h.hexdigest()[:length]
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8", "surrogateescape")  # undecodable input bytes hash as those bytes
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\\ud800" escape
+        return text.encode("utf-8", "surrogatepass")
 
 
 def record_key(source_name: str, url: str | None, caption: str | None) -> str:

@@ -337,20 +337,31 @@ def sample_tokens(
 # --- images --------------------------------------------------------------------------------------
 
 
+# Above this many source pixels, JPEGs are decoded at a reduced DCT scale (still at least the stored
+# size): a huge but legal photo then never occupies width x height x 3 bytes in a pack worker.
+# Below it the full decode is kept, so ordinary images are stored exactly as before.
+DRAFT_ABOVE_PIXELS = 16_000_000
+
+
 def prepare_image(data: bytes, profile: StageProfile) -> tuple[bytes, int, int]:
-    """Decode, convert to RGB, resize per ``profile`` and encode as JPEG: ``(jpeg, width, height)``.
-    Raises whatever PIL raises on undecodable bytes (the caller turns it into a ledger row)."""
+    """Decode (upright, 8-bit RGB, through ``transforms.images``), resize per ``profile`` and encode as
+    JPEG: ``(jpeg, width, height)``. JPEG has no alpha and pack writes no EXIF, so orientation and
+    transparency are resolved here, before re-encoding. Raises whatever PIL raises on undecodable
+    bytes (the caller turns it into a ledger row)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        im = im.convert("RGB")
-        size = profile.stored_size(*im.size)
-        if size != im.size:
-            im = im.resize(size, Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=profile.jpeg_quality, optimize=False, progressive=False)
-        return buf.getvalue(), size[0], size[1]
+    from transforms import images
+
+    with images.open_image(data) as probe:
+        head = images.read_header(probe)
+    size = profile.stored_size(head.width, head.height)
+    draft = size if head.pixels > DRAFT_ABOVE_PIXELS else None
+    im = images.decode(data, draft_size=draft)
+    if size != im.size:
+        im = im.resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=profile.jpeg_quality, optimize=False, progressive=False)
+    return buf.getvalue(), size[0], size[1]
 
 
 # --- training the bundled tokenizer --------------------------------------------------------------

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from pack.fixtures import make_input_dir, sample_pairs
 from pipelines import export
@@ -35,7 +38,17 @@ def test_export_minicpmv(rewritten, tmp_path):
         assert conv[0]["content"].startswith("<image>\n")
         assert sum("<image>" in t["content"] for t in conv) == 1
         p = with_image[d["id"]]
-        assert (out / d["image"]).read_bytes() == p.image
+        if p.source == "skimage_pairs/horse.png":
+            # RGBA: MiniCPM-V's loader would .convert("RGB") the transparent background to black;
+            # the export composites it on white (transforms.images), as the filter and pack saw it.
+            with Image.open(io.BytesIO(p.image)) as orig, Image.open(out / d["image"]) as got:
+                assert orig.mode == "RGBA" and got.mode == "RGB" and got.size == orig.size
+                rgba = np.asarray(orig).astype(float)
+                alpha = rgba[..., 3:] / 255
+                want = rgba[..., :3] * alpha + 255 * (1 - alpha)
+                assert np.abs(np.asarray(got).astype(float) - want).max() <= 1
+        else:
+            assert (out / d["image"]).read_bytes() == p.image
         if p.qa:
             assert conv == [
                 {"role": "user", "content": "<image>\nWhat is in the picture?"},
@@ -49,6 +62,7 @@ def test_export_minicpmv(rewritten, tmp_path):
     summary = json.loads((out / "export.json").read_text())
     assert summary["with_qa"] == 1 and summary["exported"] == len(with_image)
     assert summary["skipped_no_image"] == sorted(p.key for p in pairs if not p.image)
+    assert summary["normalised"] == [p.key for p in pairs if p.source == "skimage_pairs/horse.png"]
     assert {pathlib.Path(d["image"]).suffix for d in data} == {".jpg", ".png"}
     again = tmp_path / "mv2"
     export.main(["minicpmv", "--input", src, "--output", str(again)])
