@@ -138,6 +138,16 @@ def _hwm(pid: int) -> int | None:
     return None
 
 
+def _reset_hwm(pid: int) -> bool:
+    """Reset a process's VmHWM to its current RSS (``echo 5 > /proc/PID/clear_refs``, our own processes)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class Sampler:
     """Peak RSS per process (by role) of a process tree plus extra processes, sampled every ``period`` s."""
 
@@ -151,6 +161,8 @@ class Sampler:
         self.period = period
         self._stop = threading.Event()
         self._cpu0 = {p.pid: self._cpu(p) for p in self._extra_tree()}
+        # Dask processes live across stages: reset their VmHWM so each stage reports its own peak.
+        self._fresh_peak = {p.pid: _reset_hwm(p.pid) for p in self._extra_tree()}
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -188,7 +200,8 @@ class Sampler:
             except self.psutil.Error:
                 pass
         for name, p in procs.items():
-            rss = _hwm(p.pid)
+            # VmHWM unless it is a long-lived process whose peak could not be reset (then sampled RSS)
+            rss = _hwm(p.pid) if self._fresh_peak.get(p.pid, True) else None
             if rss is None:
                 try:
                     rss = p.memory_info().rss
