@@ -318,8 +318,8 @@ def stage_argv(stage: str, root: str, cfg: str, extra: list[str]) -> list[str]:
     return [stage, *args, "--output", os.path.join(out, stage), "--config", cfg, "--force", *extra]
 
 
-def run_stage_measured(argv: list[str], extra_pids: dict[str, int], log_path: str) -> dict:
-    env = dict(os.environ, MMCORPUS_PROGRESS="0")
+def run_stage_measured(argv: list[str], extra_pids: dict[str, int], log_path: str, writer_log: str) -> dict:
+    env = dict(os.environ, MMCORPUS_PROGRESS="0", MMCORPUS_WRITER_MEMORY=writer_log)
     t = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -335,17 +335,15 @@ def run_stage_measured(argv: list[str], extra_pids: dict[str, int], log_path: st
     return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime + extra_cpu, "peaks": peaks}
 
 
-def _writer_peak(manifest) -> str:
-    """The writer's own peak memory per shard, when the stage reports one in its manifest (issue 9,
-    another engineer's part: tracemalloc inside the write step); otherwise a dash."""
-    for k, v in manifest.extra.items():
-        if isinstance(v, dict):
-            for k2, v2 in v.items():
-                if "writer" in k2 and "peak" in k2 and isinstance(v2, (int, float)):
-                    return f"{v2 / 2**20:,.1f}"
-        if "writer" in k and "peak" in k and isinstance(v, (int, float)):
-            return f"{v / 2**20:,.1f}"
-    return "–"
+def _writer_peak(path: str) -> str:
+    """Largest per-shard peak (MiB) of the stage writer's own memory (tracemalloc + Arrow pool), from the
+    JSON lines each shard write appends to ``$MMCORPUS_WRITER_MEMORY`` (pipelines.runner); a dash
+    when this checkout's writer wrote none."""
+    peaks = []
+    if os.path.exists(path):
+        with open(path) as f:
+            peaks = [json.loads(line)["peak_bytes"] for line in f if line.strip()]
+    return f"{max(peaks) / 2**20:,.1f} ({len(peaks)} shards)" if peaks else "–"
 
 
 def run_engine(engine: str, n: int, root: str, image_share: float, cores_direct: int, stage_extra: list[str],
@@ -364,10 +362,14 @@ def run_engine(engine: str, n: int, root: str, image_share: float, cores_direct:
             extra, pids, cores = [], {}, cores_direct
         rows = []
         for stage in STAGES:
-            r = run_stage_measured(stage_argv(stage, root, cfg, extra + stage_extra), pids, os.path.join(root, f"{engine}-{stage}.log"))
+            writer_log = os.path.join(root, f"{engine}-{stage}-writer.jsonl")
+            if os.path.exists(writer_log):
+                os.unlink(writer_log)
+            r = run_stage_measured(stage_argv(stage, root, cfg, extra + stage_extra), pids, os.path.join(root, f"{engine}-{stage}.log"),
+                                   writer_log)
             m = read_manifest(os.path.join(root, "out", stage))
             r.update(stage=stage, engine=engine, n=n, inputs=m.counts["inputs"], outputs=m.counts["outputs"], cores=cores,
-                     writer_peak_mib=_writer_peak(m), files=len(m.files))
+                     writer_peak_mib=_writer_peak(writer_log), files=len(m.files))
             if cluster is not None:
                 r["dask_events"] = cluster.events()
             rows.append(r)
@@ -427,7 +429,7 @@ def to_markdown(res: dict, command: str) -> str:
     for n, info in res["inputs"].items():
         lines.append(f"- n = {n:,}: {info['images']:,} pairs with real image bytes ({info['image_bytes'] / 1e6:,.0f} MB of re-encoded "
                      f"bundled photos), the rest caption-only; input written in {info['seconds']:.0f} s.")
-    lines += ["", "| engine | pairs | stage | in → out | wall s | CPU s | pairs/s/core | peak RSS MiB per process | writer peak MiB/shard (tracemalloc) | Dask memory events |",
+    lines += ["", "| engine | pairs | stage | in → out | wall s | CPU s | pairs/s/core | peak RSS MiB per process | writer peak MiB, largest shard (tracemalloc + Arrow) | Dask memory events |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     notes: list[str] = []
     for run in res["runs"]:
@@ -455,8 +457,8 @@ def to_markdown(res: dict, command: str) -> str:
                              f"{rb['peaks'].get('driver', 0) / max(ra['peaks'].get('driver', 1), 1):.2f} |")
             wa, wb = sum(r["wall_s"] for r in a["rows"]), sum(r["wall_s"] for r in b["rows"])
             lines.append(f"| {engine} | **all four** | **{wb / wa:.2f}** | | |")
-    lines += ["", "Writer peak per shard: measured inside the stage writer (tracemalloc) when the stage reports it in its "
-              "manifest; a dash means this checkout's writer does not report it yet."]
+    lines += ["", "Writer peak: each shard write's own peak memory (tracemalloc + Arrow pool), written by the stage writer "
+              "to `$MMCORPUS_WRITER_MEMORY` (the harness sets it per stage; measuring slows the writer); a dash: no report."]
     return "\n".join(lines) + "\n"
 
 
@@ -466,6 +468,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--engines", default="auto", help="direct,dask (auto: direct, plus dask when the stages support it)")
     ap.add_argument("--image-share", type=float, default=0.02, help="share of pairs with real image bytes")
     ap.add_argument("--memory-limit", default="4GiB", help="dask worker --memory-limit")
+    ap.add_argument("--target-shard-bytes", default="64MiB", help="passed to every stage (fixed, so writer peaks compare)")
     ap.add_argument("--workdir", help="keep inputs and outputs here (default: a temporary directory, removed)")
     ap.add_argument("--quick", action="store_true", help="2,000 and 8,000 pairs")
     return ap
@@ -488,11 +491,12 @@ def section(quick: bool = False, argv: list[str] | None = None) -> str:
     args = _parser().parse_args(argv or [])
     sizes = "2000,8000" if quick or args.quick else args.sizes
     engines = _engines(args.engines)
-    command = f"python -m bench.scale --sizes {sizes} --engines {','.join(engines)} --image-share {args.image_share}"
+    command = (f"python -m bench.scale --sizes {sizes} --engines {','.join(engines)} --image-share {args.image_share} "
+               f"--target-shard-bytes {args.target_shard_bytes}")
     if "dask" in engines:
         command += f" --memory-limit {args.memory_limit}"
     res = run([int(s) for s in sizes.split(",")], engines, args.image_share, args.workdir, memory_limit=args.memory_limit,
-              keep=bool(args.workdir))
+              keep=bool(args.workdir), stage_extra=["--target-shard-bytes", args.target_shard_bytes])
     return to_markdown(res, command)
 
 
