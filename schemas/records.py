@@ -45,6 +45,9 @@ class Pair:
         qa: question–answer pairs produced by the rewriter, as ``[{"question": .., "answer": ..}]``.
         rewrite_model, prompt_version: provenance of the rewrite.
         cluster_id, cluster_size: set by dedup on the kept representative of a duplicate cluster.
+        dataset: the source name given as ``--input NAME=DIR`` (None for an unnamed single input).
+        license: the record's licence, from img2dataset metadata or the source's configured value.
+        replica: set by ``select`` on an upsampled copy (1, 2, ...); None on an original record.
 
     Example:
         >>> p = Pair(key="abc123", url=None, caption="a dog on a beach")
@@ -70,6 +73,10 @@ class Pair:
     prompt_version: str | None = None
     cluster_id: str | None = None
     cluster_size: int | None = None
+    # --- sources and selection (issue 13) ---
+    dataset: str | None = None
+    license: str | None = None
+    replica: int | None = None
 
     def to_row(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -110,6 +117,10 @@ PAIR_SCHEMA = pa.schema(
         pa.field("prompt_version", pa.string()),
         pa.field("cluster_id", pa.string()),
         pa.field("cluster_size", pa.int64()),
+        # --- sources and selection (issue 13) ---
+        pa.field("dataset", pa.string()),
+        pa.field("license", pa.string()),
+        pa.field("replica", pa.int32()),
     ]
 )
 PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(Pair))
