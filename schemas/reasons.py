@@ -69,6 +69,14 @@ PACK_TOO_MANY_IMAGES = "pack_too_many_images"
 PACK_NO_IMAGE = "pack_no_image"
 PACK_IMAGE_UNDECODABLE = "pack_image_undecodable"
 
+# --- image models (ocr, safety) -------------------------------------------------------------
+MODEL_ERROR = "model_error"  # a per-image model raised on a decoded image (the detail names the model)
+NSFW = "nsfw"  # NSFW detector score >= the configured reject threshold
+LAION_PUNSAFE = "laion_punsafe"  # the source's LAION punsafe metadata >= the configured threshold
+LAION_PWATERMARK = "laion_pwatermark"  # the source's LAION pwatermark metadata >= the configured threshold
+IMAGE_WATERMARK = "image_watermark"  # OCR text matches a stock-photo credit rule
+CAPTION_PII = "caption_pii"  # caption holds PII (e-mail, phone, card, resident ID) and policy is reject
+
 # --- unexpected exceptions (dead letter): "exception_<ExcType>" ------------------------------
 EXCEPTION_PREFIX = "exception_"
 

@@ -45,6 +45,9 @@ class Pair:
         qa: question–answer pairs produced by the rewriter, as ``[{"question": .., "answer": ..}]``.
         rewrite_model, prompt_version: provenance of the rewrite.
         cluster_id, cluster_size: set by dedup on the kept representative of a duplicate cluster.
+        ocr: canonical JSON of the OCR stage's result (boxes, texts, scores, text-area ratio, chars,
+            ``text_rich``); None before the OCR stage.
+        safety: canonical JSON of the safety flags (NSFW score, PII rules, watermark, LAION metadata).
 
     Example:
         >>> p = Pair(key="abc123", url=None, caption="a dog on a beach")
@@ -70,6 +73,9 @@ class Pair:
     prompt_version: str | None = None
     cluster_id: str | None = None
     cluster_size: int | None = None
+    # --- image models (OCR stage, issue 12) ---
+    ocr: str | None = None
+    safety: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -110,6 +116,9 @@ PAIR_SCHEMA = pa.schema(
         pa.field("prompt_version", pa.string()),
         pa.field("cluster_id", pa.string()),
         pa.field("cluster_size", pa.int64()),
+        # --- image models (OCR stage, issue 12) ---
+        pa.field("ocr", pa.string()),
+        pa.field("safety", pa.string()),
     ]
 )
 PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(Pair))
