@@ -15,6 +15,7 @@ from pipelines.config import build, load_toml, section, to_dict
 from pipelines.runner import StageResult, add_stage_args, run_stage
 from schemas.errors import UserError
 from transforms.ocr import OCR_MODEL, OcrAnnotateFn, OcrConfig
+from transforms.safety import NSFW_MODEL, SafetyConfig
 from transforms.stage_io import ReadStage, read_manifest, stage_input_info
 
 STAGE = "ocr"
@@ -26,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="a finished stage output directory with images (filter, dedup, synthdoc)")
     p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None,
                    help="OCR result cache (by image sha256): a rerun or a resumed run never pays twice")
+    p.add_argument("--no-safety", "--no_safety", dest="safety", action="store_false",
+                   help="skip the safety flags (NSFW score, PII, watermark, LAION punsafe/pwatermark)")
     add_stage_args(p)
     return p
 
@@ -34,22 +37,30 @@ def load_config(path: str | None) -> OcrConfig:
     return build(OcrConfig, section(load_toml(path), "ocr"), "ocr")
 
 
+def load_safety(path: str | None, enabled: bool) -> SafetyConfig | None:
+    return build(SafetyConfig, section(load_toml(path), "safety"), "safety") if enabled else None
+
+
 def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
     try:
         read_manifest(args.input)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     cfg = load_config(args.config)
+    safety = load_safety(args.config, args.safety)
     try:
         import rapidocr  # noqa: F401
+        if safety is not None and safety.nsfw:
+            import nudenet  # noqa: F401
     except ImportError:
-        raise UserError("the OCR stage needs rapidocr and onnxruntime: pip install -e . (they are core dependencies)") from None
-    config = {"ocr": to_dict(cfg), "model": OCR_MODEL}
+        raise UserError("the OCR stage needs rapidocr, nudenet and onnxruntime: pip install -e . (they are core dependencies)") from None
+    config = {"ocr": to_dict(cfg), "model": OCR_MODEL,
+              "safety": to_dict(safety) if safety else None, "safety_model": NSFW_MODEL if safety else None}
     input_info = stage_input_info(args.input)
 
     def build_pipeline(p):
         return (p | "Read" >> ReadStage(args.input)
-                | "OCR" >> beam.ParDo(OcrAnnotateFn(cfg, cache_dir=args.cache_dir)))
+                | "OCR" >> beam.ParDo(OcrAnnotateFn(cfg, cache_dir=args.cache_dir, safety=safety)))
 
     return run_stage(stage=STAGE, output_dir=args.output, config=config, input_info=input_info,
                      build=build_pipeline, beam_args=beam_args, num_shards=args.num_shards, force=args.force)

@@ -187,22 +187,25 @@ def ocr_samples(pair: Pair, result: dict[str, Any], cfg: OcrConfig) -> Pair:
 
 class OcrAnnotateFn(ImageModelFn):
     """OCR every image (cached by sha256) and store the result in ``Pair.ocr``; text-rich records
-    also get the stage-3 samples. Every record is kept unless its image is missing, undecodable or
-    the model fails on it.
+    also get the stage-3 samples. With ``safety``, the NSFW model runs on the same decoded image and
+    ``transforms.safety.apply_safety`` decides (flags in ``Pair.safety``). Every record is kept
+    unless its image is missing or undecodable, a model fails on it, or a safety rule rejects it.
 
     Args:
         cfg: OCR settings.
         cache_dir: result cache root (None: no cache).
-        extra_models: further ``ImageModel``s to run on the same decoded image (e.g. NSFW).
-        annotate_extra: ``f(pair, results) -> Outcome | None`` deciding on the extra models' results
-            (None: keep).
+        safety: safety settings (None: no safety flags).
     """
 
-    def __init__(self, cfg: OcrConfig, cache_dir: str | None = None, extra_models: list[ImageModel] | None = None,
-                 annotate_extra=None):
-        super().__init__([RapidOcrModel(cfg)] + list(extra_models or []), "ocr", cache_dir, cfg.max_pixels)
+    def __init__(self, cfg: OcrConfig, cache_dir: str | None = None, safety=None):
+        models: list[ImageModel] = [RapidOcrModel(cfg)]
+        if safety is not None and safety.nsfw:
+            from transforms.safety import NsfwModel
+
+            models.append(NsfwModel(safety.threads))
+        super().__init__(models, "ocr", cache_dir, cfg.max_pixels)
         self.cfg = cfg
-        self.annotate_extra = annotate_extra
+        self.safety = safety
 
     def setup(self):
         super().setup()
@@ -216,9 +219,9 @@ class OcrAnnotateFn(ImageModelFn):
             self._text_rich.inc()
             if self.cfg.make_samples:
                 pair = ocr_samples(pair, result, self.cfg)
-        if self.annotate_extra is not None:
-            decided = self.annotate_extra(pair, results)
-            if decided is not None:
-                yield decided
-                return
+        if self.safety is not None:
+            from transforms.safety import apply_safety
+
+            yield apply_safety(pair, results, self.safety)
+            return
         yield Outcome.kept(pair)

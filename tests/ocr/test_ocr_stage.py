@@ -15,6 +15,7 @@ from pipelines import ocr as ocr_stage
 from pipelines.verify import verify
 from schemas.records import Pair
 from transforms import ocr as ocr_mod
+from transforms.safety import NsfwModel
 from transforms.stage_io import read_table
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -86,10 +87,13 @@ def test_ocr_stage_reads_text_flags_and_ledgers(inputs, tmp_path):
     assert t["caption"] == f"a shop sign [OCR text: {EN_LINE} / {ZH_LINE}]" and t["raw_caption"] == "a shop sign"
     assert rows["plain1"]["caption"] == "a picture" and rows["plain1"]["qa"] is None
     assert all(ch.ok for ch in verify(str(out)))
-    # one cache entry per decodable image, keyed by the image sha256 (never for the broken one)
+    # one cache entry per model and decodable image, keyed by the image sha256 (never for the broken one)
     entries = [json.loads(p.read_text()) for p in cache.rglob("*.json")]
-    assert sorted(e["image_sha256"] for e in entries) == sorted(
-        hashlib.sha256(b).hexdigest() for b in (text_image(), plain_image()))
+    shas = sorted(hashlib.sha256(b).hexdigest() for b in (text_image(), plain_image()))
+    assert sorted((e["model"][0], e["image_sha256"]) for e in entries) == sorted(
+        [("nudenet-3.4.2/320n", s) for s in shas] + [("rapidocr-3.10.0/PP-OCRv6-small", s) for s in shas])
+    # safety flags on every kept record: no NSFW on a sign or a gradient, no PII, no watermark
+    assert json.loads(rows["text1"]["safety"]) == {"nsfw_classes": [], "nsfw_score": 0.0}
 
 
 def test_rerun_is_answered_from_cache_and_byte_identical(inputs, tmp_path, monkeypatch):
@@ -101,6 +105,7 @@ def test_rerun_is_answered_from_cache_and_byte_identical(inputs, tmp_path, monke
         raise AssertionError("the model ran although the cache holds the answer")
 
     monkeypatch.setattr(ocr_mod.RapidOcrModel, "run", no_model)
+    monkeypatch.setattr(NsfwModel, "run", no_model)
     assert ocr_stage.main(["--input", inputs, "--output", str(second), "--cache-dir", str(cache)]) == 0
     for f in sorted(p.relative_to(first) for p in first.rglob("*.parquet")):
         assert (first / f).read_bytes() == (second / f).read_bytes(), f
