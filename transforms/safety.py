@@ -29,7 +29,8 @@ _CN_ID = re.compile(r"(?<![0-9A-Za-z])\d{17}[\dXx](?![0-9A-Za-z])")
 _CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
 _PHONE = re.compile(
     r"(?<![\w+])(?:"
-    r"(?:\+?86[- ]?)?1[3-9]\d{9}"  # mainland China mobile
+    r"(?:\+?86[- ]?)?1[3-9]\d[ -]?\d{4}[ -]?\d{4}"  # mainland China mobile
+    r"|0\d{2,3}-\d{3,4}-?\d{4}"  # mainland China landline with area code
     r"|\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,3}"  # international, with a + prefix
     r"|\(\d{3}\)\s?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4}"  # North American
     r")(?!\w)"
