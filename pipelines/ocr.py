@@ -14,7 +14,7 @@ import apache_beam as beam
 from pipelines.config import build, load_toml, section, to_dict
 from pipelines.runner import StageResult, add_stage_args, run_stage
 from schemas.errors import UserError
-from transforms.ocr import OCR_MODEL, OcrAnnotateFn, OcrConfig
+from transforms.ocr import OCR_MODEL, OcrAnnotateFn, OcrConfig, SignalCountsFn
 from transforms.safety import NSFW_MODEL, SafetyConfig
 from transforms.stage_io import ReadStage, read_manifest, stage_input_info
 
@@ -59,8 +59,10 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
     input_info = stage_input_info(args.input)
 
     def build_pipeline(p):
-        return (p | "Read" >> ReadStage(args.input)
-                | "OCR" >> beam.ParDo(OcrAnnotateFn(cfg, cache_dir=args.cache_dir, safety=safety)))
+        outcomes = (p | "Read" >> ReadStage(args.input)
+                    | "OCR" >> beam.ParDo(OcrAnnotateFn(cfg, cache_dir=args.cache_dir, safety=safety)))
+        signals = outcomes | "Signals" >> beam.CombineGlobally(SignalCountsFn())
+        return outcomes, {"image_signals": signals}
 
     return run_stage(stage=STAGE, output_dir=args.output, config=config, input_info=input_info,
                      build=build_pipeline, beam_args=beam_args, num_shards=args.num_shards, force=args.force)

@@ -10,6 +10,7 @@ directory holding several):
     tokens_per_sample  tokens per packed sample (pack output)
     fill_per_pack      token fill per pack (pack output)
     images_per_pack    images per pack (pack output with image columns)
+    image_signals      OCR and safety counts of kept records (ocr output: its manifest's extra.image_signals)
 
 Example:
     mmcorpus stats build/demo --plot build/demo/stats.png --raw-input data/sample/cc3m_val_captions_8k.tsv
@@ -45,7 +46,8 @@ from schemas.manifest import FILE_KIND_DATA, FILE_KIND_LEDGER, MANIFEST_NAME
 from schemas.records import KEPT
 from transforms.stage_io import join, read_manifest
 
-PANELS = ("caption_words", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack", "images_per_pack")
+PANELS = ("caption_words", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack", "images_per_pack",
+          "image_signals")
 PANEL_TITLES = {
     "caption_words": "caption length (words)",
     "ledger_reasons": "removed records by stage and reason",
@@ -53,6 +55,7 @@ PANEL_TITLES = {
     "tokens_per_sample": "tokens per packed sample",
     "fill_per_pack": "token fill per pack",
     "images_per_pack": "images per pack",
+    "image_signals": "OCR and safety signals (kept records)",
 }
 # Pixel size of one panel (at DPI): the PNG is (COLS * W) x (rows * H).
 PANEL_W_IN, PANEL_H_IN, DPI = 6.4, 4.0, 100
@@ -131,8 +134,11 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
     reasons: Counter = Counter()
     clusters: list[int] | None = None
     packs: dict[str, list] | None = None
+    signals: dict[str, int] = {}
     for stage, d in scope:
         m = read_manifest(d)
+        for name, n in (m.extra.get("image_signals") or {}).items():
+            signals[f"{stage}: {name}"] = n
         for name, n in m.counts.get("by_reason", {}).items():
             status, reason = name.split("/", 1)
             if status != KEPT:
@@ -156,6 +162,8 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
         panels["ledger_reasons"] = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
     if clusters is not None:
         panels["cluster_sizes"] = clusters
+    if signals:
+        panels["image_signals"] = signals
     if packs is not None:
         panels["tokens_per_sample"] = packs["sample_tokens"]
         panels["fill_per_pack"] = [f for f in packs["pack_fill"] if f is not None]
@@ -223,7 +231,7 @@ def plot(stats: dict[str, Any], out_path: str) -> list[str]:
 def _draw(ax, name: str, data) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    (ax.xaxis if name == "ledger_reasons" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+    (ax.xaxis if name in ("ledger_reasons", "image_signals") else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
     if name == "caption_words":
         hi = max((max(v) for v in data.values() if v), default=1)
         bins = range(0, min(hi, 80) + 2)
@@ -235,6 +243,11 @@ def _draw(ax, name: str, data) -> None:
     elif name == "ledger_reasons":
         items = list(data.items())[:15][::-1]
         ax.barh([k for k, _ in items], [v for _, v in items], color="#c0504d")
+        ax.set_xlabel("records")
+        ax.tick_params(axis="y", labelsize=7)
+    elif name == "image_signals":
+        items = list(data.items())[::-1]
+        ax.barh([k for k, _ in items], [v for _, v in items], color="#4bacc6")
         ax.set_xlabel("records")
         ax.tick_params(axis="y", labelsize=7)
     elif name == "cluster_sizes":
@@ -277,7 +290,7 @@ def summarize(stats: dict[str, Any]) -> dict[str, Any]:
     """Small per-panel summaries (n, min, mean, max) for the table and --json."""
     out: dict[str, Any] = {}
     for name, data in stats["panels"].items():
-        if name == "ledger_reasons":
+        if name in ("ledger_reasons", "image_signals"):
             out[name] = data
         elif name == "caption_words":
             out[name] = {k: _stat(v) for k, v in data.items()}
@@ -328,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     for col in ("panel", "series", "n", "min", "mean", "max"):
         t.add_column(col, justify="left" if col in ("panel", "series") else "right")
     for name, s in summary.items():
-        if name == "ledger_reasons":
+        if name in ("ledger_reasons", "image_signals"):
             for k, v in s.items():
                 t.add_row(name, k, f"{v:,}", "", "", "")
         elif name == "caption_words":

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from PIL import Image, ImageDraw
@@ -225,3 +226,48 @@ class OcrAnnotateFn(ImageModelFn):
             yield apply_safety(pair, results, self.safety)
             return
         yield Outcome.kept(pair)
+
+
+# Names of the per-record signals counted into the OCR stage's manifest (``extra.image_signals``),
+# shown by ``mmcorpus inspect`` and drawn by ``mmcorpus stats --plot``.
+SIGNALS = ("ocr_text_found", "ocr_text_rich", "ocr_no_text", "nsfw_score_gt_0", "pii_flagged", "watermark_text",
+           "laion_punsafe_present", "laion_pwatermark_present")
+
+
+def record_signals(pair: Pair) -> dict[str, int]:
+    """0/1 per signal name for one kept record (from its ``ocr`` and ``safety`` JSON)."""
+    o = json.loads(pair.ocr) if pair.ocr else {}
+    s = json.loads(pair.safety) if pair.safety else {}
+    return {
+        "ocr_text_found": int(bool(o.get("chars"))),
+        "ocr_text_rich": int(bool(o.get("text_rich"))),
+        "ocr_no_text": int(bool(o) and not o.get("chars")),
+        "nsfw_score_gt_0": int(s.get("nsfw_score", 0) > 0),
+        "pii_flagged": int(bool(s.get("pii"))),
+        "watermark_text": int("watermark_text" in s),
+        "laion_punsafe_present": int("laion_punsafe" in s),
+        "laion_pwatermark_present": int("laion_pwatermark" in s),
+    }
+
+
+class SignalCountsFn(beam.CombineFn):
+    """Sum of ``record_signals`` over the kept records (a fixed-size accumulator)."""
+
+    def create_accumulator(self):
+        return {k: 0 for k in SIGNALS}
+
+    def add_input(self, acc, outcome: Outcome):
+        if outcome.status == "kept" and outcome.pair is not None:
+            for k, v in record_signals(outcome.pair).items():
+                acc[k] += v
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = self.create_accumulator()
+        for a in accs:
+            for k in SIGNALS:
+                out[k] += a[k]
+        return out
+
+    def extract_output(self, acc):
+        return dict(acc)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -94,6 +96,23 @@ def test_ocr_stage_reads_text_flags_and_ledgers(inputs, tmp_path):
         [("nudenet-3.4.2/320n", s) for s in shas] + [("rapidocr-3.10.0/PP-OCRv6-small", s) for s in shas])
     # safety flags on every kept record: no NSFW on a sign or a gradient, no PII, no watermark
     assert json.loads(rows["text1"]["safety"]) == {"nsfw_classes": [], "nsfw_score": 0.0}
+    # OCR and safety counts in the manifest, shown by inspect and drawn by stats --plot
+    signals = {"ocr_text_found": 1, "ocr_text_rich": 1, "ocr_no_text": 1, "nsfw_score_gt_0": 0, "pii_flagged": 0,
+               "watermark_text": 0, "laion_punsafe_present": 0, "laion_pwatermark_present": 0}
+    assert json.loads((out / "manifest.json").read_text())["extra"]["image_signals"] == signals
+    env = dict(os.environ, COLUMNS="200")
+    shown = subprocess.run([sys.executable, "-m", "pipelines.cli", "inspect", str(out)], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert "image_signals.ocr_text_rich" in shown.stdout and "model_error" not in shown.stdout
+    png_path = tmp_path / "stats.png"
+    st = subprocess.run([sys.executable, "-m", "pipelines.cli", "stats", str(out), "--json", "--plot", str(png_path)],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert st.returncode == 0, st.stderr
+    summary = json.loads(st.stdout)
+    assert "image_signals" in summary["plot"]["panels"]
+    assert summary["summary"]["image_signals"] == {f"ocr: {k}": v for k, v in signals.items()}
+    assert Image.open(png_path).size[0] > 0
 
 
 def test_rerun_is_answered_from_cache_and_byte_identical(inputs, tmp_path, monkeypatch):
