@@ -37,6 +37,9 @@ class OcrConfig:
         box_thresh: detection box threshold (RapidOCR ``Det.box_thresh``).
         min_chars_text_rich: ``text_rich`` needs at least this many recognised characters (None: off).
         min_text_area_ratio: ``text_rich`` needs text boxes covering at least this share of the image (None: off).
+        det_limit_side_len, det_limit_type: detector input size rule (RapidOCR ``Det.limit_side_len`` /
+            ``limit_type``): ``min`` scales the short side up to at least this (small text reads
+            better, photos cost more), ``max`` caps the long side.
         threads: onnxruntime intra-op threads per worker (bounded; inter-op is 1).
         make_samples: add stage-3 samples to text-rich records: a transcription QA pair and the caption
             enriched with the text read (marked with ``ENRICH_MARKER``).
@@ -48,6 +51,8 @@ class OcrConfig:
     box_thresh: float = 0.5
     min_chars_text_rich: int | None = 10
     min_text_area_ratio: float | None = 0.01
+    det_limit_side_len: int = 736
+    det_limit_type: str = "min"
     threads: int = 1
     make_samples: bool = True
     prompt_langs: tuple[str, ...] = ("en", "zh")
@@ -58,6 +63,8 @@ class OcrConfig:
             raise ValueError("min_text_score and box_thresh must be in [0, 1]")
         if self.threads < 1:
             raise ValueError("threads must be >= 1")
+        if self.det_limit_type not in ("min", "max") or self.det_limit_side_len < 32:
+            raise ValueError("det_limit_type must be 'min' or 'max' and det_limit_side_len >= 32")
         bad = [x for x in self.prompt_langs if x not in TRANSCRIBE_PROMPTS]
         if bad or not self.prompt_langs:
             raise ValueError(f"prompt_langs must be a non-empty subset of {sorted(TRANSCRIBE_PROMPTS)}, got {list(self.prompt_langs)}")
@@ -88,7 +95,8 @@ class RapidOcrModel(ImageModel):
 
     @property
     def cache_id(self) -> list[Any]:
-        return [OCR_MODEL, {"min_text_score": self.cfg.min_text_score, "box_thresh": self.cfg.box_thresh}]
+        return [OCR_MODEL, {"min_text_score": self.cfg.min_text_score, "box_thresh": self.cfg.box_thresh,
+                            "det_limit": [self.cfg.det_limit_side_len, self.cfg.det_limit_type]}]
 
     def load(self) -> None:
         if self._engine is not None:
@@ -99,6 +107,8 @@ class RapidOcrModel(ImageModel):
             "Global.log_level": "error",
             "Global.text_score": self.cfg.min_text_score,
             "Det.box_thresh": self.cfg.box_thresh,
+            "Det.limit_side_len": self.cfg.det_limit_side_len,
+            "Det.limit_type": self.cfg.det_limit_type,
             "EngineConfig.onnxruntime.intra_op_num_threads": self.cfg.threads,
             "EngineConfig.onnxruntime.inter_op_num_threads": 1,
         })
