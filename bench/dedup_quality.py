@@ -1,21 +1,28 @@
-"""Dedup quality on real captions: precision/recall of near-caption duplicates against brute-force
-exact Jaccard, plus how many realistic edits are caught and how many unrelated captions are merged,
-for several shingling choices.
+"""Dedup quality before (``legacy-transitive``) and after (``strict``, the default) on the same data, in one run.
 
-    .venv/bin/python -m bench.dedup_quality                      # default config + shingling sweep
-    .venv/bin/python -m bench.dedup_quality --configs word:2     # one shingling only
+    .venv/bin/python -m bench.dedup_quality                      # before/after table (captions + photos)
+    .venv/bin/python -m bench.dedup_quality --photo-copies 50    # a smaller photo set
+    .venv/bin/python -m bench.dedup_quality --sweep              # also the shingling sweep (edges only)
 
-Eval set: every caption of data/sample (cc3m tsv, img2dataset parquet TEXT, cc_images jsonl) plus,
-for a seeded sample of them, chains of realistic edits (trailing site names, numbering, case and
-punctuation, word swaps/replacements/insertions/drops, "Stock photo of" prefixes); each variant is
-an edit of the previous one, so chains A~B~C where A and C differ more appear naturally.
+Two data sets, each run through the whole ``Deduplicate`` transform (DirectRunner) once per mode:
 
-Definitions (issue 3): ground truth is the exact Jaccard of the shingle sets, computed for every
-pair by brute force (a sparse product gives every pair's intersection; pairs absent from it share
-no shingle, J = 0). *Recall* = share of pairs with J >= threshold + 0.1 that the stage puts in the
-same cluster. *Precision* = share of the candidate edges the stage found (after verification)
-whose J >= threshold - 0.1 (an edge with J < threshold - 0.1 is a false positive; edges in the
-grey zone between count as correct). Edit catch rate and unrelated merges are reported besides.
+* **captions** (the caption-only metadata pass): every caption of data/sample (cc3m tsv,
+  img2dataset parquet TEXT, cc_images jsonl) plus, for a seeded sample of them, chains of realistic
+  edits (trailing site names, numbering, case and punctuation, word swaps/replacements/insertions/
+  drops, "Stock photo of" prefixes); each variant edits the previous one, so chains A~B~C where A
+  and C differ more appear naturally. Ground truth: the exact Jaccard of the shingle sets, for
+  every pair by brute force (a sparse product gives every pair's intersection).
+* **photos**: ``bench.dedup_photos`` — the 18 bundled photos, each resized ``--photo-copies``
+  times, each copy with its own real CC3M caption, captions bridging photos. Ground truth: the
+  photo a copy was made from.
+
+Metrics (issue 10):
+* *recall* = share of the pairs that should be together that end in the same cluster (the same
+  kept record): captions with exact J >= the configured ``near_caption_threshold`` (not t + 0.1);
+  copies of the same photo (records removed as ``caption_overused`` are left out).
+* *precision per member* = share of removed records (``duplicate`` rows with a kept record) that
+  really are duplicates of the record kept in their place: exact J to it >= t (and, in the next
+  column, >= t - 0.1, the grey zone); the same photo as the kept record.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import random
@@ -35,10 +41,12 @@ import apache_beam as beam
 import numpy as np
 import scipy.sparse as sp
 
-from bench.dedup_data import edit_caption, real_captions, vocabulary, write_caption_stage
+from bench.dedup_data import edit_caption, real_captions, vocabulary
+from bench.dedup_photos import photo_pairs
+from bench.dedup_photos import truth as truth_photo
 from schemas import reasons
 from transforms import minhash as mh
-from transforms.dedup import CandidateEdges, DedupConfig, ExtractFeaturesFn
+from transforms.dedup import LEGACY, STRICT, CandidateEdges, DedupConfig, Deduplicate, ExtractFeaturesFn
 from schemas.records import Pair
 
 
@@ -134,7 +142,7 @@ def evaluate(caps, family, depth, cfg: DedupConfig, workdir: str) -> dict:
     edges = found_edges(caps, cfg, workdir)
     t_stage = time.perf_counter() - t0
     comp = components(len(caps), edges)
-    must = [pq for pq, j in truth.items() if j >= t + 0.1]
+    must = [pq for pq, j in truth.items() if j >= t]
     recall = sum(1 for a, b in must if comp[a] == comp[b]) / max(1, len(must))
     edge_recall = sum(1 for pq in must if pq in edges) / max(1, len(must))
     fp = sum(1 for pq in edges if pq not in truth)  # truth holds exactly the pairs with J >= t - 0.1
@@ -149,11 +157,11 @@ def evaluate(caps, family, depth, cfg: DedupConfig, workdir: str) -> dict:
         "lsh_bands_rows": list(cfg.lsh_params()),
         "verify_min_jaccard": cfg.verify_min_jaccard,
         "captions": len(caps),
-        "pairs_J_ge_t+0.1": len(must),
+        "pairs_J_ge_t": len(must),
         "edges_found": len(edges),
         "recall_same_cluster": round(recall, 4),
         "recall_direct_edge": round(edge_recall, 4),
-        "precision_edges": round(precision, 4),
+        "precision_edges_J_ge_t-0.1": round(precision, 4),
         "false_positive_edges": fp,
         "edits_caught": round(edits_caught, 4),
         "cross_family_edges": cross,
@@ -162,65 +170,151 @@ def evaluate(caps, family, depth, cfg: DedupConfig, workdir: str) -> dict:
     }
 
 
-def stage_check(caps, family, cfg: DedupConfig, workdir: str) -> dict:
-    """Run the whole `mmcorpus dedup` stage on the eval set; recall from the clusters in its ledger."""
-    from pipelines import dedup
-    from transforms.stage_io import read_manifest, read_table
+def run_dedup(pairs: list[Pair], cfg: DedupConfig, workdir: str) -> tuple[dict[str, dict], dict, float]:
+    """Run ``Deduplicate`` on the DirectRunner; returns ({key: ledger fields}, report, seconds)."""
+    out = os.path.join(workdir, "outcomes")
+    rep_out = os.path.join(workdir, "report")
+    t0 = time.perf_counter()
+    with beam.Pipeline() as p:
+        outcomes, report = p | beam.Create(pairs) | Deduplicate(cfg)
+        _ = (
+            outcomes
+            | "Row" >> beam.Map(lambda o: json.dumps([o.key, o.status, o.reason, o.extra.get("kept_key")]))
+            | "WriteOutcomes" >> beam.io.WriteToText(out)
+        )
+        _ = report | "ReportJson" >> beam.Map(json.dumps) | "WriteReport" >> beam.io.WriteToText(rep_out)
+    seconds = time.perf_counter() - t0
+    rows = {}
+    for path in glob.glob(out + "*"):
+        with open(path) as f:
+            for line in f:
+                key, status, reason, kept = json.loads(line)
+                rows[key] = {"status": status, "reason": reason, "kept_key": kept}
+    with open(glob.glob(rep_out + "*")[0]) as f:
+        report = json.loads(f.read())
+    return rows, report, seconds
 
-    inp = write_caption_stage(os.path.join(workdir, "in"), caps, num_shards=4)
-    cfg_path = os.path.join(workdir, "cfg.toml")
-    with open(cfg_path, "w") as f:
-        f.write("[dedup]\n")
-        for k, v in dataclasses.asdict(cfg).items():
-            if v is None:
-                continue
-            f.write(f"{k} = {json.dumps(v)}\n")
-    out = os.path.join(workdir, "stage")
-    dedup.main(["--input", inp, "--output", out, "--config", cfg_path, "--force"])
-    m = read_manifest(out)
-    key_index = {hashlib.sha1(f"synthetic-{i}".encode()).hexdigest()[:16]: i for i in range(len(caps))}
-    cluster = list(range(len(caps)))
-    for row in read_table(out, "ledger").to_pylist():
-        if row["cluster_id"] is not None:
-            cluster[key_index[row["key"]]] = row["cluster_id"]
+
+def _label(rows: dict[str, dict], key: str) -> str:
+    r = rows[key]
+    return r["kept_key"] or key  # a kept singleton has no kept_key: its own cluster
+
+
+def _summary(rows: dict[str, dict]) -> dict:
+    kept = sum(1 for r in rows.values() if r["status"] == "kept")
+    sizes: dict[str, int] = {}
+    for k, r in rows.items():
+        if r["reason"] != reasons.CAPTION_OVERUSED:
+            sizes[_label(rows, k)] = sizes.get(_label(rows, k), 0) + 1
+    return {"records": len(rows), "kept": kept, "largest_cluster": max(sizes.values(), default=0)}
+
+
+def caption_quality(caps: list[str], cfg: DedupConfig, workdir: str, truth: dict) -> dict:
+    """Recall at the threshold and precision per member on the caption-only pass."""
+    keys = [f"{i:06d}" for i in range(len(caps))]
+    rows, report, seconds = run_dedup([Pair(key=k, caption=c) for k, c in zip(keys, caps)], cfg, workdir)
     t = cfg.near_caption_threshold
-    truth = jaccard_pairs(caps, cfg.shingle, cfg.ngram, min_j=t + 0.1)
-    recall = sum(1 for a, b in truth if cluster[a] == cluster[b]) / max(1, len(truth))
+    label = [_label(rows, k) for k in keys]
+    must = [pq for pq, j in truth.items() if j >= t]
+    recall = sum(1 for a, b in must if label[a] == label[b]) / max(1, len(must))
+    sets = [set(mh.shingles(mh.normalize_caption(c), cfg.shingle, cfg.ngram)) for c in caps]
+
+    def jac(a: int, b: int) -> float:
+        u = len(sets[a] | sets[b])
+        return len(sets[a] & sets[b]) / u if u else 1.0
+
+    members = [(i, int(rows[k]["kept_key"])) for i, k in enumerate(keys) if rows[k]["status"] == "duplicate"]
+    js = [jac(i, r) for i, r in members]
     return {
-        "stage_recall_same_cluster": round(recall, 4),
-        "stage_counts": m.counts["by_reason"],
-        "components": m.extra["dedup"]["components"],
+        **_summary(rows),
+        "removed": len(members),
+        "recall": round(recall, 4),
+        "precision": round(sum(1 for j in js if j >= t) / max(1, len(js)), 4),
+        "precision_grey": round(sum(1 for j in js if j >= t - 0.1) / max(1, len(js)), 4),
+        "pairs_truth": len(must),
+        "seconds": round(seconds, 1),
+        "report": report,
     }
 
 
+def photo_quality(pairs: list[Pair], cfg: DedupConfig, workdir: str) -> dict:
+    """Recall over same-photo pairs and precision per member on the 18-photo set."""
+    rows, report, seconds = run_dedup(pairs, cfg, workdir)
+    photo = {p.key: truth_photo(p) for p in pairs}
+    in_pass = [p.key for p in pairs if rows[p.key]["reason"] != reasons.CAPTION_OVERUSED]
+    together: dict[tuple[str, int], int] = {}
+    per_photo: dict[int, int] = {}
+    for k in in_pass:
+        together[(_label(rows, k), photo[k])] = together.get((_label(rows, k), photo[k]), 0) + 1
+        per_photo[photo[k]] = per_photo.get(photo[k], 0) + 1
+    pairs_same = sum(n * (n - 1) // 2 for n in per_photo.values())
+    found = sum(n * (n - 1) // 2 for n in together.values())
+    removed = [k for k in in_pass if rows[k]["status"] == "duplicate"]
+    right = sum(1 for k in removed if photo[rows[k]["kept_key"]] == photo[k])
+    kept_photos = {photo[k] for k in in_pass if rows[k]["status"] == "kept"}
+    return {
+        **_summary(rows),
+        "removed": len(removed),
+        "caption_overused": sum(1 for r in rows.values() if r["reason"] == reasons.CAPTION_OVERUSED),
+        "photos_kept": len(kept_photos),
+        "recall": round(found / max(1, pairs_same), 4),
+        "precision": round(right / max(1, len(removed)), 4),
+        "seconds": round(seconds, 1),
+        "report": report,
+    }
+
+
+def table(results: list[dict]) -> str:
+    head = ["data", "mode", "records", "kept", "removed", "largest cluster", "recall", "precision/member",
+            "precision/member (t-0.1)", "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r["data"], r["mode"], r["records"], r["kept"], r["removed"], r["largest_cluster"], r["recall"],
+                 r["precision"], r.get("precision_grey", "–"), r["seconds"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="word:1,word:2,word:3,char:3,char:4,char:5")
-    parser.add_argument("--threshold", type=float, default=DedupConfig().near_caption_threshold)
-    parser.add_argument("--verify", type=float, default=DedupConfig().verify_min_jaccard,
-                        help="verify_min_jaccard (negative: off)")
-    parser.add_argument("--stage", action="store_true", help="also run the whole stage with the default config")
+    parser.add_argument("--photo-copies", type=int, default=220, help="copies of each of the 18 photos (0: skip)")
+    parser.add_argument("--no-captions", action="store_true", help="skip the caption set")
+    parser.add_argument("--sweep", action="store_true", help="also the shingling sweep on candidate edges")
+    parser.add_argument("--configs", default="word:1,word:2,word:3,char:3,char:4,char:5", help="sweep configs")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    caps, family, depth = build_eval_set()
-    results = []
+    base = DedupConfig()
+    t = base.near_caption_threshold
+    results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for spec in args.configs.split(","):
-            kind, n = spec.split(":")
-            cfg = DedupConfig(
-                shingle=kind, ngram=int(n), near_caption_threshold=args.threshold,
-                verify_min_jaccard=None if args.verify < 0 else args.verify,
-                exact_image=False, near_image_max_hamming=None,
-            )
-            r = evaluate(caps, family, depth, cfg, tempfile.mkdtemp(dir=tmp))
-            results.append(r)
-            print(json.dumps(r), flush=True)
-        if args.stage:
-            s = stage_check(caps, family, DedupConfig(near_image_max_hamming=None), tempfile.mkdtemp(dir=tmp))
-            print(json.dumps(s), flush=True)
+        if not args.no_captions:
+            caps, family, depth = build_eval_set()
+            truth = jaccard_pairs(caps, base.shingle, base.ngram, min_j=t)
+            for mode in (LEGACY, STRICT):
+                r = caption_quality(caps, dataclasses.replace(base, mode=mode), tempfile.mkdtemp(dir=tmp), truth)
+                results.append({"data": f"captions (J >= {t})", "mode": mode, **r})
+                print(json.dumps(results[-1]), flush=True)
+        if args.photo_copies:
+            pairs = photo_pairs(copies=args.photo_copies)
+            for mode in (LEGACY, STRICT):
+                r = photo_quality(pairs, dataclasses.replace(base, mode=mode), tempfile.mkdtemp(dir=tmp))
+                results.append({"data": f"18 photos x {args.photo_copies}", "mode": mode, **r})
+                print(json.dumps(results[-1]), flush=True)
+        sweep = []
+        if args.sweep:
+            caps, family, depth = build_eval_set()
+            for spec in args.configs.split(","):
+                kind, n = spec.split(":")
+                cfg = DedupConfig(shingle=kind, ngram=int(n), exact_image=False, near_image_max_hamming=None)
+                sweep.append(evaluate(caps, family, depth, cfg, tempfile.mkdtemp(dir=tmp)))
+                print(json.dumps(sweep[-1]), flush=True)
+    print()
+    print("$ python -m bench.dedup_quality " + " ".join(argv))
+    print(table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"argv": argv, "before_after": results, "sweep": sweep}, f, indent=2)
     return 0
 
 

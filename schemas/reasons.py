@@ -52,6 +52,7 @@ EXACT_CAPTION = "exact-caption"
 EXACT_IMAGE = "exact-image"
 NEAR_CAPTION = "near-caption"
 NEAR_IMAGE = "near-image"
+CAPTION_OVERUSED = "caption_overused"  # strict dedup: a caption on more than max_pairs_per_caption image records
 
 # --- rewrite ---------------------------------------------------------------------------------
 REWRITE_SKIPPED = "rewrite_skipped"  # kept as is: policy did not select it (status kept)

@@ -1,9 +1,12 @@
 """Distributed connected components in Beam: alternating large-star / small-star rounds.
 
 Kiveris et al., "Connected Components in MapReduce and Beyond" (SoCC 2014). Every step is a
-``GroupByKey`` on a node id, so a worker only ever holds one node's neighbourhood — never all nodes
-of the graph. Nodes are string keys ordered as strings; each component converges to a star around
-its smallest key (the *root*).
+``GroupByKey`` on a node id. A node's neighbourhood is read twice (its minimum, then the edges to
+emit) and never copied into a set, so a hub — the root of a converged star, whose neighbourhood is
+its whole component — costs one key of memory on runners whose grouped values are re-iterable and
+paged (Dataflow, Flink); the edges each small-star step receives are made distinct first by a
+``Distinct`` (a shuffle on the edge itself). Nodes are string keys ordered as strings; each
+component converges to a star around its smallest key (the *root*).
 
 Beam graphs are static, so ``max_rounds`` rounds are unrolled when the pipeline is built. Each round
 reports the number and a checksum of the distinct edges it produced; the round after which the edge
@@ -15,7 +18,7 @@ linked to), so a component may be split in two — duplicates kept, never a reco
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import apache_beam as beam
 
@@ -24,6 +27,12 @@ Edge = tuple[str, str]  # (larger key, smaller key)
 
 def _edge_hash(hi: str, lo: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{hi}\x00{lo}".encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def _reiterable(values: Iterable[str]) -> Iterable[str]:
+    """Grouped values that can be iterated twice: a one-shot iterator is copied into a list (only
+    a runner that hands one over pays the memory; Beam's own grouped values are re-iterable)."""
+    return list(values) if isinstance(values, Iterator) else values
 
 
 def normalize_edge(u: str, v: str) -> Edge | None:
@@ -38,15 +47,16 @@ class LargeStarFn(beam.DoFn):
 
     def process(self, element: tuple[str, Iterable[str]]):
         u, neighbours = element
-        nbrs = set(neighbours)
+        nbrs = _reiterable(neighbours)
         m = min(min(nbrs), u)
-        for v in nbrs:
+        for v in nbrs:  # a repeated neighbour repeats an edge; the Distinct after this step drops it
             if v > u:
                 yield (v, m)
 
 
 class SmallStarFn(beam.DoFn):
-    """Node u with its smaller neighbours N: link every node of N ∪ {u} to m = min(N).
+    """Node u with its smaller neighbours N (distinct: a ``Distinct`` runs before the group):
+    link every node of N ∪ {u} to m = min(N).
 
     Also emits, as the ``stats`` output, (count, checksum) of the distinct edges it received.
     """
@@ -58,16 +68,16 @@ class SmallStarFn(beam.DoFn):
 
     def process(self, element: tuple[str, Iterable[str]]):
         u, smaller = element
-        nbrs = set(smaller)
-        checksum = 0
-        for v in nbrs:
-            checksum = (checksum + _edge_hash(u, v)) & 0xFFFFFFFFFFFFFFFF
-        yield beam.pvalue.TaggedOutput(self.STATS, (self.round_index, (len(nbrs), checksum)))
+        nbrs = _reiterable(smaller)
         m = min(nbrs)
         yield (u, m)
+        checksum, n = 0, 0
         for v in nbrs:
+            n += 1
+            checksum = (checksum + _edge_hash(u, v)) & 0xFFFFFFFFFFFFFFFF
             if v != m:
                 yield (v, m)
+        yield beam.pvalue.TaggedOutput(self.STATS, (self.round_index, (n, checksum)))
 
 
 def _normalized(uv):
@@ -140,6 +150,7 @@ class ConnectedComponents(beam.PTransform):
             )
             small = (
                 large
+                | f"R{r}DistinctEdges" >> beam.Distinct()
                 | f"R{r}GroupSmaller" >> beam.GroupByKey()
                 | f"R{r}SmallStar" >> beam.ParDo(SmallStarFn(r)).with_outputs(SmallStarFn.STATS, main="edges")
             )

@@ -1,34 +1,47 @@
-"""The dedup stage as Beam transforms: exact (caption, image) + near (MinHash LSH captions, dHash
-images) duplicate edges, one connected-components clustering over all of them, and a deterministic
-keep policy per cluster.
+"""The dedup stage as Beam transforms: duplicate edges per rule (exact caption / image bytes,
+MinHash LSH captions, dHash images), connected components, and clusters in which every member is
+within the threshold of its kept representative.
 
-Flow (every arrow is a shuffle keyed by something small; no step sees the whole corpus):
+Two modes (``DedupConfig.mode``):
 
-    pairs ─ ExtractFeatures ─┬─ exact caption: GroupByKey(normalised-caption digest) → star edges
-                             ├─ exact image:   GroupByKey(image sha256)              → star edges
-                             ├─ near caption:  GroupByKey(LSH band, band hash)       → verified edges
-                             └─ near image:    GroupByKey(dHash chunk)               → Hamming-checked edges
-    all edges ─ ConnectedComponents (large-star/small-star) → (key, root)
-    (key, root) ⋈ keep-rank → CombinePerKey(min rank) per root → kept key, cluster size
-    pairs ⋈ cluster membership ⋈ incident rules → one Outcome per input record
+``strict`` (default) — rules of one kind never meet in one closure:
+    pairs ─ ExtractFeatures ─┬─ records WITH an image: CapCaptions (GroupByKey caption digest; the
+                             │    first ``max_pairs_per_caption`` keys by key order stay, the rest are
+                             │    ``caption_overused``) → image edges only (exact sha256, dHash chunks)
+                             └─ records WITHOUT an image (caption-only metadata pass): caption edges
+                                  only (exact normalised caption, MinHash LSH)
+    edges ─ ConnectedComponents → candidate clusters (never mixed: the two node sets are disjoint)
+    AssignRepresentatives, max_split_rounds rounds: per component, the best-ranked unassigned member is a
+        representative; every unassigned member within the threshold of it (same sha256 or dHash
+        Hamming <= max_hamming_to_kept; same caption or estimated Jaccard >= min_jaccard_to_kept) is its
+        duplicate; the rest go to the next round. Members left after the last round are their own
+        representatives (kept). So no chain A~B~C puts A and C together unless C is close to the kept A.
+    pairs ⋈ assignment ⋈ caption cap → one Outcome per input record
 
-Composition of rules: all edges go into ONE graph, so a record linked to a cluster by any rule joins
-it (A exact-caption B, B near-image C ⇒ {A, B, C}). The ledger reason of a removed record R whose
-cluster keeps K is: ``exact-image`` if R and K have the same image bytes; else ``exact-caption`` if
-their normalised captions are equal; else the strongest near rule on an edge touching R
-(``near-image`` before ``near-caption``); else (R only reached the cluster through an exact edge to
-another removed record) the exact rule of that edge. The detail names every rule touching R.
+``legacy-transitive`` — the first wave's behaviour: every rule's edges in ONE graph, a whole connected
+    component is one cluster (A exact-caption B, B near-image C ⇒ {A, B, C}); no caption cap, no split.
 
-Keep policy (smallest rank wins, total order so reruns keep the same record):
-``(no image, -width*height, -distinct caption words, -normalised caption length, key)`` — prefer a
-record with an image, then the higher resolution, then the more informative caption, then the
-smaller key.
+Keep policy (smallest rank wins; a total order, so reruns keep the same record):
+    strict, image clusters: ``(needs_rewrite, -width*height, key)`` — a caption that needs no
+    rewrite, then the larger resolution, then key order; caption clusters:
+    ``(needs_rewrite, -distinct caption words, -normalised caption length, key)``.
+    legacy: ``(no image, -width*height, -distinct caption words, -caption length, key)``.
+
+Ledger (strict): a removed record has ``cluster_id`` (from its representative's key), ``kept_key``,
+the rule that ties it to the representative as reason, and a ``key=value`` detail naming the link
+and its distance to the representative (``parse_detail`` reads it back), e.g.
+``link=near-image hamming=3 kept=00001234 round=1``.
+
+Scale: every step is a shuffle keyed by something small, combiners fold huge groups (best rank,
+first K keys), and the DoFns after a group-by stream its members once, holding one representative
+(or K keys) — never all keys of a group in a list.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import tomllib
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple
@@ -42,6 +55,10 @@ from schemas.records import DUPLICATE, ERROR, Outcome, Pair
 from transforms import minhash as mh
 from transforms import phash as ph
 from transforms.components import ConnectedComponents
+
+STRICT = "strict"
+LEGACY = "legacy-transitive"
+MODES = (STRICT, LEGACY)
 
 # Rule bits: higher value = stronger rule when naming a removed record's reason.
 RULE_BITS = {
@@ -57,6 +74,9 @@ class DedupConfig:
     """Every dedup setting (TOML section ``[dedup]``). ``None`` switches a rule off (in TOML: ``false``).
 
     Args:
+        mode: ``strict`` (default: image rules on records with images, caption rules only on records
+            without one, every cluster member within the threshold of its representative) or
+            ``legacy-transitive`` (every rule's edges in one transitive closure; see the module doc).
         exact_caption: drop records whose normalised captions (``minhash.normalize_caption``) match.
         exact_image: drop records whose image bytes have the same sha256.
         near_caption_threshold: Jaccard threshold of caption shingle sets for MinHash LSH.
@@ -77,6 +97,19 @@ class DedupConfig:
             distinct members (bounds the work in giant buckets).
         near_image_max_hamming: dHash Hamming distance (of 64 bits) for near-image duplicates.
         max_rounds: connected-components rounds unrolled into the pipeline.
+        max_pairs_per_caption: strict mode, records with an image: at most this many records (the
+            first by key order) may carry the same normalised caption; the rest are removed as
+            ``caption_overused`` (boilerplate such as "stock photo" or "image"). None: no cap.
+        max_split_rounds: strict mode: representative rounds per connected component; members
+            still unassigned after the last round are kept as their own representatives.
+        max_hamming_to_kept: strict mode: an image cluster member must be within this dHash
+            Hamming distance of its kept representative. Edges use ``near_image_max_hamming``
+            (it sets the pigeonhole chunks, so it must stay small); resized copies of one photo
+            drift up to about 5 bits from its largest copy, distinct photos differ in about 32
+            (17 at least among the bundled ones), so 8 keeps copies together and photos apart.
+        min_jaccard_to_kept: strict mode: a caption cluster member (no image) must have an
+            estimated Jaccard of at least this with its kept representative (the same bar as
+            ``verify_min_jaccard`` by default: a 128-slot estimate of J = 0.7 is noisy).
 
     Example:
         >>> cfg = DedupConfig(near_caption_threshold=0.8, near_image_max_hamming=None)
@@ -84,6 +117,7 @@ class DedupConfig:
         (9, 13)
     """
 
+    mode: str = STRICT
     exact_caption: bool = True
     exact_image: bool = True
     near_caption_threshold: float | None = 0.7
@@ -99,8 +133,25 @@ class DedupConfig:
     max_compare: int = 64
     near_image_max_hamming: int | None = 4
     max_rounds: int = 10
+    max_pairs_per_caption: int | None = 10
+    max_split_rounds: int = 4
+    max_hamming_to_kept: int = 8
+    min_jaccard_to_kept: float = 0.6
 
     def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.max_pairs_per_caption is not None and self.max_pairs_per_caption < 1:
+            raise ValueError("max_pairs_per_caption must be >= 1 or None")
+        if self.max_split_rounds < 1:
+            raise ValueError("max_split_rounds must be >= 1")
+        if not 0 <= self.max_hamming_to_kept <= 32:
+            raise ValueError("max_hamming_to_kept must be in [0, 32] (of 64 dHash bits)")
+        nh = self.near_image_max_hamming
+        if nh is not None and self.max_hamming_to_kept < nh:
+            raise ValueError(f"max_hamming_to_kept ({self.max_hamming_to_kept}) must be >= near_image_max_hamming ({nh})")
+        if not 0.0 < self.min_jaccard_to_kept <= 1.0:
+            raise ValueError("min_jaccard_to_kept must be in (0, 1]")
         if self.shingle not in mh.SHINGLE_KINDS:
             raise ValueError(f"shingle must be one of {mh.SHINGLE_KINDS}, got {self.shingle!r}")
         if self.ngram < 1:
@@ -160,7 +211,8 @@ class DedupConfig:
             raise UserError(f"--config {path}: bad [dedup] settings: {e}") from None
 
 
-_NONE_ABLE = ("near_caption_threshold", "bands", "rows", "verify_min_jaccard", "near_image_max_hamming")
+_NONE_ABLE = ("near_caption_threshold", "bands", "rows", "verify_min_jaccard", "near_image_max_hamming",
+              "max_pairs_per_caption")
 
 
 class Features(NamedTuple):
@@ -173,14 +225,35 @@ class Features(NamedTuple):
     signature: bytes | None  # MinHash, little-endian uint32
     dhash: int | None
     error: str | None = None
+    has_image: bool = False
 
 
-def keep_rank(pair: Pair, normalized: str) -> tuple:
-    """Sort key of the keep policy; the smallest rank in a cluster is kept."""
-    has_image = pair.image is not None or pair.image_sha256 is not None
+class Member(NamedTuple):
+    """What the representative rounds need of one clustered record (no signature, no image)."""
+
+    key: str
+    rank: tuple
+    image_sha256: str | None
+    dhash: int | None
+    caption_digest: str | None
+    sketch: bytes | None  # b-bit MinHash sketch (captions without an image only)
+
+
+def has_image(pair: Pair) -> bool:
+    return pair.image is not None or pair.image_sha256 is not None
+
+
+def keep_rank(pair: Pair, normalized: str, mode: str = STRICT) -> tuple:
+    """Sort key of the keep policy; the smallest rank in a cluster is kept (see the module doc)."""
+    with_image = has_image(pair)
     pixels = (pair.width or 0) * (pair.height or 0)
     words = len(set(normalized.split())) if normalized else 0
-    return (0 if has_image else 1, -pixels, -words, -len(normalized), pair.key)
+    if mode == LEGACY:
+        return (0 if with_image else 1, -pixels, -words, -len(normalized), pair.key)
+    rewrite = 1 if pair.needs_rewrite else 0
+    if with_image:
+        return (0, rewrite, -pixels, 0, 0, pair.key)
+    return (1, rewrite, 0, -words, -len(normalized), pair.key)
 
 
 def image_sha(pair: Pair) -> str | None:
@@ -224,14 +297,17 @@ class ExtractFeaturesFn(beam.DoFn):
                     if dh is not None and ph.is_low_detail(dh):
                         self.low_detail.inc()  # flat image: its dHash would match every other flat image
                         dh = None
-                sh = mh.shingles(norm, cfg.shingle, cfg.ngram) if cfg.near_caption_threshold is not None else []
+                # Strict mode never links an image record by its caption: no signature to compute.
+                wants_sig = cfg.near_caption_threshold is not None and (cfg.mode == LEGACY or not has_image(pair))
+                sh = mh.shingles(norm, cfg.shingle, cfg.ngram) if wants_sig else []
                 rows.append(
                     dict(
                         key=pair.key,
                         caption_digest=mh.caption_digest(norm) if norm else None,
                         image_sha256=image_sha(pair),
-                        rank=keep_rank(pair, norm),
+                        rank=keep_rank(pair, norm, cfg.mode),
                         dhash=dh,
+                        has_image=has_image(pair),
                     )
                 )
                 shingle_lists.append(sh)
@@ -299,6 +375,21 @@ class LinkBucketFn(beam.DoFn):
 
     def process(self, element):
         _, members = element
+        if self.similar is None:
+            # Exact rule: every member is identical, so any star connects the group; a star from
+            # the first member seen streams the group (a caption repeated a million times is never
+            # held as a list). Components depend only on connectivity, so the result is the same
+            # in any iteration order.
+            first = None
+            n = 0
+            for key, _ in members:
+                if first is None:
+                    first = key
+                elif key != first:
+                    n += 1
+                    yield (key, first, self.rule)
+            self.edges.inc(n)
+            return
         members = list(members)
         if len(members) > self.cfg.max_compare:
             self.big.inc()
@@ -308,14 +399,20 @@ class LinkBucketFn(beam.DoFn):
             yield (a, b, self.rule)
 
 
-def _exact_key(rule: str):
+def _caption_rules_apply(f: Features, mode: str) -> bool:
+    """Strict mode links captions only between records without an image (the metadata pass)."""
+    return mode == LEGACY or not f.has_image
+
+
+def _exact_key(rule: str, mode: str):
     if rule == reasons.EXACT_CAPTION:
-        return lambda f: [(f.caption_digest, (f.key, None))] if f.caption_digest else []
+        return lambda f: [(f.caption_digest, (f.key, None))] if f.caption_digest and _caption_rules_apply(f, mode) else []
     return lambda f: [(f.image_sha256, (f.key, None))] if f.image_sha256 else []
 
 
 class CandidateEdges(beam.PTransform):
-    """Features → ``(key, other_key, rule)`` edges of every enabled rule.
+    """Features → ``(key, other_key, rule)`` edges of every enabled rule (strict mode: caption
+    rules only between records without an image).
 
     Args:
         cfg: the dedup config.
@@ -335,7 +432,7 @@ class CandidateEdges(beam.PTransform):
             if on:
                 parts.append(
                     features
-                    | f"Key_{rule}" >> beam.FlatMap(_exact_key(rule))
+                    | f"Key_{rule}" >> beam.FlatMap(_exact_key(rule, cfg.mode))
                     | f"Group_{rule}" >> beam.GroupByKey()
                     | f"Link_{rule}" >> beam.ParDo(LinkBucketFn(rule, cfg))
                 )
@@ -343,8 +440,10 @@ class CandidateEdges(beam.PTransform):
             bands, rows = cfg.lsh_params()
             carry = cfg.verify_min_jaccard is not None
 
+            mode = cfg.mode
+
             def bucket_near_caption(f: Features):
-                if f.signature is None:
+                if f.signature is None or not _caption_rules_apply(f, mode):
                     return
                 sig = mh.sig_from_bytes(f.signature)
                 # Verification carries a 1-byte-per-slot (b-bit) sketch, not the 4-byte signature.
@@ -491,6 +590,289 @@ class DecideFn(beam.DoFn):
             yield Outcome.dropped(pair, DUPLICATE, reason, detail, cluster_id=s.cluster_id, kept_key=s.kept_key)
 
 
+# --- strict mode -------------------------------------------------------------------------------
+
+OVERUSED_LINK = "caption-overused"
+
+
+class Assignment(NamedTuple):
+    """Where one clustered record ended: ``kept_key`` is its representative (itself for a
+    representative, whose ``size`` counts it and its duplicates); ``rule``/``metric``/``value``
+    say how it is tied to the representative; ``round`` is the representative round (0-based;
+    ``max_split_rounds`` for a member left unassigned and kept as its own representative)."""
+
+    key: str
+    kept_key: str
+    rule: str | None
+    metric: str | None
+    value: float | int | None
+    round: int
+    size: int = 0
+
+
+class Overuse(NamedTuple):
+    first_key: str
+    pairs: int
+    limit: int
+
+
+def member_of(f: Features) -> Member:
+    sketch = None
+    if f.signature is not None and not f.has_image:
+        sketch = mh.bbit_sketch(mh.sig_from_bytes(f.signature))
+    return Member(f.key, f.rank, f.image_sha256, f.dhash, f.caption_digest, sketch)
+
+
+def link_to_representative(m: Member, rep: Member, cfg: DedupConfig) -> tuple[str, str, float | int] | None:
+    """``(rule, metric, value)`` when ``m`` is within the threshold of ``rep``, else None.
+
+    Images: the same sha256 (``exact-image``, Hamming 0) or dHash Hamming distance at most
+    ``max_hamming_to_kept`` (``near-image``). Captions (records without an image): the same
+    normalised caption (``exact-caption``, Jaccard 1) or a Jaccard estimated from the two b-bit
+    sketches of at least ``min_jaccard_to_kept`` (``near-caption``). Only enabled rules count.
+    """
+    if m.rank[0] == 0:  # a record with an image
+        if cfg.exact_image and m.image_sha256 is not None and m.image_sha256 == rep.image_sha256:
+            return reasons.EXACT_IMAGE, "hamming", 0
+        if cfg.near_image_max_hamming is not None and m.dhash is not None and rep.dhash is not None:
+            d = ph.hamming(m.dhash, rep.dhash)
+            if d <= cfg.max_hamming_to_kept:
+                return reasons.NEAR_IMAGE, "hamming", d
+        return None
+    if cfg.exact_caption and m.caption_digest is not None and m.caption_digest == rep.caption_digest:
+        return reasons.EXACT_CAPTION, "jaccard", 1.0
+    if cfg.near_caption_threshold is not None and m.sketch is not None and rep.sketch is not None:
+        j = mh.bbit_jaccard(m.sketch, rep.sketch)
+        if j >= cfg.min_jaccard_to_kept:
+            return reasons.NEAR_CAPTION, "jaccard", round(j, 3)
+    return None
+
+
+def format_detail(a: Assignment) -> str:
+    """Ledger detail of a removed record, ``key=value`` separated by spaces (``parse_detail``)."""
+    return f"link={a.rule} {a.metric}={a.value} kept={a.kept_key} round={a.round}"
+
+
+def parse_detail(detail: str) -> dict[str, str]:
+    """Read a strict-mode dedup ledger detail back: ``{"link": "near-image", "hamming": "3", ...}``.
+
+    Example:
+        >>> parse_detail("link=near-caption jaccard=0.81 kept=k1 round=0")["jaccard"]
+        '0.81'
+    """
+    return dict(part.split("=", 1) for part in detail.split() if "=" in part)
+
+
+class _FirstKeysFn(beam.CombineFn):
+    """Per caption digest: (records carrying it, its ``k`` smallest keys). Bounded by ``k``."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def create_accumulator(self):
+        return (0, [])
+
+    def add_input(self, acc, key):
+        n, keys = acc
+        return (n + 1, heapq.nsmallest(self.k, [*keys, key]))
+
+    def merge_accumulators(self, accs):
+        n, keys = 0, []
+        for c, ks in accs:
+            n += c
+            keys = heapq.nsmallest(self.k, [*keys, *ks])
+        return (n, keys)
+
+    def extract_output(self, acc):
+        return acc
+
+
+class CapCaptionFn(beam.DoFn):
+    """(digest, {first: [(n, K smallest keys)], members: features}) → features of the first K
+    records by key order (main) and ``(key, Overuse)`` for the rest. Streams the members."""
+
+    OVERUSED = "overused"
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def setup(self):
+        self.overused = Metrics.counter("mmcorpus.dedup", f"duplicate_{reasons.CAPTION_OVERUSED}")
+
+    def process(self, element):
+        _, groups = element
+        n, first = next(iter(groups["first"]))
+        allowed = frozenset(first)
+        for f in groups["members"]:
+            if n <= self.limit or f.key in allowed:
+                yield f
+            else:
+                self.overused.inc()
+                yield beam.pvalue.TaggedOutput(self.OVERUSED, (f.key, Overuse(min(first), n, self.limit)))
+
+
+class CapCaptions(beam.PTransform):
+    """Features → (features of records still in the pass, ``(key, Overuse)`` of removed records).
+
+    Records with an image and a caption: at most ``limit`` records (the first by key order) may
+    share one normalised caption. Other records pass through untouched.
+
+    Args:
+        limit: ``DedupConfig.max_pairs_per_caption``.
+    """
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def expand(self, features):
+        capped = features | "ToCap" >> beam.Filter(lambda f: f.has_image and f.caption_digest is not None)
+        rest = features | "NotCapped" >> beam.Filter(lambda f: not (f.has_image and f.caption_digest is not None))
+        first = (
+            capped
+            | "DigestKey" >> beam.Map(lambda f: (f.caption_digest, f.key))
+            | "FirstKeys" >> beam.CombinePerKey(_FirstKeysFn(self.limit))
+        )
+        res = (
+            {"first": first, "members": capped | "ByDigest" >> beam.Map(lambda f: (f.caption_digest, f))}
+            | "JoinFirst" >> beam.CoGroupByKey()
+            | "Cap" >> beam.ParDo(CapCaptionFn(self.limit)).with_outputs(CapCaptionFn.OVERUSED, main="kept")
+        )
+        kept = (res.kept, rest) | "StillIn" >> beam.Flatten()
+        return kept, res[CapCaptionFn.OVERUSED]
+
+
+class _BestMemberFn(beam.CombineFn):
+    """Per component: the member with the smallest keep rank."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, best, m):
+        return m if best is None or m.rank < best.rank else best
+
+    def merge_accumulators(self, accs):
+        best = None
+        for m in accs:
+            if m is not None and (best is None or m.rank < best.rank):
+                best = m
+        return best
+
+    def extract_output(self, best):
+        return best
+
+
+class AssignRoundFn(beam.DoFn):
+    """(root, {best: [rep], members: [Member]}) → an ``Assignment`` for the representative and for
+    every member within the threshold of it; ``(root, Member)`` of the others as ``rest``.
+
+    Holds one representative and a counter; the members are streamed once."""
+
+    REST = "rest"
+
+    def __init__(self, cfg: DedupConfig, round_index: int):
+        self.cfg = cfg
+        self.round_index = round_index
+
+    def setup(self):
+        self.split = Metrics.counter("mmcorpus.dedup", "members_not_within_threshold")
+
+    def process(self, element):
+        root, groups = element
+        rep = next(iter(groups["best"]))
+        size = 1
+        for m in groups["members"]:
+            if m.key == rep.key:
+                continue
+            link = link_to_representative(m, rep, self.cfg)
+            if link is None:
+                self.split.inc()
+                yield beam.pvalue.TaggedOutput(self.REST, (root, m))
+                continue
+            size += 1
+            yield Assignment(m.key, rep.key, *link, self.round_index)
+        yield Assignment(rep.key, rep.key, None, None, None, self.round_index, size)
+
+
+class AssignRepresentatives(beam.PTransform):
+    """``(root, Member)`` of connected components → one ``Assignment`` per member, every member
+    within the threshold of its representative (see ``AssignRoundFn``), in ``rounds`` rounds
+    unrolled into the pipeline; members left after the last round are their own representatives.
+
+    Args:
+        cfg: the dedup config (thresholds, ``max_split_rounds``).
+    """
+
+    def __init__(self, cfg: DedupConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, members):
+        rounds = self.cfg.max_split_rounds
+        assigned = []
+        for r in range(rounds):
+            best = members | f"S{r}Best" >> beam.CombinePerKey(_BestMemberFn())
+            res = (
+                {"best": best, "members": members}
+                | f"S{r}Join" >> beam.CoGroupByKey()
+                | f"S{r}Assign" >> beam.ParDo(AssignRoundFn(self.cfg, r)).with_outputs(AssignRoundFn.REST, main="assigned")
+            )
+            assigned.append(res.assigned)
+            members = res[AssignRoundFn.REST]
+        assigned.append(
+            members | "LeftOver" >> beam.Map(lambda rm: Assignment(rm[1].key, rm[1].key, None, None, None, rounds, 1))
+        )
+        return assigned | "AllAssigned" >> beam.Flatten()
+
+
+def _member_by_root(element):
+    key, groups = element
+    roots = list(groups["root"])
+    feats = list(groups["features"])
+    if roots and feats:
+        yield roots[0], feats[0]
+
+
+class DecideStrictFn(beam.DoFn):
+    """key ⋈ (pairs, feature error, assignment, caption overuse) → one Outcome per pair."""
+
+    def __init__(self, cfg: DedupConfig):
+        self.cfg = cfg
+
+    def setup(self):
+        self.kept = Metrics.counter("mmcorpus.dedup", "kept")
+        self.dups = {r: Metrics.counter("mmcorpus.dedup", f"duplicate_{r}") for r in RULE_BITS}
+        self.errors = Metrics.counter("mmcorpus.dedup", "errors")
+
+    def process(self, element):
+        key, groups = element
+        errors = list(groups["error"])
+        assigned = list(groups["assignment"])
+        overused = list(groups["overused"])
+        for pair in groups["pairs"]:
+            if errors:
+                self.errors.inc()
+                yield Outcome.dropped(pair, ERROR, errors[0], "dedup features failed")
+            elif overused:
+                o = overused[0]
+                detail = f"link={OVERUSED_LINK} pairs={o.pairs} max={o.limit} kept={o.first_key}"
+                yield Outcome.dropped(pair, DUPLICATE, reasons.CAPTION_OVERUSED, detail, kept_key=o.first_key)
+            elif not assigned or (assigned[0].kept_key == key and assigned[0].size <= 1):
+                self.kept.inc()  # a singleton, or a component member every other member split away from
+                yield Outcome.kept(pair)
+            elif assigned[0].kept_key == key:
+                a = assigned[0]
+                cid = cluster_id_of(key)
+                self.kept.inc()
+                yield Outcome.kept(pair.replace(cluster_id=cid, cluster_size=a.size), cluster_id=cid, kept_key=key)
+            else:
+                a = assigned[0]
+                self.dups[a.rule].inc()
+                yield Outcome.dropped(
+                    pair, DUPLICATE, a.rule, format_detail(a), cluster_id=cluster_id_of(a.kept_key), kept_key=a.kept_key
+                )
+
+
 def _edge_counts(edges):
     return edges | "RuleOf" >> beam.Map(lambda e: e[2]) | "CountRules" >> beam.combiners.Count.PerElement()
 
@@ -499,10 +881,11 @@ class Deduplicate(beam.PTransform):
     """Pairs → one ``Outcome`` per pair (kept representatives and ``duplicate`` rows) plus a report.
 
     Args:
-        cfg: the ``DedupConfig``.
+        cfg: the ``DedupConfig`` (its ``mode`` picks strict or legacy-transitive clustering).
 
     Returns ``(outcomes, report)`` where ``report`` is a single-value PCollection (dict with the
-    LSH parameters, edges per rule and the connected-components rounds) for ``manifest.extra``.
+    mode, the LSH parameters, edges per rule, the connected-components rounds and, in strict
+    mode, the representative rounds and the caption cap) for ``manifest.extra``.
 
     Example:
         outcomes, report = pairs | Deduplicate(DedupConfig(near_image_max_hamming=None))
@@ -520,6 +903,32 @@ class Deduplicate(beam.PTransform):
             | "ExtractFeatures" >> beam.ParDo(ExtractFeaturesFn(cfg))
         )
         ok_features = features | "WithoutErrors" >> beam.Filter(lambda f: f.error is None)
+        if cfg.mode == LEGACY:
+            outcomes, edges, cc_report, extra = self._legacy(pairs, features, ok_features)
+        else:
+            outcomes, edges, cc_report, extra = self._strict(pairs, features, ok_features)
+        bands, rows = cfg.lsh_params()
+        edge_counts = _edge_counts(edges) | "EdgeCountsDict" >> beam.combiners.ToDict()
+        mode = cfg.mode
+
+        def report_of(cc, counts, extra):
+            out = {
+                "mode": mode,
+                "lsh_bands": bands,
+                "lsh_rows": rows,
+                "candidate_edges": dict(sorted(counts.items())),
+                "components": cc,
+            }
+            out.update(extra)
+            return out
+
+        report = cc_report | "Report" >> beam.Map(
+            report_of, counts=beam.pvalue.AsSingleton(edge_counts), extra=beam.pvalue.AsSingleton(extra)
+        )
+        return outcomes, report
+
+    def _legacy(self, pairs, features, ok_features):
+        cfg = self.cfg
         edges = ok_features | "CandidateEdges" >> CandidateEdges(cfg)
         labels, cc_report = (edges | "Pairs" >> beam.Map(lambda e: (e[0], e[1]))) | "Components" >> ConnectedComponents(
             cfg.max_rounds
@@ -553,22 +962,61 @@ class Deduplicate(beam.PTransform):
             | "JoinAll" >> beam.CoGroupByKey()
             | "Decide" >> beam.ParDo(DecideFn(cfg))
         )
-        bands, rows = cfg.lsh_params()
-        edge_counts = _edge_counts(edges) | "EdgeCountsDict" >> beam.combiners.ToDict()
-        report = (
-            cc_report
-            | "Report"
-            >> beam.Map(
-                lambda cc, counts: {
-                    "lsh_bands": bands,
-                    "lsh_rows": rows,
-                    "candidate_edges": dict(sorted(counts.items())),
-                    "components": cc,
-                },
-                counts=beam.pvalue.AsSingleton(edge_counts),
-            )
+        extra = pairs.pipeline | "NoStrictReport" >> beam.Create([{}])
+        return outcomes, edges, cc_report, extra
+
+    def _strict(self, pairs, features, ok_features):
+        cfg = self.cfg
+        if cfg.max_pairs_per_caption is not None:
+            in_pass, overused = ok_features | "CapCaptions" >> CapCaptions(cfg.max_pairs_per_caption)
+        else:
+            in_pass, overused = ok_features, pairs.pipeline | "NoCap" >> beam.Create([])
+        edges = in_pass | "CandidateEdges" >> CandidateEdges(cfg)
+        labels, cc_report = (edges | "Pairs" >> beam.Map(lambda e: (e[0], e[1]))) | "Components" >> ConnectedComponents(
+            cfg.max_rounds
         )
-        return outcomes, report
+        # Only records on an edge are joined; a Member carries a 128-byte sketch at most.
+        members = (
+            {"root": labels, "features": in_pass | "MemberByKey" >> beam.Map(lambda f: (f.key, member_of(f)))}
+            | "JoinRoot" >> beam.CoGroupByKey()
+            | "MemberByRoot" >> beam.FlatMap(_member_by_root)
+        )
+        assigned = members | "Representatives" >> AssignRepresentatives(cfg)
+        errors = (
+            features
+            | "Errors" >> beam.Filter(lambda f: f.error is not None)
+            | "ErrorByKey" >> beam.Map(lambda f: (f.key, f.error))
+        )
+        outcomes = (
+            {
+                "pairs": pairs | "PairsByKey" >> beam.Map(lambda p: (p.key, p)),
+                "error": errors,
+                "assignment": assigned | "AssignmentByKey" >> beam.Map(lambda a: (a.key, a)),
+                "overused": overused,
+            }
+            | "JoinAll" >> beam.CoGroupByKey()
+            | "Decide" >> beam.ParDo(DecideStrictFn(cfg))
+        )
+        rounds = cfg.max_split_rounds
+        per_round = (
+            assigned
+            | "RoundOf" >> beam.Map(lambda a: a.round)
+            | "CountRounds" >> beam.combiners.Count.PerElement()
+            | "RoundsDict" >> beam.combiners.ToDict()
+        )
+        n_overused = overused | "CountOverused" >> beam.combiners.Count.Globally()
+        extra = per_round | "StrictReport" >> beam.Map(
+            lambda counts, n: {
+                "representative_rounds": {
+                    "max_split_rounds": rounds,
+                    "members_per_round": [counts.get(r, 0) for r in range(rounds)],
+                    "kept_unassigned_after_last_round": counts.get(rounds, 0),
+                },
+                "caption_overused": n,
+            },
+            n=beam.pvalue.AsSingleton(n_overused),
+        )
+        return outcomes, edges, cc_report, extra
 
 
 def _or_all(bits: Iterable[int]) -> int:

@@ -53,3 +53,29 @@ def test_summarize_rounds():
     assert r == {"max_rounds": 4, "rounds": 2, "converged": True, "edges_per_round": [9, 5, 5, 5]}
     r = summarize_rounds([(0, (9, 1)), (1, (5, 2))], 2)
     assert r["converged"] is False and r["rounds"] == 2
+
+
+def test_star_steps_read_a_neighbourhood_twice_and_accept_one_shot_iterators():
+    from transforms.components import LargeStarFn, SmallStarFn
+
+    class Twice:
+        """Grouped values a runner pages: iterable any number of times, never a set or a list."""
+
+        def __init__(self, items):
+            self.items = items
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(self.items)
+
+    hub = Twice(["b", "c", "a", "d", "c"])  # a repeated neighbour, as round 0 edges may have
+    assert sorted(LargeStarFn().process(("a0", hub))) == [("b", "a"), ("c", "a"), ("c", "a"), ("d", "a")]
+    assert hub.passes == 2
+    one_shot = iter(["b", "c", "a", "d"])
+    assert sorted(LargeStarFn().process(("a0", one_shot))) == [("b", "a"), ("c", "a"), ("d", "a")]
+    out = list(SmallStarFn(3).process(("z", iter(["m", "k", "p"]))))
+    edges = sorted(e for e in out if not isinstance(e, beam.pvalue.TaggedOutput))
+    stats = [e.value for e in out if isinstance(e, beam.pvalue.TaggedOutput)]
+    assert edges == [("m", "k"), ("p", "k"), ("z", "k")]
+    assert len(stats) == 1 and stats[0][0] == 3 and stats[0][1][0] == 3

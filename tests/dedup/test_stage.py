@@ -1,6 +1,7 @@
 """The dedup stage end to end on the DirectRunner: planted groups (exact caption, exact image, near
-image, a near-caption chain A~B~...~F whose ends are not similar), singletons, the keep policy, the
-ledger invariant, byte-identical reruns, and the multi-processing runner."""
+image, a near-caption chain c1~c2~...~c8 whose ends are not similar, one caption on two different
+photos), singletons, the keep policy, the ledger invariant, byte-identical reruns, the
+multi-processing runner, and the same input under ``mode = "legacy-transitive"``."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pipelines import cli, dedup
 from schemas.records import Pair
 from tests.dedup.stage_fixture import write_pairs
 from transforms import minhash as mh
-from transforms.dedup import DedupConfig, Deduplicate
+from transforms.dedup import DedupConfig, Deduplicate, parse_detail
 from transforms.stage_io import read_manifest, read_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,6 +63,7 @@ def _with_image(key, caption, img) -> Pair:
 
 
 def planted_pairs(sample_dir) -> tuple[list[Pair], dict[str, tuple]]:
+    """The planted records and the strict-mode expectation (key → status, reason, kept_key)."""
     chain = _chain()
     pairs = [
         # exact image: same bytes, unrelated captions; e2's caption is more informative
@@ -91,7 +93,34 @@ def planted_pairs(sample_dir) -> tuple[list[Pair], dict[str, tuple]]:
     ]
     pairs += [Pair(key=f"s{i}", caption=c, source=f"t#s{i}") for i, c in enumerate(singles)]
     pairs.append(_with_image("s-img", "city skyline at dusk", _img(sample_dir, 3)))
-    expected = {
+    # one caption on two different photos (d1's is 640x480, d2's 678x452: d1 has more pixels)
+    pairs += [_with_image("d1", "A view of the old city from the river", _img(sample_dir, 4)),
+              _with_image("d2", "a view of the old city from the river", _img(sample_dir, 5))]
+    return pairs, STRICT_EXPECTED
+
+
+# Default (strict) mode. Image clusters keep the first key when resolution ties (e1, not the more
+# informative caption of e2); a caption never ties a record with an image to another record (k0/k9,
+# d1/d2 all kept); caption-only records keep caption semantics (x*, m*, the chain). The chain is
+# split: c1 is kept; c2..c5 (exact Jaccard to c1 0.89, 0.80, 0.73, 0.66) are its duplicates; c6
+# (0.61, at the 0.6 bar: its 128-slot estimate falls below it), c7 (0.53) and c8 (0.47) are not
+# within the bar of c1, so the second round keeps c6 and puts c7 (0.89 to c6) and c8 (0.80) with it.
+STRICT_EXPECTED = {
+    "e1": ("kept", "ok", "e1"), "e2": ("duplicate", "exact-image", "e1"),
+    "n0-small": ("duplicate", "near-image", "n1-big"), "n1-big": ("kept", "ok", "n1-big"),
+    "x1": ("kept", "ok", "x1"), "x2": ("duplicate", "exact-caption", "x1"),
+    "x3": ("duplicate", "exact-caption", "x1"),
+    "k0": ("kept", "ok", None), "k9": ("kept", "ok", None),
+    "m1": ("duplicate", "near-caption", "m2"), "m2": ("kept", "ok", "m2"),
+    "c1": ("kept", "ok", "c1"),
+    **{f"c{i}": ("duplicate", "near-caption", "c1") for i in range(2, 6)},
+    "c6": ("kept", "ok", "c6"), "c7": ("duplicate", "near-caption", "c6"), "c8": ("duplicate", "near-caption", "c6"),
+    **{f"s{i}": ("kept", "ok", None) for i in range(5)}, "s-img": ("kept", "ok", None),
+    "d1": ("kept", "ok", None), "d2": ("kept", "ok", None),
+}
+
+# mode = "legacy-transitive": the first wave's behaviour, unchanged (one closure over every rule).
+LEGACY_EXPECTED = {
         "e1": ("duplicate", "exact-image", "e2"), "e2": ("kept", "ok", "e2"),
         "n0-small": ("duplicate", "near-image", "n1-big"), "n1-big": ("kept", "ok", "n1-big"),
         "x1": ("kept", "ok", "x1"), "x2": ("duplicate", "exact-caption", "x1"),
@@ -101,8 +130,8 @@ def planted_pairs(sample_dir) -> tuple[list[Pair], dict[str, tuple]]:
         "c1": ("kept", "ok", "c1"),
         **{f"c{i}": ("duplicate", "near-caption", "c1") for i in range(2, 9)},
         **{f"s{i}": ("kept", "ok", None) for i in range(5)}, "s-img": ("kept", "ok", None),
-    }
-    return pairs, expected
+        "d1": ("kept", "ok", "d1"), "d2": ("duplicate", "exact-caption", "d1"),
+}
 
 
 def _jaccard(a: str, b: str) -> float:
@@ -117,11 +146,14 @@ def runs(tmp_path_factory, sample_dir):
     root = tmp_path_factory.mktemp("dedup")
     pairs, expected = planted_pairs(sample_dir)
     inp = write_pairs(str(root / "in"), pairs)
+    legacy_cfg = root / "legacy.toml"
+    legacy_cfg.write_text('[dedup]\nmode = "legacy-transitive"\n')
     out = {}
     for name, extra in (
         ("a", []),
         ("b", []),
         ("mp", ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]),
+        ("legacy", ["--config", str(legacy_cfg)]),
     ):
         out[name] = str(root / name)
         assert dedup.main(["--input", inp, "--output", out[name], "--num-shards", "3"] + extra) == 0
@@ -133,6 +165,7 @@ def test_chain_ends_are_not_similar():
     for a, b in zip(chain, chain[1:]):
         assert _jaccard(a, b) >= 0.8
     assert _jaccard(chain[0], chain[-1]) <= 0.5  # below threshold - 0.1 (0.6): not similar
+    assert [round(_jaccard(chain[0], c), 2) for c in chain] == [1.0, 0.89, 0.8, 0.73, 0.66, 0.61, 0.53, 0.47]
 
 
 def test_planted_groups_singletons_and_keep_policy(runs):
@@ -142,23 +175,47 @@ def test_planted_groups_singletons_and_keep_policy(runs):
     assert got == expected
     by_key = {r["key"]: r for r in ledger}
     # one cluster id per planted group, distinct across groups; none on singletons
-    groups = [("e1", "e2"), ("n0-small", "n1-big"), ("x1", "x2", "x3"), ("k0", "k9"), ("m1", "m2"),
-              tuple(f"c{i}" for i in range(1, 9))]
+    groups = [("e1", "e2"), ("n0-small", "n1-big"), ("x1", "x2", "x3"), ("m1", "m2"),
+              ("c1", "c2", "c3", "c4", "c5"), ("c6", "c7", "c8")]
     ids = []
     for g in groups:
         cids = {by_key[k]["cluster_id"] for k in g}
         assert len(cids) == 1 and None not in cids
         ids.append(cids.pop())
     assert len(set(ids)) == len(groups)
-    assert all(by_key[k]["cluster_id"] is None for k in by_key if k.startswith("s"))
+    assert all(by_key[k]["cluster_id"] is None for k in by_key if k[0] in "skd")
+    # the detail names the link to the kept record and its distance, in a parseable form
+    assert parse_detail(by_key["e2"]["detail"]) == {"link": "exact-image", "hamming": "0", "kept": "e1", "round": "0"}
+    d = parse_detail(by_key["n0-small"]["detail"])
+    assert (d["link"], d["kept"], d["round"]) == ("near-image", "n1-big", "0") and 0 <= int(d["hamming"]) <= 8
+    assert parse_detail(by_key["x3"]["detail"]) == {"link": "exact-caption", "jaccard": "1.0", "kept": "x1", "round": "0"}
+    chain = dict(zip([f"c{i}" for i in range(1, 9)], _chain()))
+    for k in ("c2", "c3", "c4", "c5", "c7", "c8"):
+        d = parse_detail(by_key[k]["detail"])
+        assert set(d) == {"link", "jaccard", "kept", "round"} and d["link"] == "near-caption"
+        assert d["round"] == ("0" if d["kept"] == "c1" else "1")
+        # the estimate is within 0.1 of the exact Jaccard to the kept record, which is >= 0.6
+        exact = _jaccard(chain[k], chain[d["kept"]])
+        assert exact >= 0.6 and abs(float(d["jaccard"]) - exact) <= 0.1, (k, d, exact)
+
+
+def test_legacy_transitive_mode_keeps_the_old_behaviour(runs):
+    pairs, _, _, out = runs
+    ledger = read_table(out["legacy"], "ledger").to_pylist()
+    got = {r["key"]: (r["status"], r["reason"], r["kept_key"]) for r in ledger}
+    assert got == LEGACY_EXPECTED
+    by_key = {r["key"]: r for r in ledger}
     assert by_key["c8"]["detail"] == "cluster of 8, kept c1; linked by near-caption"
+    m = read_manifest(out["legacy"])
+    assert m.config["dedup"]["mode"] == "legacy-transitive" and m.extra["dedup"]["mode"] == "legacy-transitive"
+    assert "representative_rounds" not in m.extra["dedup"]
 
 
 def test_kept_records_unchanged_except_cluster_fields(runs):
     pairs, expected, _, out = runs
     data = {p.key: p for p in (Pair.from_row(r) for r in read_table(out["a"]).to_pylist())}
     assert set(data) == {k for k, v in expected.items() if v[0] == "kept"}
-    sizes = {"e2": 2, "n1-big": 2, "x1": 3, "k9": 2, "m2": 2, "c1": 8}
+    sizes = {"e1": 2, "n1-big": 2, "x1": 3, "m2": 2, "c1": 5, "c6": 3}
     for p in pairs:
         if p.key not in data:
             continue
@@ -172,10 +229,10 @@ def test_ledger_invariant_and_manifest(runs):
     pairs, expected, _, out = runs
     m = read_manifest(out["a"])
     assert m.counts["inputs"] == m.counts["ledger_rows"] == len(pairs)
-    assert m.counts["outputs"] == read_table(out["a"]).num_rows == 12
+    assert m.counts["outputs"] == read_table(out["a"]).num_rows == 16
     assert m.counts["by_reason"] == {
-        "duplicate/exact-caption": 3, "duplicate/exact-image": 1, "duplicate/near-caption": 8,
-        "duplicate/near-image": 1, "kept/ok": 12,
+        "duplicate/exact-caption": 2, "duplicate/exact-image": 1, "duplicate/near-caption": 7,
+        "duplicate/near-image": 1, "kept/ok": 16,
     }
     keys = [r["key"] for r in read_table(out["a"], "ledger").to_pylist()]
     assert sorted(keys) == sorted(p.key for p in pairs)
@@ -183,10 +240,17 @@ def test_ledger_invariant_and_manifest(runs):
     assert rep["components"]["converged"] is True and 1 <= rep["components"]["rounds"] < rep["components"]["max_rounds"]
     assert (rep["lsh_bands"], rep["lsh_rows"]) == DedupConfig().lsh_params()
     assert m.config["dedup"]["near_caption_threshold"] == 0.7
+    assert rep["mode"] == m.config["dedup"]["mode"] == "strict"
+    # round 0: 5 representatives + 9 members within their bar; round 1: c6 with c7, c8
+    assert rep["representative_rounds"] == {
+        "max_split_rounds": 4, "members_per_round": [14, 3, 0, 0], "kept_unassigned_after_last_round": 0,
+    }
+    assert rep["caption_overused"] == 0
 
 
 def test_rerun_and_multiprocessing_are_byte_identical(runs):
     _, _, _, out = runs
+    out = {k: v for k, v in out.items() if k != "legacy"}
     files = {name: [(f.path, f.sha256) for f in read_manifest(d).files] for name, d in out.items()}
     assert files["a"] == files["b"] == files["mp"]
     for name in ("b", "mp"):
@@ -205,7 +269,7 @@ def test_rules_switched_off_by_config(runs, tmp_path):
     assert dedup.main(["--input", inp, "--output", out, "--config", str(cfg)]) == 0
     got = {r["key"]: (r["status"], r["reason"]) for r in read_table(out, "ledger").to_pylist()}
     # exact image off: e1/e2 stay (same bytes: dHash distance 0, found by the near-image rule)
-    assert got["e1"] == ("duplicate", "near-image")
+    assert got["e2"] == ("duplicate", "near-image")
     # at 0.95 the chain steps (J ~ 0.9) are no longer near duplicates
     assert all(got[f"c{i}"] == ("kept", "ok") for i in range(1, 9))
     assert got["x2"] == ("duplicate", "exact-caption")
