@@ -77,3 +77,29 @@ def test_bad_settings_stop_before_work(tmp_path):
     with pytest.raises(UserError, match="langs"):
         synthdoc.main(["--output", str(tmp_path / "o"), "--n", "1", "--lang", "fr"])
     assert not (tmp_path / "o").exists()
+
+
+def test_ocr_output_packs_at_stage_3_and_exports_transcriptions(pages):
+    from pipelines import export, pack
+
+    d, _, out = pages
+    ocr_out = d / "ocr"
+    if not (ocr_out / "manifest.json").exists():
+        assert ocr_stage.main(["--input", str(out), "--output", str(ocr_out)]) == 0
+    packed = d / "pack3"
+    assert pack.main(["--input", str(ocr_out), "--output", str(packed), "--stage", "3", "--seq-len", "4096",
+                      "--partitions", "1"]) == 0
+    ledger = read_table(str(packed), "ledger").to_pylist()
+    assert sorted((r["status"], r["reason"]) for r in ledger) == [("kept", "ok"), ("kept", "ok")]
+    exported = d / "export"
+    assert export.main(["minicpmv", "--input", str(ocr_out), "--output", str(exported)]) == 0
+    items = json.loads((exported / "minicpmv.json").read_text("utf-8"))
+    rows = {r["key"]: r for r in read_table(str(ocr_out)).to_pylist()}
+    assert len(items) == 2
+    for item in items:
+        turns = item["conversations"]
+        # the synthdoc transcription and the OCR transcription, both answered in reading order
+        assert turns[0]["content"].startswith("<image>")
+        answers = [t["content"] for t in turns if t["role"] == "assistant"]
+        assert answers[0] == rows[item["id"]]["raw_caption"]
+        assert answers[-1] == "\n".join(json.loads(rows[item["id"]]["ocr"])["texts"])
