@@ -154,3 +154,14 @@ def test_bad_config_and_missing_input_are_user_errors(tmp_path):
     (tmp_path / "in").mkdir()
     with pytest.raises(UserError, match="prompt_langs"):
         ocr_mod_cfg = ocr_stage.load_config(str(cfg))  # noqa: F841
+
+
+def test_pixel_bound_is_checked_before_decoding(inputs, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[ocr]\nmax_pixels = 20000\n")
+    out = tmp_path / "out"
+    assert ocr_stage.main(["--input", inputs, "--output", str(out), "--config", str(cfg), "--no-safety"]) == 0
+    ledger = {r["key"]: (r["status"], r["reason"], r["detail"]) for r in read_table(str(out), "ledger").to_pylist()}
+    assert ledger["text1"] == ("rejected", "image_too_many_pixels", "420x140 = 58800 pixels > 20000")
+    assert ledger["plain1"][:2] == ("kept", "ok")  # 160 x 120 = 19200
+    assert json.loads(read_table(str(out)).to_pylist()[0]["safety"] or "null") is None

@@ -9,6 +9,7 @@ import pytest
 
 from pipelines import ocr as ocr_stage
 from pipelines import synthdoc
+from pipelines.verify import verify
 from schemas.errors import UserError
 from transforms.stage_io import read_table
 
@@ -42,6 +43,7 @@ def test_pages_are_real_text_and_deterministic(pages, tmp_path):
     d, cfg, out = pages
     rows = read_table(str(out)).to_pylist()
     assert sorted(json.loads(r["meta"])["lang"] for r in rows) == ["en", "zh"]
+    assert all(ch.ok for ch in verify(str(out)))
     zh_source = (pathlib.Path(synthdoc.__file__).resolve().parents[1] / "data/synthdoc/coco_cn_captions_300.tsv").read_text("utf-8")
     en_source = (pathlib.Path(synthdoc.__file__).resolve().parents[1] / "data/sample/cc3m_val_captions_8k.tsv").read_text("utf-8")
     for r in rows:
