@@ -32,14 +32,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 class RenderFn(beam.DoFn):
-    def __init__(self, cfg: SynthDocConfig):
-        self.cfg = cfg
+    """Renders page ``index``. The texts travel with the DoFn (< 1 MB): ``data/`` is not in the
+    package that remote workers install."""
 
-    def setup(self):
-        self._texts = {lang: load_texts(lang) for lang in self.cfg.langs}
+    def __init__(self, cfg: SynthDocConfig, texts: dict[str, list[str]]):
+        self.cfg = cfg
+        self.texts = texts
 
     def process(self, index: int):
-        pair, _ = render_page(index, self.cfg, self._texts)
+        pair, _ = render_page(index, self.cfg, self.texts)
         yield Outcome.kept(pair)
 
 
@@ -58,8 +59,9 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
     cfg = load_config(args)
     check_fonts(cfg.langs)
     h = hashlib.sha256()
+    all_texts = {}
     for lang in cfg.langs:
-        texts = load_texts(lang)
+        texts = all_texts[lang] = load_texts(lang)
         if not texts:
             raise UserError(f"no {lang} text in {REPO_DATA / TEXT_SOURCES[lang][0]}")
         h.update("\n".join(texts).encode("utf-8"))
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
     input_info = {"kind": "synthdoc", "fingerprint": h.hexdigest(), "records": cfg.n}
 
     def build_pipeline(p):
-        return p | "Indices" >> beam.Create(list(range(cfg.n))) | "Render" >> beam.ParDo(RenderFn(cfg))
+        return p | "Indices" >> beam.Create(list(range(cfg.n))) | "Render" >> beam.ParDo(RenderFn(cfg, all_texts))
 
     return run_stage(stage=STAGE, output_dir=args.output, config={"synthdoc": to_dict(cfg)}, input_info=input_info,
                      build=build_pipeline, beam_args=beam_args, num_shards=args.num_shards, force=args.force)
