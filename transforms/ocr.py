@@ -186,6 +186,15 @@ def pick_prompt(key: str, langs: tuple[str, ...]) -> str:
     return options[h % len(options)]
 
 
+def has_ground_truth(pair: Pair) -> bool:
+    """A rendered page (synthdoc) already carries its exact transcription: OCR must not add its own
+    reading (with its errors) to it."""
+    try:
+        return pair.meta_dict().get("generator") == "synthdoc"
+    except ValueError:
+        return False
+
+
 def ocr_samples(pair: Pair, result: dict[str, Any], cfg: OcrConfig) -> Pair:
     """Stage-3 samples for a text-rich record: a transcription QA pair appended to ``qa`` and the
     caption enriched with the text read (``raw_caption`` keeps the caption before, when unset)."""
@@ -228,7 +237,7 @@ class OcrAnnotateFn(ImageModelFn):
         pair = pair.replace(ocr=json.dumps(result, sort_keys=True, ensure_ascii=False, separators=(",", ":")))
         if result["text_rich"]:
             self._text_rich.inc()
-            if self.cfg.make_samples:
+            if self.cfg.make_samples and not has_ground_truth(pair):
                 pair = ocr_samples(pair, result, self.cfg)
         if self.safety is not None:
             from transforms.safety import apply_safety
