@@ -22,12 +22,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rewrite": ("pipelines.rewrite", "rewrite captions into QA pairs through an OpenAI-compatible endpoint"),
     "rewriter": ("rewriter.cli", "seed annotation, SFT export, fine-tuning and serving of the rewriter"),
     "pack": ("pipelines.pack", "token accounting and packing into Parquet/WebDataset training shards"),
+    "sft": ("pipelines.sft", "SFT data: ingest, part 1/2 split, chat-templated packs, exports"),
     "export": ("pipelines.export", "export data for other tools (e.g. MiniCPM-V fine-tuning JSON)"),
     "verify": ("pipelines.verify", "check a stage output's invariants and checksums"),
     "inspect": ("pipelines.inspection", "show what an output directory holds; trace a key"),
     "stats": ("pipelines.stats", "statistics and plots of an output directory"),
     "ocr": ("pipelines.ocr", "OCR every image (RapidOCR, offline) and add stage-3 OCR samples"),
     "synthdoc": ("pipelines.synthdoc", "render synthetic document pages (SynthDoG-style) as a stage output"),
+    "report": ("pipelines.report", "static HTML report of a run: samples by reason, dedup clusters, rewrites, packs"),
     "demo": ("pipelines.demo", "run the whole pipeline on the bundled sample data"),
 }
 

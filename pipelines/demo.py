@@ -117,9 +117,22 @@ def run(args: argparse.Namespace) -> int:
     )
     if failed:
         console.print(f"[red]verify failed for: {', '.join(failed)}[/red]")
-        return 1
-    console.print("[green]verify: every stage output passed its invariants and checksums[/green]")
-    return 0
+    else:
+        console.print("[green]verify: every stage output passed its invariants and checksums[/green]")
+    write_demo_report(out, data)
+    return 1 if failed else 0
+
+
+def write_demo_report(out: pathlib.Path, data: pathlib.Path) -> None:
+    """The demo's last step: one static HTML report of every run it wrote (``mmcorpus report``)."""
+    from pipelines import report
+
+    console.rule("[bold]report")
+    raw = tuple(str(p) for p in (data / "i2d_webdataset", data / "img2dataset_sample_1000.parquet") if p.exists())
+    res = report.write_report(str(out), str(out / "report"), report.ReportConfig(raw_inputs=raw))
+    console.print(f"report of {', '.join(res['runs'])}: {res['thumbnails']} thumbnails, {res['traced_keys']} traced keys.\n"
+                  f"Open it: [bold]{escape(os.path.abspath(res['index']))}[/bold]\n"
+                  f"(or share it: python -m http.server -d {escape(str(out / 'report'))})")
 
 
 def summary_table(steps, seconds: dict[str, float]) -> Table:

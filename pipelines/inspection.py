@@ -436,87 +436,123 @@ def sample_packs(stage_dir: str, n: int) -> list[dict[str, Any]]:
     return out
 
 
-# --- tracing one key -----------------------------------------------------------------------------
+# --- tracing keys --------------------------------------------------------------------------------
 
 
-def _ledger_rows_for_key(stage_dir: str, m: Manifest, key: str) -> list[dict]:
-    ledger = m.files_of(FILE_KIND_LEDGER)
-    n = m.config.get("num_shards")
-    candidates = ledger
-    if isinstance(n, int) and n > 0:
-        want = f"part-{shard_of(key, n):05d}-of-{n:05d}"
-        hit = [f for f in ledger if want in f.path]
-        if hit:
-            candidates = hit
-    rows = []
-    for f in candidates:
-        rows.extend(_read_parquet(join(stage_dir, f.path), filters=[("key", "=", key)]).to_pylist())
+def _files_by_shard(files, n, keys: list[str], name_of) -> list[tuple[Any, list[str]]]:
+    """``[(file entry, keys it may hold)]``: with ``num_shards`` known, each key goes to the file of
+    its shard (all files when none matches); otherwise every file is searched for every key."""
+    if not (isinstance(n, int) and n > 0):
+        return [(f, list(keys)) for f in files]
+    out: dict[str, tuple[Any, list[str]]] = {}
+    for key in keys:
+        want = name_of(shard_of(key, n), n)
+        hit = [f for f in files if want in f.path] or files
+        for f in hit:
+            out.setdefault(f.path, (f, []))[1].append(key)
+    return [out[p] for p in sorted(out)]
+
+
+def _ledger_rows_for_keys(stage_dir: str, m: Manifest, keys: list[str]) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    groups = _files_by_shard(m.files_of(FILE_KIND_LEDGER), m.config.get("num_shards"), keys,
+                             lambda i, n: f"part-{i:05d}-of-{n:05d}")
+    for f, ks in groups:
+        for r in _read_parquet(join(stage_dir, f.path), filters=[("key", "in", ks)]).to_pylist():
+            rows.setdefault(r["key"], []).append(r)
     return rows
 
 
-def _data_row_for_key(stage_dir: str, m: Manifest, key: str) -> dict | None:
-    data = m.files_of(FILE_KIND_DATA)
-    n = m.config.get("num_shards")
-    if isinstance(n, int) and n > 0:
-        want = shard_name(shard_of(key, n), n)
-        data = [f for f in data if f.path.endswith(want)] or data
-    for f in data:
+def _ledger_rows_for_key(stage_dir: str, m: Manifest, key: str) -> list[dict]:
+    return _ledger_rows_for_keys(stage_dir, m, [key]).get(key, [])
+
+
+def _data_rows_for_keys(stage_dir: str, m: Manifest, keys: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for f, ks in _files_by_shard(m.files_of(FILE_KIND_DATA), m.config.get("num_shards"), keys, shard_name):
         t = _read_parquet(join(stage_dir, f.path), columns=["key", "caption", "raw_caption", "qa", "cluster_id", "cluster_size"],
-                          filters=[("key", "=", key)])
-        if t.num_rows:
-            return t.to_pylist()[0]
-    return None
+                          filters=[("key", "in", ks)])
+        for r in t.to_pylist():
+            out.setdefault(r["key"], r)
+    return out
+
+
+def _data_row_for_key(stage_dir: str, m: Manifest, key: str) -> dict | None:
+    return _data_rows_for_keys(stage_dir, m, [key]).get(key)
+
+
+def _packs_of_keys(stage_dir: str, m: Manifest, keys: list[str]) -> dict[str, dict]:
+    """Where each key sits in the packs (first pack holding it), reading ``sample_keys`` once."""
+    wanted, out = set(keys), {}
+    for path in pack_files(stage_dir, m):
+        if path.endswith(".tar"):
+            packs = [r.get("sample_keys") or [] for r in _tar_pack_rows(path)]
+        else:
+            packs = _read_parquet(path, columns=["sample_keys"]).column("sample_keys").to_pylist()
+        for i, ks in enumerate(packs):
+            for key in wanted.intersection(ks or ()):
+                if key not in out:
+                    out[key] = {"shard": path.rsplit("/", 1)[-1], "row": i, "position": ks.index(key), "samples_in_pack": len(ks)}
+        if len(out) == len(wanted):
+            break
+    return out
 
 
 def _pack_of_key(stage_dir: str, m: Manifest, key: str) -> dict | None:
-    for path in pack_files(stage_dir, m):
-        if path.endswith(".tar"):
-            keys = [r.get("sample_keys") or [] for r in _tar_pack_rows(path)]
-        else:
-            t = _read_parquet(path, columns=["sample_keys"])
-            keys = t.column("sample_keys").to_pylist()
-        for i, ks in enumerate(keys):
-            if ks and key in ks:
-                return {"shard": path.rsplit("/", 1)[-1], "row": i, "position": ks.index(key), "samples_in_pack": len(ks)}
-    return None
+    return _packs_of_keys(stage_dir, m, [key]).get(key)
+
+
+def trace_keys(path: str, keys: list[str], locate_packs: bool = True) -> dict[str, dict[str, Any]]:
+    """``trace_key`` for many keys at once: each stage's ledger, data and pack shards are read once
+    for all of them (only the shards and row groups that can hold them), so tracing a sample of a
+    large run costs about as much as tracing one key. ``locate_packs=False`` skips finding each
+    key's pack (which reads every pack shard's key lists; the pack ledger's detail names the pack)."""
+    stages = run_stage_dirs(path)
+    if not stages:
+        raise UserError(f"no finished stage outputs (*/{MANIFEST_NAME}) under {run_root(path)}: pass a stage output or run directory")
+    keys = sorted(set(keys))
+    steps: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
+    for stage, d in stages:
+        m = read_manifest(d)
+        ledger = _ledger_rows_for_keys(d, m, keys) if keys else {}
+        kept = [k for k in keys if ledger.get(k) and ledger[k][0].get("status") == "kept"]
+        data = _data_rows_for_keys(d, m, kept) if kept else {}
+        packs = _packs_of_keys(d, m, kept) if kept and stage == "pack" and locate_packs else {}
+        for key in keys:
+            rows = ledger.get(key, [])
+            step: dict[str, Any] = {"stage": stage, "dir": d}
+            if not rows:
+                step["status"] = "absent"
+                step["reason"] = ""
+            else:
+                r = rows[0]
+                step.update({k: r.get(k) for k in ("status", "reason", "detail", "source", "cluster_id", "kept_key", "model", "prompt_version")})
+                step = {k: v for k, v in step.items() if v not in (None, "")}
+                if len(rows) > 1:
+                    step["ledger_rows"] = len(rows)
+                if r.get("status") == "kept":
+                    row = data.get(key)
+                    if row is not None:
+                        step["caption"] = row.get("caption")
+                        if row.get("qa"):
+                            step["qa"] = row["qa"]
+                        if row.get("cluster_size"):
+                            step["cluster_size"] = row["cluster_size"]
+                    if key in packs:
+                        step["pack"] = packs[key]
+            steps[key].append(step)
+    out = {}
+    for key in keys:
+        final = next((s for s in reversed(steps[key]) if s["status"] != "absent"), None)
+        out[key] = {"key": key, "run": run_root(path), "steps": steps[key],
+                    "fate": "never seen" if final is None else f"{final['status']} at {final['stage']}" + (
+                        f" ({final['reason']})" if final.get("reason") not in (None, "", "ok") else "")}
+    return out
 
 
 def trace_key(path: str, key: str) -> dict[str, Any]:
     """The fate of ``key`` in every stage of the run ``path`` belongs to."""
-    stages = run_stage_dirs(path)
-    if not stages:
-        raise UserError(f"no finished stage outputs (*/{MANIFEST_NAME}) under {run_root(path)}: pass a stage output or run directory")
-    steps = []
-    for stage, d in stages:
-        m = read_manifest(d)
-        rows = _ledger_rows_for_key(d, m, key)
-        step: dict[str, Any] = {"stage": stage, "dir": d}
-        if not rows:
-            step["status"] = "absent"
-            step["reason"] = ""
-        else:
-            r = rows[0]
-            step.update({k: r.get(k) for k in ("status", "reason", "detail", "source", "cluster_id", "kept_key", "model", "prompt_version")})
-            step = {k: v for k, v in step.items() if v not in (None, "")}
-            if len(rows) > 1:
-                step["ledger_rows"] = len(rows)
-            if r.get("status") == "kept":
-                data = _data_row_for_key(d, m, key)
-                if data is not None:
-                    step["caption"] = data.get("caption")
-                    if data.get("qa"):
-                        step["qa"] = data["qa"]
-                    if data.get("cluster_size"):
-                        step["cluster_size"] = data["cluster_size"]
-                if stage == "pack":
-                    where = _pack_of_key(d, m, key)
-                    if where is not None:
-                        step["pack"] = where
-        steps.append(step)
-    final = next((s for s in reversed(steps) if s["status"] != "absent"), None)
-    return {"key": key, "run": run_root(path), "steps": steps,
-            "fate": "never seen" if final is None else f"{final['status']} at {final['stage']}" + (
-                f" ({final['reason']})" if final.get("reason") not in (None, "", "ok") else "")}
+    return trace_keys(path, [key])[key]
 
 
 # --- rendering -----------------------------------------------------------------------------------

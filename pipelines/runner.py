@@ -14,7 +14,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import progress  # live counter + time-per-stage summary
+from pipelines import engines, progress  # engine flags; live counter + time-per-stage summary
 from schemas.manifest import DATA_DIR, LEDGER_DIR, MANIFEST_NAME, Manifest, config_hash
 from transforms.stage_io import WriteStageOutput, join, read_bytes
 
@@ -34,7 +34,7 @@ def add_stage_args(parser: argparse.ArgumentParser) -> None:
 
 def beam_options(beam_args: list[str]) -> PipelineOptions:
     """PipelineOptions from the pass-through flags; DirectRunner by default."""
-    opts = PipelineOptions(beam_args)
+    opts = PipelineOptions(engines.translate(beam_args))  # --runner dask and its short flags
     std = opts.view_as(beam.options.pipeline_options.StandardOptions)
     if not std.runner:
         std.runner = "DirectRunner"

@@ -10,6 +10,7 @@ directory holding several):
     tokens_per_sample  tokens per packed sample (pack output)
     fill_per_pack      token fill per pack (pack output)
     images_per_pack    images per pack (pack output with image columns)
+    sft_answer_tokens  assistant tokens per turn by SFT part (sft split output; docs/sft.md)
     image_signals      OCR and safety counts of kept records (ocr output: its manifest's extra.image_signals)
 
 Example:
@@ -47,7 +48,7 @@ from schemas.records import KEPT
 from transforms.stage_io import join, read_manifest
 
 PANELS = ("caption_words", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack", "images_per_pack",
-          "image_signals")
+          "sft_answer_tokens", "image_signals")
 PANEL_TITLES = {
     "caption_words": "caption length (words)",
     "ledger_reasons": "removed records by stage and reason",
@@ -56,6 +57,7 @@ PANEL_TITLES = {
     "fill_per_pack": "token fill per pack",
     "images_per_pack": "images per pack",
     "image_signals": "OCR and safety signals (kept records)",
+    "sft_answer_tokens": "assistant tokens per turn, by SFT part",
 }
 # Pixel size of one panel (at DPI): the PNG is (COLS * W) x (rows * H).
 PANEL_W_IN, PANEL_H_IN, DPI = 6.4, 4.0, 100
@@ -135,6 +137,7 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
     clusters: list[int] | None = None
     packs: dict[str, list] | None = None
     signals: dict[str, int] = {}
+    sft_parts: dict[str, list[int]] | None = None
     for stage, d in scope:
         m = read_manifest(d)
         for name, n in (m.extra.get("image_signals") or {}).items():
@@ -151,6 +154,8 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
             captions[f"after {stage}"] = _words(t.column("caption").to_pylist())
         if stage == "dedup":
             clusters = _cluster_sizes(d, m, t)
+        if stage == "sft_split":
+            sft_parts = _sft_answer_tokens(d, max_rows)
         if pack_files(d, m):
             table = pack_table(d, m, limit=max_rows, columns=MEASURE_COLUMNS)
             if table is not None and table.num_rows:
@@ -169,7 +174,20 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
         panels["fill_per_pack"] = [f for f in packs["pack_fill"] if f is not None]
         if any(v is not None for v in packs["pack_images"]):
             panels["images_per_pack"] = [v for v in packs["pack_images"] if v is not None]
+    if sft_parts:
+        panels["sft_answer_tokens"] = sft_parts
     return {"dir": path, "stages": [s for s, _ in scope], "panels": panels}
+
+
+def _sft_answer_tokens(stage_dir: str, max_rows: int) -> dict[str, list[int]]:
+    """``{"part 1": [tokens per assistant turn ...], "part 2": [...]}`` from an sft split output."""
+    t = _read_data_column(stage_dir, ["meta"], max_rows)
+    out: dict[str, list[int]] = {}
+    for meta in (t.column("meta").to_pylist() if t is not None else []):
+        sft = json.loads(meta or "{}").get("sft") or {}
+        if sft.get("part"):
+            out.setdefault(f"part {sft['part']}", []).extend(sft.get("assistant_tokens") or [])
+    return dict(sorted(out.items()))
 
 
 def _cluster_sizes(stage_dir: str, m, data: pa.Table | None) -> list[int]:
@@ -273,6 +291,14 @@ def _draw(ax, name: str, data) -> None:
         ax.hist([100 * f for f in data], bins=40, color="#8064a2")
         ax.set_xlabel("fill (%)")
         ax.set_ylabel("packs")
+    elif name == "sft_answer_tokens":
+        hi = max((max(v) for v in data.values() if v), default=1)
+        bins = [x * max(1, hi // 40) for x in range(0, 42)]
+        for label, values in data.items():
+            ax.hist(values, bins=bins, histtype="step", linewidth=1.5, label=f"{label} (n={len(values):,} turns)")
+        ax.set_xlabel("assistant tokens per turn")
+        ax.set_ylabel("turns")
+        ax.legend(fontsize=7)
     elif name == "images_per_pack":
         hi = max(data) if data else 1
         ax.hist(data, bins=[x - 0.5 for x in range(0, hi + 2)], color="#f79646")
@@ -292,7 +318,7 @@ def summarize(stats: dict[str, Any]) -> dict[str, Any]:
     for name, data in stats["panels"].items():
         if name in ("ledger_reasons", "image_signals"):
             out[name] = data
-        elif name == "caption_words":
+        elif name in ("caption_words", "sft_answer_tokens"):
             out[name] = {k: _stat(v) for k, v in data.items()}
         else:
             out[name] = _stat(data)
@@ -344,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("ledger_reasons", "image_signals"):
             for k, v in s.items():
                 t.add_row(name, k, f"{v:,}", "", "", "")
-        elif name == "caption_words":
+        elif name in ("caption_words", "sft_answer_tokens"):
             for k, v in s.items():
                 t.add_row(name, k, *_cells(v))
         else:

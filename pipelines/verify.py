@@ -112,7 +112,7 @@ def verify(stage_dir: str) -> list[Check]:
 
     kept = sum(n for k, n in ledger_counts.items() if k.startswith(KEPT + "/"))
     data_files = m.files_of(FILE_KIND_DATA)
-    if data_files or m.stage != "pack":
+    if data_files or "packed_samples" not in m.extra:  # pack stages (pack, sft_pack) write packs, not rows
         data_keys: Counter = Counter()
         for entry in data_files:
             t = _read_parquet(join(stage_dir, entry.path), ["key"])

@@ -77,6 +77,25 @@ LAION_PUNSAFE = "laion_punsafe"  # the source's LAION punsafe metadata >= the co
 LAION_PWATERMARK = "laion_pwatermark"  # the source's LAION pwatermark metadata >= the configured threshold
 IMAGE_WATERMARK = "image_watermark"  # OCR text matches a stock-photo credit rule
 CAPTION_PII = "caption_pii"  # caption holds PII (e-mail, phone, card, resident ID) and policy is reject
+# --- sft (ingest, split, pack) ------------------------------------------------------------------
+SFT_RECORD_UNREADABLE = "sft_record_unreadable"  # not a JSON object / lacks the fields its format needs
+SFT_NO_TURNS = "sft_no_turns"  # no user/assistant turn at all
+SFT_BAD_ROLE = "sft_bad_role"  # a speaker that is neither human/user, gpt/assistant nor system
+SFT_CONSECUTIVE_USER = "sft_consecutive_user"  # two user (human) turns in a row
+SFT_CONSECUTIVE_ASSISTANT = "sft_consecutive_assistant"  # two assistant turns in a row / assistant first
+SFT_ENDS_WITH_USER = "sft_ends_with_user"  # last turn is a question without an answer
+SFT_EMPTY_ANSWER = "sft_empty_answer"  # an assistant turn that is empty or whitespace
+SFT_EMPTY_QUESTION = "sft_empty_question"
+SFT_MARKER_WITHOUT_IMAGE = "sft_marker_without_image"  # <image> in a turn, no image named
+SFT_IMAGE_WITHOUT_MARKER = "sft_image_without_marker"  # an image named, no <image> in any user turn
+SFT_MULTIPLE_MARKERS = "sft_multiple_markers"  # more than one <image> for the one image
+SFT_MARKER_IN_ANSWER = "sft_marker_in_answer"  # <image> inside an assistant turn
+SFT_IMAGE_NOT_FOUND = "sft_image_not_found"  # the named image is not in the image source
+SFT_TOO_MANY_TURNS = "sft_too_many_turns"  # more turns than max_turns
+SFT_TOO_LONG_CHARS = "sft_too_long_chars"  # more characters than max_chars
+SFT_OTHER_PART = "sft_other_part"  # sft pack --part N: the record belongs to the other part
+SFT_LABEL_MISMATCH = "sft_label_mismatch"  # sft pack --check-mask: labels differ from the template's generation mask
+SFT_TOO_LONG = "sft_too_long"  # templated tokens > seq_len and truncation is off (or cannot help)
 
 # --- unexpected exceptions (dead letter): "exception_<ExcType>" ------------------------------
 EXCEPTION_PREFIX = "exception_"

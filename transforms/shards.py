@@ -78,6 +78,7 @@ class PreparedSample:
     grid: tuple[int, int] | None = None
     image_length: int = 0
     slices: int = 0
+    image_offset: int = 0  # where the image span starts within the sample (SFT: after the prompt header)
 
     def item(self, safe_cut: bool = True) -> Item:
         n_img = 1 if self.image is not None else 0
@@ -197,7 +198,7 @@ def render_pack(pid: str, seq_len: int, members: list[tuple[PreparedSample, int]
         if s.image is not None:
             row[S.IMAGES].append(s.image)
             row[S.IMAGE_SAMPLE].append(i)
-            row[S.IMAGE_OFFSET].append(len(input_ids))
+            row[S.IMAGE_OFFSET].append(len(input_ids) + s.image_offset)
             row[S.IMAGE_LENGTH].append(s.image_length)
             row[S.IMAGE_WIDTH].append(s.width)
             row[S.IMAGE_HEIGHT].append(s.height)
@@ -486,14 +487,21 @@ class PackSamples(beam.PTransform):
         shards: shard format and layout.
         tokenizer_path: local tokenizer path (None: the bundled one).
         require_image: reject caption-only samples instead of packing them as text.
+        prepare: the DoFn that turns a Pair into a ``PreparedSample`` (tagging rejects
+            ``PrepareSampleFn.REJECTED``); default ``PrepareSampleFn`` (caption pretraining). ``sft pack``
+            passes ``transforms.sft_pack.PrepareSftFn`` (chat template, assistant-only labels).
+        header_extra: extra ``index.json`` fields.
 
     Example:
         pairs | PackSamples("out/pack", StageProfile.for_stage(2), PackingConfig(seq_len=2048), ShardConfig())
     """
 
     def __init__(self, output_dir: str, profile: StageProfile, packing: PackingConfig, shards: ShardConfig,
-                 tokenizer_path: str | None = None, require_image: bool = False):
+                 tokenizer_path: str | None = None, require_image: bool = False,
+                 prepare: beam.DoFn | None = None, header_extra: dict[str, Any] | None = None):
         super().__init__()
+        self.prepare = prepare
+        self.header_extra = header_extra or {}
         self.output_dir = output_dir
         self.profile = profile
         self.packing = packing
@@ -511,11 +519,11 @@ class PackSamples(beam.PTransform):
             "algorithm": self.packing.algorithm,
             "tokens": tok.special_ids(),
             "ignore_index": S.IGNORE_INDEX,
+            **self.header_extra,
         }
         parts = self.shards.partitions
-        prepared = pairs | "Prepare" >> beam.ParDo(
-            PrepareSampleFn(self.profile, files, self.packing, self.require_image)
-        ).with_outputs(PrepareSampleFn.REJECTED, main="samples")
+        prepare = self.prepare or PrepareSampleFn(self.profile, files, self.packing, self.require_image)
+        prepared = pairs | "Prepare" >> beam.ParDo(prepare).with_outputs(PrepareSampleFn.REJECTED, main="samples")
         samples = prepared.samples
         plan = (
             samples
