@@ -43,7 +43,8 @@ class OcrConfig:
         threads: onnxruntime intra-op threads per worker (bounded; inter-op is 1).
         make_samples: add stage-3 samples to text-rich records: a transcription QA pair and the caption
             enriched with the text read (marked with ``ENRICH_MARKER``).
-        prompt_langs: transcription prompt languages to draw from (``en``, ``zh``).
+        prompt_langs: transcription prompt languages (``en``, ``zh``); the prompt is in the language of the
+            text read when that one is listed, else in any listed one.
         max_pixels: decode bound.
     """
 
@@ -177,12 +178,21 @@ def reading_order_text(result: dict[str, Any]) -> str:
     return "\n".join(result.get("texts") or [])
 
 
-def pick_prompt(key: str, langs: tuple[str, ...]) -> str:
-    """A transcription prompt chosen deterministically from the key (stable across runs and runners)."""
+def text_lang(text: str) -> str:
+    """``zh`` when most non-space characters are CJK ideographs, else ``en``."""
+    chars = [c for c in text if not c.isspace()]
+    cjk = sum("\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" for c in chars)
+    return "zh" if chars and 2 * cjk > len(chars) else "en"
+
+
+def pick_prompt(key: str, langs: tuple[str, ...], text: str = "") -> str:
+    """A transcription prompt in the language of the text read (when configured; else any configured
+    one), the variant chosen from a hash of the key (stable across runs and runners)."""
     import hashlib
 
     h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:4], "big")
-    options = [p for lang in langs for p in TRANSCRIBE_PROMPTS[lang]]
+    lang = text_lang(text)
+    options = [p for lg in ((lang,) if lang in langs else langs) for p in TRANSCRIBE_PROMPTS[lg]]
     return options[h % len(options)]
 
 
@@ -199,7 +209,7 @@ def ocr_samples(pair: Pair, result: dict[str, Any], cfg: OcrConfig) -> Pair:
     """Stage-3 samples for a text-rich record: a transcription QA pair appended to ``qa`` and the
     caption enriched with the text read (``raw_caption`` keeps the caption before, when unset)."""
     text = reading_order_text(result)
-    qa = list(pair.qa or []) + [{"question": pick_prompt(pair.key, cfg.prompt_langs), "answer": text}]
+    qa = list(pair.qa or []) + [{"question": pick_prompt(pair.key, cfg.prompt_langs, text), "answer": text}]
     caption = (pair.caption or "").rstrip() + ENRICH_MARKER.format(text=text.replace("\n", " / "))
     return pair.replace(qa=qa, caption=caption.strip(),
                         raw_caption=pair.raw_caption if pair.raw_caption is not None else pair.caption)

@@ -85,7 +85,7 @@ def test_ocr_stage_reads_text_flags_and_ledgers(inputs, tmp_path):
     # stage-3 samples: transcription QA in reading order, caption enriched and marked, original kept
     t = rows["text1"]
     assert t["qa"][-1]["answer"] == f"{EN_LINE}\n{ZH_LINE}"
-    assert t["qa"][-1]["question"] in [q for qs in ocr_mod.TRANSCRIBE_PROMPTS.values() for q in qs]
+    assert t["qa"][-1]["question"] in ocr_mod.TRANSCRIBE_PROMPTS["en"]  # mostly Latin text -> an English prompt
     assert t["caption"] == f"a shop sign [OCR text: {EN_LINE} / {ZH_LINE}]" and t["raw_caption"] == "a shop sign"
     assert rows["plain1"]["caption"] == "a picture" and rows["plain1"]["qa"] is None
     assert all(ch.ok for ch in verify(str(out)))
@@ -165,3 +165,10 @@ def test_pixel_bound_is_checked_before_decoding(inputs, tmp_path):
     assert ledger["text1"] == ("rejected", "image_too_many_pixels", "420x140 = 58800 pixels > 20000")
     assert ledger["plain1"][:2] == ("kept", "ok")  # 160 x 120 = 19200
     assert json.loads(read_table(str(out)).to_pylist()[0]["safety"] or "null") is None
+
+
+def test_prompt_follows_the_script_of_the_text():
+    zh_prompts, en_prompts = ocr_mod.TRANSCRIBE_PROMPTS["zh"], ocr_mod.TRANSCRIBE_PROMPTS["en"]
+    assert {ocr_mod.pick_prompt(f"k{i}", ("en", "zh"), "欢迎光临 OK") for i in range(40)} == set(zh_prompts)
+    assert {ocr_mod.pick_prompt(f"k{i}", ("en", "zh"), "OPEN 24 HOURS 店") for i in range(40)} == set(en_prompts)
+    assert {ocr_mod.pick_prompt(f"k{i}", ("en",), "欢迎光临") for i in range(40)} == set(en_prompts)
