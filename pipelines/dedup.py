@@ -50,6 +50,7 @@ def run(argv: list[str]):
         build=build,
         beam_args=beam_args,
         num_shards=args.num_shards,
+        target_shard_bytes=args.target_shard_bytes,
         force=args.force,
     )
 

@@ -18,9 +18,10 @@ import pathlib
 import sys
 from dataclasses import asdict
 
-from pipelines.runner import add_stage_args, run_stage
+from pipelines.runner import add_stage_args, ledger_only_input_info, resolve_num_shards, run_stage
 from schemas import packed as S
 from schemas.errors import UserError
+from storage.staging import staging_dir
 from transforms.packing import ALGORITHMS, PackingConfig
 from transforms.shards import PackSamples, ShardConfig
 from transforms.stage_io import ReadStage, join, read_manifest, stage_input_info
@@ -126,14 +127,18 @@ def run(argv: list[str]):
     def build(p):
         pairs = p | "Read" >> ReadStage(args.input)
         out = pairs | "Pack" >> PackSamples(
-            args.output, profile, packing, shards, tokenizer_path=str(tok_path), require_image=args.require_image
+            staging_dir(args.output), profile, packing, shards, tokenizer_path=str(tok_path), require_image=args.require_image
         )
         extra = {k: out["summary"] | f"Extra_{k}" >> _pick(k) for k in SUMMARY_KEYS}
         return {"outcomes": out["outcomes"], "write_data": False, "files": out["files"], "extra": extra}
 
     return run_stage(
         stage="pack", output_dir=args.output, config=config, input_info=input_info, build=build,
-        beam_args=beam_args, num_shards=args.num_shards, force=args.force,
+        beam_args=beam_args, force=args.force,
+        # only the ledger goes through the stage writer (pack shards roll by --max-shard-bytes): size it
+        num_shards=args.num_shards if args.num_shards is not None
+        else resolve_num_shards(None, args.target_shard_bytes, ledger_only_input_info(input_info)),
+        target_shard_bytes=args.target_shard_bytes,
     )
 
 

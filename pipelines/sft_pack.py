@@ -18,13 +18,14 @@ from typing import Any, Iterator
 
 import apache_beam as beam
 
-from pipelines.runner import add_stage_args, run_stage
+from pipelines.runner import add_stage_args, ledger_only_input_info, resolve_num_shards, run_stage
 from schemas import packed as P
 from schemas import reasons
 from schemas import sft as S
 from schemas.errors import UserError
 from schemas.manifest import FILE_KIND_DATA
 from schemas.records import REJECTED, Outcome, Pair
+from storage.staging import staging_dir
 from transforms.packing import PackingConfig
 from transforms.sft_pack import PrepareSftFn, SftPackConfig
 from transforms.shards import PackSamples, ShardConfig
@@ -108,15 +109,18 @@ def pack(argv: list[str]):
         pairs = pl | "Read" >> ReadStage(args.input)
         sel = pairs | "SelectPart" >> beam.ParDo(SelectPartFn(cfg.part)).with_outputs(SelectPartFn.OTHER, main="pairs")
         out = sel.pairs | "Pack" >> PackSamples(
-            args.output, profile, packing, shards, tokenizer_path=args.tokenizer,
+            staging_dir(args.output), profile, packing, shards, tokenizer_path=args.tokenizer,
             prepare=PrepareSftFn(profile, files, packing, cfg), header_extra={"sft": asdict(cfg), "labels": "assistant_only"},
         )
         outcomes = (out["outcomes"], sel[SelectPartFn.OTHER]) | "AllOutcomes" >> beam.Flatten()
         extra = {k: out["summary"] | f"Extra_{k}" >> beam.Map(lambda d, k=k: d[k]) for k in SUMMARY_KEYS}
         return {"outcomes": outcomes, "write_data": False, "files": out["files"], "extra": extra}
 
+    # only the ledger goes through the stage writer (pack shards roll by bytes): size it from the records
+    num_shards = args.num_shards if args.num_shards is not None else resolve_num_shards(
+        None, args.target_shard_bytes, ledger_only_input_info(input_info))
     return run_stage(stage="sft_pack", output_dir=args.output, config=config, input_info=input_info, build=build,
-                     beam_args=beam_args, num_shards=args.num_shards, force=args.force)
+                     beam_args=beam_args, num_shards=num_shards, force=args.force)
 
 
 # --- exports -----------------------------------------------------------------------------------------

@@ -20,7 +20,11 @@ than the SDK's and observable:
   server is not hammered by the other in-flight slots;
 - a per-request time-out (``timeout_s``, connect/read/write/pool) plus an ``asyncio`` guard slightly
   above it, so a hung connection can never stall a worker;
-- after ``max_retries`` retries the request fails as ``rewrite_exhausted_retries``.
+- after ``max_retries`` retries the request fails as ``rewrite_exhausted_retries``;
+- every attempt carries ``X-Request-Attempt: <n>`` (0-based, this caption's retry index in this
+  request): real servers ignore it; the fault-injecting stand-in (``rewriter.standin``) keys its
+  faults on it, so a caption asked twice at once (duplicates in batches in flight together, or on two
+  workers) meets the same faults both times instead of racing for a shared counter.
 
 The API key is read from the environment variable named by ``api_key_env`` inside the process that
 sends requests (a Beam worker's ``DoFn.setup``); it only ever goes into the ``Authorization`` header and
@@ -50,6 +54,9 @@ from rewriter import prompts
 from schemas import reasons
 
 log = logging.getLogger("mmcorpus.rewrite.client")
+
+# 0-based retry index of an attempt within one request; the stand-in keys injected faults on it.
+ATTEMPT_HEADER = "X-Request-Attempt"
 
 
 
@@ -248,7 +255,7 @@ class RewriteClient:
                 self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
                 started = time.perf_counter()
                 try:
-                    outcome, retry_after, kind = await self._attempt(conn, caption)
+                    outcome, retry_after, kind = await self._attempt(conn, caption, attempt)
                 finally:
                     self.stats.busy_seconds += time.perf_counter() - started
                     self._in_flight -= 1
@@ -280,13 +287,14 @@ class RewriteClient:
                 return
             await asyncio.sleep(wait)
 
-    async def _attempt(self, conn, caption: str) -> tuple[Completion | str, float | None, str]:
+    async def _attempt(self, conn, caption: str, attempt: int = 0) -> tuple[Completion | str, float | None, str]:
         """One HTTP attempt: (Completion | "retry" | fatal ledger reason, retry_after, failure kind)."""
         httpx = self._httpx
         self.stats.requests += 1
         try:
             resp = await asyncio.wait_for(
-                conn.post("chat/completions", json=self.request_body(caption)),
+                conn.post("chat/completions", json=self.request_body(caption),
+                          headers={ATTEMPT_HEADER: str(attempt)}),
                 timeout=self.config.timeout_s + 1.0,
             )
         except (asyncio.TimeoutError, httpx.TimeoutException):

@@ -223,7 +223,7 @@ def sample_rows(rows: list[dict[str, Any]], config: SampleConfig) -> tuple[list[
 
 def read_population(stage_dir: str, policy: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Kept records of a stage output as ``{key, caption, quality_flags, needs_rewrite}`` rows."""
-    from transforms.stage_io import read_table
+    from storage.files import read_table
 
     try:
         table = read_table(stage_dir, columns=["key", "caption", "quality_flags", "needs_rewrite"])
@@ -449,7 +449,7 @@ def summarize(records: list[dict[str, Any]], teacher: TeacherConfig) -> dict[str
 
 
 def write_seed(output_dir: str, records: list[dict[str, Any]], provenance: dict[str, Any]) -> None:
-    from transforms.stage_io import write_bytes_atomic
+    from storage.files import write_bytes_atomic
 
     body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
     write_bytes_atomic(os.path.join(output_dir, SEED_NAME), body.encode("utf-8"))
@@ -497,7 +497,7 @@ def run_seed(
 
     ``cache_dir=""`` means ``OUTPUT/cache``; None disables the cache.
     """
-    from transforms.stage_io import stage_input_info
+    from storage.files import stage_input_info
 
     out = out or sys.stdout
     host = urllib.parse.urlsplit(teacher.endpoint).hostname or ""

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 from rewriter import prompts
 from rewriter.seed import PROVENANCE_NAME, SEED_NAME, read_seed_records
 from schemas.errors import UserError
-from transforms.stage_io import write_bytes_atomic
+from storage.files import write_bytes_atomic
 
 TRAIN_NAME = "train.jsonl"
 VALIDATION_NAME = "validation.jsonl"

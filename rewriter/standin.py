@@ -5,8 +5,14 @@ with the ``offline-template`` rewrite of the caption in the prompt (or a custom 
 fixed ``latency_s``, with at most ``max_concurrency`` requests being served at once (the rest queue),
 and injects faults at a given rate. It exists because a real server cannot be told to fail on cue.
 
-Faults (``FAULTS``), chosen per request by a hash of (seed, caption, attempt number of that caption),
-so a test can predict exactly which request fails how (``fault_for``):
+Faults (``FAULTS``), chosen per request by a hash of (seed, caption, attempt number), so a test can
+predict exactly which request fails how (``fault_for``). The attempt number is the request's
+``X-Request-Attempt`` header (``rewriter.client`` sends its 0-based retry index) when present, else
+how many requests for that caption this server saw before. The header matters when one caption is
+asked more than once at a time (identical captions in two batches in flight together, or on two
+workers): with a per-server counter, which ask got attempt 0 and which attempt 1 would depend on
+arrival order, so the records' outcomes would change from run to run; with the header every ask of a
+caption meets the same faults, and each record's outcome follows from ``fault_for`` alone.
 
 - ``http_429``: status 429 with ``Retry-After: <retry_after_s>``;
 - ``http_500``: status 500;
@@ -40,6 +46,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from rewriter import prompts
+from rewriter.client import ATTEMPT_HEADER
 from rewriter.offline import template_rewrite
 
 FAULTS = ("http_429", "http_500", "hang", "malformed_json", "malformed_body", "truncated")
@@ -232,6 +239,9 @@ class StandInServer:
         with self._lock:
             attempt = self._attempts.get(caption, 0)
             self._attempts[caption] = attempt + 1
+            sent = headers.get(ATTEMPT_HEADER.lower(), "")
+            if sent.isdigit():  # the client's own retry index: independent of other asks of this caption
+                attempt = int(sent)
             if self.plan is not None:
                 fault = self.plan(caption, attempt)
             else:

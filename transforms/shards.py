@@ -5,7 +5,8 @@ Flow: prepare (tokens, resized JPEG) -> plan (per key-hash partition, on lengths
 pack, assign packs to shard rolls by count and estimated bytes) -> join samples to their slots by key
 -> group by shard -> render and write each shard (``packs-00000.ext``, numbered over the partitions in
 order) -> ``index.json``.
-Planning holds only ~100 bytes per sample and writing only one shard's samples, so memory is bounded;
+Planning holds only the samples' lengths (~350 B per sample as Python objects) and writing only one shard's
+samples plus one row group of rendered packs (docs/scale.md), so memory is bounded;
 and because every decision is made on key-sorted input, the bytes written depend only on the input
 records and the config, never on Beam's element order.
 """
@@ -16,6 +17,7 @@ import hashlib
 import io
 import json
 import tarfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, NamedTuple
 
@@ -30,6 +32,7 @@ from schemas import reasons
 from schemas.manifest import FileEntry
 from schemas.records import ERROR, KEPT, REASON_OK, REJECTED, Outcome, Pair
 from transforms.packing import Item, PackingConfig, pack_items
+from storage.files import HashingSink, rename_over
 from transforms.stage_io import join, shard_of, write_bytes_atomic
 from transforms.tokens import StageProfile, TextTokenizer, prepare_image, sample_tokens
 
@@ -239,15 +242,15 @@ def approx_pack_bytes(tokens: int, image_bytes: int, samples: int) -> int:
 # --- shard encoders --------------------------------------------------------------------------------
 
 
+_COMPRESSION = {name: "zstd" for name in S.PACK_SCHEMA.names}
+_COMPRESSION[S.IMAGES] = "none"  # JPEG does not compress further
+_PARQUET_OPTIONS = dict(compression=_COMPRESSION, use_dictionary=False, write_statistics=False, store_schema=True)
+
+
 def parquet_shard_bytes(rows: list[dict[str, Any]], row_group_packs: int) -> bytes:
     table = pa.Table.from_pylist(rows, schema=S.PACK_SCHEMA)
     buf = io.BytesIO()
-    compression = {name: "zstd" for name in S.PACK_SCHEMA.names}
-    compression[S.IMAGES] = "none"  # JPEG does not compress further
-    pq.write_table(
-        table, buf, row_group_size=row_group_packs, compression=compression, use_dictionary=False,
-        write_statistics=False, store_schema=True,
-    )
+    pq.write_table(table, buf, row_group_size=row_group_packs, **_PARQUET_OPTIONS)
     return buf.getvalue()
 
 
@@ -267,18 +270,22 @@ def wds_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
     return out
 
 
+def _add_members(tar: tarfile.TarFile, row: dict[str, Any]) -> None:
+    for name, data in wds_members(row):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = S.WDS_TAR_MTIME
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        tar.addfile(info, io.BytesIO(data))
+
+
 def tar_shard_bytes(rows: list[dict[str, Any]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for row in rows:
-            for name, data in wds_members(row):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                info.mtime = S.WDS_TAR_MTIME
-                info.mode = 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
+            _add_members(tar, row)
     return buf.getvalue()
 
 
@@ -304,23 +311,53 @@ class ShardInfo:
 
 
 def write_one_shard(
-    rows: list[dict[str, Any]], output_dir: str, shard: int, partition: int, roll: int, cfg: ShardConfig
+    rows: Iterable[dict[str, Any]], output_dir: str, shard: int, partition: int, roll: int, cfg: ShardConfig
 ) -> ShardInfo:
-    """Encode ``rows`` (packs in order) as shard number ``shard``, write it atomically, return its info."""
+    """Encode ``rows`` (packs in order) as shard number ``shard`` and return its info. The file is
+    streamed (Parquet: one row group of ``row_group_packs`` packs at a time; tar: member by member) to a
+    temporary name, hashed as it is written, then renamed into place; ``rows`` may be a generator, so
+    only one row group of rendered packs is held at a time. Same bytes as ``parquet_shard_bytes`` /
+    ``tar_shard_bytes`` of the same rows."""
     rel = f"{S.PACK_DIR}/{S.pack_shard_name(shard, cfg.format)}"
-    if cfg.format == S.FORMAT_PARQUET:
-        data = parquet_shard_bytes(rows, cfg.row_group_packs)
-        n = len(rows)
-        groups = [min(cfg.row_group_packs, n - i) for i in range(0, n, cfg.row_group_packs)]
-    else:
-        data = tar_shard_bytes(rows)
-        groups = []
-    write_bytes_atomic(join(output_dir, rel), data)
+    path = join(output_dir, rel)
+    directory, name = path.rsplit("/", 1) if "/" in path else (".", path)
+    tmp = f"{directory}/.tmp-{name}-{uuid.uuid4().hex}"
+    totals = {"packs": 0, "samples": 0, "tokens": 0, "images": 0, "truncated_tokens": 0}
+    groups: list[int] = []
+
+    def counted(rows_in):
+        for r in rows_in:
+            totals["packs"] += 1
+            totals["samples"] += r[S.NUM_SAMPLES]
+            totals["tokens"] += r[S.NUM_TOKENS]
+            totals["images"] += len(r[S.IMAGES])
+            totals["truncated_tokens"] += r[S.TRUNCATED_TOKENS]
+            yield r
+
+    with HashingSink(tmp) as sink:
+        if cfg.format == S.FORMAT_PARQUET:
+            writer = pq.ParquetWriter(sink, S.PACK_SCHEMA, **_PARQUET_OPTIONS)
+            batch: list[dict[str, Any]] = []
+            for row in counted(rows):
+                batch.append(row)
+                if len(batch) == cfg.row_group_packs:
+                    writer.write_table(pa.Table.from_pylist(batch, schema=S.PACK_SCHEMA), row_group_size=len(batch))
+                    groups.append(len(batch))
+                    batch = []
+            if batch:
+                writer.write_table(pa.Table.from_pylist(batch, schema=S.PACK_SCHEMA), row_group_size=len(batch))
+                groups.append(len(batch))
+            writer.close()
+        else:
+            with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for row in counted(rows):
+                    _add_members(tar, row)
+                    tar.members.clear()  # TarFile keeps every TarInfo it wrote; writing never reads them
+    rename_over(tmp, path)
     return ShardInfo(
-        path=rel, shard=shard, partition=partition, roll=roll, packs=len(rows),
-        samples=sum(r[S.NUM_SAMPLES] for r in rows), tokens=sum(r[S.NUM_TOKENS] for r in rows),
-        images=sum(len(r[S.IMAGES]) for r in rows), truncated_tokens=sum(r[S.TRUNCATED_TOKENS] for r in rows),
-        bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), row_groups=groups,
+        path=rel, shard=shard, partition=partition, roll=roll, packs=totals["packs"], samples=totals["samples"],
+        tokens=totals["tokens"], images=totals["images"], truncated_tokens=totals["truncated_tokens"],
+        bytes=sink.size, sha256=sink.hexdigest(), row_groups=groups,
     )
 
 
@@ -417,7 +454,8 @@ def _join_slot(element: tuple[str, dict[str, list]]):
 
 class WriteShardFn(beam.DoFn):
     """((partition, roll), [(pack, position, take, sample)]) -> the ShardInfo of the shard written.
-    Holds one shard's samples (at most about ``max_shard_bytes``) in memory."""
+    Holds one shard's samples (at most about ``max_shard_bytes``, as the runner's group) and renders
+    packs lazily, so the encoder holds one row group of rendered packs at a time."""
 
     def __init__(self, output_dir: str, packing: PackingConfig, shards: ShardConfig):
         self.output_dir = output_dir
@@ -433,12 +471,14 @@ class WriteShardFn(beam.DoFn):
         by_pack: dict[int, list] = {}
         for pack, pos, take, sample in members:
             by_pack.setdefault(pack, []).append((pos, take, sample))
-        rows = []
-        for pack in sorted(by_pack):
-            ordered = sorted(by_pack[pack], key=lambda x: x[0])
-            rows.append(render_pack(S.pack_id(partition, pack), self.packing.seq_len, [(s, take) for _, take, s in ordered]))
+
+        def rows():  # rendered lazily: the writer holds one row group of rendered packs at a time
+            for pack in sorted(by_pack):
+                ordered = sorted(by_pack[pack], key=lambda x: x[0])
+                yield render_pack(S.pack_id(partition, pack), self.packing.seq_len, [(s, take) for _, take, s in ordered])
+
         self.written.inc()
-        yield write_one_shard(rows, self.output_dir, shard, partition, roll, self.shards)
+        yield write_one_shard(rows(), self.output_dir, shard, partition, roll, self.shards)
 
 
 def summarize_shards(infos: list[ShardInfo], seq_len: int) -> dict[str, Any]:

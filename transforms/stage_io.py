@@ -4,19 +4,24 @@ Every stage ends in ``WriteStageOutput``: it takes one ``Outcome`` per input rec
 a hash of the key, sorts each shard by key, writes the kept records to ``data/`` and one ledger row
 per outcome to ``ledger/`` (same shard numbering), then writes ``manifest.json`` last. Because each
 shard's content is a pure function of its records, reruns are byte-identical whatever order the
-runner delivered elements in.
+runner delivered elements in. A shard writer's memory does not grow with its shard (external sort,
+row groups streamed); see docs/scale.md. Plain file I/O lives in ``storage.files`` and is re-exported
+here for existing callers.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import heapq
+import json
 import os
-import posixpath
+import pickle
+import tempfile
+import tracemalloc
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 import pyarrow as pa
@@ -42,72 +47,44 @@ from schemas.records import (
     PAIR_SCHEMA,
     REJECTED,
     STATUSES,
-    LedgerRow,
     Outcome,
     Pair,
-    ledger_to_table,
+)
+from storage.files import (  # noqa: F401  (re-exported: callers import these from here)
+    PARQUET_COMPRESSION,
+    HashingSink,
+    join,
+    read_bytes,
+    read_manifest,
+    read_table,
+    rename_over,
+    software_version,
+    stage_input_info,
+    table_to_parquet_bytes,
+    write_bytes_atomic,
 )
 
-# Rows per Parquet row group: small enough to stream, large enough to compress well.
+# Beam distribution (namespace ``mmcorpus.<stage>``) with each shard write's own peak memory.
+WRITER_PEAK_METRIC = "writer_peak_bytes"
+
+# Rows per Parquet row group: small enough to stream, large enough to compress well. A data row group
+# also closes once it holds about DATA_ROW_GROUP_BYTES, so image-heavy shards stream in bounded pieces.
 DATA_ROW_GROUP_ROWS = 1024
+DATA_ROW_GROUP_BYTES = 32 * 1024 * 1024
 LEDGER_ROW_GROUP_ROWS = 16384
-PARQUET_COMPRESSION = "zstd"
-
-
-def software_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("mmcorpus")
-    except Exception:  # not installed (running from a bare checkout)
-        return "0+unknown"
+# Outcomes a shard writer sorts in memory before it spills a sorted run to local disk.
+SORT_BUFFER_BYTES = 64 * 1024 * 1024
+# Bookkeeping per buffered outcome beyond its pickled bytes (sort-key tuple, list slot).
+_ENTRY_OVERHEAD = 256
+# Sorted runs merged at once, and the read buffer of each: merging holds MERGE_FANIN x (buffer + one
+# record); more runs than that are first merged in groups into longer runs.
+MERGE_FANIN = 64
+_RUN_READ_BUFFER = 64 * 1024
 
 
 def shard_of(key: str, num_shards: int) -> int:
     """Stable shard index of a key (sha1 based: Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") % num_shards
-
-
-def join(*parts: str) -> str:
-    """Join path parts for local paths and URLs (gs://, s3://) alike."""
-    if "://" in parts[0]:
-        return posixpath.join(*parts)
-    return os.path.join(*parts)
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` under a temporary name beside ``path`` and rename it into place."""
-    directory, name = path.rsplit("/", 1) if "/" in path else (".", path)
-    tmp = f"{directory}/.tmp-{name}-{uuid.uuid4().hex}"
-    if "://" not in path:
-        os.makedirs(directory, exist_ok=True)
-    with FileSystems.create(tmp) as f:
-        f.write(data)
-    try:
-        FileSystems.rename([tmp], [path])
-    except Exception:
-        # Some filesystems refuse to rename over an existing file: delete the stale one first.
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
-        FileSystems.rename([tmp], [path])
-
-
-def read_bytes(path: str) -> bytes:
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return f.read()
-
-
-def table_to_parquet_bytes(table: pa.Table, row_group_rows: int) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(
-        table,
-        buf,
-        row_group_size=row_group_rows,
-        compression=PARQUET_COMPRESSION,
-        write_statistics=True,
-        store_schema=True,
-    )
-    return buf.getvalue()
 
 
 @dataclass
@@ -124,17 +101,182 @@ def _sort_key(o: Outcome) -> tuple:
     return (o.key, o.status != KEPT, o.source, o.status, o.reason, o.detail)
 
 
-class WriteShardFn(beam.DoFn):
-    """Writes one shard's data file and ledger file; resolves duplicate keys."""
+# --- external sort: bounded memory whatever the shard's size --------------------------------------
+# An entry is (sort key, pickled Outcome). Ties on the sort key are broken by the pickled bytes, so the
+# order is total and the bytes written never depend on the order the runner delivered elements in.
 
-    def __init__(self, output_dir: str, stage: str, num_shards: int, write_data: bool = True):
+
+def _write_run(entries: list[tuple[tuple, bytes]], path: str) -> None:
+    entries.sort()
+    with open(path, "wb") as f:
+        for e in entries:
+            pickle.dump(e, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _read_run(path: str) -> Iterator[tuple[tuple, bytes]]:
+    with open(path, "rb", buffering=_RUN_READ_BUFFER) as f:
+        while True:
+            try:
+                yield pickle.load(f)
+            except EOFError:
+                return
+
+
+def sorted_outcomes(outcomes: Iterable[Outcome], spill_dir: str, buffer_bytes: int = SORT_BUFFER_BYTES) -> Iterator[Outcome]:
+    """``outcomes`` in (sort key, content) order, holding at most about ``buffer_bytes`` of them in
+    memory: full buffers are sorted and spilled to ``spill_dir`` as runs, then merged lazily."""
+    buf: list[tuple[tuple, bytes]] = []
+    size = 0
+    runs: list[str] = []
+    for o in outcomes:
+        blob = pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)
+        buf.append((_sort_key(o), blob))
+        size += len(blob) + _ENTRY_OVERHEAD
+        if size >= buffer_bytes:
+            runs.append(os.path.join(spill_dir, f"run-{len(runs):05d}"))
+            _write_run(buf, runs[-1])
+            buf, size = [], 0
+    if not runs:  # everything fit: no disk round trip
+        buf.sort()
+        for i in range(len(buf)):
+            entry, buf[i] = buf[i], None  # release as we go
+            yield pickle.loads(entry[1])
+        return
+    if buf:
+        runs.append(os.path.join(spill_dir, f"run-{len(runs):05d}"))
+        _write_run(buf, runs[-1])
+        buf = []
+    n = len(runs)
+    while len(runs) > MERGE_FANIN:  # bound the open runs: merge the oldest into one longer run
+        group, runs = runs[:MERGE_FANIN], runs[MERGE_FANIN:]
+        merged = os.path.join(spill_dir, f"run-{n:05d}")
+        n += 1
+        with open(merged, "wb") as f:
+            for entry in heapq.merge(*(_read_run(r) for r in group)):
+                pickle.dump(entry, f, protocol=pickle.HIGHEST_PROTOCOL)
+        for r in group:
+            os.remove(r)
+        runs.append(merged)
+    for _, blob in heapq.merge(*(_read_run(r) for r in runs)):
+        yield pickle.loads(blob)
+
+
+class _MemoryProbe:
+    """Peak memory of one write step: Python allocations (tracemalloc) plus Arrow's pool, sampled at
+    the points where a row group is materialised. Off by default: tracemalloc slows allocation."""
+
+    def __init__(self, on: bool):
+        self.on = on
+        self.arrow_peak = 0
+
+    def __enter__(self):
+        if self.on:
+            self._arrow_base = pa.total_allocated_bytes()
+            tracemalloc.start()
+        return self
+
+    def sample(self) -> None:
+        if self.on:
+            self.arrow_peak = max(self.arrow_peak, pa.total_allocated_bytes() - self._arrow_base)
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.peak = tracemalloc.get_traced_memory()[1] + self.arrow_peak
+            tracemalloc.stop()
+
+
+class _StreamingParquet:
+    """One Parquet file written row group by row group to a temporary name beside its final one,
+    hashed as it is written, renamed into place on ``close``."""
+
+    def __init__(self, output_dir: str, rel: str, schema: pa.Schema, max_rows: int, max_bytes: int | None, probe: _MemoryProbe):
+        self.rel = rel
+        self.path = join(output_dir, rel)
+        directory, name = self.path.rsplit("/", 1) if "/" in self.path else (".", self.path)
+        self.tmp = f"{directory}/.tmp-{name}-{uuid.uuid4().hex}"
+        self.schema = schema
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.probe = probe
+        self.rows: list[dict[str, Any]] = []
+        self.pending_bytes = 0
+        self.total_rows = 0
+        self.sink: HashingSink | None = None
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, row: dict[str, Any], approx_bytes: int = 0) -> None:
+        self.rows.append(row)
+        self.pending_bytes += approx_bytes
+        if len(self.rows) >= self.max_rows or (self.max_bytes is not None and self.pending_bytes >= self.max_bytes):
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        self._open()
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        self.total_rows += len(self.rows)
+        self.rows, self.pending_bytes = [], 0
+        self.probe.sample()
+        self.writer.write_table(table, row_group_size=table.num_rows)
+        self.probe.sample()
+        del table
+
+    def _open(self) -> None:
+        if self.writer is None:
+            self.sink = HashingSink(self.tmp)
+            self.writer = pq.ParquetWriter(
+                self.sink, self.schema, compression=PARQUET_COMPRESSION, write_statistics=True, store_schema=True
+            )
+
+    def close(self, kind: str) -> FileEntry:
+        self._flush()
+        self._open()  # a file with no rows is still a valid Parquet file
+        self.writer.close()
+        self.sink.close()
+        rename_over(self.tmp, self.path)
+        return FileEntry(path=self.rel, kind=kind, rows=self.total_rows, bytes=self.sink.size, sha256=self.sink.hexdigest())
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.close()
+                self.sink.close()
+            finally:
+                if FileSystems.exists(self.tmp):
+                    FileSystems.delete([self.tmp])
+
+
+def _pair_bytes(p: Pair) -> int:
+    return len(p.image or b"") + len(p.caption or "") + len(p.raw_caption or "") + len(p.meta or "") + 256
+
+
+class WriteShardFn(beam.DoFn):
+    """Writes one shard's data file and ledger file; resolves duplicate keys.
+
+    Memory does not grow with the shard: outcomes are sorted through ``sorted_outcomes`` (in-memory
+    buffer of ``sort_buffer_bytes``, sorted runs spilled to local disk beyond it) and streamed into
+    Parquet one row group at a time (``DATA_ROW_GROUP_ROWS`` rows or ``DATA_ROW_GROUP_BYTES``).
+    With ``measure_memory`` the step's own peak (tracemalloc + Arrow pool) is reported as the Beam
+    distribution ``mmcorpus.<stage>/writer_peak_bytes``; when ``measure_memory`` is a path, each shard
+    also appends ``{"stage", "shard", "records", "peak_bytes"}`` as a JSON line to that (local or shared)
+    file, for runners whose results carry no metrics.
+    """
+
+    def __init__(self, output_dir: str, stage: str, num_shards: int, write_data: bool = True,
+                 sort_buffer_bytes: int = SORT_BUFFER_BYTES, measure_memory: bool | str = False,
+                 spill_dir: str | None = None):
         self.output_dir = output_dir
         self.stage = stage
         self.num_shards = num_shards
         self.write_data = write_data
+        self.sort_buffer_bytes = sort_buffer_bytes
+        self.measure_memory = measure_memory
+        self.spill_dir = spill_dir
 
     def setup(self):
         self._counters: dict[str, Any] = {}
+        self._peak = Metrics.distribution(f"mmcorpus.{self.stage}", WRITER_PEAK_METRIC)
 
     def _inc(self, name: str, n: int = 1) -> None:
         c = self._counters.get(name)
@@ -144,48 +286,59 @@ class WriteShardFn(beam.DoFn):
 
     def process(self, element: tuple[int, Iterable[Outcome]]):
         shard, outcomes = element
-        outcomes = sorted(outcomes, key=_sort_key)
-        kept: list[Pair] = []
-        ledger: list[LedgerRow] = []
-        first_source: dict[str, str] = {}
-        for o in outcomes:
-            if o.status not in STATUSES:
-                raise ValueError(f"bad status {o.status!r} for key {o.key!r}")
-            reasons.check_reason(o.reason)
-            if o.status == KEPT and self.write_data:
-                if o.pair is None:
-                    raise ValueError(f"kept outcome without a record for key {o.key!r}")
-                if o.key in first_source:
-                    o = Outcome(
-                        key=o.key,
-                        status=REJECTED,
-                        reason=reasons.DUPLICATE_KEY,
-                        detail=f"key first seen at {first_source[o.key]}",
-                        source=o.source or o.pair.source,
-                    )
-                else:
-                    first_source[o.key] = o.pair.source
-                    kept.append(o.pair)
-            ledger.append(o.ledger_row(self.stage))
-        counts = Counter(f"{r.status}/{r.reason}" for r in ledger)
-        self._inc("total", len(ledger))
-        for name, n in counts.items():
-            status, reason = name.split("/", 1)
-            self._inc(KEPT if status == KEPT else f"{status}_{reason}", n)
+        with _MemoryProbe(bool(self.measure_memory)) as probe, tempfile.TemporaryDirectory(
+            prefix="mmcorpus-sort-", dir=self.spill_dir
+        ) as tmp:
+            result = self._write(shard, sorted_outcomes(outcomes, tmp, self.sort_buffer_bytes), probe)
+        if self.measure_memory:
+            self._peak.update(int(probe.peak))
+            if isinstance(self.measure_memory, str):
+                line = {"stage": self.stage, "shard": shard, "records": sum(result.counts.values()), "peak_bytes": int(probe.peak)}
+                with open(self.measure_memory, "a", encoding="utf-8") as f:  # one short append per shard
+                    f.write(json.dumps(line, sort_keys=True) + "\n")
+        yield result
 
-        files = []
+    def _write(self, shard: int, outcomes: Iterator[Outcome], probe: _MemoryProbe) -> ShardResult:
         name = shard_name(shard, self.num_shards)
-        if kept:
-            table = pa.Table.from_pylist([p.to_row() for p in kept], schema=PAIR_SCHEMA)
-            files.append(self._write(FILE_KIND_DATA, f"{DATA_DIR}/{name}", table, DATA_ROW_GROUP_ROWS))
-        table = ledger_to_table(ledger)
-        files.append(self._write(FILE_KIND_LEDGER, f"{LEDGER_DIR}/{name}", table, LEDGER_ROW_GROUP_ROWS))
-        yield ShardResult(files=files, counts=dict(counts))
-
-    def _write(self, kind: str, rel: str, table: pa.Table, row_group_rows: int) -> FileEntry:
-        data = table_to_parquet_bytes(table, row_group_rows)
-        write_bytes_atomic(join(self.output_dir, rel), data)
-        return FileEntry(path=rel, kind=kind, rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        data = _StreamingParquet(self.output_dir, f"{DATA_DIR}/{name}", PAIR_SCHEMA, DATA_ROW_GROUP_ROWS, DATA_ROW_GROUP_BYTES, probe)
+        ledger = _StreamingParquet(self.output_dir, f"{LEDGER_DIR}/{name}", LEDGER_SCHEMA, LEDGER_ROW_GROUP_ROWS, None, probe)
+        counts: Counter = Counter()
+        last_kept: tuple[str, str] | None = None  # (key, source) of the last kept record: sorted by key
+        try:
+            for o in outcomes:
+                if o.status not in STATUSES:
+                    raise ValueError(f"bad status {o.status!r} for key {o.key!r}")
+                reasons.check_reason(o.reason)
+                if o.status == KEPT and self.write_data:
+                    if o.pair is None:
+                        raise ValueError(f"kept outcome without a record for key {o.key!r}")
+                    if last_kept is not None and last_kept[0] == o.key:
+                        o = Outcome(
+                            key=o.key,
+                            status=REJECTED,
+                            reason=reasons.DUPLICATE_KEY,
+                            detail=f"key first seen at {last_kept[1]}",
+                            source=o.source or o.pair.source,
+                        )
+                    else:
+                        last_kept = (o.key, o.pair.source)
+                        data.add(o.pair.to_row(), _pair_bytes(o.pair))
+                row = o.ledger_row(self.stage)
+                counts[f"{row.status}/{row.reason}"] += 1
+                ledger.add(row.to_row())
+            files = []
+            if data.total_rows or data.rows:
+                files.append(data.close(FILE_KIND_DATA))
+            files.append(ledger.close(FILE_KIND_LEDGER))
+        except BaseException:
+            data.abort()
+            ledger.abort()
+            raise
+        self._inc("total", sum(counts.values()))
+        for key, n in counts.items():
+            status, reason = key.split("/", 1)
+            self._inc(KEPT if status == KEPT else f"{status}_{reason}", n)
+        return ShardResult(files=files, counts=dict(counts))
 
 
 def summarize_counts(shard_counts: Iterable[dict[str, int]], inputs: int) -> dict[str, Any]:
@@ -250,6 +403,12 @@ class WriteStageOutput(beam.PTransform):
             no ``pair`` and only the ledger is written here.
         files: optional PCollection of ``FileEntry`` for files the stage wrote itself (e.g. pack
             shards, index.json); they are listed in the manifest with the data and ledger files.
+        sort_buffer_bytes: outcomes a shard writer sorts in memory before spilling sorted runs to
+            local disk (``spill_dir``, default the system temp dir); does not change the bytes written.
+        measure_memory: report each shard write's own peak memory as the Beam distribution
+            ``mmcorpus.<stage>/writer_peak_bytes`` (tracemalloc + Arrow pool; slows the write); a path
+            also gets one JSON line per shard (see ``WriteShardFn``).
+        spill_dir: local directory for sorted runs (needs up to one shard of free space).
 
     Returns the PCollection holding the one ``Manifest`` written.
 
@@ -267,10 +426,18 @@ class WriteStageOutput(beam.PTransform):
         extra: dict[str, beam.PCollection] | None = None,
         write_data: bool = True,
         files: beam.PCollection | None = None,
+        sort_buffer_bytes: int = SORT_BUFFER_BYTES,
+        measure_memory: bool | str = False,
+        spill_dir: str | None = None,
     ):
         super().__init__()
         if num_shards < 1:
             raise ValueError("num_shards must be >= 1")
+        if sort_buffer_bytes < 1:
+            raise ValueError("sort_buffer_bytes must be >= 1")
+        self.sort_buffer_bytes = sort_buffer_bytes
+        self.measure_memory = measure_memory
+        self.spill_dir = spill_dir
         self.output_dir = output_dir
         self.stage = stage
         self.config = config
@@ -287,7 +454,10 @@ class WriteStageOutput(beam.PTransform):
             outcomes
             | "ShardByKey" >> beam.Map(lambda o: (shard_of(o.key, n), o))
             | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards" >> beam.ParDo(WriteShardFn(self.output_dir, self.stage, n, self.write_data))
+            | "WriteShards" >> beam.ParDo(
+                WriteShardFn(self.output_dir, self.stage, n, self.write_data, self.sort_buffer_bytes,
+                             self.measure_memory, self.spill_dir)
+            )
         )
         pipeline = outcomes.pipeline
         extras = [
@@ -313,28 +483,6 @@ class WriteStageOutput(beam.PTransform):
 
 
 # --- reading a stage output ------------------------------------------------------------------
-
-
-def read_manifest(stage_dir: str) -> Manifest:
-    path = join(stage_dir, MANIFEST_NAME)
-    if not FileSystems.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: {stage_dir} is not a finished mmcorpus stage output "
-            "(a stage writes manifest.json last; rerun the stage that should have produced it)"
-        )
-    return Manifest.from_json(read_bytes(path).decode("utf-8"))
-
-
-def stage_input_info(stage_dir: str) -> dict[str, Any]:
-    """Input description of a stage that reads another stage's output: the manifest's hash."""
-    raw = read_bytes(join(stage_dir, MANIFEST_NAME))
-    m = Manifest.from_json(raw.decode("utf-8"))
-    return {
-        "kind": "stage",
-        "stage": m.stage,
-        "fingerprint": hashlib.sha256(raw).hexdigest(),
-        "records": m.counts["outputs"],
-    }
 
 
 class ExpandRowGroupsFn(beam.DoFn):
@@ -381,16 +529,3 @@ class ReadStage(beam.PTransform):
             | "Spread" >> beam.Reshuffle()
             | "ReadRows" >> beam.ParDo(ReadPairRowGroupFn())
         )
-
-
-def read_table(stage_dir: str, kind: str = FILE_KIND_DATA, columns: list[str] | None = None) -> pa.Table:
-    """Read all files of one kind of a stage output into one table (for small outputs, tests, the CLI)."""
-    manifest = read_manifest(stage_dir)
-    schema = PAIR_SCHEMA if kind == FILE_KIND_DATA else LEDGER_SCHEMA
-    tables = []
-    for entry in manifest.files_of(kind):
-        with FileSystems.open(join(stage_dir, entry.path), compression_type="uncompressed") as f:
-            tables.append(pq.read_table(f, columns=columns))
-    if not tables:
-        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-    return pa.concat_tables(tables)

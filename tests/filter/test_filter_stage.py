@@ -92,7 +92,7 @@ def test_missing_caption_column_stops_with_a_clear_message(tmp_path):
 def test_rerun_is_byte_identical_and_resumable(tmp_path, sample_dir):
     """Same input + config ⇒ the same bytes, also when the second run uses two worker processes."""
     args = ["--input", str(sample_dir / "img2dataset_sample_1000.parquet"), "--caption-col", "TEXT", "--url-col", "URL"]
-    run_filter(tmp_path / "a", *args)
+    run_filter(tmp_path / "a", *args, "--num-shards", "8")
     run_filter(tmp_path / "b", *args, "--num-shards", "8", "--direct_running_mode=multi_processing", "--direct_num_workers=2")
     files = all_files(tmp_path / "a")
     assert files == all_files(tmp_path / "b") and len(files) == 17
@@ -100,7 +100,7 @@ def test_rerun_is_byte_identical_and_resumable(tmp_path, sample_dir):
     assert mismatch == [] and errors == []
     # a second run on the same output is skipped: files untouched
     before = {f: os.stat(tmp_path / "a" / f).st_mtime_ns for f in files}
-    result = filter_stage.run(filter_stage.parser().parse_known_args(["--output", str(tmp_path / "a"), *args])[0], [])
+    result = filter_stage.run(filter_stage.parser().parse_known_args(["--output", str(tmp_path / "a"), *args, "--num-shards", "8"])[0], [])
     assert result.skipped
     assert before == {f: os.stat(tmp_path / "a" / f).st_mtime_ns for f in files}
 

@@ -185,7 +185,8 @@ def test_same_bytes_on_another_runner_mode(tmp_path):
 
     a, b = tmp_path / "a", tmp_path / "b"
     base = ["--input", str(QA90 / "qa90_vqa.jsonl"), "--format", "vqa", "--name", "llava_qa90", "--images", str(QA90 / "images")]
-    cli.ingest(base + ["--output", str(a)])
-    cli.ingest(base + ["--output", str(b), "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    cli.ingest(base + ["--output", str(a), "--num-shards", "8"])
+    cli.ingest(base + ["--output", str(b), "--num-shards", "8", "--direct_running_mode=multi_processing",
+                       "--direct_num_workers=2"])
     fa, fb = read_manifest(str(a)).files, read_manifest(str(b)).files
     assert [(f.path, f.sha256) for f in fa] == [(f.path, f.sha256) for f in fb] and len(fa) == 16
