@@ -65,7 +65,8 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
         return outcomes, {"image_signals": signals}
 
     return run_stage(stage=STAGE, output_dir=args.output, config=config, input_info=input_info,
-                     build=build_pipeline, beam_args=beam_args, num_shards=args.num_shards, force=args.force)
+                     build=build_pipeline, beam_args=beam_args, num_shards=args.num_shards, force=args.force,
+                     target_shard_bytes=args.target_shard_bytes)
 
 
 def main(argv: list[str]) -> int:

@@ -19,6 +19,7 @@ from schemas.records import Outcome
 from transforms.synthdoc import FONTS, REPO_DATA, TEXT_SOURCES, SynthDocConfig, check_fonts, load_texts, render_page
 
 STAGE = "synthdoc"
+PAGE_BYTES = 100_000  # a rendered page at the default sizes is a 40-90 KB JPEG, rounded up
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,13 +69,15 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
         for path, idx in FONTS[lang]:
             with open(path, "rb") as f:
                 h.update(hashlib.sha256(f.read()).digest() + bytes([idx]))
-    input_info = {"kind": "synthdoc", "fingerprint": h.hexdigest(), "records": cfg.n}
+    # "bytes" sizes the output shards (--target-shard-bytes): a page is a JPEG of roughly PAGE_BYTES.
+    input_info = {"kind": "synthdoc", "fingerprint": h.hexdigest(), "records": cfg.n, "bytes": cfg.n * PAGE_BYTES}
 
     def build_pipeline(p):
         return p | "Indices" >> beam.Create(list(range(cfg.n))) | "Render" >> beam.ParDo(RenderFn(cfg, all_texts))
 
     return run_stage(stage=STAGE, output_dir=args.output, config={"synthdoc": to_dict(cfg)}, input_info=input_info,
-                     build=build_pipeline, beam_args=beam_args, num_shards=args.num_shards, force=args.force)
+                     build=build_pipeline, beam_args=beam_args, num_shards=args.num_shards, force=args.force,
+                     target_shard_bytes=args.target_shard_bytes)
 
 
 def main(argv: list[str]) -> int:
