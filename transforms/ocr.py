@@ -16,6 +16,10 @@ from schemas.records import Outcome, Pair
 from transforms.model_dofn import ImageModel, ImageModelFn
 
 OCR_MODEL = "rapidocr-3.10.0/PP-OCRv6-small"
+# Longest side the detector may see under the "min" size rule. That rule scales the SHORT side up to
+# det_limit_side_len, so a 2000x8 banner would become 184,000x736 (minutes of CPU, gigabytes of RAM);
+# such images are padded (white, bottom/right: boxes keep their coordinates) until the rule stays under this.
+MAX_DET_LONG_SIDE = 4096
 # Side of the mask the text-area ratio is measured on (boxes overlap; the union counts once).
 _AREA_MASK_SIDE = 256
 
@@ -84,6 +88,19 @@ def text_area_ratio(boxes: list[list[list[int]]], width: int, height: int) -> fl
     return round(float(np.asarray(mask).mean()), 4)
 
 
+def pad_for_detection(image: Image.Image, cfg: OcrConfig) -> Image.Image:
+    """Pad an extreme-aspect image so the detector's "min" rule keeps its long side <= MAX_DET_LONG_SIDE."""
+    if cfg.det_limit_type != "min":
+        return image
+    w, h = image.size
+    need = -(-max(w, h) * cfg.det_limit_side_len // MAX_DET_LONG_SIDE)  # smallest short side that keeps the bound
+    if min(w, h) >= need:
+        return image
+    out = Image.new("RGB", (w, max(h, need)) if h < w else (max(w, need), h), (255, 255, 255))
+    out.paste(image, (0, 0))
+    return out
+
+
 class RapidOcrModel(ImageModel):
     """RapidOCR: detection on every image, direction classification + recognition only on the crops
     detection found. Models come from the wheel (no download)."""
@@ -97,7 +114,7 @@ class RapidOcrModel(ImageModel):
     @property
     def cache_id(self) -> list[Any]:
         return [OCR_MODEL, {"min_text_score": self.cfg.min_text_score, "box_thresh": self.cfg.box_thresh,
-                            "det_limit": [self.cfg.det_limit_side_len, self.cfg.det_limit_type]}]
+                            "det_limit": [self.cfg.det_limit_side_len, self.cfg.det_limit_type, MAX_DET_LONG_SIDE]}]
 
     def load(self) -> None:
         if self._engine is not None:
@@ -123,7 +140,8 @@ class RapidOcrModel(ImageModel):
         from rapidocr.main import RapidOCRError
 
         e = self._engine
-        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+        image = pad_for_detection(image.convert("RGB"), self.cfg)
+        bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
         img, op = e.preprocess_img(bgr)
         try:
             crops, det = e.detect_and_crop(img, op)
