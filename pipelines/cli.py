@@ -19,10 +19,12 @@ from schemas.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "filter": ("pipelines.filter", "ingest raw inputs and apply caption/image filters"),
     "dedup": ("pipelines.dedup", "exact + near-duplicate removal (MinHash LSH, perceptual hashes)"),
+    "select": ("pipelines.select_stage", "draw a training stage's source/language mixture by key hash"),
     "rewrite": ("pipelines.rewrite", "rewrite captions into QA pairs through an OpenAI-compatible endpoint"),
     "rewriter": ("rewriter.cli", "seed annotation, SFT export, fine-tuning and serving of the rewriter"),
     "pack": ("pipelines.pack", "token accounting and packing into Parquet/WebDataset training shards"),
     "sft": ("pipelines.sft", "SFT data: ingest, part 1/2 split, chat-templated packs, exports"),
+    "rlaifv": ("pipelines.rlaifv", "RLAIF-V preference data: generate, feedback, pairs, DPO export"),
     "export": ("pipelines.export", "export data for other tools (e.g. MiniCPM-V fine-tuning JSON)"),
     "verify": ("pipelines.verify", "check a stage output's invariants and checksums"),
     "inspect": ("pipelines.inspection", "show what an output directory holds; trace a key"),

@@ -10,15 +10,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+import apache_beam as beam
+
 from pipelines.runner import add_stage_args, run_stage
 from schemas.errors import UserError
 from transforms.dedup import DedupConfig, Deduplicate
+from transforms.sources import TagSourceFn, combined_input_info, parse_inputs
 from transforms.stage_io import ReadStage, read_manifest, stage_input_info
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="mmcorpus dedup", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="a finished stage output directory (e.g. the filter's)")
+    parser.add_argument("--input", action="append", required=True,
+                        help="[NAME=]a finished stage output directory (e.g. the filter's); repeat with NAME=DIR "
+                        "to deduplicate several sources together")
     add_stage_args(parser)
     return parser.parse_known_args(argv)
 
@@ -31,14 +36,25 @@ def run(argv: list[str]):
     """Run the stage; returns the ``StageResult``."""
     args, beam_args = parse_args(argv)
     cfg = load_config(args.config)
-    try:
-        read_manifest(args.input)
-    except FileNotFoundError as e:
-        raise UserError(f"--input {args.input}: {e}") from None
-    input_info = stage_input_info(args.input)
+    sources = parse_inputs(args.input)
+    infos = []
+    for src in sources:
+        try:
+            read_manifest(src.path)
+        except FileNotFoundError as e:
+            raise UserError(f"--input {src.path}: {e}") from None
+        infos.append((src.name, stage_input_info(src.path)))
+    input_info = combined_input_info(infos)
 
     def build(p):
-        pairs = p | "Read" >> ReadStage(args.input)
+        parts = []
+        for src in sources:
+            tag = "" if len(sources) == 1 and src.name is None else f"_{src.name}"
+            pairs = p | f"Read{tag}" >> ReadStage(src.path)
+            if src.name is not None:
+                pairs = pairs | f"Tag{tag}" >> beam.ParDo(TagSourceFn(src.name))
+            parts.append(pairs)
+        pairs = parts[0] if len(parts) == 1 else parts | "Sources" >> beam.Flatten()
         outcomes, report = pairs | "Dedup" >> Deduplicate(cfg)
         return outcomes, {"dedup": report}
 

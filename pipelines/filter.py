@@ -21,6 +21,7 @@ from transforms.ingest import (
     preflight,
     resolve_input,
 )
+from transforms.sources import TagSourceFn, combined_input_info, parse_inputs, source_settings
 from transforms.stage_io import ReadStage, stage_input_info
 
 STAGE = "filter"
@@ -33,7 +34,9 @@ def parser() -> argparse.ArgumentParser:
         epilog="Unknown flags go to Beam, e.g. --runner DataflowRunner --project P --region R "
         "--temp_location gs://b/tmp --setup_file ./setup.py",
     )
-    p.add_argument("--input", required=True, help="file, directory or glob (img2dataset output or a metadata table)")
+    p.add_argument("--input", action="append", required=True,
+                   help="[NAME=]file, directory or glob (img2dataset output or a metadata table); repeat "
+                   "with NAME=... for several sources (keys become NAME-KEY, records carry dataset=NAME)")
     p.add_argument("--input-format", "--input_format", dest="input_format", default="auto", choices=FORMATS)
     p.add_argument("--url-col", "--url_col", dest="url_col", default="url", help="url column (name, or index without header)")
     p.add_argument("--caption-col", "--caption_col", dest="caption_col", default="caption", help="caption column")
@@ -57,28 +60,49 @@ def load_configs(path: str | None, input_format: str) -> tuple[CaptionFilterConf
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
-    spec = InputSpec(
-        path=args.input, format=args.input_format, url_col=args.url_col, caption_col=args.caption_col,
-        key_col=args.key_col, header=args.header, max_member_bytes=args.max_member_bytes,
-    )
-    resolved = resolve_input(spec)
-    caption_cfg, image_cfg = load_configs(args.config, resolved.format)
-    filters = caption_filters(caption_cfg) + image_filters(image_cfg)
-    flagger = CaptionQualityFlagger(caption_cfg)
-    if resolved.format == "stage":
-        input_info = stage_input_info(resolved.root)
+    sources = parse_inputs(args.input)
+    doc = load_toml(args.config)
+    settings = source_settings(doc, [s.name for s in sources if s.name])
+    plans = []  # (source, spec, resolved, filters, flagger, input_info, config)
+    for src in sources:
+        own = settings.get(src.name, {}) if src.name else {}
+        spec = InputSpec(
+            path=src.path, format=own.get("input_format", args.input_format),
+            url_col=own.get("url_col", args.url_col), caption_col=own.get("caption_col", args.caption_col),
+            key_col=own.get("key_col", args.key_col), header=own.get("header", args.header),
+            max_member_bytes=args.max_member_bytes,
+        )
+        resolved = resolve_input(spec)
+        caption_cfg, image_cfg = load_configs(args.config, resolved.format)
+        if resolved.format == "stage":
+            input_info = stage_input_info(resolved.root)
+        else:
+            preflight(resolved)
+            input_info = fingerprint(resolved, args.fingerprint)
+        cfg = {
+            "input": spec.to_config() | {"resolved_format": resolved.format},
+            "caption": to_dict(caption_cfg),
+            "image": to_dict(image_cfg),
+        }
+        plans.append((src, resolved, caption_cfg, image_cfg, input_info, cfg))
+    if len(plans) == 1 and plans[0][0].name is None:
+        config = plans[0][5]
     else:
-        preflight(resolved)
-        input_info = fingerprint(resolved, args.fingerprint)
-    config = {
-        "input": spec.to_config() | {"resolved_format": resolved.format},
-        "caption": to_dict(caption_cfg),
-        "image": to_dict(image_cfg),
-    }
+        config = {"sources": {src.name: dict(cfg, settings=settings.get(src.name, {})) for src, *_, cfg in plans}}
+    input_info = combined_input_info([(src.name, info) for src, _, _, _, info, _ in plans])
 
     def build_pipeline(p):
-        records = p | "Read" >> (ReadStage(resolved.root) if resolved.format == "stage" else ReadPairs(resolved))
-        return records | "Filter" >> beam.ParDo(ApplyFiltersFn(filters, [flagger]))
+        parts = []
+        for i, (src, resolved, caption_cfg, image_cfg, _, _) in enumerate(plans):
+            tag = "" if src.name is None and len(plans) == 1 else f"_{src.name}"
+            filters = caption_filters(caption_cfg) + image_filters(image_cfg)
+            flagger = CaptionQualityFlagger(caption_cfg)
+            records = p | f"Read{tag}" >> (ReadStage(resolved.root) if resolved.format == "stage" else ReadPairs(resolved))
+            lic = settings.get(src.name, {}).get("license") if src.name else None
+            if src.name is not None or lic is not None:
+                records = records | f"Tag{tag}" >> beam.ParDo(TagSourceFn(src.name, lic))
+            parts.append(records | f"Filter{tag}" >> beam.ParDo(ApplyFiltersFn(filters, [flagger])))
+        return parts[0] if len(parts) == 1 else parts | "Sources" >> beam.Flatten()
 
     return run_stage(
         stage=STAGE, output_dir=args.output, config=config, input_info=input_info, build=build_pipeline,

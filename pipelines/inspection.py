@@ -20,6 +20,7 @@ import argparse
 import json
 import re
 import sys
+from collections import Counter
 from typing import Any
 
 import pyarrow as pa
@@ -309,7 +310,32 @@ def describe(stage_dir: str) -> dict[str, Any]:
     packs = pack_summary(stage_dir, m)
     if packs is not None:
         info["packs"] = packs
+    by_dataset = dataset_counts(stage_dir, m)
+    if by_dataset:
+        info["by_dataset"] = by_dataset
     return info
+
+
+def dataset_counts(stage_dir: str, m: Manifest) -> dict[str, dict[str, int]] | None:
+    """Ledger rows per source dataset and status (issue 13), or None for a single unnamed source.
+    A ledger row's dataset is its key's ``NAME-`` prefix (``transforms.sources``) when NAME is a
+    dataset of the data; replicas made by ``select`` count as kept rows of their dataset."""
+    names: set[str] = set()
+    for entry in m.files_of("data"):
+        try:
+            col = _read_parquet(join(stage_dir, entry.path), columns=["dataset"]).column("dataset")
+        except (KeyError, ValueError, pa.ArrowInvalid):  # written before issue 13: no dataset column
+            continue
+        names.update(v for v in col.unique().to_pylist() if v is not None)
+    if not names:
+        return None
+    out: dict[str, Counter] = {}
+    for entry in m.files_of("ledger"):
+        t = _read_parquet(join(stage_dir, entry.path), columns=["key", "status"])
+        for key, status in zip(t.column("key").to_pylist(), t.column("status").to_pylist()):
+            prefix = key.split("-", 1)[0] if "-" in key else ""
+            out.setdefault(prefix if prefix in names else "(none)", Counter())[status] += 1
+    return {name: dict(sorted(c.items())) for name, c in sorted(out.items())}
 
 
 def describe_run(path: str) -> dict[str, Any]:
@@ -625,7 +651,34 @@ def render_describe(info: dict[str, Any], console) -> None:
                 p.add_row(k.replace("_", " "), f"min {_fmt_num(s['min'])} · mean {_fmt_num(s['mean'])} · max {_fmt_num(s['max'])}")
         console.print(p)
 
-    flat = _flatten(info.get("extra") or {})
+    by_ds = info.get("by_dataset")
+    if by_ds:
+        d = Table(title="ledger rows by dataset")
+        d.add_column("dataset")
+        for st in STATUSES:
+            d.add_column(st, justify="right")
+        for name, c in by_ds.items():
+            d.add_row(escape(name), *[f"{c.get(st, 0):,}" for st in STATUSES])
+        console.print(d)
+
+    mix = (info.get("extra") or {}).get("mixture")
+    if mix:
+        x = Table(title=f"mixture (stage {mix.get('stage')}): {mix.get('selected'):,} selected of "
+                        f"{mix.get('target_pairs'):,}, {mix.get('replicas'):,} replicas, shortfall {mix.get('shortfall'):,}")
+        for col in ("axis", "value", "pool", "target", "achieved", "target %", "achieved %"):
+            x.add_column(col, justify="left" if col in ("axis", "value") else "right")
+        for axis in ("by_dataset", "by_lang", "by_text_rich"):
+            for value, row in (mix.get(axis) or {}).items():
+                x.add_row(axis[3:], escape(value), _fmt_num(row.get("pool")), _fmt_num(row.get("target", "-")),
+                          _fmt_num(row.get("achieved")), _fmt_num(row.get("target_pct", "-")),
+                          _fmt_num(row.get("achieved_pct")))
+        console.print(x)
+        earlier = mix.get("earlier")
+        if earlier:
+            console.print(escape(f"re-selection against {earlier['path']} ({earlier['overlap_policy']}): "
+                                 f"overlap {earlier['overlap']:,} ({earlier['overlap_pct']}%)"))
+
+    flat = _flatten({k: v for k, v in (info.get("extra") or {}).items() if k != "mixture"})
     if flat:
         e = Table(title="stage extra (manifest)")
         e.add_column("key")

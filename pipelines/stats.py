@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from pipelines.inspection import (
     MEASURE_COLUMNS,
+    dataset_counts,
     _read_parquet,
     _require_dir,
     _seq_len,
@@ -137,9 +138,13 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
     clusters: list[int] | None = None
     packs: dict[str, list] | None = None
     signals: dict[str, int] = {}
+    by_dataset: dict[str, Any] = {}
     sft_parts: dict[str, list[int]] | None = None
     for stage, d in scope:
         m = read_manifest(d)
+        ds = dataset_counts(d, m)
+        if ds:
+            by_dataset[stage] = ds
         for name, n in (m.extra.get("image_signals") or {}).items():
             signals[f"{stage}: {name}"] = n
         for name, n in m.counts.get("by_reason", {}).items():
@@ -176,7 +181,7 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
             panels["images_per_pack"] = [v for v in packs["pack_images"] if v is not None]
     if sft_parts:
         panels["sft_answer_tokens"] = sft_parts
-    return {"dir": path, "stages": [s for s, _ in scope], "panels": panels}
+    return {"dir": path, "stages": [s for s, _ in scope], "panels": panels, "by_dataset": by_dataset}
 
 
 def _sft_answer_tokens(stage_dir: str, max_rows: int) -> dict[str, list[int]]:
@@ -353,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(stats)
     drawn = plot(stats, args.plot) if args.plot else None
     if args.json:
-        out = {"dir": path, "stages": stats["stages"], "panels": list(stats["panels"]), "summary": summary}
+        out = {"dir": path, "stages": stats["stages"], "panels": list(stats["panels"]), "summary": summary,
+               "by_dataset": stats["by_dataset"]}
         if drawn is not None:
             out["plot"] = {"path": args.plot, "panels": drawn}
         sys.stdout.write(json.dumps(out, indent=2, sort_keys=True, default=str) + "\n")
@@ -376,6 +382,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             t.add_row(name, "", *_cells(s))
     console.print(t)
+    if stats["by_dataset"]:
+        d = Table(title="ledger rows by dataset")
+        for col in ("stage", "dataset", "kept", "dropped"):
+            d.add_column(col, justify="left" if col in ("stage", "dataset") else "right")
+        for stage, per in stats["by_dataset"].items():
+            for name, c in per.items():
+                d.add_row(stage, escape(name), f"{c.get('kept', 0):,}", f"{sum(c.values()) - c.get('kept', 0):,}")
+        console.print(d)
     if drawn is not None:
         console.print(escape(f"wrote {args.plot} ({len(drawn)} panels: {', '.join(drawn)})"))
     return 0

@@ -98,9 +98,16 @@ def verify(stage_dir: str) -> list[Check]:
         ledger_rows == c["inputs"] == c["ledger_rows"],
         f"inputs {c['inputs']}, ledger rows {ledger_rows} (manifest says {c['ledger_rows']})",
     ))
-    if m.input.get("kind") == "stage":
+    from_stages = m.input.get("kind") == "stage" or (
+        m.input.get("kind") == "sources"
+        and all(s.get("kind") == "stage" for s in (m.input.get("sources") or {}).values())
+    )
+    if from_stages:
         prev = m.input.get("records")
-        checks.append(Check("inputs = previous stage outputs", prev == c["inputs"], f"previous outputs {prev}, inputs {c['inputs']}"))
+        # select's upsampled replicas have one kept ledger row each on top of one row per input record
+        made = int((m.extra.get("mixture") or {}).get("replicas") or 0)
+        checks.append(Check("inputs = previous stage outputs", prev is not None and prev + made == c["inputs"],
+                            f"previous outputs {prev}, inputs {c['inputs']}" + (f" ({made} replicas)" if made else "")))
     checks.append(Check(
         "reason counts match ledger",
         dict(ledger_counts) == c["by_reason"],

@@ -115,15 +115,21 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     attempts: int = 1
+    # ``choices[0].logprobs.content`` as ``[{"token", "logprob", "top": {token: logprob}}]`` when the
+    # request asked for logprobs and the server returned them (None otherwise).
+    logprobs: list[dict[str, Any]] | None = None
 
     def to_entry(self) -> dict[str, Any]:
         """The cache form (attempts are transport history, not part of the answer)."""
-        return {
+        entry = {
             "text": self.text,
             "finish_reason": self.finish_reason,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
         }
+        if self.logprobs is not None:  # absent for rewrite entries, so their bytes stay as they were
+            entry["logprobs"] = self.logprobs
+        return entry
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any]) -> "Completion":
@@ -133,6 +139,7 @@ class Completion:
             prompt_tokens=int(entry.get("prompt_tokens") or 0),
             completion_tokens=int(entry.get("completion_tokens") or 0),
             attempts=0,
+            logprobs=entry.get("logprobs"),
         )
 
 
@@ -243,6 +250,35 @@ class RewriteClient:
 
     async def complete(self, caption: str) -> Completion:
         """The model's answer for one caption; raises ``RequestFailed`` when there is none."""
+        return await self.complete_body(self.request_body(caption))
+
+    def messages_body(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        response_format: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A request body for arbitrary chat ``messages`` (content may be a list of ``text`` and
+        ``image_url`` parts); ``params`` (``seed``, ``top_p``, ``logprobs`` ...) override the config's
+        ``max_tokens``/``temperature`` and are added to the body as given."""
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": messages,
+            "max_tokens": self.config.max_tokens,
+            "temperature": self.config.temperature,
+        }
+        if response_format is not None:
+            body["response_format"] = response_format
+        body.update(params or {})
+        return body
+
+    async def complete_messages(self, messages: list[dict[str, Any]], **kwargs: Any) -> Completion:
+        """The model's answer for ``messages_body(messages, **kwargs)``; same retry policy as ``complete``."""
+        return await self.complete_body(self.messages_body(messages, **kwargs))
+
+    async def complete_body(self, body: dict[str, Any]) -> Completion:
+        """Send one prepared chat-completions body with the client's concurrency and retry policy."""
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.config.concurrency)
         cfg = self.config
@@ -255,7 +291,7 @@ class RewriteClient:
                 self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
                 started = time.perf_counter()
                 try:
-                    outcome, retry_after, kind = await self._attempt(conn, caption, attempt)
+                    outcome, retry_after, kind = await self._attempt(conn, body, attempt)
                 finally:
                     self.stats.busy_seconds += time.perf_counter() - started
                     self._in_flight -= 1
@@ -287,14 +323,13 @@ class RewriteClient:
                 return
             await asyncio.sleep(wait)
 
-    async def _attempt(self, conn, caption: str, attempt: int = 0) -> tuple[Completion | str, float | None, str]:
+    async def _attempt(self, conn, body: dict[str, Any], attempt: int = 0) -> tuple[Completion | str, float | None, str]:
         """One HTTP attempt: (Completion | "retry" | fatal ledger reason, retry_after, failure kind)."""
         httpx = self._httpx
         self.stats.requests += 1
         try:
             resp = await asyncio.wait_for(
-                conn.post("chat/completions", json=self.request_body(caption),
-                          headers={ATTEMPT_HEADER: str(attempt)}),
+                conn.post("chat/completions", json=body, headers={ATTEMPT_HEADER: str(attempt)}),
                 timeout=self.config.timeout_s + 1.0,
             )
         except (asyncio.TimeoutError, httpx.TimeoutException):
@@ -309,25 +344,26 @@ class RewriteClient:
         if status != 200:
             return reasons.REWRITE_CLIENT_ERROR, None, f"http_{status}"
         try:
-            body = json.loads(resp.content)
+            answer = json.loads(resp.content)
         except ValueError:
             # HTTP 200 whose body is not JSON: a broken server or proxy, not on the retry whitelist.
             return reasons.REWRITE_INVALID_JSON, None, "http_200_body_not_json"
         try:
-            choice = body["choices"][0]
+            choice = answer["choices"][0]
             text = choice["message"]["content"]
             finish = choice.get("finish_reason")
             if not (text is None or isinstance(text, str)) or not (finish is None or isinstance(finish, str)):
                 raise TypeError
         except (KeyError, IndexError, TypeError):
             return reasons.REWRITE_INVALID_JSON, None, "http_200_body_not_a_completion"
-        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
         return (
             Completion(
                 text=text,
                 finish_reason=finish,
                 prompt_tokens=_int(usage.get("prompt_tokens")),
                 completion_tokens=_int(usage.get("completion_tokens")),
+                logprobs=_logprobs(choice) if body.get("logprobs") else None,
             ),
             None,
             "",
@@ -337,6 +373,22 @@ class RewriteClient:
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.aclose()
+
+
+def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """``choices[0].logprobs.content`` reduced to token, logprob and top alternatives (None if absent
+    or not in the OpenAI shape)."""
+    try:
+        content = (choice.get("logprobs") or {}).get("content")
+        if not isinstance(content, list):
+            return None
+        out = []
+        for t in content:
+            top = {a["token"]: float(a["logprob"]) for a in (t.get("top_logprobs") or [])}
+            out.append({"token": str(t["token"]), "logprob": float(t["logprob"]), "top": top})
+        return out
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _int(v: Any) -> int:

@@ -248,24 +248,34 @@ def estimate_prompt_tokens(caption: str) -> int:
     return int(chars / CHARS_PER_TOKEN) + 8  # + chat-format overhead per message pair
 
 
-def estimate_cost(captions: list[str], teacher: TeacherConfig) -> dict[str, Any]:
-    prompt_tokens = sum(estimate_prompt_tokens(c) for c in captions)
-    expected_out = len(captions) * min(teacher.expected_output_tokens, teacher.max_tokens)
-    worst_out = len(captions) * teacher.max_tokens
+def token_cost(
+    requests: int, prompt_tokens: int, expected_out: int, worst_out: int, price_input_per_mtok: float,
+    price_output_per_mtok: float,
+) -> dict[str, Any]:
+    """Requests, tokens and USD (expected and worst case) at the given prices; shared by
+    ``rewriter seed`` and ``rlaifv`` estimates."""
 
     def usd(inp: int, out: int) -> float:
-        return round((inp * teacher.price_input_per_mtok + out * teacher.price_output_per_mtok) / 1e6, 4)
+        return round((inp * price_input_per_mtok + out * price_output_per_mtok) / 1e6, 4)
 
     return {
-        "requests": len(captions),
+        "requests": requests,
         "prompt_tokens_est": prompt_tokens,
         "output_tokens_expected": expected_out,
         "output_tokens_max": worst_out,
         "usd_expected": usd(prompt_tokens, expected_out),
         "usd_max": usd(prompt_tokens, worst_out),
-        "price_input_per_mtok": teacher.price_input_per_mtok,
-        "price_output_per_mtok": teacher.price_output_per_mtok,
+        "price_input_per_mtok": price_input_per_mtok,
+        "price_output_per_mtok": price_output_per_mtok,
     }
+
+
+def estimate_cost(captions: list[str], teacher: TeacherConfig) -> dict[str, Any]:
+    prompt_tokens = sum(estimate_prompt_tokens(c) for c in captions)
+    expected_out = len(captions) * min(teacher.expected_output_tokens, teacher.max_tokens)
+    worst_out = len(captions) * teacher.max_tokens
+    return token_cost(len(captions), prompt_tokens, expected_out, worst_out, teacher.price_input_per_mtok,
+                      teacher.price_output_per_mtok)
 
 
 def format_estimate(est: dict[str, Any], teacher: TeacherConfig) -> str:

@@ -61,16 +61,57 @@ class SeenRequest:
     attempt: int
     fault: str | None
     t: float
+    images: int = 0  # image_url parts in the request (all checked to decode)
 
 
 def caption_of(body: dict) -> str:
-    """The raw caption inside a request built by ``rewriter.prompts.build_messages``."""
+    """The raw caption inside a request built by ``rewriter.prompts.build_messages``; for a request
+    whose user content is a list of parts, its text parts joined by newlines; a request's ``seed``
+    (RLAIF-V policy samples) is appended as ``|seed=N`` so each sample has its own fault schedule
+    (and the server appends ``|img=<sha256 of the image URLs>[:12]`` to requests carrying images)."""
     prefix = prompts.USER_TEMPLATE.split("{caption}")[0]
+    text = ""
     for m in body.get("messages") or []:
         if m.get("role") == "user":
             content = m.get("content") or ""
-            return content[len(prefix):] if content.startswith(prefix) else content
-    return ""
+            if isinstance(content, list):
+                text = "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            else:
+                text = content[len(prefix):] if content.startswith(prefix) else content
+            break
+    if "seed" in body:
+        text += f"|seed={body['seed']}"
+    return text
+
+
+def check_image_parts(body: dict) -> tuple[int, str | None]:
+    """(number of ``image_url`` parts, problem or None): every part must be a base64 data URL of an
+    image that PIL decodes, as an OpenAI-compatible multimodal server requires."""
+    import base64
+    import binascii
+    import io
+
+    n = 0
+    for m in body.get("messages") or []:
+        content = m.get("content")
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "image_url":
+                continue
+            n += 1
+            url = (part.get("image_url") or {}).get("url") or ""
+            head, sep, data = url.partition(",")
+            if not (sep and head.startswith("data:image/") and head.endswith(";base64")):
+                return n, "image_url is not a base64 data URL of an image"
+            try:
+                from PIL import Image
+
+                with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as im:
+                    im.load()
+            except (binascii.Error, ValueError, OSError) as e:
+                return n, f"image_url does not decode ({type(e).__name__})"
+    return n, None
 
 
 def default_respond(caption: str) -> tuple[str, str]:
@@ -100,6 +141,8 @@ class StandInServer:
         retry_after_s: the Retry-After a 429 carries (integer seconds, as HTTP wants).
         hang_s: how long a ``hang`` holds its connection before closing it unanswered.
         respond: ``caption -> (content, finish_reason)`` for normal answers.
+        respond_body: ``request body -> (content, finish_reason)``, replacing ``respond`` (RLAIF-V
+            routes on the request's schema / messages; see ``tests/rlaifv``).
         expected_api_key: when set, requests without ``Authorization: Bearer <key>`` get 401.
         plan: ``(caption, attempt) -> fault | None``, replacing the rate-based choice (exact scenarios).
         port: 0 picks a free port.
@@ -116,6 +159,7 @@ class StandInServer:
         retry_after_s: int = 1,
         hang_s: float = 5.0,
         respond: Callable[[str], tuple[str, str]] = default_respond,
+        respond_body: Callable[[dict], tuple[str, str]] | None = None,
         expected_api_key: str | None = None,
         plan: Callable[[str, int], str | None] | None = None,
         port: int = 0,
@@ -131,6 +175,7 @@ class StandInServer:
         self.retry_after_s = retry_after_s
         self.hang_s = hang_s
         self.respond = respond
+        self.respond_body = respond_body
         self.expected_api_key = expected_api_key
         self.plan = plan
         self.port = port
@@ -236,6 +281,17 @@ class StandInServer:
             return True
         req = json.loads(body.decode("utf-8"))
         caption = caption_of(req)
+        n_images, image_problem = check_image_parts(req)
+        if n_images:  # same text about another image is another request (own attempts, own faults)
+            urls = [p.get("image_url", {}).get("url", "") for m in req.get("messages") or []
+                    if isinstance(m.get("content"), list) for p in m["content"] if isinstance(p, dict)]
+            caption += "|img=" + hashlib.sha256("".join(urls).encode("utf-8")).hexdigest()[:12]
+        if image_problem is not None:  # what vLLM does with an image it cannot load: a 400
+            with self._lock:
+                self.seen.append(SeenRequest(caption=caption, attempt=-1, fault="bad_image", t=time.monotonic(),
+                                             images=n_images))
+            await self._send(writer, 400, {"error": {"message": image_problem, "type": "BadRequestError"}})
+            return True
         with self._lock:
             attempt = self._attempts.get(caption, 0)
             self._attempts[caption] = attempt + 1
@@ -246,7 +302,8 @@ class StandInServer:
                 fault = self.plan(caption, attempt)
             else:
                 fault = fault_for(self.seed, caption, attempt, self.fault_rate, self.faults)
-            self.seen.append(SeenRequest(caption=caption, attempt=attempt, fault=fault, t=time.monotonic()))
+            self.seen.append(SeenRequest(caption=caption, attempt=attempt, fault=fault, t=time.monotonic(),
+                                         images=n_images))
         if fault == "http_429":
             await self._send(writer, 429, {"error": {"message": "rate limited", "type": "rate_limit"}},
                              {"Retry-After": str(self.retry_after_s)})
@@ -259,9 +316,9 @@ class StandInServer:
             return False
         if self._gen_sem is not None:
             async with self._gen_sem:
-                content, finish = await self._generate(caption)
+                content, finish = await self._generate(caption, req)
         else:
-            content, finish = await self._generate(caption)
+            content, finish = await self._generate(caption, req)
         if fault == "malformed_body":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\n"
                          b"Connection: keep-alive\r\n\r\n{not json")
@@ -280,19 +337,30 @@ class StandInServer:
             "usage": {"prompt_tokens": len(caption.split()) + 60, "completion_tokens": len(content.split()),
                       "total_tokens": len(caption.split()) + 60 + len(content.split())},
         }
+        if req.get("logprobs") and fault is None:
+            # One fixed-value entry per word or punctuation token; alternatives "yes"/"no" for a yes/no word.
+            import re
+
+            entries = []
+            for tok in re.findall(r"\w+|[^\w\s]", content) or [content]:
+                top = [{"token": tok, "logprob": -0.05}]
+                if tok in ("yes", "no"):
+                    top.append({"token": "no" if tok == "yes" else "yes", "logprob": -3.0})
+                entries.append({"token": tok, "logprob": -0.05, "top_logprobs": top})
+            payload["choices"][0]["logprobs"] = {"content": entries}
         await self._send(writer, 200, payload)
         with self._lock:
             self.responses_sent += 1
         return True
 
-    async def _generate(self, caption: str) -> tuple[str, str]:
+    async def _generate(self, caption: str, req: dict) -> tuple[str, str]:
         with self._lock:
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)
-            return self.respond(caption)
+            return self.respond_body(req) if self.respond_body is not None else self.respond(caption)
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -307,6 +375,55 @@ class StandInServer:
             return [r.caption for r in self.seen]
 
 
+def _user_text(body: dict) -> str:
+    for m in body["messages"]:
+        if m["role"] == "user":
+            c = m["content"]
+            return c if isinstance(c, str) else "\n".join(p["text"] for p in c if p["type"] == "text")
+    return ""
+
+
+def rlaifv_respond(body: dict) -> tuple[str, str]:
+    """Deterministic RLAIF-V answers (tests, README example), by what the request carries:
+
+    - policy (a ``seed`` in the body): ``"The picture is photo <sha256(data URL)[:8]>."`` followed by
+      ``seed % 3`` sentences ``"There is a wrong thing N."``; with seeds 0..3 the scores are 0, -1, -2, 0;
+    - claims (``response_format`` named ``claims``): the answer split at ". ";
+    - questions (``questions``): ``"Is it true that <claim>?"`` per claim;
+    - labeler (``answer``): ``no`` when the question holds ``wrong``, else ``yes``.
+
+    Markers in the prompt make bad answers on cue: ``EMPTY`` (policy answers ""), ``BADCLAIMS`` (claims
+    answer ``{"claims": "x"}``), ``MAYBE`` (labeler answers ``maybe``); ``LABFAIL`` is carried into a
+    claim and its question (``labfail``) so a fault plan can target that record's labeler calls.
+    """
+    text = _user_text(body)
+    fmt = ((body.get("response_format") or {}).get("json_schema") or {}).get("name")
+    if "seed" in body:
+        if "EMPTY" in text:
+            return "", "stop"
+        extra = "".join(f" There is a wrong thing {k}." for k in range(body["seed"] % 3))
+        tag = "".join(f" {m}." for m in ("BADCLAIMS", "MAYBE", "LABFAIL") if m in text)
+        url = body["messages"][0]["content"][0]["image_url"]["url"]
+        photo = hashlib.sha256(url.encode()).hexdigest()[:8]  # claims differ per image
+        return f"The picture is photo {photo}." + tag + extra, "stop"
+    if fmt == "claims":
+        answer = text.split("Answer: ", 1)[1]
+        if "BADCLAIMS" in answer:
+            return json.dumps({"claims": "x"}), "stop"
+        claims = [s.strip().rstrip(".") + "." for s in answer.split(". ") if s.strip()]
+        return json.dumps({"claims": claims}), "stop"
+    if fmt == "questions":
+        claims = json.loads(text)["claims"]
+        return json.dumps({"questions": [f"Is it true that {c[:-1].lower()}?" for c in claims]}), "stop"
+    if fmt == "answer":
+        if "maybe" in text:
+            return json.dumps({"answer": "maybe"}), "stop"
+        return json.dumps({"answer": "no" if "wrong" in text else "yes"}), "stop"
+    return "unexpected request", "stop"
+
+
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rewriter.standin", description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=0)
@@ -314,9 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rlaifv", action="store_true", help="answer RLAIF-V policy/claims/labeler requests (rlaifv_respond)")
     args = p.parse_args(argv)
     srv = StandInServer(latency_s=args.latency, max_concurrency=args.max_concurrency,
-                        fault_rate=args.fault_rate, seed=args.seed, port=args.port).start()
+                        fault_rate=args.fault_rate, seed=args.seed, port=args.port,
+                        respond_body=rlaifv_respond if args.rlaifv else None).start()
     print(f"PORT {srv.port}", flush=True)
     try:
         sys.stdin.read()  # serve until stdin closes (the parent process exits or closes the pipe)

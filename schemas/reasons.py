@@ -70,6 +70,11 @@ PACK_TOO_MANY_IMAGES = "pack_too_many_images"
 PACK_NO_IMAGE = "pack_no_image"
 PACK_IMAGE_UNDECODABLE = "pack_image_undecodable"
 
+# --- select ----------------------------------------------------------------------------------
+NOT_SELECTED = "not_selected"  # eligible, but the per-source / per-language draw left it out
+NOT_ELIGIBLE = "not_eligible"  # the stage's eligibility rule excludes it (e.g. shorter side < 448 px)
+IN_EARLIER_SELECTION = "in_earlier_selection"  # disjoint re-selection: the named earlier selection holds it
+
 # --- image models (ocr, safety) -------------------------------------------------------------
 MODEL_ERROR = "model_error"  # a per-image model raised on a decoded image (the detail names the model)
 NSFW = "nsfw"  # NSFW detector score >= the configured reject threshold
@@ -77,6 +82,7 @@ LAION_PUNSAFE = "laion_punsafe"  # the source's LAION punsafe metadata >= the co
 LAION_PWATERMARK = "laion_pwatermark"  # the source's LAION pwatermark metadata >= the configured threshold
 IMAGE_WATERMARK = "image_watermark"  # OCR text matches a stock-photo credit rule
 CAPTION_PII = "caption_pii"  # caption holds PII (e-mail, phone, card, resident ID) and policy is reject
+
 # --- sft (ingest, split, pack) ------------------------------------------------------------------
 SFT_RECORD_UNREADABLE = "sft_record_unreadable"  # not a JSON object / lacks the fields its format needs
 SFT_NO_TURNS = "sft_no_turns"  # no user/assistant turn at all
@@ -96,6 +102,18 @@ SFT_TOO_LONG_CHARS = "sft_too_long_chars"  # more characters than max_chars
 SFT_OTHER_PART = "sft_other_part"  # sft pack --part N: the record belongs to the other part
 SFT_LABEL_MISMATCH = "sft_label_mismatch"  # sft pack --check-mask: labels differ from the template's generation mask
 SFT_TOO_LONG = "sft_too_long"  # templated tokens > seq_len and truncation is off (or cannot help)
+
+# --- rlaifv (generate, feedback, pairs) -------------------------------------------------------
+# Transport failures of model calls reuse the client's rewrite_exhausted_retries / rewrite_client_error /
+# rewrite_invalid_json (one model-call layer); the detail names the endpoint (policy, claims, labeler).
+RLAIFV_IMAGE_UNDECODABLE = "rlaifv_image_undecodable"  # no image bytes, or bytes PIL cannot decode
+RLAIFV_NO_PROMPT = "rlaifv_no_prompt"  # neither the record's QA nor the prompt pool gives a prompt
+RLAIFV_EMPTY_RESPONSE = "rlaifv_empty_response"  # the policy answered with empty / whitespace text
+RLAIFV_CLAIMS_INVALID = "rlaifv_claims_invalid"  # claim splitter output is not {"claims": [str, ...]}
+RLAIFV_QUESTIONS_INVALID = "rlaifv_questions_invalid"  # not {"questions": [str]} with one question per claim
+RLAIFV_ANSWER_NOT_YES_NO = "rlaifv_answer_not_yes_no"  # labeler answer is not exactly yes or no
+RLAIFV_TOO_FEW_RESPONSES = "rlaifv_too_few_responses"  # fewer than 2 usable responses survived (detail: why)
+RLAIFV_NO_PAIR = "rlaifv_no_pair"  # a response set gave no pair (all gaps < margin, ties, length control)
 
 # --- unexpected exceptions (dead letter): "exception_<ExcType>" ------------------------------
 EXCEPTION_PREFIX = "exception_"

@@ -45,6 +45,9 @@ class Pair:
         qa: question–answer pairs produced by the rewriter, as ``[{"question": .., "answer": ..}]``.
         rewrite_model, prompt_version: provenance of the rewrite.
         cluster_id, cluster_size: set by dedup on the kept representative of a duplicate cluster.
+        dataset: the source name given as ``--input NAME=DIR`` (None for an unnamed single input).
+        license: the record's licence, from img2dataset metadata or the source's configured value.
+        replica: set by ``select`` on an upsampled copy (1, 2, ...); None on an original record.
         ocr: canonical JSON of the OCR stage's result (boxes, texts, scores, text-area ratio, chars,
             ``text_rich``); None before the OCR stage.
         safety: canonical JSON of the safety flags (NSFW score, PII rules, watermark, LAION metadata).
@@ -73,6 +76,10 @@ class Pair:
     prompt_version: str | None = None
     cluster_id: str | None = None
     cluster_size: int | None = None
+    # --- sources and selection (issue 13) ---
+    dataset: str | None = None
+    license: str | None = None
+    replica: int | None = None
     # --- image models (OCR stage, issue 12) ---
     ocr: str | None = None
     safety: str | None = None
@@ -116,6 +123,10 @@ PAIR_SCHEMA = pa.schema(
         pa.field("prompt_version", pa.string()),
         pa.field("cluster_id", pa.string()),
         pa.field("cluster_size", pa.int64()),
+        # --- sources and selection (issue 13) ---
+        pa.field("dataset", pa.string()),
+        pa.field("license", pa.string()),
+        pa.field("replica", pa.int32()),
         # --- image models (OCR stage, issue 12) ---
         pa.field("ocr", pa.string()),
         pa.field("safety", pa.string()),

@@ -26,6 +26,8 @@ Keep policy (smallest rank wins; a total order, so reruns keep the same record):
     rewrite, then the larger resolution, then key order; caption clusters:
     ``(needs_rewrite, -distinct caption words, -normalised caption length, key)``.
     legacy: ``(no image, -width*height, -distinct caption words, -caption length, key)``.
+    With ``source_priority`` (cross-source runs) the dataset's position in that list comes right
+    after the image flag, before everything else.
 
 Ledger (strict): a removed record has ``cluster_id`` (from its representative's key), ``kept_key``,
 the rule that ties it to the representative as reason, and a ``key=value`` detail naming the link
@@ -107,6 +109,9 @@ class DedupConfig:
             (it sets the pigeonhole chunks, so it must stay small); resized copies of one photo
             drift up to about 5 bits from its largest copy, distinct photos differ in about 32
             (17 at least among the bundled ones), so 8 keeps copies together and photos apart.
+        source_priority: dataset names, most preferred first: the keep policy ranks a record by its
+            ``dataset``'s position here before anything else (unlisted datasets and records without
+            one come after every listed one). Empty: no source preference (ranks as before).
         min_jaccard_to_kept: strict mode: a caption cluster member (no image) must have an
             estimated Jaccard of at least this with its kept representative (the same bar as
             ``verify_min_jaccard`` by default: a 128-slot estimate of J = 0.7 is noisy).
@@ -137,8 +142,13 @@ class DedupConfig:
     max_split_rounds: int = 4
     max_hamming_to_kept: int = 8
     min_jaccard_to_kept: float = 0.6
+    source_priority: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.source_priority, list):
+            object.__setattr__(self, "source_priority", tuple(self.source_priority))
+        if len(set(self.source_priority)) != len(self.source_priority):
+            raise ValueError(f"source_priority names a dataset twice: {list(self.source_priority)}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.max_pairs_per_caption is not None and self.max_pairs_per_caption < 1:
@@ -243,8 +253,14 @@ def has_image(pair: Pair) -> bool:
     return pair.image is not None or pair.image_sha256 is not None
 
 
-def keep_rank(pair: Pair, normalized: str, mode: str = STRICT) -> tuple:
-    """Sort key of the keep policy; the smallest rank in a cluster is kept (see the module doc)."""
+def keep_rank(pair: Pair, normalized: str, mode: str = STRICT, source_priority: tuple[str, ...] = ()) -> tuple:
+    """Sort key of the keep policy; the smallest rank in a cluster is kept (see the module doc).
+    With ``source_priority`` the record's dataset position is inserted right after the image/no-image
+    flag (``rank[0]`` keeps meaning "no image", which ``link_to_representative`` reads)."""
+    if source_priority:
+        prio = source_priority.index(pair.dataset) if pair.dataset in source_priority else len(source_priority)
+        base = keep_rank(pair, normalized, mode)
+        return (base[0], prio) + base[1:]
     with_image = has_image(pair)
     pixels = (pair.width or 0) * (pair.height or 0)
     words = len(set(normalized.split())) if normalized else 0
@@ -305,7 +321,7 @@ class ExtractFeaturesFn(beam.DoFn):
                         key=pair.key,
                         caption_digest=mh.caption_digest(norm) if norm else None,
                         image_sha256=image_sha(pair),
-                        rank=keep_rank(pair, norm, cfg.mode),
+                        rank=keep_rank(pair, norm, cfg.mode, cfg.source_priority),
                         dhash=dh,
                         has_image=has_image(pair),
                     )

@@ -200,7 +200,10 @@ def test_counts_per_dataset_and_language_when_records_carry_them(report_run, tmp
         for x in lang:
             key = "(none)" if x is None else x
             expected_lang[key] = expected_lang.get(key, 0) + 1
-        pq.write_table(t.append_column("dataset", pa.array(ds)).append_column("lang", pa.array(lang, pa.string())), f)
+        for name, values in (("dataset", pa.array(ds, pa.string())), ("lang", pa.array(lang, pa.string()))):
+            i = t.schema.get_field_index(name)  # Pair has a dataset column since issue 13; lang may follow
+            t = t.set_column(i, name, values) if i >= 0 else t.append_column(name, values)
+        pq.write_table(t, f)
     out = tmp_path / "rep"
     report.write_report(str(run), str(out), ReportConfig(samples=1))
     html = (out / "index.html").read_text()

@@ -1,0 +1,132 @@
+"""`mmcorpus select`: draw one training stage's mixture (sources × languages × text-rich share) by key hash.
+
+Example:
+    mmcorpus select --input out/dedup --output out/select1 --stage 1 --config mix.toml
+    mmcorpus select --input cc3m=out/cc3m/dedup --input laion=out/laion/dedup --output out/select2 \
+        --stage 2 --config mix.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.config import load_toml
+from pipelines.runner import add_stage_args, run_stage
+from schemas.errors import UserError
+from schemas.manifest import FILE_KIND_DATA
+from storage.staging import staging_dir
+from transforms.selection import NO_DATASET, ReadSelectionKeys, Select, check_names, load_select_config
+from transforms.sources import TagSourceFn, combined_input_info, parse_inputs
+from transforms.stage_io import ReadStage, join, read_manifest, stage_input_info
+
+STAGE = "select"
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="mmcorpus select", description=__doc__.splitlines()[0])
+    parser.add_argument("--input", action="append", required=True,
+                        help="[NAME=]a finished stage output directory (normally dedup's); repeat with NAME=DIR")
+    parser.add_argument("--stage", type=int, required=True, choices=(1, 2, 3), help="training stage (1, 2 or 3)")
+    add_stage_args(parser)
+    return parser.parse_known_args(argv)
+
+
+def stage_datasets(stage_dir: str) -> set[str]:
+    """Dataset names present in a stage output (reads only the ``dataset`` column, file by file)."""
+    names: set[str] = set()
+    for entry in read_manifest(stage_dir).files_of(FILE_KIND_DATA):
+        with FileSystems.open(join(stage_dir, entry.path), compression_type="uncompressed") as f:
+            pf = pq.ParquetFile(f)
+            if "dataset" not in pf.schema_arrow.names:
+                names.add(NO_DATASET)
+                continue
+            col = pf.read(columns=["dataset"]).column("dataset")
+        names.update(NO_DATASET if v is None else v for v in col.unique().to_pylist())
+    return names
+
+
+def run(argv: list[str]):
+    """Run the stage; returns the ``StageResult``."""
+    args, beam_args = parse_args(argv)
+    if not args.config:
+        raise UserError("--config is required: a TOML file with a [select] table (see docs/selection.md)")
+    sources = parse_inputs(args.input)
+    cfg = load_select_config(load_toml(args.config), args.stage, where=args.config)
+    infos, datasets = [], set()
+    for src in sources:
+        try:
+            read_manifest(src.path)
+        except FileNotFoundError as e:
+            raise UserError(f"--input {src.path}: {e}") from None
+        info = stage_input_info(src.path)
+        infos.append((src.name, info))
+        found = stage_datasets(src.path)
+        if src.name is not None:  # unnamed records of a named input take its name
+            found = {src.name if n == NO_DATASET else n for n in found} or {src.name}
+        datasets |= found
+    input_info = combined_input_info(infos)
+    check_names(cfg, datasets, input_info.get("records"), args.config)
+    earlier_info = None
+    if cfg.earlier is not None:
+        try:
+            m = read_manifest(cfg.earlier)
+        except FileNotFoundError as e:
+            raise UserError(f"{args.config} earlier: {e}") from None
+        if m.stage != STAGE:
+            raise UserError(f"{args.config} earlier: {cfg.earlier} is a {m.stage!r} output, not a select output")
+        earlier_info = stage_input_info(cfg.earlier)
+        input_info = dict(input_info, earlier=earlier_info,
+                          fingerprint=input_info["fingerprint"] + ":" + earlier_info["fingerprint"])
+
+    def build(p):
+        parts = []
+        for src in sources:
+            tag = "" if len(sources) == 1 and src.name is None else f"_{src.name}"
+            pairs = p | f"Read{tag}" >> ReadStage(src.path)
+            if src.name is not None:
+                pairs = pairs | f"Tag{tag}" >> beam.ParDo(TagSourceFn(src.name))
+            parts.append(pairs)
+        pairs = parts[0] if len(parts) == 1 else parts | "Sources" >> beam.Flatten()
+        earlier = None
+        if cfg.earlier is not None:
+            earlier = p | "ReadEarlier" >> ReadSelectionKeys(cfg.earlier)
+        # mixture.json goes to the staging area like every stage file; publish moves it into place
+        outcomes, report, files = pairs | "Select" >> Select(cfg, staging_dir(args.output), earlier)
+        return {"outcomes": outcomes, "extra": {"mixture": report}, "files": files}
+
+    return run_stage(
+        stage=STAGE,
+        output_dir=args.output,
+        config={"select": cfg.to_dict()},
+        input_info=input_info,
+        build=build,
+        beam_args=beam_args,
+        num_shards=args.num_shards,
+        force=args.force,
+        target_shard_bytes=args.target_shard_bytes,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    result = run(list(sys.argv[1:] if argv is None else argv))
+    m = result.manifest
+    mix = m.extra.get("mixture", {})
+    state = "up to date, skipped" if result.skipped else f"done in {result.seconds:.1f}s"
+    print(
+        f"select: {state}: stage {mix.get('stage')}: {m.counts['inputs']} in, {mix.get('selected')} selected "
+        f"of target {mix.get('target_pairs')} ({mix.get('replicas')} replicas, shortfall {mix.get('shortfall')})"
+    )
+    for name, row in (mix.get("by_dataset") or {}).items():
+        print(f"  {name:<16} {row['achieved']:>9} {row.get('achieved_pct')}%  target {row.get('target', '-')}")
+    return 0
+
+
+if __name__ == "__main__":
+    from pipelines.cli import run_script
+
+    run_script(main, "select")
