@@ -275,15 +275,21 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+TITLE = "Dedup quality before/after on real captions and photos"
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photo-copies", type=int, default=220, help="copies of each of the 18 photos (0: skip)")
     parser.add_argument("--no-captions", action="store_true", help="skip the caption set")
     parser.add_argument("--sweep", action="store_true", help="also the shingling sweep on candidate edges")
     parser.add_argument("--configs", default="word:1,word:2,word:3,char:3,char:4,char:5", help="sweep configs")
     parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(before/after rows, shingling sweep rows) for parsed ``args``."""
     base = DedupConfig()
     t = base.near_caption_threshold
     results: list[dict] = []
@@ -309,6 +315,20 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = DedupConfig(shingle=kind, ngram=int(n), exact_image=False, near_image_max_hamming=None)
                 sweep.append(evaluate(caps, family, depth, cfg, tempfile.mkdtemp(dir=tmp)))
                 print(json.dumps(sweep[-1]), flush=True)
+    return results, sweep
+
+
+def section(quick: bool = False) -> str:
+    """Markdown for BENCHMARKS.md: the before/after table (quick: 5 copies of each photo, no captions)."""
+    argv = ["--photo-copies", "5", "--no-captions"] if quick else []
+    results, _ = measure(_parser().parse_args(argv))
+    return "`" + " ".join(["python -m bench.dedup_quality", *argv]) + "`\n\n" + table(results) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    results, sweep = measure(args)
     print()
     print("$ python -m bench.dedup_quality " + " ".join(argv))
     print(table(results))

@@ -35,7 +35,7 @@ def _best_of(fn, repeats: int) -> float:
     return best
 
 
-def bench_signatures(repeats: int = 3, shingles: str | None = None) -> dict:
+def bench_signatures(repeats: int = 3, shingles: str | None = None, captions: int = 20000) -> dict:
     """Captions/s of signature computation (shingling included) on the real sample captions."""
     from datasketch import MinHash
 
@@ -44,7 +44,7 @@ def bench_signatures(repeats: int = 3, shingles: str | None = None) -> dict:
         kind, n = shingles.split(":")
         cfg = DedupConfig(shingle=kind, ngram=int(n))
     caps = real_captions()
-    caps = (caps * (20000 // len(caps) + 1))[:20000]
+    caps = (caps * (captions // len(caps) + 1))[:captions]
     n = len(caps)
     hasher = mh.MinHasher(cfg.num_perm, cfg.seed)
 
@@ -60,8 +60,10 @@ def bench_signatures(repeats: int = 3, shingles: str | None = None) -> dict:
     def ours_hash_only():
         hasher.signatures(sh)
 
+    n_ub = min(5000, n)
+
     def ds_update_batch():
-        for x in enc[:5000]:
+        for x in enc[:n_ub]:
             m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed)
             m.update_batch(x)
 
@@ -75,7 +77,7 @@ def bench_signatures(repeats: int = 3, shingles: str | None = None) -> dict:
     rates = {
         "ours_incl_shingling": n / _best_of(ours_full, repeats),
         "ours_hashing_only": n / _best_of(ours_hash_only, repeats),
-        "datasketch_update_batch_sha1": 5000 / _best_of(ds_update_batch, repeats),
+        "datasketch_update_batch_sha1": n_ub / _best_of(ds_update_batch, repeats),
         "datasketch_bulk_sha1": n / _best_of(ds_bulk, repeats),
         "datasketch_bulk_crc32": n / _best_of(ds_bulk_crc, repeats),
     }
@@ -143,6 +145,43 @@ def bench_stage(n: int, beam_args: list[str], keep: bool = False) -> dict:
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+TITLE = "Dedup speed"
+
+_SIG_ROWS = [("ours_incl_shingling", "ours: normalise + shingle + signatures"), ("ours_hashing_only", "ours: signatures only"),
+             ("datasketch_bulk_sha1", "datasketch `MinHash.bulk` (sha1)"), ("datasketch_bulk_crc32", "datasketch `MinHash.bulk`, our crc32 hashfunc"),
+             ("datasketch_update_batch_sha1", "datasketch `update_batch` (sha1)")]
+
+
+def section(quick: bool = False) -> str:
+    """Markdown for BENCHMARKS.md: signature rates against datasketch and the whole stage at two sizes."""
+    captions, repeats, sizes = (2_000, 1, [2_000, 5_000]) if quick else (20_000, 3, [100_000, 1_000_000])
+    sig = bench_signatures(repeats=repeats, captions=captions)
+    rate = sig["captions_per_s"]
+    lines = [f"Signatures: `python -m bench.dedup_speed --skip-stage` ({sig['captions']:,} real captions, {sig['shingles']}, "
+             f"{sig['num_perm']} perms, one core, best of {repeats})", "", "| method | captions/s |", "|---|---|"]
+    lines += [f"| {label} | {rate[k]:,} |" for k, label in _SIG_ROWS]
+    lines += ["", f"Ratio ours (signatures only) / `bulk`: **{sig['ratio_ours_hashing_vs_bulk']}×**; / `update_batch`: "
+              f"{sig['ratio_ours_hashing_vs_update_batch']}×. Signatures alone for 200M captions at this rate: "
+              f"{TARGET_PAIRS / rate['ours_incl_shingling'] / 3600:.2f} core-hours.", "",
+              f"Whole stage: `python -m bench.dedup_speed --skip-signatures --sizes {','.join(map(str, sizes))}` (synthetic "
+              "caption-only corpora with 30% planted duplicate groups, in-memory DirectRunner, 16 shards; CPU and peak RSS "
+              "of the stage's own child process)", "",
+              "| n | wall s | CPU s (stage) | CPU s (child, incl. data generation) | peak RSS MiB | kept | duplicates by reason | CC rounds |",
+              "|---|---|---|---|---|---|---|---|"]
+    runs = [bench_stage(n, []) for n in sizes]
+    for r in runs:
+        dups = ", ".join(f"{k.split('/', 1)[1]} {v:,}" for k, v in sorted(r["by_reason"].items()) if not k.startswith("kept/"))
+        comp = r["components"]
+        rounds = f"{comp.get('rounds')}, {'converged' if comp.get('converged') else 'NOT converged'}"
+        lines.append(f"| {r['n']:,} | {r['wall_s']} | {r['cpu_s']} | {r['cpu_s_child_total']} | {r['peak_rss_mb_self']:,} | "
+                     f"{r['kept']:,} | {dups} | {rounds} |")
+    small, big = runs[0], runs[-1]
+    lines += ["", f"Ratio {big['n']:,} / {small['n']:,}: wall {big['wall_s'] / small['wall_s']:.2f}×, CPU "
+              f"{big['cpu_s'] / small['cpu_s']:.2f}× (size ×{big['n'] / small['n']:.0f}). At the larger run's CPU rate, 200M pairs "
+              f"are {big['cpu_s'] / big['n'] * TARGET_PAIRS / 3600:.0f} DirectRunner core-hours."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,19 @@ def report(name: str, out: pathlib.Path, examples: int) -> str:
     return "\n".join(lines)
 
 
+TITLE = "Filter rejections on the real caption sets"
+
+
+def section(quick: bool = False) -> str:
+    """Markdown for BENCHMARKS.md: the rejection tables (quick: the 1k LAION-style set, 2 examples)."""
+    os.environ["MMCORPUS_PROGRESS"] = "0"
+    names, examples = (["laion"], 2) if quick else (list(SETS), 10)
+    head = f"`python -m bench.filter_rejections --examples {examples}`" + (" (quick: the `laion` set only)" if quick else "")
+    with tempfile.TemporaryDirectory() as tmp:
+        body = "\n".join(report(name, pathlib.Path(tmp), examples) for name in names)
+    return head + "\n\n" + body.replace("\n### ", "\n#### ").replace("### ", "#### ", 1) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=10)

@@ -56,16 +56,12 @@ def evict(paths: list[str]) -> None:
             os.close(fd)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gib", type=float, default=10.0)
-    ap.add_argument("--files", type=int, default=10)
-    ap.add_argument("--dir", default="/tmp/mmcorpus-fingerprint-bench")
-    args = ap.parse_args(argv)
-    root = pathlib.Path(args.dir)
+def measure(gib: float, files: int, directory: str) -> dict:
+    """Write the input, time both fingerprint modes cold and warm, delete the input."""
+    root = pathlib.Path(directory)
     t0 = time.perf_counter()
     try:
-        paths = write_input(root, args.gib, args.files)
+        paths = write_input(root, gib, files)
         write_s = time.perf_counter() - t0
         resolved = ResolvedInput(InputSpec(str(root)), "webdataset", str(root), tuple(paths))
         total = sum(os.path.getsize(p) for p in paths)
@@ -81,7 +77,32 @@ def main(argv: list[str] | None = None) -> int:
                 result[f"{mode}_{cache}_MBps"] = round(total / dt / 1e6, 1)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(json.dumps(result, indent=1))
+    return result
+
+
+TITLE = "Input fingerprint"
+
+
+def section(quick: bool = False) -> str:
+    """Markdown for BENCHMARKS.md (bench.run_all), measured now; quick: 0.05 GiB in 2 files."""
+    gib, files = (0.05, 2) if quick else (10.0, 10)
+    r = measure(gib, files, "/tmp/mmcorpus-fingerprint-bench")
+    lines = [f"`python -m bench.input_fingerprint --gib {gib:g} --files {files}` ({r['files']} files, {r['bytes'] / 2**30:.2f} GiB; "
+             "cold = evicted from the page cache with posix_fadvise)", "",
+             "| mode | page cache | seconds | MB/s |", "|---|---|---|---|"]
+    for mode in ("stat", "content"):
+        for cache in ("cold", "warm"):
+            lines.append(f"| {mode} | {cache} | {r[f'{mode}_{cache}_s']} | {r[f'{mode}_{cache}_MBps']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gib", type=float, default=10.0)
+    ap.add_argument("--files", type=int, default=10)
+    ap.add_argument("--dir", default="/tmp/mmcorpus-fingerprint-bench")
+    args = ap.parse_args(argv)
+    print(json.dumps(measure(args.gib, args.files, args.dir), indent=1))
     return 0
 
 

@@ -233,6 +233,39 @@ def bench_stage(copies: int = 20) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+TITLE = "Pack fill and speed"
+
+
+def section(quick: bool = False) -> str:
+    """Markdown for BENCHMARKS.md: fill per stage profile and seq-len, packer and reader speed, the stage."""
+    repeats, copies = (1, 2) if quick else (3, 20)
+    tok = TextTokenizer()
+    caps = real_captions()
+    caption_ids = tok.encode_batch(caps)
+    lens = [len(c) for c in caption_ids]
+    lines = [f"`python -m bench.pack_fill` ({len(caps):,} real captions of data/sample, bundled BPE tokenizer, mean "
+             f"{sum(lens) / len(lens):.1f} tokens; image tokens per stage profile, q = 96; `stress` = document/high-res sizes; "
+             "(c) = our best-fit packer, (b) = the paper's greedy packing with truncation)", "",
+             "| stage | image sizes | seq | (a) 1/seq fill | (b) greedy+trunc fill | (b) truncated tok | (c) best-fit fill | (c) truncated "
+             "| (c) packs / lower bound | best possible fill | too long |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in bench_fill(lens):
+        a, b, c = r["a_one_per_seq"], r["b_greedy_truncate"], r["c_best_fit"]
+        lines.append(f"| {r['stage']} | {r['sizes']} | {r['seq_len']} | {100 * a['fill']:.2f}% | {100 * b['fill']:.2f}% | {b['truncated']} "
+                     f"| **{100 * c['fill']:.2f}%** | {c['truncated']} | {c['packs']} / {r['lower_bound_packs']} "
+                     f"| {100 * c['fill'] * c['packs'] / r['lower_bound_packs']:.2f}% | {r['too_long']} |")
+    sp = bench_packer_speed(lens, repeats)
+    lines += ["", f"Packer ({sp['samples']:,} stage-3 samples, seq 4096, one core, best of {repeats}): best-fit "
+              f"{sp['best_fit']:,.0f} samples/s, greedy+truncation {sp['greedy_truncate']:,.0f} samples/s (ratio {sp['best_fit_vs_greedy']:.2f}).",
+              "", "| reader | packs | MB | packs/s | M tokens/s | raw iteration packs/s | reader time / raw |", "|---|---|---|---|---|---|---|"]
+    for fmt, r in bench_reader(caption_ids, repeats).items():
+        lines.append(f"| {fmt} | {r['packs']} | {r['MB']} | {r['reader_packs_per_s']:,.0f} | {r['reader_tokens_per_s'] / 1e6:.2f} "
+                     f"| {r['raw_packs_per_s']:,.0f} | {r['reader_time_vs_raw']:.2f} |")
+    st = bench_stage(copies)
+    lines += ["", f"Whole pack stage (DirectRunner, one process, {st['samples']} photos = the bundled photos × {copies} keys, stage 3, "
+              f"seq 4096, Parquet): {st['seconds']:.1f} s including start-up = {st['samples_per_s']:.0f} samples/s."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")

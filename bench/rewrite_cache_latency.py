@@ -33,6 +33,7 @@ from schemas.records import Pair
 from transforms.rewrite import RewriteBatchFn, RewriteConfig
 
 COMMAND = "python -m bench.rewrite_cache_latency"
+TITLE = "Rewrite cache on a slow filesystem"
 
 
 class SlowMemoryFileSystem(MemoryFileSystem):
@@ -136,8 +137,6 @@ def section(quick: bool = False) -> str:
     n, c, lat, fs_lat = (160 if quick else 640), 16, 0.1, 0.02
     rows = measure(n=n, concurrency=c, latency=lat, fs_latency=fs_lat)
     lines = [
-        "## Rewrite cache on a slow filesystem",
-        "",
         f"`{COMMAND}{' --quick' if quick else ''}`: {n} captions, C = {c} in flight, stand-in latency "
         f"L = {lat * 1000:.0f} ms (ideal C/L = {c / lat:.0f} req/s), cache on `slowmem://` "
         f"(`memory://` + {fs_lat * 1000:.0f} ms per call). Cold: every caption a miss; warm: every caption a hit.",

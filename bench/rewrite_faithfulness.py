@@ -61,6 +61,20 @@ def measure(captions: list[str]) -> dict:
     return row
 
 
+TITLE = "Rewrite faithfulness rule on the real captions"
+
+
+def section(quick: bool = False) -> str:
+    """Markdown for BENCHMARKS.md: how often the rule applies and fires per caption source (fast: no quick mode)."""
+    rows = {name: measure(caps) for name, caps in sources().items()}
+    cols = list(next(iter(rows.values())).keys())
+    lines = ["`python -m bench.rewrite_faithfulness` (\"rule active\" = the raw caption carries numbers or entity words the "
+             "adopted caption must keep; \"fires\" = share of captions a given rewriter gets `rewrite_unfaithful` for)", "",
+             "| source | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {name} | " + " | ".join(str(r[c]) for c in cols) + " |" for name, r in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     t = time.perf_counter()
     rows = {name: measure(caps) for name, caps in sources().items()}

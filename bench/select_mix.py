@@ -90,5 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+TITLE = "Selection mix"
+
+
+def section(quick: bool = False) -> str:
+    """Markdown for BENCHMARKS.md (bench.run_all): the command and its output, verbatim, measured now."""
+    import contextlib
+
+    argv = ["--records", "3000"] if quick else []
+    buf = __import__("io").StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(list(argv))
+    cmd = " ".join(["python -m bench.select_mix", *argv])
+    return f"`{cmd}`\n\n```\n{buf.getvalue().rstrip()}\n```\n"
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

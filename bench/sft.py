@@ -124,7 +124,16 @@ def run(repeats: int = 20) -> dict:
     return res
 
 
-def section(res: dict | None = None) -> tuple[str, str]:
+TITLE = "SFT"
+
+
+def section(quick: bool = False) -> str:
+    """Markdown for BENCHMARKS.md (bench.run_all): the command and the tables, measured now (no quick mode)."""
+    md, cmd = markdown_section()
+    return f"`{cmd}`\n\n{md}\n"
+
+
+def markdown_section(res: dict | None = None) -> tuple[str, str]:
     """The BENCHMARKS.md section (markdown) and the command that produced it."""
     res = res or run()
     lines = [
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(res, indent=1, default=str))
     else:
-        md, cmd = section(res)
+        md, cmd = markdown_section(res)
         print(f"`{cmd}`\n\n{md}")
     return 0
 

@@ -81,14 +81,19 @@ def whole_shard_peak(records: int, mean_image_bytes: int, num_shards: int) -> fl
     return (peak + arrow) / MB
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.writer_memory", description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=2000, help="records of the small corpus")
     ap.add_argument("--factor", type=int, default=4, help="the large corpus has this many times more")
     ap.add_argument("--image-bytes", type=int, default=30_000, help="mean image bytes per record")
     ap.add_argument("--target", type=parse_size, default=parse_size("16MiB"), help="--target-shard-bytes")
     ap.add_argument("--fixed-shards", type=int, default=2, help="shard count of the fixed-count rows")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def markdown(argv: list[str]) -> str:
+    """The command line and the table, measured now."""
+    args = _parser().parse_args(argv)
     sizes = (args.records, args.records * args.factor)
     workdir = tempfile.mkdtemp(prefix="mmcorpus-bench-writer-")
     rows = []
@@ -102,19 +107,30 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"`python -m bench.writer_memory {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(" `", "`"))
-    print()
-    print("| sharding | records | input MB | shards | largest data shard MB | writer peak max MB | mean MB "
-          "| whole-shard writer peak MB (shard 0) | stage s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out = [f"`python -m bench.writer_memory {' '.join(argv)}`".replace(" `", "`"), "",
+           "| sharding | records | input MB | shards | largest data shard MB | writer peak max MB | mean MB "
+           "| whole-shard writer peak MB (shard 0) | stage s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        print(f"| {r['mode']} | {r['records']:,} | {r['input_mb']:.1f} | {r['shards']} | {r['largest_shard_mb']:.1f} "
-              f"| {r['peak_max_mb']:.1f} | {r['peak_mean_mb']:.1f} | {r['old_mb']:.1f} | {r['seconds']:.1f} |")
-    print()
+        out.append(f"| {r['mode']} | {r['records']:,} | {r['input_mb']:.1f} | {r['shards']} | {r['largest_shard_mb']:.1f} "
+                   f"| {r['peak_max_mb']:.1f} | {r['peak_mean_mb']:.1f} | {r['old_mb']:.1f} | {r['seconds']:.1f} |")
+    out.append("")
     for mode in ("target", "fixed"):
         a, b = [r for r in rows if r["mode"].startswith("--target" if mode == "target" else "--num")]
-        print(f"- {a['mode']}: writer peak ratio {b['records'] // a['records']}x records = "
-              f"{b['peak_max_mb'] / a['peak_max_mb']:.2f} (whole-shard writer: {b['old_mb'] / a['old_mb']:.2f})")
+        out.append(f"- {a['mode']}: writer peak ratio {b['records'] // a['records']}x records = "
+                   f"{b['peak_max_mb'] / a['peak_max_mb']:.2f} (whole-shard writer: {b['old_mb'] / a['old_mb']:.2f})")
+    return "\n".join(out) + "\n"
+
+
+TITLE = "Shard writer memory"
+
+
+def section(quick: bool = False) -> str:
+    """Markdown for BENCHMARKS.md (bench.run_all); quick: 500 and 2,000 records."""
+    return markdown(["--records", "500"] if quick else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(markdown(list(argv if argv is not None else sys.argv[1:])), end="")
     return 0
 
 
