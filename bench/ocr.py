@@ -17,6 +17,7 @@ from transforms.safety import NsfwModel, find_pii
 from transforms.synthdoc import SynthDocConfig, load_texts, render_page
 
 COMMAND = ".venv/bin/python -m bench.ocr"
+TITLE = "OCR and safety (rapidocr 3.10.0 PP-OCRv6 small, nudenet 3.4.2)"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = sorted(glob.glob(os.path.join(REPO, "data/sample/cc_images/*.jpg")))
 SKIMAGE = sorted(glob.glob(os.path.join(REPO, "data/sample/skimage_pairs/*.png")))
@@ -188,8 +189,6 @@ def section(quick: bool = False) -> str:
     core_h_rec = 200e6 * text_share * rec_s / 3600
     core_h_det_capped = 200e6 * tp["det_photo_capped_s"] / 3600
     lines = [
-        "## OCR and safety (rapidocr 3.10.0 PP-OCRv6 small, nudenet 3.4.2)",
-        "",
         f"`{COMMAND}{' --quick' if quick else ''}` (one onnxruntime thread; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, so absolute rates are noisy).",
         "",
@@ -242,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 images per size instead of 6, fewer timing images")
     args = p.parse_args(argv)
-    print(section(quick=args.quick))
+    print(f"## {TITLE}\n\n" + section(quick=args.quick))
     return 0
 
 
