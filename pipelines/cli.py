@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("pipelines.verify", "check a stage output's invariants and checksums"),
     "inspect": ("pipelines.inspection", "show what an output directory holds; trace a key"),
     "stats": ("pipelines.stats", "statistics and plots of an output directory"),
+    "ocr": ("pipelines.ocr", "OCR every image (RapidOCR, offline) and add stage-3 OCR samples"),
+    "synthdoc": ("pipelines.synthdoc", "render synthetic document pages (SynthDoG-style) as a stage output"),
     "report": ("pipelines.report", "static HTML report of a run: samples by reason, dedup clusters, rewrites, packs"),
     "demo": ("pipelines.demo", "run the whole pipeline on the bundled sample data"),
 }

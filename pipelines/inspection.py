@@ -35,7 +35,7 @@ from schemas.records import STATUSES
 from transforms.stage_io import join, read_bytes, read_manifest, shard_of
 
 # Pipeline order of the stages; other stage names sort after these, alphabetically.
-STAGE_ORDER = ("filter", "dedup", "rewrite", "pack")
+STAGE_ORDER = ("synthdoc", "filter", "dedup", "ocr", "rewrite", "pack")
 INDEX_NAME = "index.json"
 # A run of image placeholder tokens (e.g. 96 x "<unk>") is shown as one marker.
 _PLACEHOLDER_RUN = re.compile(r"(<unk>){2,}")

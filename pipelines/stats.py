@@ -13,6 +13,7 @@ directory holding several):
     fill_per_pack      token fill per pack (pack output)
     images_per_pack    images per pack (pack output with image columns)
     sft_answer_tokens  assistant tokens per turn by SFT part (sft split output; docs/sft.md)
+    image_signals      OCR and safety counts of kept records (ocr output: its manifest's extra.image_signals)
 
 Example:
     mmcorpus stats build/demo --plot build/demo/stats.png --raw-input data/sample/cc3m_val_captions_8k.tsv
@@ -51,7 +52,7 @@ from schemas.records import KEPT
 from transforms.stage_io import join, read_manifest
 
 PANELS = ("caption_words", "languages", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack",
-          "images_per_pack", "sft_answer_tokens")
+          "images_per_pack", "sft_answer_tokens", "image_signals")
 PANEL_TITLES = {
     "caption_words": "caption length (words)",
     "languages": "kept records by caption language",
@@ -60,6 +61,7 @@ PANEL_TITLES = {
     "tokens_per_sample": "tokens per packed sample",
     "fill_per_pack": "token fill per pack",
     "images_per_pack": "images per pack",
+    "image_signals": "OCR and safety signals (kept records)",
     "sft_answer_tokens": "assistant tokens per turn, by SFT part",
 }
 # Pixel size of one panel (at DPI): the PNG is (COLS * W) x (rows * H).
@@ -147,6 +149,7 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
     langs: dict[str, dict[str, int]] = {}
     clusters: list[int] | None = None
     packs: dict[str, list] | None = None
+    signals: dict[str, int] = {}
     by_dataset: dict[str, Any] = {}
     sft_parts: dict[str, list[int]] | None = None
     for stage, d in scope:
@@ -154,6 +157,8 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
         ds = dataset_counts(d, m)
         if ds:
             by_dataset[stage] = ds
+        for name, n in (m.extra.get("image_signals") or {}).items():
+            signals[f"{stage}: {name}"] = n
         for name, n in m.counts.get("by_reason", {}).items():
             status, reason = name.split("/", 1)
             if status != KEPT:
@@ -184,6 +189,8 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
         panels["ledger_reasons"] = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
     if clusters is not None:
         panels["cluster_sizes"] = clusters
+    if signals:
+        panels["image_signals"] = signals
     if packs is not None:
         panels["tokens_per_sample"] = packs["sample_tokens"]
         panels["fill_per_pack"] = [f for f in packs["pack_fill"] if f is not None]
@@ -298,7 +305,7 @@ def _keep_in_cells(axes, rows: int, cols: int, pad: float = 0.004) -> None:
 def _draw(ax, name: str, data) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    (ax.xaxis if name == "ledger_reasons" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+    (ax.xaxis if name in ("ledger_reasons", "image_signals") else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
     if name == "caption_words":
         hi = max((max(v) for v in data.values() if v), default=1)
         bins = range(0, min(hi, 80) + 2)
@@ -319,6 +326,11 @@ def _draw(ax, name: str, data) -> None:
     elif name == "ledger_reasons":
         items = list(data.items())[:15][::-1]
         ax.barh([k for k, _ in items], [v for _, v in items], color="#c0504d")
+        ax.set_xlabel("records")
+        ax.tick_params(axis="y", labelsize=7)
+    elif name == "image_signals":
+        items = list(data.items())[::-1]
+        ax.barh([k for k, _ in items], [v for _, v in items], color="#4bacc6")
         ax.set_xlabel("records")
         ax.tick_params(axis="y", labelsize=7)
     elif name == "cluster_sizes":
@@ -369,7 +381,7 @@ def summarize(stats: dict[str, Any]) -> dict[str, Any]:
     """Small per-panel summaries (n, min, mean, max) for the table and --json."""
     out: dict[str, Any] = {}
     for name, data in stats["panels"].items():
-        if name in ("ledger_reasons", "languages"):
+        if name in ("ledger_reasons", "languages", "image_signals"):
             out[name] = data
         elif name in ("caption_words", "sft_answer_tokens"):
             out[name] = {k: _stat(v) for k, v in data.items()}
@@ -421,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     for col in ("panel", "series", "n", "min", "mean", "max"):
         t.add_column(col, justify="left" if col in ("panel", "series") else "right")
     for name, s in summary.items():
-        if name == "ledger_reasons":
+        if name in ("ledger_reasons", "image_signals"):
             for k, v in s.items():
                 t.add_row(name, k, f"{v:,}", "", "", "")
         elif name == "languages":

@@ -75,6 +75,14 @@ NOT_SELECTED = "not_selected"  # eligible, but the per-source / per-language dra
 NOT_ELIGIBLE = "not_eligible"  # the stage's eligibility rule excludes it (e.g. shorter side < 448 px)
 IN_EARLIER_SELECTION = "in_earlier_selection"  # disjoint re-selection: the named earlier selection holds it
 
+# --- image models (ocr, safety) -------------------------------------------------------------
+MODEL_ERROR = "model_error"  # a per-image model raised on a decoded image (the detail names the model)
+NSFW = "nsfw"  # NSFW detector score >= the configured reject threshold
+LAION_PUNSAFE = "laion_punsafe"  # the source's LAION punsafe metadata >= the configured threshold
+LAION_PWATERMARK = "laion_pwatermark"  # the source's LAION pwatermark metadata >= the configured threshold
+IMAGE_WATERMARK = "image_watermark"  # OCR text matches a stock-photo credit rule
+CAPTION_PII = "caption_pii"  # caption holds PII (e-mail, phone, card, resident ID) and policy is reject
+
 # --- sft (ingest, split, pack) ------------------------------------------------------------------
 SFT_RECORD_UNREADABLE = "sft_record_unreadable"  # not a JSON object / lacks the fields its format needs
 SFT_NO_TURNS = "sft_no_turns"  # no user/assistant turn at all

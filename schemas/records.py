@@ -51,6 +51,9 @@ class Pair:
         lang: the caption's language as the filter stage identified it (ISO 639-1, ``und`` when
             undetermined; None in files written before language identification existed).
         lang_score: confidence of ``lang`` in [0, 1].
+        ocr: canonical JSON of the OCR stage's result (boxes, texts, scores, text-area ratio, chars,
+            ``text_rich``); None before the OCR stage.
+        safety: canonical JSON of the safety flags (NSFW score, PII rules, watermark, LAION metadata).
 
     Example:
         >>> p = Pair(key="abc123", url=None, caption="a dog on a beach")
@@ -83,6 +86,9 @@ class Pair:
     # --- language (issue 11) ---
     lang: str | None = None
     lang_score: float | None = None
+    # --- image models (OCR stage, issue 12) ---
+    ocr: str | None = None
+    safety: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -129,6 +135,9 @@ PAIR_SCHEMA = pa.schema(
         pa.field("replica", pa.int32()),
         pa.field("lang", pa.string()),
         pa.field("lang_score", pa.float64()),
+        # --- image models (OCR stage, issue 12) ---
+        pa.field("ocr", pa.string()),
+        pa.field("safety", pa.string()),
     ]
 )
 PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(Pair))
