@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -199,9 +200,15 @@ assert LEDGER_FIELDS == tuple(LEDGER_SCHEMA.names), "LedgerRow and LEDGER_SCHEMA
 LEDGER_EXTRA_FIELDS = ("cluster_id", "kept_key", "model", "prompt_version")
 
 
+# Object addresses in exception texts (PIL: "cannot identify image file <_io.BytesIO object at 0x7f...>")
+# differ from run to run; a ledger must not.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def truncate_detail(text: str) -> str:
-    """Shorten free text for the ledger, keeping it valid UTF-8 and single-line."""
-    text = text.replace("\n", " ").replace("\r", " ")
+    """Shorten free text for the ledger, keeping it valid UTF-8, single-line and free of per-run
+    object addresses (so reruns stay byte-identical)."""
+    text = _ADDRESS.sub("", text.replace("\n", " ").replace("\r", " "))
     if len(text) > MAX_DETAIL_CHARS:
         text = text[: MAX_DETAIL_CHARS - 20] + f"...[{len(text)} chars]"
     return text

@@ -76,3 +76,19 @@ def test_bomb_is_refused_before_decoding(monkeypatch):
 def test_bad_config():
     with pytest.raises(ValueError):
         ImageFilterConfig(max_aspect_ratio=0.5)
+
+
+def test_undecodable_detail_has_no_object_address_so_reruns_match():
+    # PIL names the stream it could not read ("<_io.BytesIO object at 0x7f...>"): a per-run address that
+    # would make two runs' ledgers differ. The ledger detail must not carry it.
+    from schemas.records import Outcome, Pair as P
+    from transforms.image_filters import ImageFilter
+
+    f = ImageFilter(ImageFilterConfig())
+    details = []
+    for _ in range(2):
+        pair = P(key="k1", image=b"not an image at all" * 10)
+        ok, reason, detail = f.check(pair)
+        assert (ok, reason) == (False, "image_undecodable")
+        details.append(Outcome.dropped(pair, "rejected", reason, detail).ledger_row("filter").detail)
+    assert details[0] == details[1] == "UnidentifiedImageError: cannot identify image file <_io.BytesIO object>"
