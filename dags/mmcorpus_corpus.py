@@ -5,7 +5,8 @@ Configuration, highest precedence first: the run's params (``airflow dags trigge
 UI form), Airflow Variables (``mmcorpus_<name>``), environment variables of the scheduler/DAG
 processor (``MMCORPUS_<NAME>``), the defaults below. Names: ``input``, ``input_format``,
 ``output_root``, ``runner``, ``rewrite_endpoint``, ``rewrite_model``, ``rewrite_fallback``,
-``stage_profile``, ``seq_len``, ``pack_format``, ``num_shards``. Runner options that hold for every
+``stage_profile``, ``seq_len``, ``pack_format``, ``target_shard_bytes`` (empty: each stage's own
+default, 512MiB). Runner options that hold for every
 stage (``--project``, ``--region``, ``--temp_location``, ``--setup_file``, ``--flink_master`` ...) come
 from ``MMCORPUS_BEAM_OPTIONS``, a JSON object, and go to Beam unchanged.
 
@@ -28,19 +29,22 @@ See docs/operations.md.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from datetime import timedelta
-from pathlib import Path
 
 import pendulum
 from airflow.providers.apache.beam.operators.beam import BeamRunPythonPipelineOperator
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, Asset, Param, task
 
-REPO = Path(__file__).resolve().parent.parent
-PIPELINES = REPO / "pipelines"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this file
+from mmcorpus_common import (  # noqa: E402
+    BEAM_OPTIONS, PIPELINES, PY_INTERPRETER, REPO, asset_root, choose_rewrite_branch, endpoint_healthy,
+    endpoint_problem, rewrite_decision, safe_run_dir,
+)
+
+__all__ = ["dag", "endpoint_healthy", "endpoint_problem", "safe_run_dir"]
 STAGES = ("filter", "dedup", "rewrite", "pack")
 
 # Defaults: environment of the scheduler / DAG processor, then these.
@@ -57,27 +61,18 @@ DEFAULTS = {
     "stage_profile": os.environ.get("MMCORPUS_STAGE_PROFILE", "2"),
     "seq_len": os.environ.get("MMCORPUS_SEQ_LEN", "2048"),
     "pack_format": os.environ.get("MMCORPUS_PACK_FORMAT", "parquet"),
-    "num_shards": os.environ.get("MMCORPUS_NUM_SHARDS", "8"),
+    # Empty: the flag is not passed and every stage sizes its shards by the CLI's default (512MiB).
+    "target_shard_bytes": os.environ.get("MMCORPUS_TARGET_SHARD_BYTES", ""),
 }
 SCHEDULE = os.environ.get("MMCORPUS_SCHEDULE", "@weekly")
 RETRIES = int(os.environ.get("MMCORPUS_RETRIES", "2"))
-FALLBACKS = ("none", "offline-template", "skip")
 # What choose_rewrite decided, for the stage options and the asset events of the tasks after it.
 REWRITE_MODE = "{{ ti.xcom_pull(task_ids='choose_rewrite', key='rewrite') }}"
-# The interpreter that runs the stage files: this environment's, where mmcorpus is installed.
-PY_INTERPRETER = os.environ.get("MMCORPUS_PYTHON", sys.executable)
-# Options for every stage, passed straight to Beam (e.g. Dataflow project/region/temp_location).
-BEAM_OPTIONS: dict = json.loads(os.environ.get("MMCORPUS_BEAM_OPTIONS", "{}") or "{}")
 
 
 def setting(name: str) -> str:
     """Template for one setting: the run's param, else Variable ``mmcorpus_<name>``, else the default."""
     return "{{ params.%s or var.value.get('mmcorpus_%s', %r) }}" % (name, name, DEFAULTS[name])
-
-
-def safe_run_dir(run_id: str) -> str:
-    """Run id → a directory name that is safe on local disks and object stores (no ':' or '+')."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
 
 
 RUN_DIR = "{{ (%s).rstrip('/') }}/{{ safe_run_dir(run_id) }}" % (
@@ -89,14 +84,10 @@ def stage_dir(stage: str) -> str:
     return f"{RUN_DIR}/{stage}"
 
 
-def _asset_root() -> str:
-    root = DEFAULTS["output_root"].rstrip("/")
-    return root if "://" in root else "file://" + os.path.abspath(root)
-
-
 # Stage outputs as Assets: one per stage; each event's extra holds the run's directory.
-ASSETS = {s: Asset(name=f"mmcorpus/{s}", uri=f"{_asset_root()}/{s}", group="mmcorpus") for s in STAGES}
-VERIFIED = Asset(name="mmcorpus/verified", uri=f"{_asset_root()}/verified", group="mmcorpus")
+ROOT_URI = asset_root(DEFAULTS["output_root"])
+ASSETS = {s: Asset(name=f"mmcorpus/{s}", uri=f"{ROOT_URI}/{s}", group="mmcorpus") for s in STAGES}
+VERIFIED = Asset(name="mmcorpus/verified", uri=f"{ROOT_URI}/verified", group="mmcorpus")
 
 
 class StageOperator(BeamRunPythonPipelineOperator):
@@ -113,22 +104,13 @@ class StageOperator(BeamRunPythonPipelineOperator):
     template_fields = tuple(BeamRunPythonPipelineOperator.template_fields) + ("output_dir",)
 
     def execute(self, context):
+        drop_empty_options(self.pipeline_options)
         result = super().execute(context)
         extra = {"path": self.output_dir, "run_id": context["run_id"]}
         if self.stage in ("rewrite", "pack"):
             extra.update(rewrite_decision(context["ti"]))
         context["outlet_events"][ASSETS[self.stage]].extra = extra
         return result
-
-
-def rewrite_decision(ti) -> dict:
-    """``{"rewrite": mode}`` plus ``rewrite_fallback_reason`` when a fallback was taken (from XCom)."""
-    mode = ti.xcom_pull(task_ids="choose_rewrite", key="rewrite")
-    out = {"rewrite": mode}
-    why = ti.xcom_pull(task_ids="choose_rewrite", key="rewrite_fallback_reason")
-    if why:
-        out["rewrite_fallback_reason"] = why
-    return out
 
 
 def beam_stage(stage: str, options: dict, **kwargs) -> StageOperator:
@@ -141,34 +123,9 @@ def beam_stage(stage: str, options: dict, **kwargs) -> StageOperator:
         py_interpreter=PY_INTERPRETER,
         runner=setting("runner"),
         default_pipeline_options=dict(BEAM_OPTIONS),
-        pipeline_options={"output": stage_dir(stage), "num_shards": setting("num_shards"), **options},
+        pipeline_options={"output": stage_dir(stage), "target_shard_bytes": setting("target_shard_bytes"), **options},
         **kwargs,
     )
-
-
-def endpoint_problem(endpoint: str, timeout: float = 5.0) -> str | None:
-    """None when an OpenAI-compatible server answers ``GET <endpoint>/models`` with 200, else why not
-    (the URL without credentials or query, and the error type or status; never a response body)."""
-    if not endpoint:
-        return "no rewrite_endpoint configured"
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    parts = urllib.parse.urlsplit(endpoint)
-    shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
-    try:
-        with urllib.request.urlopen(endpoint.rstrip("/") + "/models", timeout=timeout) as r:
-            return None if r.status == 200 else f"{shown} answered GET /models with HTTP {r.status}"
-    except urllib.error.HTTPError as e:
-        return f"{shown} answered GET /models with HTTP {e.code}"
-    except Exception as e:  # unreachable, refused, timed out: no GPU endpoint for this run
-        return f"{shown} did not answer GET /models ({type(e).__name__})"
-
-
-def endpoint_healthy(endpoint: str, timeout: float = 5.0) -> bool:
-    """True when an OpenAI-compatible server answers ``GET <endpoint>/models`` with 200."""
-    return endpoint_problem(endpoint, timeout) is None
 
 
 with DAG(
@@ -192,7 +149,8 @@ with DAG(
         "stage_profile": Param("", type="string", description="pack profile: 1 (224px), 2 (448px), 3 (slicing)"),
         "seq_len": Param("", type="string", description="packed sequence length"),
         "pack_format": Param("", type="string", description="parquet | webdataset"),
-        "num_shards": Param("", type="string", description="data/ledger shards per stage"),
+        "target_shard_bytes": Param("", type="string", description="bytes per data/ledger shard, counted on the "
+                                    "input (e.g. 512MiB, 1G); empty: the stages' own default (512MiB)"),
     },
     tags=["mmcorpus", "beam"],
     doc_md=__doc__,
@@ -211,27 +169,7 @@ with DAG(
         def get(name: str) -> str:
             return (params or {}).get(name) or Variable.get(f"mmcorpus_{name}", default=DEFAULTS[name])
 
-        fallback = get("rewrite_fallback") or "none"
-        if fallback not in FALLBACKS:
-            raise ValueError(f"rewrite_fallback must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
-        problem = endpoint_problem(get("rewrite_endpoint"))
-        if problem is None or fallback == "none":
-            if problem is not None:
-                logging.getLogger("mmcorpus.dag").error(
-                    "%s and rewrite_fallback is none: the rewrite task will fail and nothing will be packed; "
-                    "fix the endpoint, or rerun with rewrite_fallback=offline-template or skip", problem)
-            ti.xcom_push(key="pack_input", value="rewrite")
-            ti.xcom_push(key="rewrite", value="endpoint")
-            return "rewrite_endpoint"
-        reason = f"{problem}; rewrite_fallback={fallback}"
-        logging.getLogger("mmcorpus.dag").warning("rewrite fallback: %s", reason)
-        ti.xcom_push(key="rewrite", value=fallback)
-        ti.xcom_push(key="rewrite_fallback_reason", value=reason)
-        if fallback == "skip":
-            ti.xcom_push(key="pack_input", value="dedup")
-            return "no_rewrite"
-        ti.xcom_push(key="pack_input", value="rewrite")
-        return "rewrite_offline"
+        return choose_rewrite_branch(get, ti, logging.getLogger("mmcorpus.dag"))
 
     choose = choose_rewrite()
     rewrite_endpoint = beam_stage(

@@ -34,7 +34,8 @@ def airflow_env(tmp_path_factory, sample_dir) -> dict[str, str]:
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "MMCORPUS_INPUT": str(sample_dir / "i2d_webdataset"),  # real img2dataset output, bundled
         "MMCORPUS_OUTPUT_ROOT": str(tmp_path_factory.mktemp("airflow_runs")),
-        "MMCORPUS_NUM_SHARDS": "2",
+        # Shards sized by bytes (the DAG passes --target-shard-bytes; it no longer fixes --num-shards).
+        "MMCORPUS_TARGET_SHARD_BYTES": "1MiB",
         "MMCORPUS_SEQ_LEN": "512",
         # Configured but unreachable: the branch must notice, never hang; the run fails unless a
         # fallback is asked for (test_endpoint_down_fails_the_rewrite_and_publishes_no_pack).
@@ -75,7 +76,7 @@ def test_dagbag_imports_without_errors_and_has_the_stage_chain(airflow_env):
         }))
     """ % str(REPO / "dags"))
     assert info["errors"] == {}
-    assert info["dags"] == ["mmcorpus_corpus"]
+    assert info["dags"] == ["mmcorpus_corpus", "mmcorpus_curriculum"]
     assert info["catchup"] is False and info["schedule"] == "@weekly"
     assert info["beam"] == ["dedup", "filter", "pack", "rewrite_endpoint", "rewrite_offline"]
     assert info["py_files"]["filter"] == str(REPO / "pipelines" / "filter.py")
@@ -175,7 +176,12 @@ def test_dags_test_runs_every_stage_and_writes_outputs(airflow_env, sample_dir):
         assert "--direct_running_mode=in_memory" in c.split() and "--direct_num_workers=1" in c.split()
     pack_cmd = commands[-1].split()
     assert f"--output={run_dir}/pack" in pack_cmd and f"--input={run_dir}/rewrite" in pack_cmd
-    assert {"--stage=2", "--seq_len=512", "--format=parquet", "--num_shards=2"} <= set(pack_cmd)
+    assert {"--stage=2", "--seq_len=512", "--format=parquet", "--target_shard_bytes=1MiB"} <= set(pack_cmd)
+    assert not any("num_shards" in c for c in commands)
+    # The filter read the bundled webdataset (tars + status parquets): one shard per MiB of it.
+    i2d_bytes = sum(p.stat().st_size for p in (sample_dir / "i2d_webdataset").iterdir() if p.suffix in (".tar", ".parquet"))
+    filter_cfg = json.loads(open(os.path.join(run_dir, "filter", MANIFEST_NAME)).read())["config"]
+    assert filter_cfg["num_shards"] == -(-i2d_bytes // 2**20) > 1
     # Asset events name this run's directories, so downstream DAGs can find them.
     assert [n for n, _ in events] == ["mmcorpus/filter", "mmcorpus/dedup", "mmcorpus/rewrite", "mmcorpus/pack", "mmcorpus/verified"]
     assert [e["path"] for _, e in events[:4]] == [os.path.join(run_dir, s) for s in STAGES]
