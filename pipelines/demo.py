@@ -9,6 +9,11 @@ Three inputs, all in data/sample/ (see its ATTRIBUTION.md):
           (Chinese prompt; the offline template answers in Chinese too)
   laion   1,000 LAION-style alt-texts from img2dataset's test set (metadata pass): filter → dedup
 
+Then a three-stage curriculum from those four (data/mix/demo_mix.toml): ``synthdoc`` renders 4
+document pages and the OCR stage reads them (stage 3's OCR data); ``select --stage 1|2|3`` draws
+each stage's mixture (stage 2 disjoint from stage 1, stage 3 with the OCR pages, upsampled) and
+``pack --stage N`` packs each with its stage profile; the demo prints pairs, tokens and shares per stage.
+
 The rewrite stage uses the offline template backend by default (no model, deterministic; the
 ledger's ``model`` column says ``offline-template``). ``--endpoint URL --model NAME`` runs it against
 a real OpenAI-compatible server instead (``make demo-vllm`` starts a local vLLM for that).
@@ -20,6 +25,7 @@ import argparse
 import os
 import pathlib
 import time
+import tomllib
 
 from rich.console import Console
 from rich.markup import escape
@@ -30,6 +36,8 @@ from transforms.stage_io import read_manifest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "data" / "sample"
+DEMO_OCR_PAGES = 4  # synthetic pages OCR'd for stage 3: about 3 s each on a busy core
+PROFILES = {1: "224 px", 2: "448 px", 3: "adaptive, sliced"}
 
 import sys
 
@@ -56,6 +64,55 @@ def _stage(name: str, module_main, argv: list[str], timings: list) -> None:
     if rc:
         raise UserError(f"demo step {name} failed with exit code {rc}")
     timings.append((name, time.monotonic() - t0))
+
+
+def curriculum_steps(out: pathlib.Path, seq_len: int, force: list[str]) -> list[tuple]:
+    """The three-stage curriculum over the demo's per-source outputs (names as in demo_mix.toml)."""
+    from pipelines import curriculum, ocr, pack, select_stage, synthdoc
+
+    cur = out / "curriculum"
+    with open(REPO / "data" / "mix" / "demo_mix.toml", "rb") as f:
+        mix = curriculum.run_mix(tomllib.load(f), {2: str(cur / "select1"), 3: str(cur / "select2")})
+    config = curriculum.write_toml(mix, str(cur / "mix.toml"))
+    pool = ["--input", f"cc3m={out / 'cc3m' / 'dedup'}", "--input", f"cococn={out / 'coco-cn' / 'rewrite'}",
+            "--input", f"laion={out / 'laion' / 'dedup'}", "--input", f"photos={out / 'photos' / 'rewrite'}"]
+    steps = [
+        ("curriculum/synthdoc", synthdoc.main, ["--output", str(cur / "synthdoc"), "--n", str(DEMO_OCR_PAGES),
+                                                "--lang", "en,zh", "--seed", "7", *force]),
+        ("curriculum/ocr", ocr.main, ["--input", str(cur / "synthdoc"), "--output", str(cur / "ocr"), "--no-safety", *force]),
+    ]
+    for n in (1, 2, 3):
+        inputs = pool + (["--input", f"synthdoc={cur / 'ocr'}"] if n == 3 else [])
+        steps.append((f"curriculum/select{n}", select_stage.main,
+                      [*inputs, "--stage", str(n), "--config", config, "--output", str(cur / f"select{n}"), *force]))
+    for n in (1, 2, 3):
+        steps.append((f"curriculum/pack{n}", pack.main, ["--input", str(cur / f"select{n}"), "--output", str(cur / f"pack{n}"),
+                                                         "--stage", str(n), "--seq-len", str(seq_len), "--format", "parquet",
+                                                         *force]))
+    return steps
+
+
+def curriculum_table(out: pathlib.Path) -> Table:
+    """What the curriculum holds per stage: pairs, replicas, tokens, packs, shares by source and language."""
+    from pipelines.curriculum import stage_summary
+
+    t = Table(title="three-stage curriculum (select → pack per stage)", title_justify="left")
+    for col, just in (("stage", "left"), ("profile", "left"), ("pairs", "right"), ("replicas", "right"),
+                      ("vs earlier", "right"), ("tokens", "right"), ("packs", "right"), ("fill", "right"),
+                      ("by source", "left"), ("by language", "left")):
+        t.add_column(col, justify=just)
+    cur = out / "curriculum"
+    for n in (1, 2, 3):
+        s = stage_summary(str(cur / f"select{n}"), str(cur / f"pack{n}"))
+        overlap = "" if s["overlap"] is None else f"{s['overlap']} shared"
+
+        def shares(d: dict) -> str:
+            return ", ".join(f"{k} {v:g}%" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
+
+        t.add_row(f"{n}", PROFILES[n], f"{s['pairs']:,} / {s['target_pairs']:,}", f"{s['replicas']:,}", overlap,
+                  f"{s['tokens']:,}", f"{s['packs']:,}", f"{s['fill']:.1%}", escape(shares(s["by_dataset"])),
+                  escape(shares(s["by_lang"])))
+    return t
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
                                              "--url-col", "URL", "--output", str(out / "laion" / "filter"), *force]),
         ("laion/dedup", dedup.main, ["--input", str(out / "laion" / "filter"), "--output", str(out / "laion" / "dedup"), *force]),
     ]
+    steps += curriculum_steps(out, args.seq_len, force)
     for name, fn, argv in steps:
         _stage(name, fn, argv, timings)
     console.rule("[bold]photos/export minicpmv")
@@ -116,11 +174,13 @@ def run(args: argparse.Namespace) -> int:
 
     console.rule("[bold]what the demo built")
     console.print(summary_table(steps, dict(timings)))
+    console.print(curriculum_table(out))
     console.rule("[bold]one decoded pack (photos/pack, pack 0)")
     console.print(escape(pack.render_pack(str(photos / "pack"), 0)))
     console.print(
         f"\nOutputs are in [bold]{escape(str(out))}[/bold]. Look inside with:\n"
         f"  mmcorpus inspect {out}/photos/pack\n"
+        f"  mmcorpus inspect {out}/curriculum/select3   (target vs achieved per source, overlap)\n"
         f"  mmcorpus inspect {out}/photos/rewrite --samples 3\n"
         f"  mmcorpus stats {out}/photos --plot {out}/photos.png\n"
         f"  mmcorpus verify {out}/photos/filter"
