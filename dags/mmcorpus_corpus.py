@@ -40,8 +40,8 @@ from airflow.sdk import DAG, Asset, Param, task
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this file
 from mmcorpus_common import (  # noqa: E402
-    BEAM_OPTIONS, PIPELINES, PY_INTERPRETER, REPO, asset_root, choose_rewrite_branch, endpoint_healthy,
-    endpoint_problem, rewrite_decision, safe_run_dir,
+    BEAM_OPTIONS, PIPELINES, PY_INTERPRETER, REPO, asset_root, choose_rewrite_branch, drop_empty_options,
+    endpoint_healthy, endpoint_problem, rewrite_decision, safe_run_dir,
 )
 
 __all__ = ["dag", "endpoint_healthy", "endpoint_problem", "safe_run_dir"]
