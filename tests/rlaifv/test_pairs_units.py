@@ -60,6 +60,19 @@ def test_parse_answer_yes_no_only():
     lp = [{"token": "{", "logprob": -0.1, "top": {}}, {"token": "yes", "logprob": -0.2, "top": {"no": -1.7}}]
     a = parse_answer(Completion(text='{"answer":"yes"}', finish_reason="stop", logprobs=lp))
     assert (a["logprob_yes"], a["logprob_no"]) == (-0.2, -1.7)
+    # a small vocabulary (the tiny BLIP-2 served by vLLM): the value starts with token "y" or "n", and the
+    # "n" of "answer" must not count; the chosen token's own logprob wins over a duplicate in its top list
+    toks = ['{', '"', 'a', 'n', 's', 'w', 'e', 'r', '"', ':', '"', 'y', 'es', '"', '}']
+    tops = {2: {"a": -0.46, "answer": -1.1}, 3: {"n": 0.0}, 11: {"n": -1.63, "y": -0.22}, 12: {"e": -1.8, "es": -0.17}}
+    lp = [{"token": t, "logprob": tops.get(i, {}).get(t, 0.0), "top": tops.get(i, {})} for i, t in enumerate(toks)]
+    a = parse_answer(Completion(text='{"answer":"yes"}', finish_reason="stop", logprobs=lp))
+    assert (a["answer"], a["logprob_yes"], a["logprob_no"]) == ("yes", -0.22, -1.63)
+    # a large vocabulary: '"no' holds the value's first character after the quote
+    lp = [{"token": '{"answer":', "logprob": -0.01, "top": {}},
+          {"token": ' "no', "logprob": -0.3, "top": {' "no': -0.3, ' "yes': -1.4, ' "maybe': -4.0}},
+          {"token": '"}', "logprob": 0.0, "top": {}}]
+    a = parse_answer(Completion(text='{"answer": "no"}', finish_reason="stop", logprobs=lp))
+    assert (a["answer"], a["logprob_yes"], a["logprob_no"]) == ("no", -1.4, -0.3)
 
 
 def test_standin_rejects_image_parts_that_are_not_data_urls():
