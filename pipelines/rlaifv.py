@@ -103,6 +103,8 @@ def parser() -> argparse.ArgumentParser:
                    help="0: no cap")
     q.add_argument("--max-length-ratio", dest="max_length_ratio", type=float, default=None)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--balance-lengths", dest="balance_lengths", action="store_true",
+                   help="pick capped pairs alternately with the chosen answer shorter / longer (length bias)")
     add_stage_args(q)
     e = sub.add_parser("export", help="TRL DPO and LLaMA-Factory multimodal DPO files")
     e.add_argument("--input", required=True, help="a finished `rlaifv pairs` output")
@@ -301,7 +303,8 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult | dict:
     else:
         try:
             cfg = PairsConfig(margin=args.margin, max_pairs_per_image=args.max_pairs_per_image or None,
-                              max_length_ratio=args.max_length_ratio, seed=args.seed)
+                              max_length_ratio=args.max_length_ratio, seed=args.seed,
+                              balance_lengths=args.balance_lengths)
         except ValueError as e:
             raise UserError(str(e)) from None
 

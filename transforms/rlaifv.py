@@ -30,6 +30,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import itertools
 import json
 import random
 import re
@@ -187,12 +188,16 @@ class PairsConfig:
         max_length_ratio: drop pairs whose longer response has more than this many times the
             characters of the shorter one (length-bias control; None: off).
         seed: sampling seed (the per-record order is seeded by ``(seed, key)``).
+        balance_lengths: pick the capped pairs alternately from those whose chosen answer is shorter
+            and those whose chosen answer is longer than the rejected one (shorter first, equal lengths
+            last), so the cap does not pass a record's length bias on to the pairs (length-bias control).
     """
 
     margin: int = 1
     max_pairs_per_image: int | None = 2
     max_length_ratio: float | None = None
     seed: int = 0
+    balance_lengths: bool = False
 
     def __post_init__(self):
         if self.margin < 1:
@@ -579,6 +584,12 @@ def make_pairs(pair: Pair, cfg: PairsConfig) -> list[Outcome]:
                     continue
             candidates.append((chosen, rejected))
     random.Random(f"{cfg.seed}|{pair.key}").shuffle(candidates)
+    if cfg.balance_lengths:
+        shorter = [cr for cr in candidates if len(cr[0]["text"]) < len(cr[1]["text"])]
+        longer = [cr for cr in candidates if len(cr[0]["text"]) > len(cr[1]["text"])]
+        equal = [cr for cr in candidates if len(cr[0]["text"]) == len(cr[1]["text"])]
+        alternated = [cr for two in itertools.zip_longest(shorter, longer) for cr in two if cr is not None]
+        candidates = alternated + equal
     if cfg.max_pairs_per_image is not None:
         candidates = candidates[: cfg.max_pairs_per_image]
     if not candidates:

@@ -40,11 +40,13 @@ def _write(tmp_path, text):
 
 def test_pairs_config_read_and_flags_override(tmp_path, feedback_stage):
     cfg = _write(tmp_path, "[rewrite]\nmodel = 'other stage, ignored'\n\n"
-                           "[rlaifv.pairs]\nmargin = 2\nmax_pairs_per_image = 0\nseed = 5\nnum_shards = 1\n")
+                           "[rlaifv.pairs]\nmargin = 2\nmax_pairs_per_image = 0\nseed = 5\nnum_shards = 1\n"
+                           "balance_lengths = true\n")
     out = str(tmp_path / "pairs")
     assert cli.main(["pairs", "--input", feedback_stage, "--output", out, "--config", cfg]) == 0
     m = read_manifest(out)
-    assert m.config["rlaifv_pairs"] == {"margin": 2, "max_pairs_per_image": None, "max_length_ratio": None, "seed": 5}
+    assert m.config["rlaifv_pairs"] == {"margin": 2, "max_pairs_per_image": None, "max_length_ratio": None, "seed": 5,
+                                        "balance_lengths": True}
     # scores 0, -1, -3 with margin 2: pairs (0, -3) and (-1, -3) per record, no cap
     assert m.extra["pair_stats"]["pairs"] == 6
     out2 = str(tmp_path / "pairs2")
@@ -61,6 +63,7 @@ def test_pairs_config_read_and_flags_override(tmp_path, feedback_stage):
     ("[rlaifv.pair]\nmargin = 2\n", "unknown [rlaifv] entry ['pair']"),
     ("[rlaifv.pairs]\ninput = 'x'\n", "[rlaifv.pairs]: unknown setting(s) ['input']"),
     ("[rlaifv.pairs]\nmargin = 0\n", "margin must be >= 1"),
+    ("[rlaifv.pairs]\nbalance_lengths = 1\n", "[rlaifv.pairs] balance_lengths = 1: expected true or false"),
 ])
 def test_bad_config_exits_2_naming_the_key(tmp_path, feedback_stage, capsys, table, message):
     cfg = _write(tmp_path, table)

@@ -4,6 +4,7 @@ checked by the stand-in, and config validation."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -50,6 +51,23 @@ def test_all_ties_reject_with_reason():
 def test_length_ratio_drops_unbalanced_pairs():
     rec = _record([0, -1, -1], ["short", "tiny!", "a much much longer answer here"])
     assert sorted(_pairs(make_pairs(rec, PairsConfig(max_pairs_per_image=None, max_length_ratio=1.5)))) == [(0, 1)]
+
+
+def test_balance_lengths_alternates_chosen_shorter_and_longer():
+    # scores 0, -1, -2, -3 with lengths 10, 2, 4, 6: chosen longer in (0,1) (0,2) (0,3); shorter in (1,2) (1,3)
+    # (2,3); every pair qualifies, so the cap decides
+    rec = _record([0, -1, -2, -3], ["x" * 10, "x" * 2, "x" * 4, "x" * 6])
+    for seed in range(20):
+        picked = _pairs(make_pairs(rec, PairsConfig(max_pairs_per_image=2, seed=seed, balance_lengths=True)))
+        assert len(picked) == 2 and sum(c == 0 for c, _ in picked) == 1, (seed, picked)  # one of each
+    # without the control some seeds take two of one kind
+    kinds = {tuple(sorted(c == 0 for c, _ in _pairs(make_pairs(rec, PairsConfig(max_pairs_per_image=2, seed=s)))))
+             for s in range(20)}
+    assert kinds - {(False, True)}
+    # uncapped: the control changes the order only, not the set
+    full = PairsConfig(max_pairs_per_image=None)
+    assert sorted(_pairs(make_pairs(rec, dataclasses.replace(full, balance_lengths=True)))) == \
+        sorted(_pairs(make_pairs(rec, full)))
 
 
 def test_parse_answer_yes_no_only():
