@@ -56,60 +56,68 @@ H100_TOK_S = 1384.2
 IMAGE_TOKENS, POLICY_OUT, CLAIM_TOKENS, LABELER_OUT = 768, 150, 12, 6
 
 
-def projection(images: int = 3000, n: int = 8, claims: float = 6.0, pairs_per_image: int = 2) -> dict:
+def projection(images: int = 3000, n: int = 8, per_response: dict | None = None,
+               pairs_per_image: int = 2, label: str = "") -> dict:
     """GPU-hours of generate + feedback for ``images`` x ``n`` responses with a 7-8B policy, claims model
-    and labeler, two ways from the published figures above:
+    and labeler. ``per_response``: calls per policy response of claims, questions and labeler (default:
+    the CLI estimate's 1, 1 and 6 claims); tokens per call are the CLI estimate's. Two figures from the
+    published numbers above:
 
     - A100 upper bound by request: a request of ours is at most as heavy as the benchmark's
       (1024 in / 128 out) when its prompt is <= 1024 tokens, so it costs <= 1/rate seconds, rate =
       75 x 6.6 / 128 requests/s; a longer output counts out/128 requests.
-    - H100 decode-only lower bound: output tokens / 1,384.2 tok/s (image prefill not counted).
+    - H100 decode only: output tokens / 1,384.2 tok/s (image prefill not counted).
     """
+    per = {"claims": 1.0, "questions": 1.0, "labeler": 6.0, **(per_response or {})}
     responses = images * n
+    claim_out = CLAIM_TOKENS * 6
     calls = {  # (requests, prompt tokens, output tokens) per call type
         "policy": (responses, IMAGE_TOKENS + 16, POLICY_OUT),
-        "claims": (responses, 210, int(CLAIM_TOKENS * claims)),
-        "questions": (responses, 60 + int(CLAIM_TOKENS * claims), int(CLAIM_TOKENS * claims)),
-        "labeler": (int(responses * claims), IMAGE_TOKENS + 40, LABELER_OUT),
+        "claims": (round(responses * per["claims"]), 60 + 600 // 4, claim_out),
+        "questions": (round(responses * per["questions"]), 60 + claim_out, claim_out),
+        "labeler": (round(responses * per["labeler"]), IMAGE_TOKENS + 40, LABELER_OUT),
     }
     a100_rate = A100_TOK_S_C1 * A100_GAIN_C8 / A100_OUT  # requests/s of the benchmark's shape
     rows, a100_s, out_tokens, requests = {}, 0.0, 0, 0
     for name, (req, tin, tout) in calls.items():
         assert tin <= A100_IN  # else the bound does not hold
-        s = req * max(1.0, tout / A100_OUT) / a100_rate
+        sec = req * max(1.0, tout / A100_OUT) / a100_rate
         rows[name] = {"requests": req, "prompt_tokens_per_call": tin, "output_tokens_per_call": tout,
-                      "a100_gpu_h_upper": round(s / 3600, 2)}
-        a100_s += s
+                      "a100_gpu_h_upper": round(sec / 3600, 2)}
+        a100_s += sec
         out_tokens += req * tout
         requests += req
     pairs = images * pairs_per_image
     return {
-        "images": images, "responses_per_image": n, "claims_per_response": claims, "pairs": pairs,
+        "label": label, "images": images, "responses_per_image": n, "calls_per_response": per, "pairs": pairs,
         "requests": requests, "calls_per_final_pair": round(requests / pairs, 1), "by_call": rows,
         "a100_requests_per_s": round(a100_rate, 2), "a100_gpu_h_upper": round(a100_s / 3600, 1),
-        "output_tokens": out_tokens, "h100_gpu_h_decode_only": round(out_tokens / H100_TOK_S / 3600, 1),
+        "output_tokens": out_tokens, "h100_gpu_h_decode": round(out_tokens / H100_TOK_S / 3600, 1),
     }
 
 
 def projection_text(p: dict) -> str:
-    r = p["by_call"]
+    r, per = p["by_call"], p["calls_per_response"]
     lines = [
-        f"Projected GPU-hours, {p['images']:,} images x {p['responses_per_image']} responses, "
-        f"{p['claims_per_response']:g} claims per response, {p['pairs']:,} pairs (7-8B policy, claims model, labeler):",
+        f"Projected GPU-hours, {p['images']:,} images x {p['responses_per_image']} responses -> {p['pairs']:,} "
+        f"pairs, 7-8B policy, claims model and labeler; calls per response {p['label']}: claims {per['claims']:g}, "
+        f"questions {per['questions']:g}, labeler {per['labeler']:g}; tokens per call as the CLI estimate "
+        f"(prompt/output: policy {r['policy']['prompt_tokens_per_call']}/{r['policy']['output_tokens_per_call']}, "
+        f"claims {r['claims']['prompt_tokens_per_call']}/{r['claims']['output_tokens_per_call']}, questions "
+        f"{r['questions']['prompt_tokens_per_call']}/{r['questions']['output_tokens_per_call']}, labeler "
+        f"{r['labeler']['prompt_tokens_per_call']}/{r['labeler']['output_tokens_per_call']})",
         f"  requests: policy {r['policy']['requests']:,} + claims {r['claims']['requests']:,} + questions "
         f"{r['questions']['requests']:,} + labeler {r['labeler']['requests']:,} = {p['requests']:,} "
-        f"({p['calls_per_final_pair']} calls per final pair)",
-        f"  A100 (upper bound): {A100_TOK_S_C1:g} tok/s x {A100_GAIN_C8:g} (C=8) / {A100_OUT} out tokens = "
+        f"= {p['calls_per_final_pair']} calls per final pair",
+        f"  A100 upper bound: {A100_TOK_S_C1:g} tok/s x {A100_GAIN_C8:g} (C=8) / {A100_OUT} = "
         f"{p['a100_requests_per_s']} requests/s of {A100_IN} in / {A100_OUT} out; each call <= one such request "
-        f"(policy: {POLICY_OUT}/{A100_OUT} of one) -> {p['requests']:,} calls = {p['a100_gpu_h_upper']} GPU-h "
+        f"(a policy call {POLICY_OUT}/{A100_OUT} of one) -> {p['a100_gpu_h_upper']} GPU-h "
         f"(policy {r['policy']['a100_gpu_h_upper']}, claims {r['claims']['a100_gpu_h_upper']}, questions "
         f"{r['questions']['a100_gpu_h_upper']}, labeler {r['labeler']['a100_gpu_h_upper']})",
         f"    source: {A100_SOURCE}",
-        f"  H100 (decode-only lower bound): {p['output_tokens']:,} output tokens / {H100_TOK_S:,} tok/s = "
-        f"{p['h100_gpu_h_decode_only']} GPU-h",
+        f"  H100 decode only: {p['output_tokens']:,} output tokens / {H100_TOK_S:,} tok/s = "
+        f"{p['h100_gpu_h_decode']} GPU-h (prefill not counted; the cited rate is the sweep's peak at C=16)",
         f"    source: {H100_SOURCE}",
-        "  The labeler's many short calls dominate the upper bound; they share the image prefix, which "
-        "vLLM's prefix caching does not re-compute, so the real cost lies between the two.",
     ]
     return "\n".join(lines)
 
@@ -172,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         "pair_stats": m["extra"]["pair_stats"], "load_avg_1m": round(os.getloadavg()[0], 1),
         "measured_by_call": by_call,
     }, indent=1))
-    # The stand-in's structure (labeler calls per response as measured here), then the CLI estimate's 6 claims
-    print(projection_text(projection(claims=round(judgments / max(1, gen_calls), 2))))
-    print(projection_text(projection()))
+    # Calls per response as measured here (the stand-in's answers: few claims, identical responses shared),
+    # then the CLI estimate's 6 claims per response; the labeler calls dominate the upper bound, and they
+    # share the image prefix (vLLM's prefix caching), so the real cost lies between the two figures.
+    measured = {k: round(v / max(1, gen_calls), 3) for k, v in by_call.items() if k != "policy"}
+    print(projection_text(projection(per_response=measured, label="(measured on the stand-in)")))
+    print(projection_text(projection(label="(CLI estimate, 6 claims)")))
     return 0
 
 
