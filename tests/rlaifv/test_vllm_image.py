@@ -10,18 +10,17 @@ a forced rerun sends vLLM nothing."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from pipelines import rlaifv as cli
 from rewriter.serving import ServeConfig, VLLMServer, server_metrics
 from rewriter.standin import StandInServer
 from schemas.rlaifv import PAIR_META_KEY, get_doc
+from transforms.rlaifv import image_data_url
 from transforms.stage_io import read_manifest, read_table
 
-from .responder import respond
-from .tiny_mllm import make_tiny_blip2
+from .responder import photo_pairs, respond
+from .tiny_mllm import NUM_QUERY_TOKENS, make_tiny_blip2
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -94,6 +93,19 @@ def test_policy_and_labeler_on_real_multimodal_vllm(photos_stage, tmp_path, cc3m
         assert _served(vllm) - before == 0 and len(clm.seen) == seen
         assert [f.sha256 for f in read_manifest(str(out / "fb2")).files] == \
             [f.sha256 for f in read_manifest(str(out / "fb")).files]
+
+        # the image goes through the vision tower: with it the prompt is exactly the 4 query tokens longer
+        import httpx
+
+        def prompt_tokens(content):
+            r = httpx.post(vllm.base_url + "/chat/completions", timeout=300, json={
+                "model": "tinyblip", "max_tokens": 1, "messages": [{"role": "user", "content": content}]})
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens"]
+
+        text = {"type": "text", "text": gen_docs[0]["prompt"]}
+        image = {"type": "image_url", "image_url": {"url": image_data_url(photo_pairs()[0].image)}}
+        assert prompt_tokens([image, text]) - prompt_tokens([text]) == NUM_QUERY_TOKENS
 
     assert cli.main(["pairs", "--input", str(out / "fb"), "--output", str(out / "pairs"), "--margin", "1",
                      "--max-pairs-per-image", "1", "--num-shards", "1"]) == 0
