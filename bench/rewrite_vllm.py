@@ -109,7 +109,8 @@ def require_vllm(python: str | None = None) -> tuple[str, str]:
 
     python = vllm_python(python)
     probe = subprocess.run([python, "-c", "import importlib.metadata as m, importlib.util, sys; "
-                            "sys.exit(1) if importlib.util.find_spec('vllm') is None else print(m.version('vllm'))"],
+                            "sys.exit(1) if importlib.util.find_spec('vllm') is None else "
+                            "print(*(f'{d} {m.version(d)}' for d in m.packages_distributions().get('vllm', ['vllm'])))"],
                            capture_output=True, text=True, timeout=120)
     if probe.returncode != 0:
         raise RuntimeError(f"bench.rewrite_vllm needs vLLM, and {python} cannot import it: run `make vllm-env` and set "
@@ -127,7 +128,7 @@ def section(quick: bool = False) -> str:
     res = measure_levels(requests, levels, 256, steps, python)
     head = (f"`MMCORPUS_VLLM_PYTHON=.venv-vllm/bin/python python -m bench.rewrite_vllm --requests {requests} "
             f"--concurrency {','.join(map(str, levels))} --train-steps {steps}` (tiny Llama after a {steps}-step LoRA fine-tune, merged, "
-            f"served by vllm {version} on CPU, bfloat16, --max-model-len 512, started and stopped by the bench; {requests} fresh CC3M "
+            f"served by {version} on CPU, bfloat16, --max-model-len 512, started and stopped by the bench; {requests} fresh CC3M "
             f"captions per level through the rewrite stage's client with structured output (`caption_qa` JSON schema, max_tokens 256, "
             f"greedy) after a 4-request warm-up; server start-up {res['startup_s']:.0f} s, model build + fine-tune {res['build_s']:.0f} s, "
             f"load average {res['load_avg']:.1f})")
