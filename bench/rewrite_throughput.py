@@ -139,7 +139,8 @@ def section(quick: bool = False) -> str:
              "| L (s) | C | requests | achieved req/s | C/L | fraction of C/L | slot utilisation | mean round trip (s) "
              "| 1-at-a-time req/s | speed-up | client CPU ms/req | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['L_s']} | {r['C']} | {r['requests']} | {r['rps']} | {r['ideal_rps']} | {r['fraction_of_C_over_L']} | "
+        ideal, frac = (r["ideal_rps"], r["fraction_of_C_over_L"]) if r["L_s"] > 0 else ("–", "–")  # L = 0: no ideal rate
+        lines.append(f"| {r['L_s']} | {r['C']} | {r['requests']} | {r['rps']} | {ideal} | {frac} | "
                      f"{r['slot_utilisation']} | {r['mean_round_trip_s']} | {r['sequential_rps']} | {r['speedup_vs_sequential']}x | "
                      f"{r['client_cpu_ms_per_request']} | {r['load_avg_1m']} |")
     if not quick:
