@@ -340,7 +340,8 @@ def dataset_counts(stage_dir: str, m: Manifest) -> dict[str, dict[str, int]] | N
             for batch in pq.ParquetFile(fh).iter_batches(batch_size=65_536, columns=["key", "status"]):
                 prefix = pc.fill_null(pc.struct_field(pc.extract_regex(batch.column("key"), r"^(?P<p>[^-]*)-"), [0]), "")
                 ds = pc.if_else(pc.is_in(prefix, value_set=known), prefix, "(none)")
-                counts = pa.table({"ds": ds, "status": batch.column("status")}).group_by(["ds", "status"]).aggregate([([], "count_all")])
+                pairs = pa.table({"ds": ds, "status": batch.column("status")})
+                counts = pairs.group_by(["ds", "status"]).aggregate([([], "count_all")])
                 for row in counts.to_pylist():
                     out.setdefault(row["ds"], Counter())[row["status"]] += row["count_all"]
     return {name: dict(sorted(c.items())) for name, c in sorted(out.items())}
