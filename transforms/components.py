@@ -122,6 +122,8 @@ class ConnectedComponents(beam.PTransform):
     Args:
         max_rounds: large-star + small-star rounds unrolled into the pipeline (at least 2, so the
             last round can show that nothing changed).
+        normalized: the input is already ``(larger, smaller)`` pairs without self loops (skips a
+            pass over every edge).
 
     Input: PCollection of ``(u, v)`` key pairs (any order, duplicates and self loops allowed).
     Output: ``(labels, report)`` — PCollection of ``(node, root)`` for every node on an edge
@@ -132,14 +134,16 @@ class ConnectedComponents(beam.PTransform):
         labels, report = edges | ConnectedComponents(max_rounds=10)
     """
 
-    def __init__(self, max_rounds: int = 10):
+    def __init__(self, max_rounds: int = 10, normalized: bool = False):
         super().__init__()
         if max_rounds < 2:
             raise ValueError("max_rounds must be >= 2")
         self.max_rounds = max_rounds
+        self.normalized = normalized
 
     def expand(self, edges):
-        edges = edges | "Normalize" >> beam.FlatMap(_normalized)
+        if not self.normalized:
+            edges = edges | "Normalize" >> beam.FlatMap(_normalized)
         stats = []
         for r in range(self.max_rounds):
             large = (
