@@ -59,7 +59,8 @@ $(VLLM_STAMP): vllm-requirements.txt
 	touch $@
 
 bench: $(FULL_STAMP) bench-env
-	$(VENV)/bin/python -m bench.run_all
+	$(MAKE) --no-print-directory vllm-env
+	MMCORPUS_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m bench.run_all
 
 # Benchmark-only venv with datatrove (bench/dedup_vs_datatrove.py runs it as a subprocess); never a
 # runtime or test dependency of mmcorpus.
