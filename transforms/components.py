@@ -26,6 +26,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 Edge = tuple[str, str]  # (larger key, smaller key)
+_LARGE_STAR_NODES = Metrics.counter("mmcorpus.components", "large_star_nodes")  # resolved per bundle at inc()
 
 
 def _edge_hash(hi: str, lo: str) -> int:
@@ -49,11 +50,8 @@ class LargeStarFn(beam.DoFn):
     """Node u with neighbourhood Γ(u): link every neighbour larger than u to m = min(Γ(u) ∪ {u}).
     Counts the nodes it visits (``mmcorpus.components/large_star_nodes``: the work of the rounds)."""
 
-    def setup(self):
-        self.nodes = Metrics.counter("mmcorpus.components", "large_star_nodes")
-
     def process(self, element: tuple[str, Iterable[str]]):
-        self.nodes.inc()
+        _LARGE_STAR_NODES.inc()
         u, neighbours = element
         nbrs = _reiterable(neighbours)
         m = min(min(nbrs), u)
