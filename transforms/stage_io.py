@@ -122,16 +122,26 @@ def _read_run(path: str) -> Iterator[tuple[tuple, bytes]]:
                 return
 
 
-def sorted_outcomes(outcomes: Iterable[Outcome], spill_dir: str, buffer_bytes: int = SORT_BUFFER_BYTES) -> Iterator[Outcome]:
+def encode_outcome(o: Outcome) -> tuple[tuple, bytes]:
+    """The sort entry of an outcome: (sort key, pickled outcome). ``WriteStageOutput`` shuffles these
+    instead of ``Outcome`` objects: a runner then moves one bytes value per record (the DirectRunner
+    encodes and decodes every shuffled element twice; an Outcome with its Pair is ~20 Python objects),
+    and the shard writer sorts them without pickling again."""
+    return _sort_key(o), pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def sorted_outcomes(outcomes: Iterable[Outcome | tuple[tuple, bytes]], spill_dir: str,
+                    buffer_bytes: int = SORT_BUFFER_BYTES) -> Iterator[Outcome]:
     """``outcomes`` in (sort key, content) order, holding at most about ``buffer_bytes`` of them in
-    memory: full buffers are sorted and spilled to ``spill_dir`` as runs, then merged lazily."""
+    memory: full buffers are sorted and spilled to ``spill_dir`` as runs, then merged lazily.
+    Items are ``Outcome`` objects or their ``encode_outcome`` entries (same order, same bytes)."""
     buf: list[tuple[tuple, bytes]] = []
     size = 0
     runs: list[str] = []
     for o in outcomes:
-        blob = pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)
-        buf.append((_sort_key(o), blob))
-        size += len(blob) + _ENTRY_OVERHEAD
+        entry = encode_outcome(o) if isinstance(o, Outcome) else (tuple(o[0]), o[1])
+        buf.append(entry)
+        size += len(entry[1]) + _ENTRY_OVERHEAD
         if size >= buffer_bytes:
             runs.append(os.path.join(spill_dir, f"run-{len(runs):05d}"))
             _write_run(buf, runs[-1])
@@ -284,7 +294,7 @@ class WriteShardFn(beam.DoFn):
             c = self._counters[name] = Metrics.counter(f"mmcorpus.{self.stage}", name)
         c.inc(n)
 
-    def process(self, element: tuple[int, Iterable[Outcome]]):
+    def process(self, element: tuple[int, Iterable[Outcome | tuple[tuple, bytes]]]):
         shard, outcomes = element
         with _MemoryProbe(bool(self.measure_memory)) as probe, tempfile.TemporaryDirectory(
             prefix="mmcorpus-sort-", dir=self.spill_dir
@@ -452,7 +462,7 @@ class WriteStageOutput(beam.PTransform):
         inputs = outcomes | "CountInputs" >> beam.combiners.Count.Globally()
         results = (
             outcomes
-            | "ShardByKey" >> beam.Map(lambda o: (shard_of(o.key, n), o))
+            | "ShardByKey" >> beam.Map(lambda o: (shard_of(o.key, n), encode_outcome(o)))
             | "GroupShards" >> beam.GroupByKey()
             | "WriteShards" >> beam.ParDo(
                 WriteShardFn(self.output_dir, self.stage, n, self.write_data, self.sort_buffer_bytes,
