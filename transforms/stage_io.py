@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import operator
 import os
 import pickle
 import tempfile
@@ -43,7 +44,9 @@ from schemas.manifest import (
 )
 from schemas.records import (
     KEPT,
+    LEDGER_FIELDS,
     LEDGER_SCHEMA,
+    PAIR_FIELDS,
     PAIR_SCHEMA,
     REJECTED,
     STATUSES,
@@ -257,6 +260,19 @@ class _StreamingParquet:
                     FileSystems.delete([self.tmp])
 
 
+_PAIR_VALUES = operator.attrgetter(*PAIR_FIELDS)
+_LEDGER_VALUES = operator.attrgetter(*LEDGER_FIELDS)
+
+
+def _pair_row(p: Pair) -> dict[str, Any]:
+    """``p.to_row()`` without ``dataclasses.fields`` (a few µs a record at the writer's rate)."""
+    return dict(zip(PAIR_FIELDS, _PAIR_VALUES(p)))
+
+
+def _ledger_row(r) -> dict[str, Any]:
+    return dict(zip(LEDGER_FIELDS, _LEDGER_VALUES(r)))
+
+
 def _pair_bytes(p: Pair) -> int:
     return len(p.image or b"") + len(p.caption or "") + len(p.raw_caption or "") + len(p.meta or "") + 256
 
@@ -332,10 +348,10 @@ class WriteShardFn(beam.DoFn):
                         )
                     else:
                         last_kept = (o.key, o.pair.source)
-                        data.add(o.pair.to_row(), _pair_bytes(o.pair))
+                        data.add(_pair_row(o.pair), _pair_bytes(o.pair))
                 row = o.ledger_row(self.stage)
                 counts[f"{row.status}/{row.reason}"] += 1
-                ledger.add(row.to_row())
+                ledger.add(_ledger_row(row))
             files = []
             if data.total_rows or data.rows:
                 files.append(data.close(FILE_KIND_DATA))
