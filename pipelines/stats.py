@@ -3,8 +3,9 @@ PNG with a histogram panel for each thing the directory actually holds.
 
 Panels, in this fixed order, each present only when its data exists in DIR (a stage output, or a run
 directory holding several):
-    caption_words      caption length in words: raw input (with --raw-input), each stage output,
-                       and the captions before rewriting
+    caption_words      caption length: raw input (with --raw-input), each stage output, and the
+                       captions before rewriting; in words, and in characters for CJK captions (a
+                       separate "· characters" series: the units of the filter's length rules)
     languages          kept records by caption language (``Pair.lang``) after each stage, labelled
                        with the language's own name (中文, 日本語: drawn with Noto CJK)
     ledger_reasons     non-kept ledger rows by stage and reason (when there are any)
@@ -54,7 +55,7 @@ from transforms.stage_io import join, read_manifest
 PANELS = ("caption_words", "languages", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack",
           "images_per_pack", "sft_answer_tokens", "image_signals")
 PANEL_TITLES = {
-    "caption_words": "caption length (words)",
+    "caption_words": "caption length (words; CJK: characters)",
     "languages": "kept records by caption language",
     "ledger_reasons": "removed records by stage and reason",
     "cluster_sizes": "duplicate cluster sizes",
@@ -98,8 +99,44 @@ def _read_data_column(stage_dir: str, columns: list[str], max_rows: int) -> pa.T
     return pa.concat_tables(tables).slice(0, max_rows)
 
 
-def _words(texts: list[str | None]) -> list[int]:
-    return [len(t.split()) for t in texts if t is not None]
+# Series of captions measured in characters carry this suffix (the rest are in words).
+CHARS_SUFFIX = " · characters"
+
+
+def caption_length(text: str) -> tuple[str, int]:
+    """(unit, length) of one caption in the units the caption filter's length rules use
+    (``transforms.lang.profile``, docs/bilingual.md): ``words`` for space-separated scripts;
+    ``characters`` for captions with CJK (Han, Kana, Hangul: each character one unit, plus the
+    words of any Latin text mixed in) and for Thai/Lao/Khmer/Myanmar/Tibetan (non-space characters).
+
+    Example:
+        >>> caption_length("a dog on a beach"), caption_length("草地上的狗"), caption_length("我爱NBA篮球")
+        (('words', 5), ('characters', 5), ('characters', 5))
+    """
+    if text.isascii():
+        return "words", len(text.split())
+    from transforms import lang
+
+    p = lang.profile(text)
+    if p.cjk:
+        return "characters", p.cjk + p.words
+    if p.unspaced:
+        return "characters", sum(1 for c in text if not c.isspace())
+    return "words", len(text.split())
+
+
+def _add_lengths(captions: dict[str, list[int]], label: str, texts: list[str | None]) -> None:
+    """``captions[label]``: word counts; ``captions[label + CHARS_SUFFIX]``: character counts of the
+    CJK (and other unspaced-script) captions — a Chinese caption is not one "word"."""
+    by_unit: dict[str, list[int]] = {"words": [], "characters": []}
+    for t in texts:
+        if t is not None:
+            unit, n = caption_length(t)
+            by_unit[unit].append(n)
+    if by_unit["words"] or not by_unit["characters"]:
+        captions[label] = by_unit["words"]
+    if by_unit["characters"]:
+        captions[label + CHARS_SUFFIX] = by_unit["characters"]
 
 
 def raw_input_captions(path: str, input_format: str = "auto", max_rows: int = MAX_ROWS_DEFAULT,
@@ -144,7 +181,8 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
         filter_cfg = next((read_manifest(d).config.get("input") for st, d in scope if st == "filter"), None) or {}
         if input_format == "auto" and filter_cfg.get("format") not in (None, "auto"):
             input_format = filter_cfg["format"]
-        captions["raw input (before filter)"] = _words(raw_input_captions(raw_input, input_format, max_rows, filter_cfg))
+        _add_lengths(captions, "raw input (before filter)",
+                     raw_input_captions(raw_input, input_format, max_rows, filter_cfg))
     reasons: Counter = Counter()
     langs: dict[str, dict[str, int]] = {}
     clusters: list[int] | None = None
@@ -170,8 +208,8 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
         if t is not None and t.num_rows:
             if stage == "rewrite" or pc.sum(pc.is_valid(t.column("raw_caption"))).as_py():
                 raw = [r if r is not None else c for r, c in zip(t.column("raw_caption").to_pylist(), t.column("caption").to_pylist())]
-                captions[f"before {stage}"] = _words(raw)
-            captions[f"after {stage}"] = _words(t.column("caption").to_pylist())
+                _add_lengths(captions, f"before {stage}", raw)
+            _add_lengths(captions, f"after {stage}", t.column("caption").to_pylist())
         if stage == "dedup":
             clusters = _cluster_sizes(d, m, t)
         if stage == "sft_split":
@@ -310,8 +348,9 @@ def _draw(ax, name: str, data) -> None:
         hi = max((max(v) for v in data.values() if v), default=1)
         bins = range(0, min(hi, 80) + 2)
         for label, values in data.items():
-            ax.hist([min(v, 80) for v in values], bins=bins, histtype="step", linewidth=1.5, label=f"{label} (n={len(values):,})")
-        ax.set_xlabel("words (80+ pooled)")
+            ax.hist([min(v, 80) for v in values], bins=bins, histtype="step", linewidth=1.5, label=f"{label} (n={len(values):,})",
+                    linestyle="--" if label.endswith(CHARS_SUFFIX) else "-")
+        ax.set_xlabel("words, or characters for CJK captions (80+ pooled)")
         ax.set_ylabel("records")
         ax.legend(fontsize=7)
     elif name == "languages":
