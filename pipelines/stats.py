@@ -316,7 +316,10 @@ def plot(stats: dict[str, Any], out_path: str) -> list[str]:
     # rows a share would eat into the first row's panels.
     fig.tight_layout(rect=(0, 0, 1, 1 - TITLE_BAND_IN / (PANEL_H_IN * rows)))
     _keep_in_cells(flat[: len(names)], rows, cols)
-    meta = {"Title": "mmcorpus stats", "Description": json.dumps({"panels": names})}
+    desc: dict[str, Any] = {"panels": names}
+    if "caption_words" in stats["panels"]:  # the length series drawn (words, or "· characters" for CJK) and their n
+        desc["caption_lengths"] = {k: len(v) for k, v in stats["panels"]["caption_words"].items()}
+    meta = {"Title": "mmcorpus stats", "Description": json.dumps(desc, ensure_ascii=False)}
     import io
 
     buf = io.BytesIO()
