@@ -54,12 +54,13 @@ Faithfulness rule (no NER model is available offline, so the rule is lexical and
    Chinese, Japanese and Korean person and place names without such marks are not detected (no NER
    model offline).
 
-Language: ``prompt_language(caption)`` picks the prompt by script: when CJK characters are at least
-half of the letters, ``ja`` with Kana, ``ko`` when Hangul outnumbers Han, else ``zh``; otherwise ``en``.
+Language: ``prompt_language(caption)`` picks the prompt by script: when the caption is mostly CJK
+(CJK characters at 1.4 a word against its other words), ``ja`` with Kana, ``ko`` when Hangul
+outnumbers Han, else ``zh``; otherwise ``en``.
 So Chinese, Japanese and Korean captions are rewritten by a prompt in their own language, and the
 English prompt asks for "the language of the raw caption" (Spanish in, Spanish out). The rewriter does
-not import the filter's language ID (``rewriter`` must not import ``transforms``); the rule is the
-script rule that ID applies first.
+not import the filter's language ID (``rewriter`` must not import ``transforms``); on CJK and mixed
+captions the rule agrees with it (tests/rewriter_chain/test_prompt_languages.py).
 
 ``faithfulness_constraints(raw)`` exposes what the rule requires for a caption, so its reach can be
 measured on real captions (``bench/rewrite_faithfulness.py``).
@@ -150,10 +151,17 @@ _CJK_CLASS = (
 _CJK_RE = re.compile(f"[{_CJK_CLASS}]")
 
 
+# CJK characters per word (COCO-CN vs COCO captions, docs/bilingual.md): a caption is "mostly CJK"
+# when its CJK characters make at least as many words as its other words.
+CJK_CHARS_PER_WORD = 1.4
+
+
 def prompt_language(caption: str) -> str:
-    """The prompt for a caption, by script (the rule the filter's language ID applies first): when CJK
-    characters are at least half of the letters, ``ja`` if there is Kana, ``ko`` if Hangul outnumbers
-    Han, else ``zh``; otherwise ``en`` (whose prompt asks for the caption's own language).
+    """The prompt for a caption, by script: when the caption is mostly CJK (its CJK characters, at
+    ``CJK_CHARS_PER_WORD`` a word, are at least as many words as its words of other scripts), ``ja``
+    if there is Kana, ``ko`` if Hangul outnumbers Han, else ``zh``; otherwise ``en``, whose prompt
+    asks for the caption's own language. Words, not letters, are weighed, so a Latin brand inside a
+    Chinese caption ("在Starbucks喝咖啡的女孩") leaves it Chinese, as the filter's language ID says.
 
     Example:
         >>> [prompt_language(c) for c in ("草地上的狗", "桜の木の下の猫", "해변의 강아지", "un perro en la playa")]
@@ -163,10 +171,7 @@ def prompt_language(caption: str) -> str:
     if text.isascii():
         return "en"
     cjk = _CJK_RE.findall(text)
-    if not cjk:
-        return "en"
-    letters = sum(1 for c in text if c.isalpha())
-    if 2 * len(cjk) < letters:
+    if not cjk or len(cjk) < CJK_CHARS_PER_WORD * len(_words(text)):
         return "en"
     if _KANA_RE.search(text):
         return "ja"

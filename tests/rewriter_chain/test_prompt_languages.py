@@ -117,3 +117,27 @@ def test_render_output_puts_question_before_answer():
     # seed files are written with sorted keys ("answer" first); SFT targets follow the schema's order
     text = prompts.render_output([{"answer": "A dog.", "question": "What?"}], "A dog.")
     assert text == '{"qa": [{"question": "What?", "answer": "A dog."}], "caption": "A dog."}'
+
+
+# Captions written for this test (not the repo's samples): the language a person reads in each.
+OWN_CAPTIONS = [
+    ("两只小猫趴在窗台上晒太阳", "zh"), ("夜晚的上海外滩灯火通明", "zh"), ("北京地铁10号线的车厢里人很多", "zh"),
+    ("一盘饺子", "zh"), ("台北101大樓的夜景", "zh"), ("兩個小朋友在公園裡玩耍", "zh"),
+    ("2019年新款女装连衣裙 夏季 韩版 图片来源：视觉中国", "zh"),
+    ("富士山と桜", "ja"), ("東京駅の赤レンガ駅舎", "ja"), ("猫がソファの上で寝ている", "ja"), ("雪の中の白川郷", "ja"),
+    ("서울 남산타워의 야경", "ko"), ("김치찌개와 밥", "ko"), ("경복궁의 가을 단풍", "ko"), ("지하철 안의 사람들", "ko"),
+    ("Golden Gate Bridge in the fog at sunrise", "en"), ("View of Mount Fuji from Lake Kawaguchi", "en"),
+    # mixed: a Latin brand or acronym inside CJK text stays CJK; a CJK name inside English stays English
+    ("我爱NBA篮球", "zh"), ("在Starbucks喝咖啡的女孩", "zh"), ("iPhone 15 Pro Max 手机壳 透明 防摔", "zh"),
+    ("iPhone拍摄的夜景", "zh"), ("Tokyo 東京 タワー", "ja"), ("LG 올레드 TV", "ko"),
+    ("sunset over the West Lake 西湖 in Hangzhou", "en"),
+]
+
+
+@pytest.mark.parametrize("caption, want", OWN_CAPTIONS)
+def test_prompt_language_on_own_captions_agrees_with_the_filters_language_id(caption, want):
+    from transforms import lang
+
+    assert prompts.prompt_language(caption) == want
+    # the prompt's script rule and the filter's language ID (CLD2 + script rules) say the same
+    assert lang.detect(caption).lang == want
