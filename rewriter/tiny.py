@@ -245,7 +245,7 @@ def make_template_teacher(base_dir: str, captions: list[str], output_dir: str, s
 
 
 # The bilingual teacher's recipe (docs/bilingual.md, "The bilingual template teacher").
-BILINGUAL_TEACHER = {"vocab_size": 4096, "steps": 400, "learning_rate": 1e-2, "batch_size": 8, "per_language": 200}
+BILINGUAL_TEACHER = {"vocab_size": 4096, "steps": 800, "learning_rate": 1e-2, "batch_size": 8, "per_language": 200}
 
 
 def make_bilingual_teacher(output_dir: str, captions_by_lang: dict[str, list[str]], *,
