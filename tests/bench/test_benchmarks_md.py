@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 NOT_YET_CONVERTED = {"Filter", "Dedup", "Selection (issue 13)"}
 # Marker blocks wrapped by hand around a bench's own output, not written by a run_all run (no
 # run_all command line under the heading). Re-run with `python -m bench.run_all --only NAME`.
-NOT_YET_REGENERATED = {"ocr"}
+NOT_YET_REGENERATED: set[str] = set()
 
 BLOCK = re.compile(r"<!-- bench:(?P<name>[\w]+) -->\n(?P<body>.*?)<!-- /bench:(?P=name) -->\n", re.S)
 
