@@ -496,13 +496,15 @@ def emit_copies(decided: tuple[Candidate, int]) -> Iterable[Outcome]:
 
 
 def tally(decided: tuple[Candidate, int]) -> Iterable[tuple[tuple, int]]:
-    """Counts for mixture.json, measured from the decisions: pairs and weight per cell, replicas."""
+    """Counts for mixture.json, measured from the decisions: pairs and weight per cell, replicas, overlap."""
     c, copies = decided
     if copies == 0:
         yield ("drop", reasons.NOT_SELECTED), 1
         return
     yield ("cell", c.cell), copies
     yield ("cell_w", c.cell), copies * c.w
+    if c.in_earlier:  # drawn again although an earlier selection holds it (overlap = "allow")
+        yield ("overlap",), 1
     if copies > 1:
         yield ("replicas",), copies - 1
 
@@ -727,23 +729,9 @@ class Select(beam.PTransform):
         )
         decisions = (decided.out, boundary) | "AllDecisions" >> beam.Flatten()
         outcomes = (annotated.out, decisions | "Copies" >> beam.FlatMap(emit_copies)) | "AllOutcomes" >> beam.Flatten()
-        overlap = (
-            cands
-            | "InEarlier" >> beam.Filter(lambda c: c.in_earlier)
-            | "KeyOfEarlier" >> beam.Map(lambda c: (c.pair.key, c))
-        )
-        kept_keys = decisions | "KeptOriginals" >> beam.FlatMap(lambda d: [(d[0].pair.key, 1)] if d[1] else [])
-        overlap_n = (
-            {"cand": overlap, "kept": kept_keys}
-            | "JoinOverlap" >> beam.CoGroupByKey()
-            | "OverlapHits" >> beam.FlatMap(lambda kv: [(("overlap",), 1)] if kv[1]["cand"] and kv[1]["kept"] else [])
-        )
+        parts = [annotated.out | "IneligibleKeys" >> beam.FlatMap(_ineligible_keys), decisions | "Tally" >> beam.FlatMap(tally)]
         counts = (
-            (
-                annotated.out | "IneligibleKeys" >> beam.FlatMap(_ineligible_keys),
-                decisions | "Tally" >> beam.FlatMap(tally),
-                overlap_n,
-            )
+            tuple(parts)
             | "FlattenCounts" >> beam.Flatten()
             | "CountAchieved" >> beam.CombineGlobally(_MergeCounts())
         )
