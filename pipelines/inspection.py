@@ -322,14 +322,22 @@ def describe(stage_dir: str) -> dict[str, Any]:
 def dataset_counts(stage_dir: str, m: Manifest) -> dict[str, dict[str, int]] | None:
     """Ledger rows per source dataset and status (issue 13), or None for a single unnamed source.
     A ledger row's dataset is its key's ``NAME-`` prefix (``transforms.sources``) when NAME is a
-    dataset of the data; replicas made by ``select`` count as kept rows of their dataset."""
+    dataset of the output: one in its data's ``dataset`` column, one a ``select`` mixture or a pack
+    (``extra.datasets``, pack shards have no dataset column) lists, or a named ``--input``, so a
+    dataset none of whose records was kept still gets its row. Replicas made by ``select`` count as
+    kept rows of their dataset."""
     names: set[str] = set()
     for entry in m.files_of("data"):
         try:
             col = _read_parquet(join(stage_dir, entry.path), columns=["dataset"]).column("dataset")
-        except (KeyError, ValueError, pa.ArrowInvalid):  # written before issue 13: no dataset column
+        except (KeyError, ValueError, pa.ArrowInvalid):  # before issue 13, or pack shards: no dataset column
             continue
         names.update(v for v in col.unique().to_pylist() if v is not None)
+    names.update((m.extra.get("mixture") or {}).get("by_dataset") or {})
+    names.update(m.extra.get("datasets") or [])
+    if m.input.get("kind") == "sources":
+        names.update(n for n in m.input.get("sources") or {} if n)
+    names.discard("(none)")
     if not names:
         return None
     out: dict[str, Counter] = {}

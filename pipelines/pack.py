@@ -128,6 +128,7 @@ def run(argv: list[str]):
             staging_dir(args.output), profile, packing, shards, tokenizer_path=str(tok_path), require_image=args.require_image
         )
         extra = {k: out["summary"] | f"Extra_{k}" >> _pick(k) for k in SUMMARY_KEYS}
+        extra["datasets"] = _datasets(pairs)  # pack shards have no dataset column: inspect/stats read this
         return {"outcomes": out["outcomes"], "write_data": False, "files": out["files"], "extra": extra}
 
     return run_stage(
@@ -137,6 +138,19 @@ def run(argv: list[str]):
         num_shards=args.num_shards if args.num_shards is not None
         else resolve_num_shards(None, args.target_shard_bytes, ledger_only_input_info(input_info)),
         target_shard_bytes=args.target_shard_bytes,
+    )
+
+
+def _datasets(pairs):
+    """Sorted source names (``Pair.dataset``) of the input records, one value."""
+    import apache_beam as beam
+
+    return (
+        pairs
+        | "Datasets" >> beam.Map(lambda p: p.dataset)
+        | "DistinctDatasets" >> beam.Distinct()
+        | "DatasetList" >> beam.combiners.ToList()
+        | "SortDatasets" >> beam.Map(lambda names: sorted(n for n in names if n))
     )
 
 

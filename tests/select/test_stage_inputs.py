@@ -124,3 +124,29 @@ def test_bad_inputs_exit_2_before_work(dirs, tmp_path, capsys, stage, extra):
     err = capsys.readouterr().err
     assert f"--input {missing}:" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_inspect_and_stats_break_every_stage_down_by_dataset(dirs, tmp_path, capsys):
+    """rewrite, pack (shards without a dataset column), ocr and a selection that keeps no `cc` record:
+    ledger rows per dataset and status, as built above by hand (cc: 2 records, web: 3)."""
+    from pipelines import inspection, stats
+
+    root = dirs[0]
+    for name, make in (("rewrite", test_rewrite_takes_named_inputs), ("pack", test_pack_takes_named_inputs),
+                       ("ocr", test_ocr_takes_named_inputs)):
+        if not (root / name / "manifest.json").exists():
+            make(dirs)
+    cfg = tmp_path / "mix.toml"
+    cfg.write_text("[select]\ntarget_pairs = 2\n[select.weights]\nweb = 1.0\n")
+    assert cli.main(["select", "--input", str(root / "rewrite"), "--stage", "1", "--config", str(cfg),
+                     "--output", str(root / "select")]) == 0
+    all_kept = {"cc": {"kept": 2}, "web": {"kept": 3}}
+    want = {"rewrite": all_kept, "pack": all_kept, "ocr": all_kept,
+            "select": {"cc": {"rejected": 2}, "web": {"kept": 2, "rejected": 1}}}
+    for name, expected in want.items():
+        assert inspection.describe(str(root / name))["by_dataset"] == expected, name
+        capsys.readouterr()
+        assert stats.main([str(root / name), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["by_dataset"][name] == expected, name
+    # a single unnamed source has no breakdown
+    assert "by_dataset" not in inspection.describe(dirs[1])
