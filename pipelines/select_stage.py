@@ -21,7 +21,7 @@ from pipelines.runner import add_stage_args, run_stage
 from schemas.errors import UserError
 from schemas.manifest import FILE_KIND_DATA
 from storage.staging import staging_dir
-from transforms.selection import NO_DATASET, ReadSelectionKeys, Select, check_names, load_select_config
+from transforms.selection import NO_DATASET, NO_LANG, ReadSelectionKeys, Select, check_names, load_select_config
 from transforms.sources import read_sources, stage_inputs
 from transforms.stage_io import join, read_manifest, stage_input_info
 from transforms.tokens import DEFAULT_TOKENIZER
@@ -38,18 +38,29 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def stage_datasets(stage_dir: str) -> set[str]:
-    """Dataset names present in a stage output (reads only the ``dataset`` column, file by file)."""
+def stage_values(stage_dir: str) -> tuple[set[str], set[str]]:
+    """Dataset and language names present in a stage output (reads only the ``dataset`` and ``lang``
+    columns, file by file; a missing column or value reads as ``NO_DATASET`` / ``NO_LANG``)."""
     names: set[str] = set()
+    langs: set[str] = set()
     for entry in read_manifest(stage_dir).files_of(FILE_KIND_DATA):
         with FileSystems.open(join(stage_dir, entry.path), compression_type="uncompressed") as f:
             pf = pq.ParquetFile(f)
-            if "dataset" not in pf.schema_arrow.names:
-                names.add(NO_DATASET)
-                continue
-            col = pf.read(columns=["dataset"]).column("dataset")
-        names.update(NO_DATASET if v is None else v for v in col.unique().to_pylist())
-    return names
+            cols = [c for c in ("dataset", "lang") if c in pf.schema_arrow.names]
+            t = pf.read(columns=cols)
+        if t.num_rows == 0:
+            continue
+        for col, out, none in (("dataset", names, NO_DATASET), ("lang", langs, NO_LANG)):
+            if col in cols:
+                out.update(none if v is None else v for v in t.column(col).unique().to_pylist())
+            else:
+                out.add(none)
+    return names, langs
+
+
+def stage_datasets(stage_dir: str) -> set[str]:
+    """Dataset names present in a stage output (see ``stage_values``)."""
+    return stage_values(stage_dir)[0]
 
 
 def ocr_ran(stage_dir: str) -> bool:
@@ -74,13 +85,14 @@ def run(argv: list[str]):
         raise UserError("--config is required: a TOML file with a [select] table (see docs/selection.md)")
     cfg = load_select_config(load_toml(args.config), args.stage, where=args.config)
     sources, input_info = stage_inputs(args.input)
-    datasets = set()
+    datasets, langs = set(), set()
     for src in sources:
-        found = stage_datasets(src.path)
+        found, found_langs = stage_values(src.path)
         if src.name is not None:  # unnamed records of a named input take its name
             found = {src.name if n == NO_DATASET else n for n in found} or {src.name}
         datasets |= found
-    check_names(cfg, datasets, input_info.get("records"), args.config)
+        langs |= found_langs
+    check_names(cfg, datasets, input_info.get("records"), args.config, langs)
     if cfg.text_rich_share and not any(ocr_ran(src.path) for src in sources):
         raise UserError(
             f"{args.config} text_rich_share: {cfg.text_rich_share:g} needs the OCR stage's output, and no --input "

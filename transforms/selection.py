@@ -214,13 +214,20 @@ def load_select_config(doc: dict[str, Any], stage: int, where: str = "config") -
     )
 
 
-def check_names(cfg: SelectConfig, datasets: Iterable[str], pool_records: int | None, where: str) -> None:
-    """Driver-side checks before any work: known dataset names, a target the pool can give."""
+def check_names(cfg: SelectConfig, datasets: Iterable[str], pool_records: int | None, where: str,
+                langs: Iterable[str] | None = None) -> None:
+    """Driver-side checks before any work: known dataset (and language) names, a target the pool can give."""
     known = sorted(set(datasets))
     for key, table in (("weights", cfg.weights), ("quotas", cfg.quotas)):
         unknown = sorted(n for n, _ in table if n not in known)
         if unknown:
             raise UserError(f"{where} {key}: unknown source name(s) {unknown}; the input holds {known}")
+    if langs is not None and cfg.languages:
+        known_langs = sorted(set(langs))
+        unknown = sorted(n for n, share in cfg.languages if n not in known_langs and share > 0)
+        if unknown:
+            raise UserError(f"{where} languages: no input record has language {unknown}; the input holds "
+                            f"{known_langs} (records without a lang count as {NO_LANG!r})")
     if not cfg.by_tokens and cfg.on_short != "upsample" and pool_records is not None and cfg.target_pairs > pool_records:
         raise UserError(
             f"{where} target_pairs: {cfg.target_pairs} is larger than the input's {pool_records} records "
