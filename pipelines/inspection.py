@@ -676,15 +676,26 @@ def render_describe(info: dict[str, Any], console) -> None:
 
     mix = (info.get("extra") or {}).get("mixture")
     if mix:
-        x = Table(title=f"mixture (stage {mix.get('stage')}): {mix.get('selected'):,} selected of "
-                        f"{mix.get('target_pairs'):,}, {mix.get('replicas'):,} replicas, shortfall {mix.get('shortfall'):,}")
-        for col in ("axis", "value", "pool", "target", "achieved", "target %", "achieved %"):
+        tokens = mix.get("unit") == "tokens"
+        if tokens:  # a token budget: targets in tokens, pairs beside them
+            title = (f"mixture (stage {mix.get('stage')}): {mix.get('selected'):,} pairs, "
+                     f"{mix.get('selected_tokens'):,} tokens selected of {mix.get('target_tokens'):,} tokens, "
+                     f"{mix.get('replicas'):,} replicas, shortfall {mix.get('shortfall_tokens'):,} tokens")
+            cols = ("axis", "value", "pool", "pool tokens", "target tokens", "achieved", "achieved tokens",
+                    "target %", "achieved tokens %")
+            keys = ("pool", "pool_tokens", "target_tokens", "achieved", "achieved_tokens", "target_tokens_pct",
+                    "achieved_tokens_pct")
+        else:
+            title = (f"mixture (stage {mix.get('stage')}): {mix.get('selected'):,} selected of "
+                     f"{mix.get('target_pairs'):,}, {mix.get('replicas'):,} replicas, shortfall {mix.get('shortfall'):,}")
+            cols = ("axis", "value", "pool", "target", "achieved", "target %", "achieved %")
+            keys = ("pool", "target", "achieved", "target_pct", "achieved_pct")
+        x = Table(title=title)
+        for col in cols:
             x.add_column(col, justify="left" if col in ("axis", "value") else "right")
         for axis in ("by_dataset", "by_lang", "by_text_rich"):
             for value, row in (mix.get(axis) or {}).items():
-                x.add_row(axis[3:], escape(value), _fmt_num(row.get("pool")), _fmt_num(row.get("target", "-")),
-                          _fmt_num(row.get("achieved")), _fmt_num(row.get("target_pct", "-")),
-                          _fmt_num(row.get("achieved_pct")))
+                x.add_row(axis[3:], escape(value), *[_fmt_num(row.get(k, "-")) for k in keys])
         console.print(x)
         earlier = mix.get("earlier")
         if earlier:

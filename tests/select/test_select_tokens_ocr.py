@@ -150,6 +150,18 @@ def test_stage1_token_budget_matches_the_pack_accounting(run):
     assert ledger == {"ok": mix["selected"], "not_selected": len(run["rows"]) - mix["selected"]}
 
 
+def test_inspect_renders_a_token_mixture(run, capsys):
+    out = run["out"]
+    if not (out / "sel1" / "manifest.json").exists():
+        test_stage1_token_budget_matches_the_pack_accounting(run)
+    mix = json.loads((out / "sel1" / "mixture.json").read_text())
+    capsys.readouterr()
+    assert cli.main(["inspect", str(out / "sel1")]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert (f"{mix['selected']:,} pairs, {mix['selected_tokens']:,} tokens selected of 2,000 tokens, 0 replicas, "
+            f"shortfall {mix['shortfall_tokens']:,} tokens") in text
+
+
 def test_stage3_token_budget_upsamples_with_sliced_images(run):
     root, out, tokens = run["root"], run["out"], run["tokens"][3]
     _cli("select", "--input", out / "filter", "--stage", 3, "--config", root / "mix.toml", "--output", out / "sel3",
