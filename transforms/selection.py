@@ -459,7 +459,7 @@ class Candidate(NamedTuple):
 
 
 class _AnnotateFn(beam.DoFn):
-    """(pair, in_earlier) -> ineligible Outcome (tag ``out``) or Candidate (main)."""
+    """Pair or (pair, in_earlier) -> ineligible Outcome (tag ``out``) or Candidate (main)."""
 
     def __init__(self, cfg: SelectConfig, tokenizer_files: dict[str, bytes] | None = None):
         self.cfg = cfg
@@ -475,7 +475,7 @@ class _AnnotateFn(beam.DoFn):
             self.counter.teardown()
 
     def process(self, item):
-        pair, in_earlier = item
+        pair, in_earlier = (item, False) if isinstance(item, Pair) else item
         try:
             why = eligibility(pair, self.cfg, in_earlier)
             if why is not None:
@@ -502,39 +502,58 @@ def emit_copies(decided: tuple[Candidate, int]) -> Iterable[Outcome]:
         yield Outcome.kept(c.pair.replace(key=replica_key(c.pair.key, i), replica=i))
 
 
-def tally(decided: tuple[Candidate, int]) -> Iterable[tuple[tuple, int]]:
-    """Counts for mixture.json, measured from the decisions: pairs and weight per cell, replicas, overlap."""
+def tally(decided: tuple[Candidate, int]) -> tuple[tuple, tuple[int, int, int, int, int]]:
+    """One count element per decision, for mixture.json: ``(cell, (pairs, weight, replicas, overlap,
+    not_selected))`` (``unpack_tallies`` turns the per-cell sums into the report's keys)."""
     c, copies = decided
     if copies == 0:
-        yield ("drop", reasons.NOT_SELECTED), 1
-        return
-    yield ("cell", c.cell), copies
-    yield ("cell_w", c.cell), copies * c.w
-    if c.in_earlier:  # drawn again although an earlier selection holds it (overlap = "allow")
-        yield ("overlap",), 1
-    if copies > 1:
-        yield ("replicas",), copies - 1
+        return ("tally", c.cell), (0, 0, 0, 0, 1)
+    # overlap: drawn again although an earlier selection holds it (overlap = "allow")
+    return ("tally", c.cell), (copies, copies * c.w, copies - 1, int(c.in_earlier), 0)
+
+
+def unpack_tallies(acc: dict) -> dict:
+    """The combined counts with per-cell tallies spread into the report's keys."""
+    out: dict = {k: v for k, v in acc.items() if k[0] != "tally"}
+    for k, v in acc.items():
+        if k[0] != "tally":
+            continue
+        cell = k[1]
+        pairs, w, replicas, overlap, dropped = v
+        if pairs:
+            out[("cell", cell)] = out.get(("cell", cell), 0) + pairs
+            out[("cell_w", cell)] = out.get(("cell_w", cell), 0) + w
+        for key, n in ((("replicas",), replicas), (("overlap",), overlap), (("drop", reasons.NOT_SELECTED), dropped)):
+            if n:
+                out[key] = out.get(key, 0) + n
+    return out
 
 
 class _DecideFn(beam.DoFn):
     """Candidate -> (Candidate, copies), or (cell, Candidate) on the ``boundary`` tag for the cut bucket."""
 
-    def process(self, c: Candidate, plan: dict):
-        p = plan[c.cell]
+    def process(self, c: Candidate, cuts: dict):
+        base, cut, _ = cuts[c.cell]
         b = bucket_of(c.h)
-        if b == p.cut:
+        if b == cut:
             yield beam.pvalue.TaggedOutput("boundary", (c.cell, c))
             return
-        yield c, p.base + (1 if b < p.cut else 0)
+        yield c, base + (1 if b < cut else 0)
 
 
-def _decide_boundary(element, plan: dict):
+def _decide_boundary(element, cuts: dict):
     cell, cands = element
-    p = plan[cell]
+    base, _, need = cuts[cell]
     ordered = sorted(cands, key=lambda c: (c.h, c.pair.key))
-    k = prefix_length([c.w for c in ordered], p.need)
+    k = prefix_length([c.w for c in ordered], need)
     for i, c in enumerate(ordered):
-        yield c, p.base + (1 if i < k else 0)
+        yield c, base + (1 if i < k else 0)
+
+
+def plan_cuts(plan: dict) -> dict:
+    """``cell -> (base, cut, need)`` as plain tuples: the per-record decision's side input, kept
+    small and flat (Beam's side-input cache measures its deep size on every read)."""
+    return {cell: (p.base, p.cut, p.need) for cell, p in plan.items()}
 
 
 def _ineligible_keys(o: Outcome):
@@ -706,7 +725,7 @@ class Select(beam.PTransform):
     def expand(self, pairs):
         cfg = self.cfg
         if self.earlier_keys is None:
-            flagged = pairs | "NoEarlier" >> beam.Map(lambda p: (p, False))
+            flagged = pairs  # _AnnotateFn reads a bare Pair as "not in an earlier selection"
         else:
             joined = {
                 "pair": pairs | "ByKey" >> beam.Map(lambda p: (p.key, p)),
@@ -726,23 +745,24 @@ class Select(beam.PTransform):
             | "CountBuckets" >> beam.CombineGlobally(_MergeCounts())
         )
         plan = hist | "Plan" >> beam.Map(lambda h: make_plan(cfg, h))
-        decided = cands | "Decide" >> beam.ParDo(_DecideFn(), plan=beam.pvalue.AsSingleton(plan)).with_outputs(
+        cuts = plan | "Cuts" >> beam.Map(plan_cuts)
+        decided = cands | "Decide" >> beam.ParDo(_DecideFn(), cuts=beam.pvalue.AsSingleton(cuts)).with_outputs(
             "boundary", main="out"
         )
         boundary = (
             decided.boundary
             | "GroupBoundary" >> beam.GroupByKey()
-            | "DecideBoundary" >> beam.FlatMap(_decide_boundary, plan=beam.pvalue.AsSingleton(plan))
+            | "DecideBoundary" >> beam.FlatMap(_decide_boundary, cuts=beam.pvalue.AsSingleton(cuts))
         )
         decisions = (decided.out, boundary) | "AllDecisions" >> beam.Flatten()
         outcomes = (annotated.out, decisions | "Copies" >> beam.FlatMap(emit_copies)) | "AllOutcomes" >> beam.Flatten()
-        parts = [annotated.out | "IneligibleKeys" >> beam.FlatMap(_ineligible_keys), decisions | "Tally" >> beam.FlatMap(tally)]
+        parts = [annotated.out | "IneligibleKeys" >> beam.FlatMap(_ineligible_keys), decisions | "Tally" >> beam.Map(tally)]
         counts = (
             tuple(parts)
             | "FlattenCounts" >> beam.Flatten()
             | "CountAchieved" >> beam.CombineGlobally(_MergeCounts())
         )
-        report = counts | "Report" >> beam.Map(
+        report = counts | "Unpack" >> beam.Map(unpack_tallies) | "Report" >> beam.Map(
             lambda acc, plan: mixture_report(
                 cfg, plan, acc, {k[1]: v for k, v in acc.items() if k[0] == "drop"}
             ),
