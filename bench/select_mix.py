@@ -120,12 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dedup-records", type=int, default=DEDUP_RECORDS)
     ap.add_argument("--planted", type=int, default=PLANTED)
     ap.add_argument("--workdir", default="/tmp/select_bench")
-    ap.add_argument("--write-section", metavar="MD",
-                    help="also write this run's section into MD (e.g. BENCHMARKS.md) between the bench.run_all "
-                         "markers: for a size other than run_all's")
     args = ap.parse_args(argv)
-    if args.write_section:
-        return _write_section(args, argv)
     root = pathlib.Path(args.workdir)
     shutil.rmtree(root, ignore_errors=True)
     counts = make_inputs(root / "in", args.records)
@@ -176,38 +171,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 TITLE = "Selection mix (issue 13)"
-
-
-def _write_section(args, argv: list[str] | None) -> int:
-    import contextlib
-    import datetime as dt
-    import io
-    import os
-    import sys
-
-    from bench.run_all import _machine, merge
-
-    rest = [a for a in (argv if argv is not None else sys.argv[1:])]
-    i = rest.index("--write-section")
-    rest = rest[:i] + rest[i + 2:]
-    started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load0 = os.getloadavg()[0]
-    t = time.perf_counter()
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        main(rest)
-    out = buf.getvalue()
-    cmd = " ".join(["python -m bench.select_mix", *rest])
-    body = render(json.loads(out[out.index('{\n  "records"'):]), cmd)
-    head = (f"`{cmd} --write-section BENCHMARKS.md` — {started}, {time.perf_counter() - t:,.0f} s wall, load average "
-            f"{load0:.1f} → {os.getloadavg()[0]:.1f} ({_machine()})")
-    block = f"<!-- bench:select_mix -->\n## {TITLE}\n\n{head}\n\n{body.rstrip()}\n<!-- /bench:select_mix -->\n"
-    with open(args.write_section, encoding="utf-8") as f:
-        text = merge(f.read(), {"select_mix": block})
-    with open(args.write_section, "w", encoding="utf-8") as f:
-        f.write(text)
-    print(block)
-    return 0
 
 
 def section(quick: bool = False) -> str:
