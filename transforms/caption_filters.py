@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from schemas import reasons
 from schemas.records import Pair
 from transforms import lang as lg
-from transforms.filter_base import BaseFilter
+from transforms.filter_base import BaseFilter, with_fields
 
 # A caption that is only a camera/file name: DSC_2481, IMG_4663.jpg, Taichung_Polaroid_20070131-2, P1010123.JPG
 FILENAME_CAPTION = re.compile(
@@ -362,23 +362,31 @@ class LanguageFilter(BaseFilter):
 
     def __init__(self, languages: tuple[str, ...] | None):
         self.languages = frozenset(languages) if languages else None
+        self._last: tuple[str | None, lg.LangResult | None] = (None, None)
+
+    def _detect(self, caption: str) -> lg.LangResult:
+        # check() and annotate() ask about the same caption one after the other: keep one answer,
+        # not a shared cache (hashing every caption into an LRU cost a tenth of the ID's price).
+        text, r = self._last
+        if text is not caption:
+            r = lg.detect_uncached(caption)
+            self._last = (caption, r)
+        return r
 
     def check(self, pair: Pair):
         if self.languages is None:
             return True
-        r = lg.detect(pair.caption)
+        r = self._detect(pair.caption)
         if r.lang not in self.languages:
             return False, reasons.CAPTION_LANGUAGE, f"{r.lang} ({r.score:.2f}) not in {sorted(self.languages)}"
         return True
 
     def annotate(self, pair: Pair) -> Pair:
-        r = lg.detect(pair.caption)
+        r = self._detect(pair.caption)
+        self._last = (None, None)
         # A shallow copy with two fields set: dataclasses.replace re-runs __init__ over all fields,
         # which alone cost a fifth of the language-ID overhead per caption.
-        out = object.__new__(Pair)
-        out.__dict__.update(pair.__dict__)
-        out.lang, out.lang_score = r.lang, r.score
-        return out
+        return with_fields(pair, lang=r.lang, lang_score=r.score)
 
 
 def caption_filters(cfg: CaptionFilterConfig) -> list[BaseFilter]:
