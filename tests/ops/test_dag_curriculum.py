@@ -56,6 +56,7 @@ overlap = "disjoint"
 target_pairs = 20
 on_short = "upsample"
 overlap = "allow"
+text_rich_share = 0.2
 [select.stage3.weights]
 cc3m = 0.3
 cococn = 0.2
@@ -279,6 +280,8 @@ def test_one_run_builds_a_three_stage_curriculum(airflow_env, sources, sample_di
         assert extra["by_dataset"] == {k: round(100 * v / total, 2) for k, v in EXPECTED[n].items()}
         assert extra["rewrite"] == "offline-template"
     assert events[1][1]["overlap"] == 0 and events[2][1]["overlap"] == mix3["earlier"]["overlap"]
+    # Stage 3's text-rich axis comes from the OCR stage's verdict: exactly the 4 synthdoc rows (20 %).
+    assert events[2][1]["by_text_rich"] == {"false": 80.0, "true": 20.0}
     assert json.loads(open(f"{run}/curriculum.json").read())["stage3"]["pairs"] == 20
 
 
