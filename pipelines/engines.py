@@ -524,6 +524,9 @@ class _Translator(beam.pipeline.PipelineVisitor):
     def _side_input(self, parts: list, label: str):
         import dask
 
+        # Each partition's chain runs in its own task (in parallel: a side input's chain may be the
+        # stage's shard writes), then one small task puts the lists together.
+        parts = self._materialized(label, parts)
         return dask.delayed(_concat_parts, pure=True)(parts, dask_key_name=(_name(label, "side"), 0))
 
     def _pardo(self, node, inputs):
