@@ -57,7 +57,8 @@ $(VLLM_STAMP): vllm-requirements.txt
 	touch $@
 
 bench: $(FULL_STAMP)
-	$(VENV)/bin/python -m bench.run_all
+	$(MAKE) --no-print-directory vllm-env
+	MMCORPUS_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m bench.run_all
 
 # System packages from Debian that tests and reports use: headless Chromium (the HTML report is
 # checked in a real browser) and CJK fonts (plots and synthetic documents render Chinese text).

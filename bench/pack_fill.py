@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from schemas import packed as S
 from transforms.packing import ALGO_GREEDY_TRUNCATE, Item, PackingConfig, fill_stats, pack_items
-from transforms.tokens import TextTokenizer, StageProfile, image_token_count, read_sample_captions
+from transforms.tokens import DEFAULT_TOKENIZER, TextTokenizer, StageProfile, image_token_count, read_sample_captions
 
 SAMPLE = pathlib.Path(__file__).resolve().parent.parent / "data" / "sample"
 SEQ_LENS = (2048, 4096)
@@ -236,6 +236,14 @@ def bench_stage(copies: int = 20) -> dict:
 TITLE = "Pack fill and speed"
 
 
+def tokenizer_identity(path: pathlib.Path = DEFAULT_TOKENIZER) -> str:
+    """Which tokenizer the numbers are for: the bundled file's vocab size and sha256 prefix, read now."""
+    from tokenizers import Tokenizer
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return f"bundled tokenizer `{path.relative_to(SAMPLE.parent.parent)}` (vocab {Tokenizer.from_file(str(path)).get_vocab_size():,}, sha256 {digest}…)"
+
+
 def section(quick: bool = False) -> str:
     """Markdown for BENCHMARKS.md: fill per stage profile and seq-len, packer and reader speed, the stage."""
     repeats, copies = (1, 2) if quick else (3, 20)
@@ -243,16 +251,23 @@ def section(quick: bool = False) -> str:
     caps = real_captions()
     caption_ids = tok.encode_batch(caps)
     lens = [len(c) for c in caption_ids]
-    lines = [f"`python -m bench.pack_fill` ({len(caps):,} real captions of data/sample, bundled BPE tokenizer, mean "
+    lines = [f"`python -m bench.pack_fill` ({len(caps):,} real captions of data/sample, {tokenizer_identity()}, mean "
              f"{sum(lens) / len(lens):.1f} tokens; image tokens per stage profile, q = 96; `stress` = document/high-res sizes; "
              "(c) = our best-fit packer, (b) = the paper's greedy packing with truncation)", "",
+             "Fill = tokens / (packs × seq_len). Lower bound = max(⌈tokens / seq⌉, max over k of ⌈#samples longer than "
+             "seq/(k+1) / k⌉): no packing without truncation can use fewer packs; \"best possible fill\" is the fill at it.", "",
              "| stage | image sizes | seq | (a) 1/seq fill | (b) greedy+trunc fill | (b) truncated tok | (c) best-fit fill | (c) truncated "
              "| (c) packs / lower bound | best possible fill | too long |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in bench_fill(lens):
+    fill = bench_fill(lens)
+    for r in fill:
         a, b, c = r["a_one_per_seq"], r["b_greedy_truncate"], r["c_best_fit"]
         lines.append(f"| {r['stage']} | {r['sizes']} | {r['seq_len']} | {100 * a['fill']:.2f}% | {100 * b['fill']:.2f}% | {b['truncated']} "
                      f"| **{100 * c['fill']:.2f}%** | {c['truncated']} | {c['packs']} / {r['lower_bound_packs']} "
                      f"| {100 * c['fill'] * c['packs'] / r['lower_bound_packs']:.2f}% | {r['too_long']} |")
+    at_bound = sum(r["c_best_fit"]["packs"] == r["lower_bound_packs"] for r in fill)
+    lines += ["", f"In this run (c) truncated {sum(r['c_best_fit']['truncated'] for r in fill)} tokens in all, reached the lower bound "
+              f"in {at_bound} of {len(fill)} cases and was at most {max(r['c_best_fit']['packs'] - r['lower_bound_packs'] for r in fill)} "
+              f"packs above it; (b) cut {sum(r['b_greedy_truncate']['truncated'] for r in fill):,} tokens."]
     sp = bench_packer_speed(lens, repeats)
     lines += ["", f"Packer ({sp['samples']:,} stage-3 samples, seq 4096, one core, best of {repeats}): best-fit "
               f"{sp['best_fit']:,.0f} samples/s, greedy+truncation {sp['greedy_truncate']:,.0f} samples/s (ratio {sp['best_fit_vs_greedy']:.2f}).",

@@ -133,10 +133,14 @@ def section(quick: bool = False) -> str:
     rows = [bench_client(latency, c, waves=(4 if quick else 20) if latency <= 0.5 else 10) for latency, c in grid]
     lines = ["`python -m bench.rewrite_throughput" + (" --quick`" if quick else "`") + " (the stand-in in its own process with a "
              "fixed latency L and at most C answers in progress: the ideal rate is C/L; the client here keeps C requests in flight)", "",
+             "\"Slot utilisation\" is the share of the C slots' time with a request outstanding (the client's own efficiency); "
+             "\"mean round trip\" is what the stand-in really took per request, above L when its process is short of CPU; "
+             "the 1-at-a-time baseline is the same client with one request in flight, measured in the same run.", "",
              "| L (s) | C | requests | achieved req/s | C/L | fraction of C/L | slot utilisation | mean round trip (s) "
              "| 1-at-a-time req/s | speed-up | client CPU ms/req | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['L_s']} | {r['C']} | {r['requests']} | {r['rps']} | {r['ideal_rps']} | {r['fraction_of_C_over_L']} | "
+        ideal, frac = (r["ideal_rps"], r["fraction_of_C_over_L"]) if r["L_s"] > 0 else ("–", "–")  # L = 0: no ideal rate
+        lines.append(f"| {r['L_s']} | {r['C']} | {r['requests']} | {r['rps']} | {ideal} | {frac} | "
                      f"{r['slot_utilisation']} | {r['mean_round_trip_s']} | {r['sequential_rps']} | {r['speedup_vs_sequential']}x | "
                      f"{r['client_cpu_ms_per_request']} | {r['load_avg_1m']} |")
     if not quick:

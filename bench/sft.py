@@ -28,6 +28,8 @@ SAMPLE = REPO / "data" / "sample"
 TEMPLATE = REPO / "tests" / "fixtures" / "sft" / "chatml_generation.jinja"
 SEQ_LENS = (2048, 4096)
 COMMAND = ".venv/bin/python -m bench.sft"
+CHAT_VOCAB = 2048  # the tiny chat tokenizer trained here; the split counts use the bundled one
+QUERY_NUM = 64
 
 
 def bundled_samples() -> list[S.SftSample]:
@@ -91,12 +93,12 @@ def run(repeats: int = 20) -> dict:
     for s in samples:
         d = res["split"].setdefault(s.dataset, {"part1": 0, "part2": 0})
         d[f"part{s.part}"] += 1
-    profile = StageProfile.for_stage(3, query_num=64)
+    profile = StageProfile.for_stage(3, query_num=QUERY_NUM)
     with tempfile.TemporaryDirectory() as tmp:
         from transforms.sft_template import build_chat_tokenizer
 
         texts = read_sample_captions(SAMPLE)[:3000] + [a for s in samples for q, a in s.turns]
-        tok_dir = build_chat_tokenizer(tmp, TEMPLATE, texts, vocab_size=2048)
+        tok_dir = build_chat_tokenizer(tmp, TEMPLATE, texts, vocab_size=CHAT_VOCAB)
         toks, _ = templated(samples, tok_dir, profile)
         # throughput on repeats of the set: templating + packing (images are not decoded here)
         many = samples * repeats
@@ -137,8 +139,9 @@ def markdown_section(res: dict | None = None) -> tuple[str, str]:
     """The BENCHMARKS.md section (markdown) and the command that produced it."""
     res = res or run()
     lines = [
-        f"Inputs: LLaVA-Bench qa90 (90 conversations, stand-in photos) + 8 scikit-image captions; stage-3 profile "
-        f"(adaptive slicing, q = 64); tiny BPE chat tokenizer (vocab 2048) with the ChatML template of "
+        f"Inputs: LLaVA-Bench qa90 ({sum(res['split']['llava_qa90'].values())} conversations, stand-in photos) + "
+        f"{sum(res['split']['skimage'].values())} scikit-image captions; stage-3 profile "
+        f"(adaptive slicing, q = {QUERY_NUM}); tiny BPE chat tokenizer (vocab {CHAT_VOCAB}) trained here, with the ChatML template of "
         f"tests/fixtures/sft; split tokens counted with the bundled tokenizer.",
         "",
         "| source | part 1 | part 2 |", "|---|---|---|",

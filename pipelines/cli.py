@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from schemas.errors import UserError
+from schemas.errors import StageFailed, UserError
 
 # name -> (module, one-line help). Add a line here to add a command.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -53,15 +53,30 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _debug() -> bool:
+    """``MMCORPUS_LOG_LEVEL=DEBUG``: a failed stage shows its traceback too."""
+    return os.environ.get("MMCORPUS_LOG_LEVEL", "").strip().upper() == "DEBUG"
+
+
+def _run(main_fn, argv: list[str], name: str) -> int:
+    """``main_fn(argv)``'s exit code; a UserError (exit 2) or a StageFailed from the engine (exit 1)
+    becomes one ``mmcorpus NAME: error: ...`` line on stderr instead of a traceback."""
+    try:
+        return int(main_fn(argv) or 0)
+    except UserError as e:
+        print(f"mmcorpus {name}: error: {e}", file=sys.stderr)
+        return 2
+    except StageFailed as e:
+        if _debug():
+            raise
+        print(f"mmcorpus {name}: error: {e}", file=sys.stderr)
+        return 1
+
+
 def run_script(main_fn, name: str) -> None:
     """Entry for a stage module run as a file (``python pipelines/filter.py ...``, as Airflow's Beam
     operator does): the same exit codes and error messages as ``mmcorpus NAME``."""
-    try:
-        code = main_fn(sys.argv[1:])
-    except UserError as e:
-        print(f"mmcorpus {name}: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    raise SystemExit(int(code or 0))
+    raise SystemExit(_run(main_fn, sys.argv[1:], name))
 
 
 def _quiet_optional_gcp(record: logging.LogRecord) -> bool:
@@ -91,11 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmcorpus: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    try:
-        return int(module.main(rest) or 0)
-    except UserError as e:
-        print(f"mmcorpus {name}: error: {e}", file=sys.stderr)
-        return 2
+    return _run(module.main, rest, name)
 
 
 if __name__ == "__main__":

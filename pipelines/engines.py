@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.common import Receiver
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
-from schemas.errors import UserError
+from schemas.errors import StageFailed, UserError
 
 log = logging.getLogger("mmcorpus")
 
@@ -593,7 +593,7 @@ class DaskRunResult(PipelineResult):
             self._state = PipelineState.DONE
         except ddist.KilledWorker as e:
             self._state = PipelineState.FAILED
-            raise RuntimeError(
+            raise StageFailed(
                 f"Dask engine: a task's workers died repeatedly ({e}); the stage did not finish and its "
                 "output has no manifest. Check the workers' memory limit and logs, then rerun the stage"
             ) from e

@@ -35,7 +35,7 @@ from schemas.records import STATUSES
 from transforms.stage_io import join, read_bytes, read_manifest, shard_of
 
 # Pipeline order of the stages; other stage names sort after these, alphabetically.
-STAGE_ORDER = ("synthdoc", "filter", "dedup", "ocr", "rewrite", "pack")
+STAGE_ORDER = ("synthdoc", "filter", "dedup", "ocr", "rewrite", "pack", "rlaifv_generate", "rlaifv_feedback", "rlaifv_pairs")
 INDEX_NAME = "index.json"
 # A run of image placeholder tokens (e.g. 96 x "<unk>") is shown as one marker.
 _PLACEHOLDER_RUN = re.compile(r"(<unk>){2,}")
@@ -333,11 +333,17 @@ def dataset_counts(stage_dir: str, m: Manifest) -> dict[str, dict[str, int]] | N
     if not names:
         return None
     out: dict[str, Counter] = {}
+    known = pa.array(sorted(names), pa.string())
     for entry in m.files_of("ledger"):
-        t = _read_parquet(join(stage_dir, entry.path), columns=["key", "status"])
-        for key, status in zip(t.column("key").to_pylist(), t.column("status").to_pylist()):
-            prefix = key.split("-", 1)[0] if "-" in key else ""
-            out.setdefault(prefix if prefix in names else "(none)", Counter())[status] += 1
+        # Counted in Arrow a record batch at a time: a ledger has one row per input record (200M at scale).
+        with FileSystems.open(join(stage_dir, entry.path), compression_type="uncompressed") as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=65_536, columns=["key", "status"]):
+                prefix = pc.fill_null(pc.struct_field(pc.extract_regex(batch.column("key"), r"^(?P<p>[^-]*)-"), [0]), "")
+                ds = pc.if_else(pc.is_in(prefix, value_set=known), prefix, "(none)")
+                pairs = pa.table({"ds": ds, "status": batch.column("status")})
+                counts = pairs.group_by(["ds", "status"]).aggregate([([], "count_all")])
+                for row in counts.to_pylist():
+                    out.setdefault(row["ds"], Counter())[row["status"]] += row["count_all"]
     return {name: dict(sorted(c.items())) for name, c in sorted(out.items())}
 
 
@@ -547,6 +553,7 @@ def trace_keys(path: str, keys: list[str], locate_packs: bool = True) -> dict[st
         kept = [k for k in keys if ledger.get(k) and ledger[k][0].get("status") == "kept"]
         data = _data_rows_for_keys(d, m, kept) if kept else {}
         packs = _packs_of_keys(d, m, kept) if kept and stage == "pack" and locate_packs else {}
+        audits = _rlaifv_audits(d, m, kept) if kept and stage.startswith("rlaifv") else {}
         for key in keys:
             rows = ledger.get(key, [])
             step: dict[str, Any] = {"stage": stage, "dir": d}
@@ -569,6 +576,8 @@ def trace_keys(path: str, keys: list[str], locate_packs: bool = True) -> dict[st
                             step["cluster_size"] = row["cluster_size"]
                     if key in packs:
                         step["pack"] = packs[key]
+                    if audits.get(key):
+                        step["rlaifv"] = audits[key]
             steps[key].append(step)
     out = {}
     for key in keys:
@@ -576,6 +585,18 @@ def trace_keys(path: str, keys: list[str], locate_packs: bool = True) -> dict[st
         out[key] = {"key": key, "run": run_root(path), "steps": steps[key],
                     "fate": "never seen" if final is None else f"{final['status']} at {final['stage']}" + (
                         f" ({final['reason']})" if final.get("reason") not in (None, "", "ok") else "")}
+    return out
+
+
+def _rlaifv_audits(stage_dir: str, m: Manifest, keys: list[str]) -> dict[str, list[str]]:
+    """RLAIF-V stages (issue 15): the audit lines (responses, claims, questions, answers, scores, pairs)
+    that each kept key's ``meta`` carries."""
+    from schemas.rlaifv import audit_lines
+
+    out: dict[str, list[str]] = {}
+    for f, ks in _files_by_shard(m.files_of(FILE_KIND_DATA), m.config.get("num_shards"), keys, shard_name):
+        for r in _read_parquet(join(stage_dir, f.path), columns=["key", "meta"], filters=[("key", "in", ks)]).to_pylist():
+            out.setdefault(r["key"], audit_lines(r["meta"]))
     return out
 
 
@@ -790,6 +811,11 @@ def render_trace(trace: dict[str, Any], console) -> None:
         style = {"kept": "green", "absent": "dim"}.get(s["status"], "red")
         t.add_row(escape(_label(s["stage"], s["dir"])), f"[{style}]{s['status']}[/{style}]", s.get("reason", ""), escape(detail), escape(where))
     console.print(t)
+    for s in trace["steps"]:  # RLAIF-V audit, unwrapped plain lines
+        if s.get("rlaifv"):
+            console.print(f"RLAIF-V audit at {_label(s['stage'], s['dir'])}:", markup=False, soft_wrap=True)
+            for line in s["rlaifv"]:
+                console.print("  " + line, markup=False, highlight=False, soft_wrap=True)
 
 
 # --- command ---------------------------------------------------------------------------------------

@@ -50,9 +50,10 @@ EXPORT_FORMATS = ("trl", "llamafactory")
 
 
 def _endpoint_args(p: argparse.ArgumentParser, name: str, max_tokens: int) -> None:
-    p.add_argument(f"--{name}-endpoint", dest=f"{name}_endpoint", required=True,
-                   help=f"OpenAI-compatible base URL of the {name} model")
-    p.add_argument(f"--{name}-model", dest=f"{name}_model", required=True, help=f"served {name} model name")
+    # required, from the flag or the --config section (checked in main after merging them)
+    p.add_argument(f"--{name}-endpoint", dest=f"{name}_endpoint",
+                   help=f"OpenAI-compatible base URL of the {name} model (required)")
+    p.add_argument(f"--{name}-model", dest=f"{name}_model", help=f"served {name} model name (required)")
     p.add_argument(f"--{name}-api-key-env", dest=f"{name}_api_key_env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (never the key itself)")
     p.add_argument(f"--{name}-max-tokens", dest=f"{name}_max_tokens", type=int, default=max_tokens)
@@ -102,6 +103,8 @@ def parser() -> argparse.ArgumentParser:
                    help="0: no cap")
     q.add_argument("--max-length-ratio", dest="max_length_ratio", type=float, default=None)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--balance-lengths", dest="balance_lengths", action="store_true",
+                   help="pick capped pairs alternately with the chosen answer shorter / longer (length bias)")
     add_stage_args(q)
     e = sub.add_parser("export", help="TRL DPO and LLaMA-Factory multimodal DPO files")
     e.add_argument("--input", required=True, help="a finished `rlaifv pairs` output")
@@ -110,7 +113,87 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="the audit document (responses, claims, questions, answers) of one key")
     s.add_argument("--input", required=True, help="an rlaifv generate / feedback / pairs output")
     s.add_argument("--key", required=True)
+    p.set_defaults(_stages={"generate": g, "feedback": f, "pairs": q})
     return p
+
+
+# --- --config FILE: [rlaifv.generate], [rlaifv.feedback], [rlaifv.pairs] ------------------------------
+
+# Flags that name this run's data, not a setting: never read from a config file.
+_NOT_CONFIGURABLE = {"input", "output", "config", "force", "help", "command", "_stages"}
+_REQUIRED = {"generate": ("policy_endpoint", "policy_model"),
+             "feedback": ("claims_endpoint", "claims_model", "labeler_endpoint", "labeler_model")}
+
+
+def _check_value(action: argparse.Action, key: str, value: Any, where: str) -> Any:
+    """``value`` of config ``key`` as the flag would give it, or UserError naming the key."""
+    def bad(expected: str):
+        return UserError(f"{where} {key} = {value!r}: expected {expected}")
+
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if action.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif action.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    elif action.type is None:
+        if not isinstance(value, str):
+            raise bad("a string")
+    else:  # sizes such as --target-shard-bytes: what the flag accepts
+        try:
+            value = action.type(value if isinstance(value, str) else str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise bad(f"a value --{key.replace('_', '-')} accepts ({e})") from None
+    if action.choices is not None and value not in action.choices:
+        raise bad(f"one of {sorted(action.choices)}")
+    return value
+
+
+def config_defaults(path: str, command: str, sub: argparse.ArgumentParser) -> dict[str, Any]:
+    """The ``[rlaifv.COMMAND]`` table of ``path`` as parser defaults (so flags still override it). Keys
+    are the flags' long names with ``_`` (``policy_endpoint``, ``top_p``, ``max_pairs_per_image``);
+    ``--no-logprobs`` is ``logprobs = false``. Unknown tables under ``[rlaifv]``, unknown keys and
+    values of the wrong type are UserErrors naming them."""
+    from pipelines.config import load_toml
+
+    doc = load_toml(path)
+    root = doc.get("rlaifv", {})
+    if not isinstance(root, dict):
+        raise UserError(f"config file {path}: rlaifv must be a table ([rlaifv.generate], [rlaifv.feedback], [rlaifv.pairs])")
+    unknown_tables = sorted(k for k in root if k not in ("generate", "feedback", "pairs"))
+    if unknown_tables:
+        raise UserError(f"config file {path}: unknown [rlaifv] entr{'y' if len(unknown_tables) == 1 else 'ies'} "
+                        f"{unknown_tables}; known tables: [rlaifv.generate], [rlaifv.feedback], [rlaifv.pairs]")
+    table = root.get(command, {})
+    where = f"config file {path} [rlaifv.{command}]"
+    if not isinstance(table, dict):
+        raise UserError(f"{where} must be a table")
+    actions = {a.dest: a for a in sub._actions if a.dest not in _NOT_CONFIGURABLE and a.dest != argparse.SUPPRESS}
+    unknown = sorted(k for k in table if k not in actions)
+    if unknown:
+        raise UserError(f"{where}: unknown setting(s) {unknown}; known: {sorted(actions)}")
+    return {k: _check_value(actions[k], k, v, where) for k, v in table.items()}
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Flags, then ``--config`` tables under them, then the defaults; required endpoints checked."""
+    p = parser()
+    args, beam_args = p.parse_known_args(argv)
+    sub = args._stages.get(args.command)
+    if sub is not None and args.config:
+        sub.set_defaults(**config_defaults(args.config, args.command, sub))
+        args, beam_args = p.parse_known_args(argv)
+    missing = [k for k in _REQUIRED.get(args.command, ()) if not getattr(args, k)]
+    if missing:
+        raise UserError(f"rlaifv {args.command}: {', '.join('--' + k.replace('_', '-') for k in missing)} required "
+                        f"(a flag, or {', '.join(missing)} in [rlaifv.{args.command}] of --config)")
+    del args._stages
+    return args, beam_args
 
 
 def show(stage_dir: str, key: str) -> dict[str, Any]:
@@ -220,7 +303,8 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult | dict:
     else:
         try:
             cfg = PairsConfig(margin=args.margin, max_pairs_per_image=args.max_pairs_per_image or None,
-                              max_length_ratio=args.max_length_ratio, seed=args.seed)
+                              max_length_ratio=args.max_length_ratio, seed=args.seed,
+                              balance_lengths=args.balance_lengths)
         except ValueError as e:
             raise UserError(str(e)) from None
 
@@ -321,7 +405,7 @@ def export(stage_dir: str, output: str, formats: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, beam_args = parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    args, beam_args = parse_args(list(sys.argv[1:] if argv is None else argv))
     result = run(args, beam_args)
     if isinstance(result, dict):
         print(json.dumps(result, indent=1, ensure_ascii=False))

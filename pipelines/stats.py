@@ -27,22 +27,23 @@ import json
 import math
 import sys
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 
 from pipelines.inspection import (
     MEASURE_COLUMNS,
-    dataset_counts,
-    _read_parquet,
     _require_dir,
     _seq_len,
+    _tar_pack_rows,
+    dataset_counts,
     is_stage_dir,
-    language_counts,
     pack_files,
     pack_measures,
-    pack_table,
     read_index,
     run_stage_dirs,
 )
@@ -69,6 +70,9 @@ PANEL_W_IN, PANEL_H_IN, DPI = 6.4, 4.0, 100
 TITLE_BAND_IN = 0.48
 FIG_FACE = "#ececec"  # figure background: panels are white on it, empty grid cells stay grey
 MAX_ROWS_DEFAULT = 1_000_000
+# Rows per Arrow record batch when reading a stage's files: what one read holds at a time (about 1 MB
+# of captions), whatever the size of a file or of the stage (docs/operations.md, "Looking inside outputs").
+BATCH_ROWS = 8_192
 # Language labels in their own script, so the panel shows that CJK text renders.
 LANG_NAMES = {"en": "English", "zh": "中文", "ja": "日本語", "ko": "한국어", "es": "Español", "fr": "Français",
               "de": "Deutsch", "ru": "Русский", "und": "undetermined"}
@@ -83,23 +87,91 @@ def _stage_scope(path: str) -> list[tuple[str, str]]:
     return run_stage_dirs(path)
 
 
-def _read_data_column(stage_dir: str, columns: list[str], max_rows: int) -> pa.Table | None:
-    m = read_manifest(stage_dir)
-    files = sorted(m.files_of(FILE_KIND_DATA), key=lambda f: f.path)
-    if not files:
-        return None
-    tables, n = [], 0
-    for f in files:
-        t = _read_parquet(join(stage_dir, f.path), columns=columns)
-        tables.append(t)
-        n += t.num_rows
-        if n >= max_rows:
-            break
-    return pa.concat_tables(tables).slice(0, max_rows)
+def _batches(path: str, columns) -> Iterator[pa.RecordBatch]:
+    """Record batches of at most ``BATCH_ROWS`` rows of the Parquet file at ``path``, holding only
+    those of ``columns`` the file has (nothing when it has none of them): never a whole column."""
+    with FileSystems.open(path, compression_type="uncompressed") as fh:
+        pf = pq.ParquetFile(fh)
+        cols = [c for c in columns if c in pf.schema_arrow.names]
+        if cols:
+            yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=cols)
+
+
+def _data_batches(stage_dir: str, m, columns, max_rows: int) -> Iterator[pa.RecordBatch]:
+    """The first ``max_rows`` rows of a stage's data files, in file order, as record batches."""
+    left = max_rows
+    for f in sorted(m.files_of(FILE_KIND_DATA), key=lambda f: f.path):
+        if left <= 0:
+            return
+        for batch in _batches(join(stage_dir, f.path), columns):
+            if batch.num_rows > left:
+                batch = batch.slice(0, left)
+            left -= batch.num_rows
+            yield batch
+            if left <= 0:
+                return
+
+
+def _word_counts(texts: pa.Array) -> list[int]:
+    """Words of each non-null text, as ``len(text.split())`` counts them (split on Unicode
+    whitespace), computed in Arrow rather than with one Python string per row."""
+    trimmed = pc.utf8_trim_whitespace(pc.drop_null(texts))
+    n = pc.list_value_length(pc.utf8_split_whitespace(trimmed))
+    return pc.if_else(pc.equal(trimmed, ""), 0, n).to_pylist()
 
 
 def _words(texts: list[str | None]) -> list[int]:
-    return [len(t.split()) for t in texts if t is not None]
+    return _word_counts(pa.array(texts, pa.string()))
+
+
+@dataclass
+class _StageData:
+    """What the panels take from one stage's data files (the first ``max_rows`` rows)."""
+
+    rows: int = 0
+    after: list[int] = field(default_factory=list)  # words per caption
+    before: list[int] = field(default_factory=list)  # words per raw_caption, else caption
+    any_raw: bool = False  # some row has a raw_caption (the stage rewrote captions)
+    langs: Counter = field(default_factory=Counter)
+    lang_everywhere: bool = True  # every batch had a lang column
+    cluster_sizes: list[int] = field(default_factory=list)  # cluster_size > 1 (dedup)
+    sft_parts: dict[str, list[int]] = field(default_factory=dict)  # sft split: assistant tokens by part
+
+
+def _scan_stage(stage_dir: str, m, stage: str, max_rows: int) -> _StageData:
+    """One streamed pass over a stage's data files, reading only the columns the panels use
+    (captions, languages, and cluster sizes or SFT metadata for the stages that have them) batch by
+    batch, so memory is bounded by ``BATCH_ROWS`` plus the panels' own numbers, never by the stage."""
+    columns = ["caption", "raw_caption", "lang"]
+    if stage == "dedup":
+        columns.append("cluster_size")
+    if stage == "sft_split":
+        columns.append("meta")
+    out = _StageData()
+    for batch in _data_batches(stage_dir, m, columns, max_rows):
+        names = batch.schema.names
+        out.rows += batch.num_rows
+        if "caption" in names:
+            caption = batch.column("caption")
+            after = _word_counts(caption)
+            out.after.extend(after)
+            raw = batch.column("raw_caption") if "raw_caption" in names else None
+            if raw is not None and raw.null_count < len(raw):
+                out.any_raw = True
+                out.before.extend(_word_counts(pc.coalesce(raw, caption)))
+            else:
+                out.before.extend(after)
+        if "lang" in names:
+            vc = pc.value_counts(pc.drop_null(batch.column("lang")))
+            out.langs.update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())))
+        else:
+            out.lang_everywhere = False
+        if "cluster_size" in names:
+            sizes = batch.column("cluster_size")
+            out.cluster_sizes.extend(pc.filter(sizes, pc.greater(sizes, 1)).to_pylist())
+        if "meta" in names:
+            _add_sft_tokens(out.sft_parts, batch.column("meta").to_pylist())
+    return out
 
 
 def raw_input_captions(path: str, input_format: str = "auto", max_rows: int = MAX_ROWS_DEFAULT,
@@ -163,23 +235,20 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
             status, reason = name.split("/", 1)
             if status != KEPT:
                 reasons[f"{stage}: {reason}"] += n
-        t = _read_data_column(d, ["caption", "raw_caption", "cluster_size"], max_rows)
-        stage_langs = _lang_counts(d, max_rows)
-        if stage_langs:
-            langs[f"after {stage}"] = stage_langs
-        if t is not None and t.num_rows:
-            if stage == "rewrite" or pc.sum(pc.is_valid(t.column("raw_caption"))).as_py():
-                raw = [r if r is not None else c for r, c in zip(t.column("raw_caption").to_pylist(), t.column("caption").to_pylist())]
-                captions[f"before {stage}"] = _words(raw)
-            captions[f"after {stage}"] = _words(t.column("caption").to_pylist())
+        data = _scan_stage(d, m, stage, max_rows)
+        if data.lang_everywhere and data.langs:
+            langs[f"after {stage}"] = _sorted_counts(data.langs)
+        if data.rows:
+            if stage == "rewrite" or data.any_raw:
+                captions[f"before {stage}"] = data.before
+            captions[f"after {stage}"] = data.after
         if stage == "dedup":
-            clusters = _cluster_sizes(d, m, t)
+            clusters = sorted(data.cluster_sizes) or _ledger_cluster_sizes(d, m)
         if stage == "sft_split":
-            sft_parts = _sft_answer_tokens(d, max_rows)
+            sft_parts = dict(sorted(data.sft_parts.items()))
         if pack_files(d, m):
-            table = pack_table(d, m, limit=max_rows, columns=MEASURE_COLUMNS)
-            if table is not None and table.num_rows:
-                meas = pack_measures(table, _seq_len(m, read_index(d, m)))
+            meas = _pack_measures(d, m, max_rows)
+            if meas is not None:
                 packs = meas
     if captions:
         panels["caption_words"] = captions
@@ -201,8 +270,15 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
     return {"dir": path, "stages": [s for s, _ in scope], "panels": panels, "by_dataset": by_dataset}
 
 
+def _sorted_counts(counts: Counter) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def _lang_counts(stage_dir: str, max_rows: int) -> dict[str, int]:
-    return language_counts(stage_dir, max_rows=max_rows)
+    """Kept records per caption language in the first ``max_rows`` rows, most frequent first;
+    empty when the data files have no language."""
+    data = _scan_stage(stage_dir, read_manifest(stage_dir), "", max_rows)
+    return _sorted_counts(data.langs) if data.lang_everywhere else {}
 
 
 def use_cjk_font() -> str | None:
@@ -219,31 +295,54 @@ def use_cjk_font() -> str | None:
     return found
 
 
-def _sft_answer_tokens(stage_dir: str, max_rows: int) -> dict[str, list[int]]:
-    """``{"part 1": [tokens per assistant turn ...], "part 2": [...]}`` from an sft split output."""
-    t = _read_data_column(stage_dir, ["meta"], max_rows)
-    out: dict[str, list[int]] = {}
-    for meta in (t.column("meta").to_pylist() if t is not None else []):
+def _add_sft_tokens(out: dict[str, list[int]], metas: list[str | None]) -> None:
+    """``out["part 1"]``, ``out["part 2"]``...: assistant tokens per turn from an sft split output's
+    ``meta`` (docs/sft.md)."""
+    for meta in metas:
         sft = json.loads(meta or "{}").get("sft") or {}
         if sft.get("part"):
             out.setdefault(f"part {sft['part']}", []).extend(sft.get("assistant_tokens") or [])
-    return dict(sorted(out.items()))
 
 
-def _cluster_sizes(stage_dir: str, m, data: pa.Table | None) -> list[int]:
-    """Sizes of duplicate clusters: from the kept representatives' ``cluster_size``, or else from
-    the ledger (duplicates per ``cluster_id`` + the kept one)."""
-    if data is not None and "cluster_size" in data.column_names:
-        sizes = [s for s in data.column("cluster_size").to_pylist() if s is not None and s > 1]
-        if sizes:
-            return sorted(sizes)
+def _ledger_cluster_sizes(stage_dir: str, m) -> list[int]:
+    """Duplicate cluster sizes from the ledger (duplicates per ``cluster_id`` + the kept one), for a
+    dedup output whose data has no ``cluster_size`` above 1."""
     per_cluster: Counter = Counter()
     for f in m.files_of(FILE_KIND_LEDGER):
-        t = _read_parquet(join(stage_dir, f.path), columns=["status", "cluster_id"])
-        for status, cid in zip(t.column("status").to_pylist(), t.column("cluster_id").to_pylist()):
-            if status == "duplicate" and cid:
-                per_cluster[cid] += 1
+        for batch in _batches(join(stage_dir, f.path), ["status", "cluster_id"]):
+            cid = batch.column("cluster_id")
+            dup = pc.filter(cid, pc.and_(pc.equal(batch.column("status"), "duplicate"), pc.not_equal(cid, "")))
+            vc = pc.value_counts(dup)
+            per_cluster.update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())))
     return sorted(n + 1 for n in per_cluster.values())
+
+
+def _pack_measures(stage_dir: str, m, max_rows: int) -> dict[str, list] | None:
+    """``pack_measures`` of the first ``max_rows`` packs of a pack output, shard by shard (Parquet:
+    in record batches of the measure columns; WebDataset: one tar shard at a time); None without packs."""
+    seq_len = _seq_len(m, read_index(stage_dir, m))
+    out: dict[str, list] | None = None
+    left = max_rows
+    for path in pack_files(stage_dir, m):
+        if left <= 0:
+            break
+        if path.endswith(".tar"):
+            rows = _tar_pack_rows(path)
+            parts = [pa.Table.from_pylist(rows)] if rows else []
+        else:
+            parts = _batches(path, MEASURE_COLUMNS)
+        for part in parts:
+            if part.num_rows > left:
+                part = part.slice(0, left)
+            left -= part.num_rows
+            if part.num_rows:
+                meas = pack_measures(part, seq_len)
+                out = out or {k: [] for k in meas}
+                for k, v in meas.items():
+                    out[k].extend(v)
+            if left <= 0:
+                break
+    return out
 
 
 def panel_grid(n: int) -> tuple[int, int]:

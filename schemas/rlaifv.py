@@ -48,3 +48,48 @@ def set_doc(meta: str | None, doc: dict[str, Any], key: str = META_KEY) -> str:
     out = json.loads(meta or "{}")
     out[key] = doc
     return canonical_json(out)
+
+
+def _lp(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def audit_lines(meta: str | None) -> list[str]:
+    """The RLAIF-V audit of one record as plain text lines (``mmcorpus inspect --key``): per response its
+    seed, status, score and text, then each claim with its question and the labeler's answer (with the
+    yes/no log-probabilities when kept); then the DPO pairs. Empty when ``meta`` holds neither document."""
+    lines: list[str] = []
+    doc = get_doc(meta)
+    if doc is not None:
+        lines.append(f"prompt: {doc.get('prompt')}")
+        models = [f"{k} {doc[k]}" for k in ("policy_model", "claims_model", "labeler_model") if doc.get(k)]
+        if models:
+            lines.append("models: " + ", ".join(models))
+        for r in doc.get("responses") or []:
+            score = r.get("score")
+            head = f"response {r.get('i')} (seed {r.get('seed')}, {r.get('status')}"
+            head += f", score {score})" if score is not None else ")"
+            lines.append(f"{head}: {r.get('text')}")
+            claims, questions = r.get("claims") or [], r.get("questions") or []
+            answers = r.get("answers") or []
+            for j, claim in enumerate(claims):
+                lines.append(f"  claim {j + 1}: {claim}")
+                if j < len(questions):
+                    q = f"    question: {questions[j]}"
+                    if j < len(answers):
+                        a = answers[j]
+                        q += (f" -> {a.get('answer')} (logprob yes {_lp(a.get('logprob_yes'))}, "
+                              f"no {_lp(a.get('logprob_no'))})")
+                    lines.append(q)
+            if r.get("answers_raw"):
+                lines.append(f"  labeler answers (not yes/no): {r['answers_raw']}")
+            if r.get("error"):
+                lines.append(f"  error: {r['error']}")
+    pairs = get_doc(meta, PAIR_META_KEY)
+    if pairs is not None:
+        if doc is None:
+            lines.append(f"prompt: {pairs.get('prompt')}")
+        for p in pairs.get("pairs") or []:
+            lines.append(f"pair: chosen {p.get('chosen_i')} (score {p.get('chosen_score')}) over rejected "
+                         f"{p.get('rejected_i')} (score {p.get('rejected_score')})")
+    return lines

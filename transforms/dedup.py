@@ -83,9 +83,10 @@ class DedupConfig:
         exact_image: drop records whose image bytes have the same sha256.
         near_caption_threshold: Jaccard threshold of caption shingle sets for MinHash LSH.
         shingle: ``word`` or ``char`` shingles; ``ngram``: their length. The defaults (character
-            5-grams) were chosen with ``bench/dedup_quality.py`` on the real sample captions (see
-            BENCHMARKS.md): they catch more realistic edits than word 2/3-grams at the same
-            precision, and merge fewer distinct captions than word 1-grams or char 3/4-grams.
+            5-grams) were chosen with ``python -m bench.dedup_quality --sweep`` on the real sample
+            captions (docs/dedup.md, "Why character 5-grams"): they catch more realistic edits than
+            word 2/3-grams at the same precision, and merge fewer distinct captions than word 1-grams
+            or char 3/4-grams.
         num_perm, seed: MinHash signature length and datasketch seed.
         bands, rows: LSH banding; None picks them with datasketch's ``_optimal_param`` for the
             threshold and the two weights below.

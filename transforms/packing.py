@@ -43,7 +43,8 @@ class PackingConfig:
             order, truncate the sample that does not fit; the cut never falls before ``Item.min_take``).
         window: pending samples the packer chooses from (its memory bound; raised to about 4 packs'
             worth of samples when samples are short). Smaller windows fill better here: a big pool lets
-            early packs spend the short samples that later packs need (see BENCHMARKS.md). The oldest
+            early packs spend the short samples that later packs need (README.md, "Packed shards and
+            the training-time reader", "The packer's window"). The oldest
             pending sample anchors each pack; then the subset of pending samples that fills the rest
             best (an exact bounded subset-sum over the window's length histogram); then anything that
             still fits within the pack limits.

@@ -30,8 +30,10 @@ import asyncio
 import base64
 import hashlib
 import io
+import itertools
 import json
 import random
+import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -186,12 +188,16 @@ class PairsConfig:
         max_length_ratio: drop pairs whose longer response has more than this many times the
             characters of the shorter one (length-bias control; None: off).
         seed: sampling seed (the per-record order is seeded by ``(seed, key)``).
+        balance_lengths: pick the capped pairs alternately from those whose chosen answer is shorter
+            and those whose chosen answer is longer than the rejected one (shorter first, equal lengths
+            last), so the cap does not pass a record's length bias on to the pairs (length-bias control).
     """
 
     margin: int = 1
     max_pairs_per_image: int | None = 2
     max_length_ratio: float | None = None
     seed: int = 0
+    balance_lengths: bool = False
 
     def __post_init__(self):
         if self.margin < 1:
@@ -264,6 +270,8 @@ def parse_answer(completion: Completion) -> dict[str, Any] | None:
     if not isinstance(value, str) or value.strip().lower() not in ("yes", "no"):
         return None
     out: dict[str, Any] = {"answer": value.strip().lower(), "logprob_yes": None, "logprob_no": None}
+    if _decision_logprobs(completion.logprobs or [], out):
+        return out
     for tok in completion.logprobs or []:  # the first token that is yes/no carries the decision
         word = tok["token"].strip().strip('"').lower()
         if word in ("yes", "no"):
@@ -275,6 +283,35 @@ def parse_answer(completion: Completion) -> dict[str, Any] | None:
                     out[f"logprob_{w}"] = lp
             break
     return out
+
+
+_ANSWER_VALUE = re.compile(r'"answer"\s*:\s*"')
+
+
+def _decision_logprobs(tokens: list[dict[str, Any]], out: dict[str, Any]) -> bool:
+    """Fill ``logprob_yes``/``logprob_no`` from the token that holds the first character of the JSON
+    answer's value and its alternatives: with small vocabularies that token is only ``y`` or ``n`` (a
+    prefix of the word), with large ones ``yes``/``no`` or ``"yes``. False when the tokens do not spell
+    ``"answer": "`` (then the caller looks for a whole yes/no token)."""
+    text = "".join(t["token"] for t in tokens)
+    m = _ANSWER_VALUE.search(text)
+    if m is None:
+        return False
+    pos = 0
+    for tok in tokens:
+        end = pos + len(tok["token"])
+        if end > m.end():
+            skip = max(0, m.end() - pos)  # characters of this token before the value (e.g. the quote)
+            top = dict(tok.get("top") or {})
+            top.setdefault(tok["token"], tok["logprob"])
+            for t, lp in top.items():
+                word = t[skip:].strip().strip('"').lower() if len(t) > skip else ""
+                for w in ("yes", "no"):
+                    if word and w.startswith(word) and out[f"logprob_{w}"] is None:
+                        out[f"logprob_{w}"] = lp
+            return True
+        pos = end
+    return False
 
 
 class _Caller:
@@ -547,6 +584,12 @@ def make_pairs(pair: Pair, cfg: PairsConfig) -> list[Outcome]:
                     continue
             candidates.append((chosen, rejected))
     random.Random(f"{cfg.seed}|{pair.key}").shuffle(candidates)
+    if cfg.balance_lengths:
+        shorter = [cr for cr in candidates if len(cr[0]["text"]) < len(cr[1]["text"])]
+        longer = [cr for cr in candidates if len(cr[0]["text"]) > len(cr[1]["text"])]
+        equal = [cr for cr in candidates if len(cr[0]["text"]) == len(cr[1]["text"])]
+        alternated = [cr for two in itertools.zip_longest(shorter, longer) for cr in two if cr is not None]
+        candidates = alternated + equal
     if cfg.max_pairs_per_image is not None:
         candidates = candidates[: cfg.max_pairs_per_image]
     if not candidates:

@@ -80,6 +80,21 @@ def test_chain_photos_to_dpo(photos_stage, tmp_path, capsys):
         assert sum(stats["score_gaps"].values()) == 16 and set(stats["score_gaps"]) <= {"1", "2"}
         docs = [p for r in read_table(str(out / "pairs")).to_pylist() for p in get_doc(r["meta"], PAIR_META_KEY)["pairs"]]
         assert len(docs) == 16 and all(d["chosen_score"] > d["rejected_score"] for d in docs)
+        # `mmcorpus inspect --key` on the run shows the audit of every rlaifv stage the key went through
+        from pipelines import inspection
+
+        capsys.readouterr()
+        assert inspection.main([str(out), "--key", "astronaut"]) == 0
+        shown = capsys.readouterr().out.splitlines()
+        assert [ln for ln in shown if ln.startswith("RLAIF-V audit")] == [
+            "RLAIF-V audit at rlaifv_generate (gen):", "RLAIF-V audit at rlaifv_feedback (fb):",
+            "RLAIF-V audit at rlaifv_pairs (pairs):"]
+        ast = get_doc(next(r for r in read_table(str(out / "fb")).to_pylist() if r["key"] == "astronaut")["meta"])
+        fb_audit = shown[shown.index("RLAIF-V audit at rlaifv_feedback (fb):"):shown.index("RLAIF-V audit at rlaifv_pairs (pairs):")]
+        assert [ln for ln in fb_audit if ln.startswith("  response")] == [
+            f"  response {i} (seed {i}, ok, score {s}): {ast['responses'][i]['text']}" for i, s in enumerate([0, -1, -2, 0])]
+        assert fb_audit.count("      question: Is it true that there is a wrong thing 0? -> no (logprob yes -3, no -0.05)") == 2
+        assert len([ln for ln in shown[shown.index("RLAIF-V audit at rlaifv_pairs (pairs):"):] if ln.startswith("  pair: ")]) == 2
         from pipelines.verify import main as verify_main
 
         assert verify_main([str(out / "gen"), str(out / "fb"), str(out / "pairs")]) == 0
@@ -107,6 +122,14 @@ def test_chain_photos_to_dpo(photos_stage, tmp_path, capsys):
     first = ds[0]
     assert first["prompt"][0]["role"] == "user" and first["prompt"][0]["content"][0]["type"] == "image"
     assert first["images"][0].size == (512, 512)  # PIL image decoded by datasets (astronaut.png)
+    # TRL's own data utilities: conversational preference rows whose image placeholders match `images`
+    from trl.data_utils import is_conversational, prepare_multimodal_messages, unpair_preference_dataset
+
+    assert all(is_conversational(row) for row in ds)
+    msgs = prepare_multimodal_messages(first["prompt"], first["images"])  # raises when the counts differ
+    assert [part["type"] for part in msgs[0]["content"]] == ["image", "text"] and msgs[0]["content"][0]["image"].size == (512, 512)
+    unpaired = unpair_preference_dataset(ds)
+    assert len(unpaired) == 32 and sorted(set(unpaired["label"])) == [False, True]
     lf = datasets.load_dataset("json", data_files=str(out / "dpo" / "llamafactory" / "rlaifv_dpo.json"), split="train")
     assert len(lf) == 16 and lf[0]["conversations"][0]["value"].startswith("<image>")
     assert all(os.path.exists(out / "dpo" / "llamafactory" / p) for row in lf["images"] for p in row)

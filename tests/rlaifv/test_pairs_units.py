@@ -4,6 +4,7 @@ checked by the stand-in, and config validation."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -52,6 +53,23 @@ def test_length_ratio_drops_unbalanced_pairs():
     assert sorted(_pairs(make_pairs(rec, PairsConfig(max_pairs_per_image=None, max_length_ratio=1.5)))) == [(0, 1)]
 
 
+def test_balance_lengths_alternates_chosen_shorter_and_longer():
+    # scores 0, -1, -2, -3 with lengths 10, 2, 4, 6: chosen longer in (0,1) (0,2) (0,3); shorter in (1,2) (1,3)
+    # (2,3); every pair qualifies, so the cap decides
+    rec = _record([0, -1, -2, -3], ["x" * 10, "x" * 2, "x" * 4, "x" * 6])
+    for seed in range(20):
+        picked = _pairs(make_pairs(rec, PairsConfig(max_pairs_per_image=2, seed=seed, balance_lengths=True)))
+        assert len(picked) == 2 and sum(c == 0 for c, _ in picked) == 1, (seed, picked)  # one of each
+    # without the control some seeds take two of one kind
+    kinds = {tuple(sorted(c == 0 for c, _ in _pairs(make_pairs(rec, PairsConfig(max_pairs_per_image=2, seed=s)))))
+             for s in range(20)}
+    assert kinds - {(False, True)}
+    # uncapped: the control changes the order only, not the set
+    full = PairsConfig(max_pairs_per_image=None)
+    assert sorted(_pairs(make_pairs(rec, dataclasses.replace(full, balance_lengths=True)))) == \
+        sorted(_pairs(make_pairs(rec, full)))
+
+
 def test_parse_answer_yes_no_only():
     assert parse_answer(Completion(text='{"answer": "no"}', finish_reason="stop"))["answer"] == "no"
     assert parse_answer(Completion(text=" Yes ", finish_reason="stop"))["answer"] == "yes"
@@ -60,6 +78,19 @@ def test_parse_answer_yes_no_only():
     lp = [{"token": "{", "logprob": -0.1, "top": {}}, {"token": "yes", "logprob": -0.2, "top": {"no": -1.7}}]
     a = parse_answer(Completion(text='{"answer":"yes"}', finish_reason="stop", logprobs=lp))
     assert (a["logprob_yes"], a["logprob_no"]) == (-0.2, -1.7)
+    # a small vocabulary (the tiny BLIP-2 served by vLLM): the value starts with token "y" or "n", and the
+    # "n" of "answer" must not count; the chosen token's own logprob wins over a duplicate in its top list
+    toks = ['{', '"', 'a', 'n', 's', 'w', 'e', 'r', '"', ':', '"', 'y', 'es', '"', '}']
+    tops = {2: {"a": -0.46, "answer": -1.1}, 3: {"n": 0.0}, 11: {"n": -1.63, "y": -0.22}, 12: {"e": -1.8, "es": -0.17}}
+    lp = [{"token": t, "logprob": tops.get(i, {}).get(t, 0.0), "top": tops.get(i, {})} for i, t in enumerate(toks)]
+    a = parse_answer(Completion(text='{"answer":"yes"}', finish_reason="stop", logprobs=lp))
+    assert (a["answer"], a["logprob_yes"], a["logprob_no"]) == ("yes", -0.22, -1.63)
+    # a large vocabulary: '"no' holds the value's first character after the quote
+    lp = [{"token": '{"answer":', "logprob": -0.01, "top": {}},
+          {"token": ' "no', "logprob": -0.3, "top": {' "no': -0.3, ' "yes': -1.4, ' "maybe': -4.0}},
+          {"token": '"}', "logprob": 0.0, "top": {}}]
+    a = parse_answer(Completion(text='{"answer": "no"}', finish_reason="stop", logprobs=lp))
+    assert (a["answer"], a["logprob_yes"], a["logprob_no"]) == ("no", -1.4, -0.3)
 
 
 def test_standin_rejects_image_parts_that_are_not_data_urls():
