@@ -2,6 +2,7 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 VLLM_VENV ?= .venv-vllm
+BENCH_VENV ?= .venv-bench
 PIP    := $(VENV)/bin/pip
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
@@ -12,8 +13,9 @@ CONSTRAINTS := constraints.txt
 CORE_STAMP  := $(VENV)/.core-installed
 FULL_STAMP  := $(VENV)/.full-installed
 VLLM_STAMP  := $(VLLM_VENV)/.installed
+BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: demo demo-vllm test test-fast env env-full vllm-env system-deps bench lock clean
+.PHONY: demo demo-vllm test test-fast env env-full vllm-env system-deps bench bench-env lock clean
 
 demo: $(CORE_STAMP)
 	$(VENV)/bin/mmcorpus demo --output build/demo
@@ -56,9 +58,18 @@ $(VLLM_STAMP): vllm-requirements.txt
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	touch $@
 
-bench: $(FULL_STAMP)
+bench: $(FULL_STAMP) bench-env
 	$(MAKE) --no-print-directory vllm-env
 	MMCORPUS_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m bench.run_all
+
+# Benchmark-only venv with datatrove (bench/dedup_vs_datatrove.py runs it as a subprocess); never a
+# runtime or test dependency of mmcorpus.
+bench-env: $(BENCH_STAMP)
+$(BENCH_STAMP): bench/datatrove-requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade "pip>=25,<27"
+	$(BENCH_VENV)/bin/pip install --quiet -r bench/datatrove-requirements.txt
+	touch $@
 
 # System packages from Debian that tests and reports use: headless Chromium (the HTML report is
 # checked in a real browser) and CJK fonts (plots and synthetic documents render Chinese text).

@@ -10,13 +10,13 @@ from pipelines.config import build, load_toml, section, to_dict
 from pipelines.runner import StageResult, add_stage_args, run_stage
 from transforms.caption_filters import CaptionFilterConfig, CaptionQualityFlagger, caption_filters
 from transforms.filter_base import ApplyFiltersFn
+from transforms.filter_stage import ReadAndFilter
 from transforms.image_filters import ImageFilterConfig, image_filters
 from transforms.ingest import (
     DEFAULT_MAX_MEMBER_BYTES,
     FINGERPRINT_MODES,
     FORMATS,
     InputSpec,
-    ReadPairs,
     fingerprint,
     preflight,
     resolve_input,
@@ -97,9 +97,13 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
             tag = "" if src.name is None and len(plans) == 1 else f"_{src.name}"
             filters = caption_filters(caption_cfg) + image_filters(image_cfg)
             flagger = CaptionQualityFlagger(caption_cfg)
-            records = p | f"Read{tag}" >> (ReadStage(resolved.root) if resolved.format == "stage" else ReadPairs(resolved))
             lic = settings.get(src.name, {}).get("license") if src.name else None
-            if src.name is not None or lic is not None:
+            tagged = src.name is not None or lic is not None
+            if resolved.format != "stage":  # raw input: read, tag and filter in one step
+                parts.append(p | f"Filter{tag}" >> ReadAndFilter(resolved, filters, [flagger], tagged, src.name, lic))
+                continue
+            records = p | f"Read{tag}" >> ReadStage(resolved.root)
+            if tagged:
                 records = records | f"Tag{tag}" >> beam.ParDo(TagSourceFn(src.name, lic))
             parts.append(records | f"Filter{tag}" >> beam.ParDo(ApplyFiltersFn(filters, [flagger])))
         return parts[0] if len(parts) == 1 else parts | "Sources" >> beam.Flatten()

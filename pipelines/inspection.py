@@ -322,14 +322,22 @@ def describe(stage_dir: str) -> dict[str, Any]:
 def dataset_counts(stage_dir: str, m: Manifest) -> dict[str, dict[str, int]] | None:
     """Ledger rows per source dataset and status (issue 13), or None for a single unnamed source.
     A ledger row's dataset is its key's ``NAME-`` prefix (``transforms.sources``) when NAME is a
-    dataset of the data; replicas made by ``select`` count as kept rows of their dataset."""
+    dataset of the output: one in its data's ``dataset`` column, one a ``select`` mixture or a pack
+    (``extra.datasets``, pack shards have no dataset column) lists, or a named ``--input``, so a
+    dataset none of whose records was kept still gets its row. Replicas made by ``select`` count as
+    kept rows of their dataset."""
     names: set[str] = set()
     for entry in m.files_of("data"):
         try:
             col = _read_parquet(join(stage_dir, entry.path), columns=["dataset"]).column("dataset")
-        except (KeyError, ValueError, pa.ArrowInvalid):  # written before issue 13: no dataset column
+        except (KeyError, ValueError, pa.ArrowInvalid):  # before issue 13, or pack shards: no dataset column
             continue
         names.update(v for v in col.unique().to_pylist() if v is not None)
+    names.update((m.extra.get("mixture") or {}).get("by_dataset") or {})
+    names.update(m.extra.get("datasets") or [])
+    if m.input.get("kind") == "sources":
+        names.update(n for n in m.input.get("sources") or {} if n)
+    names.discard("(none)")
     if not names:
         return None
     out: dict[str, Counter] = {}
@@ -689,15 +697,26 @@ def render_describe(info: dict[str, Any], console) -> None:
 
     mix = (info.get("extra") or {}).get("mixture")
     if mix:
-        x = Table(title=f"mixture (stage {mix.get('stage')}): {mix.get('selected'):,} selected of "
-                        f"{mix.get('target_pairs'):,}, {mix.get('replicas'):,} replicas, shortfall {mix.get('shortfall'):,}")
-        for col in ("axis", "value", "pool", "target", "achieved", "target %", "achieved %"):
+        tokens = mix.get("unit") == "tokens"
+        if tokens:  # a token budget: targets in tokens, pairs beside them
+            title = (f"mixture (stage {mix.get('stage')}): {mix.get('selected'):,} pairs, "
+                     f"{mix.get('selected_tokens'):,} tokens selected of {mix.get('target_tokens'):,} tokens, "
+                     f"{mix.get('replicas'):,} replicas, shortfall {mix.get('shortfall_tokens'):,} tokens")
+            cols = ("axis", "value", "pool", "pool tokens", "target tokens", "achieved", "achieved tokens",
+                    "target %", "achieved tokens %")
+            keys = ("pool", "pool_tokens", "target_tokens", "achieved", "achieved_tokens", "target_tokens_pct",
+                    "achieved_tokens_pct")
+        else:
+            title = (f"mixture (stage {mix.get('stage')}): {mix.get('selected'):,} selected of "
+                     f"{mix.get('target_pairs'):,}, {mix.get('replicas'):,} replicas, shortfall {mix.get('shortfall'):,}")
+            cols = ("axis", "value", "pool", "target", "achieved", "target %", "achieved %")
+            keys = ("pool", "target", "achieved", "target_pct", "achieved_pct")
+        x = Table(title=title)
+        for col in cols:
             x.add_column(col, justify="left" if col in ("axis", "value") else "right")
         for axis in ("by_dataset", "by_lang", "by_text_rich"):
             for value, row in (mix.get(axis) or {}).items():
-                x.add_row(axis[3:], escape(value), _fmt_num(row.get("pool")), _fmt_num(row.get("target", "-")),
-                          _fmt_num(row.get("achieved")), _fmt_num(row.get("target_pct", "-")),
-                          _fmt_num(row.get("achieved_pct")))
+                x.add_row(axis[3:], escape(value), *[_fmt_num(row.get(k, "-")) for k in keys])
         console.print(x)
         earlier = mix.get("earlier")
         if earlier:

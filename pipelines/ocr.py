@@ -16,7 +16,7 @@ from pipelines.runner import StageResult, add_stage_args, run_stage
 from schemas.errors import UserError
 from transforms.ocr import OCR_MODEL, OcrAnnotateFn, OcrConfig, SignalCountsFn
 from transforms.safety import NSFW_MODEL, SafetyConfig
-from transforms.stage_io import ReadStage, read_manifest, stage_input_info
+from transforms.sources import read_sources, stage_inputs
 
 STAGE = "ocr"
 
@@ -24,7 +24,9 @@ STAGE = "ocr"
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmcorpus ocr", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="a finished stage output directory with images (filter, dedup, synthdoc)")
+    p.add_argument("--input", action="append", required=True,
+                   help="[NAME=]a finished stage output directory with images (filter, dedup, synthdoc); "
+                        "repeat with NAME=DIR")
     p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None,
                    help="OCR result cache (by image sha256): a rerun or a resumed run never pays twice")
     p.add_argument("--no-safety", "--no_safety", dest="safety", action="store_false",
@@ -42,10 +44,7 @@ def load_safety(path: str | None, enabled: bool) -> SafetyConfig | None:
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
-    try:
-        read_manifest(args.input)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
+    sources, input_info = stage_inputs(args.input)
     cfg = load_config(args.config)
     safety = load_safety(args.config, args.safety)
     try:
@@ -56,10 +55,9 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
         raise UserError("the OCR stage needs rapidocr, nudenet and onnxruntime: pip install -e . (they are core dependencies)") from None
     config = {"ocr": to_dict(cfg), "model": OCR_MODEL,
               "safety": to_dict(safety) if safety else None, "safety_model": NSFW_MODEL if safety else None}
-    input_info = stage_input_info(args.input)
 
     def build_pipeline(p):
-        outcomes = (p | "Read" >> ReadStage(args.input)
+        outcomes = (read_sources(p, sources)
                     | "OCR" >> beam.ParDo(OcrAnnotateFn(cfg, cache_dir=args.cache_dir, safety=safety)))
         signals = outcomes | "Signals" >> beam.CombineGlobally(SignalCountsFn())
         return outcomes, {"image_signals": signals}

@@ -24,7 +24,8 @@ from schemas.errors import UserError
 from storage.staging import staging_dir
 from transforms.packing import ALGORITHMS, PackingConfig
 from transforms.shards import PackSamples, ShardConfig
-from transforms.stage_io import ReadStage, join, read_manifest, stage_input_info
+from transforms.sources import read_sources, stage_inputs
+from transforms.stage_io import join
 from transforms.tokens import DEFAULT_TOKENIZER, QUERY_NUMS, StageProfile
 
 # Auto partitioning: a worker plans one partition from its samples' lengths (about 100 bytes each);
@@ -64,7 +65,8 @@ def _apply_config(args: argparse.Namespace) -> argparse.Namespace:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="mmcorpus pack", description=__doc__.splitlines()[0])
-    p.add_argument("--input", required=True, help="a finished stage output directory (filter, dedup or rewrite)")
+    p.add_argument("--input", action="append", required=True,
+                   help="[NAME=]a finished stage output directory (filter, dedup, select, rewrite); repeat with NAME=DIR")
     add_stage_args(p)
     _flag(p, "stage", type=int, choices=(1, 2, 3), default=2, help="pretraining stage profile (1: 224px, 2: 448px, 3: sliced)")
     _flag(p, "seq-len", type=int, default=2048, help="tokens per packed sequence")
@@ -110,11 +112,7 @@ def run(argv: list[str]):
     tok_path = pathlib.Path(args.tokenizer or DEFAULT_TOKENIZER)
     if not tok_path.exists():
         raise UserError(f"--tokenizer {tok_path}: no such file or directory (pass a tokenizer.json or a tokenizer dir)")
-    try:
-        read_manifest(args.input)
-    except FileNotFoundError as e:
-        raise UserError(f"--input {args.input}: {e}") from None
-    input_info = stage_input_info(args.input)
+    sources, input_info = stage_inputs(args.input)
     profile, packing, shards = _configs(args, int(input_info.get("records") or 0))
     config = {
         "profile": asdict(profile),
@@ -125,11 +123,12 @@ def run(argv: list[str]):
     }
 
     def build(p):
-        pairs = p | "Read" >> ReadStage(args.input)
+        pairs = read_sources(p, sources)
         out = pairs | "Pack" >> PackSamples(
             staging_dir(args.output), profile, packing, shards, tokenizer_path=str(tok_path), require_image=args.require_image
         )
         extra = {k: out["summary"] | f"Extra_{k}" >> _pick(k) for k in SUMMARY_KEYS}
+        extra["datasets"] = _datasets(pairs)  # pack shards have no dataset column: inspect/stats read this
         return {"outcomes": out["outcomes"], "write_data": False, "files": out["files"], "extra": extra}
 
     return run_stage(
@@ -139,6 +138,19 @@ def run(argv: list[str]):
         num_shards=args.num_shards if args.num_shards is not None
         else resolve_num_shards(None, args.target_shard_bytes, ledger_only_input_info(input_info)),
         target_shard_bytes=args.target_shard_bytes,
+    )
+
+
+def _datasets(pairs):
+    """Sorted source names (``Pair.dataset``) of the input records, one value."""
+    import apache_beam as beam
+
+    return (
+        pairs
+        | "Datasets" >> beam.Map(lambda p: p.dataset)
+        | "DistinctDatasets" >> beam.Distinct()
+        | "DatasetList" >> beam.combiners.ToList()
+        | "SortDatasets" >> beam.Map(lambda names: sorted(n for n in names if n))
     )
 
 

@@ -33,7 +33,7 @@ from pipelines.runner import StageResult, add_stage_args, run_stage
 from schemas.errors import UserError
 from transforms.rewrite import (BACKEND_OFFLINE, BACKEND_OPENAI, BACKENDS, ON_FAILURE, POLICIES, RewriteCaptions,
                                 RewriteConfig)
-from transforms.stage_io import ReadStage, read_manifest, stage_input_info
+from transforms.sources import read_sources, stage_inputs
 
 STAGE = "rewrite"
 log = logging.getLogger("mmcorpus.rewrite")
@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
         prog="mmcorpus rewrite", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Unknown flags go to Beam, e.g. --direct_running_mode=multi_processing --direct_num_workers=2",
     )
-    p.add_argument("--input", required=True, help="a finished stage output directory (normally the dedup's)")
+    p.add_argument("--input", action="append", required=True,
+                   help="[NAME=]a finished stage output directory (normally the dedup's); repeat with NAME=DIR")
     p.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (backend openai)")
     p.add_argument("--model", help="served model name (backend openai); keys the response cache")
     p.add_argument("--model-revision", "--model_revision", dest="model_revision",
@@ -185,18 +186,14 @@ def with_revision(cfg: RewriteConfig, models_body: dict | None) -> RewriteConfig
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
     cfg = resolve_config(args)
-    try:
-        read_manifest(args.input)
-    except FileNotFoundError as e:
-        raise UserError(f"--input {args.input}: {e}") from None
-    input_info = stage_input_info(args.input)
+    sources, input_info = stage_inputs(args.input)
     if cfg.backend == BACKEND_OPENAI and args.preflight:
         cfg = with_revision(cfg, preflight(cfg))
     elif cfg.backend == BACKEND_OPENAI:
         cfg = with_revision(cfg, None)
 
     def build_pipeline(p):
-        pairs = p | "Read" >> ReadStage(args.input)
+        pairs = read_sources(p, sources)
         return pairs | "RewriteCaptions" >> RewriteCaptions(cfg)
 
     config = {"rewrite": cfg.hashed()}

@@ -9,20 +9,22 @@ Example:
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
-import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.config import load_toml
+from pipelines.pack import _tokenizer_hash
 from pipelines.runner import add_stage_args, run_stage
 from schemas.errors import UserError
 from schemas.manifest import FILE_KIND_DATA
 from storage.staging import staging_dir
-from transforms.selection import NO_DATASET, ReadSelectionKeys, Select, check_names, load_select_config
-from transforms.sources import TagSourceFn, combined_input_info, parse_inputs
-from transforms.stage_io import ReadStage, join, read_manifest, stage_input_info
+from transforms.selection import NO_DATASET, NO_LANG, ReadSelectionKeys, Select, check_names, load_select_config
+from transforms.sources import read_sources, stage_inputs
+from transforms.stage_io import join, read_manifest, stage_input_info
+from transforms.tokens import DEFAULT_TOKENIZER
 
 STAGE = "select"
 
@@ -36,18 +38,44 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def stage_datasets(stage_dir: str) -> set[str]:
-    """Dataset names present in a stage output (reads only the ``dataset`` column, file by file)."""
+def stage_values(stage_dir: str) -> tuple[set[str], set[str]]:
+    """Dataset and language names present in a stage output (reads only the ``dataset`` and ``lang``
+    columns, file by file; a missing column or value reads as ``NO_DATASET`` / ``NO_LANG``)."""
     names: set[str] = set()
+    langs: set[str] = set()
     for entry in read_manifest(stage_dir).files_of(FILE_KIND_DATA):
         with FileSystems.open(join(stage_dir, entry.path), compression_type="uncompressed") as f:
             pf = pq.ParquetFile(f)
-            if "dataset" not in pf.schema_arrow.names:
-                names.add(NO_DATASET)
-                continue
-            col = pf.read(columns=["dataset"]).column("dataset")
-        names.update(NO_DATASET if v is None else v for v in col.unique().to_pylist())
-    return names
+            cols = [c for c in ("dataset", "lang") if c in pf.schema_arrow.names]
+            t = pf.read(columns=cols)
+        if t.num_rows == 0:
+            continue
+        for col, out, none in (("dataset", names, NO_DATASET), ("lang", langs, NO_LANG)):
+            if col in cols:
+                out.update(none if v is None else v for v in t.column(col).unique().to_pylist())
+            else:
+                out.add(none)
+    return names, langs
+
+
+def stage_datasets(stage_dir: str) -> set[str]:
+    """Dataset names present in a stage output (see ``stage_values``)."""
+    return stage_values(stage_dir)[0]
+
+
+def ocr_ran(stage_dir: str) -> bool:
+    """Whether the OCR stage ran on this stage output's records: it is an ``ocr`` output, or one of
+    the stage inputs its manifest names (one level up, e.g. a dedup over OCR outputs) is."""
+    m = read_manifest(stage_dir)
+    if m.stage == "ocr":
+        return True
+
+    def walk(info) -> bool:
+        if isinstance(info, dict):
+            return info.get("stage") == "ocr" or any(walk(v) for v in info.values())
+        return False
+
+    return walk(m.input)
 
 
 def run(argv: list[str]):
@@ -55,22 +83,28 @@ def run(argv: list[str]):
     args, beam_args = parse_args(argv)
     if not args.config:
         raise UserError("--config is required: a TOML file with a [select] table (see docs/selection.md)")
-    sources = parse_inputs(args.input)
     cfg = load_select_config(load_toml(args.config), args.stage, where=args.config)
-    infos, datasets = [], set()
+    sources, input_info = stage_inputs(args.input)
+    datasets, langs = set(), set()
     for src in sources:
-        try:
-            read_manifest(src.path)
-        except FileNotFoundError as e:
-            raise UserError(f"--input {src.path}: {e}") from None
-        info = stage_input_info(src.path)
-        infos.append((src.name, info))
-        found = stage_datasets(src.path)
+        found, found_langs = stage_values(src.path)
         if src.name is not None:  # unnamed records of a named input take its name
             found = {src.name if n == NO_DATASET else n for n in found} or {src.name}
         datasets |= found
-    input_info = combined_input_info(infos)
-    check_names(cfg, datasets, input_info.get("records"), args.config)
+        langs |= found_langs
+    check_names(cfg, datasets, input_info.get("records"), args.config, langs)
+    if cfg.text_rich_share and not any(ocr_ran(src.path) for src in sources):
+        raise UserError(
+            f"{args.config} text_rich_share: {cfg.text_rich_share:g} needs the OCR stage's output, and no --input "
+            "comes from `mmcorpus ocr`; run `mmcorpus ocr --input DIR --output OCR_DIR` and select from OCR_DIR "
+            "(or set text_rich_share = 0)"
+        )
+    config = {"select": cfg.to_dict()}
+    if cfg.by_tokens:
+        tok_path = pathlib.Path(cfg.tokenizer or DEFAULT_TOKENIZER)
+        if not tok_path.exists():
+            raise UserError(f"{args.config} tokenizer: {tok_path} does not exist (a tokenizer.json or a tokenizer dir)")
+        config["tokenizer_sha256"] = _tokenizer_hash(tok_path)
     earlier_info = None
     if cfg.earlier is not None:
         try:
@@ -84,14 +118,7 @@ def run(argv: list[str]):
                           fingerprint=input_info["fingerprint"] + ":" + earlier_info["fingerprint"])
 
     def build(p):
-        parts = []
-        for src in sources:
-            tag = "" if len(sources) == 1 and src.name is None else f"_{src.name}"
-            pairs = p | f"Read{tag}" >> ReadStage(src.path)
-            if src.name is not None:
-                pairs = pairs | f"Tag{tag}" >> beam.ParDo(TagSourceFn(src.name))
-            parts.append(pairs)
-        pairs = parts[0] if len(parts) == 1 else parts | "Sources" >> beam.Flatten()
+        pairs = read_sources(p, sources)
         earlier = None
         if cfg.earlier is not None:
             earlier = p | "ReadEarlier" >> ReadSelectionKeys(cfg.earlier)
@@ -102,7 +129,7 @@ def run(argv: list[str]):
     return run_stage(
         stage=STAGE,
         output_dir=args.output,
-        config={"select": cfg.to_dict()},
+        config=config,
         input_info=input_info,
         build=build,
         beam_args=beam_args,
@@ -117,12 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     m = result.manifest
     mix = m.extra.get("mixture", {})
     state = "up to date, skipped" if result.skipped else f"done in {result.seconds:.1f}s"
-    print(
-        f"select: {state}: stage {mix.get('stage')}: {m.counts['inputs']} in, {mix.get('selected')} selected "
-        f"of target {mix.get('target_pairs')} ({mix.get('replicas')} replicas, shortfall {mix.get('shortfall')})"
-    )
+    if mix.get("unit") == "tokens":
+        print(
+            f"select: {state}: stage {mix.get('stage')}: {m.counts['inputs']} in, {mix.get('selected')} selected, "
+            f"{mix.get('selected_tokens')} tokens of target {mix.get('target_tokens')} ({mix.get('replicas')} "
+            f"replicas, shortfall {mix.get('shortfall_tokens')} tokens)"
+        )
+    else:
+        print(
+            f"select: {state}: stage {mix.get('stage')}: {m.counts['inputs']} in, {mix.get('selected')} selected "
+            f"of target {mix.get('target_pairs')} ({mix.get('replicas')} replicas, shortfall {mix.get('shortfall')})"
+        )
     for name, row in (mix.get("by_dataset") or {}).items():
-        print(f"  {name:<16} {row['achieved']:>9} {row.get('achieved_pct')}%  target {row.get('target', '-')}")
+        if "achieved_tokens" in row:
+            print(f"  {name:<16} {row['achieved']:>9} pairs {row['achieved_tokens']:>11} tokens "
+                  f"{row.get('achieved_tokens_pct')}%  target {row.get('target_tokens', '-')}")
+        else:
+            print(f"  {name:<16} {row['achieved']:>9} {row.get('achieved_pct')}%  target {row.get('target', '-')}")
     return 0
 
 

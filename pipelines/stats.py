@@ -3,8 +3,9 @@ PNG with a histogram panel for each thing the directory actually holds.
 
 Panels, in this fixed order, each present only when its data exists in DIR (a stage output, or a run
 directory holding several):
-    caption_words      caption length in words: raw input (with --raw-input), each stage output,
-                       and the captions before rewriting
+    caption_words      caption length: raw input (with --raw-input), each stage output, and the
+                       captions before rewriting; in words, and in characters for CJK captions (a
+                       separate "· characters" series: the units of the filter's length rules)
     languages          kept records by caption language (``Pair.lang``) after each stage, labelled
                        with the language's own name (中文, 日本語: drawn with Noto CJK)
     ledger_reasons     non-kept ledger rows by stage and reason (when there are any)
@@ -55,7 +56,7 @@ from transforms.stage_io import join, read_manifest
 PANELS = ("caption_words", "languages", "ledger_reasons", "cluster_sizes", "tokens_per_sample", "fill_per_pack",
           "images_per_pack", "sft_answer_tokens", "image_signals")
 PANEL_TITLES = {
-    "caption_words": "caption length (words)",
+    "caption_words": "caption length (words; CJK: characters)",
     "languages": "kept records by caption language",
     "ledger_reasons": "removed records by stage and reason",
     "cluster_sizes": "duplicate cluster sizes",
@@ -120,8 +121,61 @@ def _word_counts(texts: pa.Array) -> list[int]:
     return pc.if_else(pc.equal(trimmed, ""), 0, n).to_pylist()
 
 
-def _words(texts: list[str | None]) -> list[int]:
-    return _word_counts(pa.array(texts, pa.string()))
+# Series of captions measured in characters carry this suffix (the rest are in words).
+CHARS_SUFFIX = " · characters"
+
+
+def caption_length(text: str) -> tuple[str, int]:
+    """(unit, length) of one caption in the units the caption filter's length rules use
+    (``transforms.lang.profile``, docs/bilingual.md): ``words`` for space-separated scripts;
+    ``characters`` for captions with CJK (Han, Kana, Hangul: each character one unit, plus the
+    words of any Latin text mixed in) and for Thai/Lao/Khmer/Myanmar/Tibetan (non-space characters).
+
+    Example:
+        >>> caption_length("a dog on a beach"), caption_length("草地上的狗"), caption_length("我爱NBA篮球")
+        (('words', 5), ('characters', 5), ('characters', 5))
+    """
+    if text.isascii():
+        return "words", len(text.split())
+    from transforms import lang
+
+    p = lang.profile(text)
+    if p.cjk:
+        return "characters", p.cjk + p.words
+    if p.unspaced:
+        return "characters", sum(1 for c in text if not c.isspace())
+    return "words", len(text.split())
+
+
+def _char_script_re() -> str:
+    from transforms import lang
+
+    return f"[{lang.CJK_RANGES}{lang.UNSPACED_RANGES}]"
+
+
+def _length_counts(texts: pa.Array) -> tuple[list[int], list[int]]:
+    """(words, characters): the length of each non-null text in its unit (``caption_length``). Rows
+    without a CJK or unspaced-script character (found in Arrow) are counted in Arrow as words; only
+    the others become Python strings."""
+    texts = pc.drop_null(texts)
+    mask = pc.match_substring_regex(texts, _char_script_re())
+    if not pc.any(mask).as_py():
+        return _word_counts(texts), []
+    words = _word_counts(pc.filter(texts, pc.invert(mask)))
+    chars: list[int] = []
+    for text in pc.filter(texts, mask).to_pylist():
+        unit, n = caption_length(text)
+        (chars if unit == "characters" else words).append(n)
+    return words, chars
+
+
+def _put_lengths(captions: dict[str, list[int]], label: str, words: list[int], chars: list[int]) -> None:
+    """``captions[label]``: word counts; ``captions[label + CHARS_SUFFIX]``: character counts of the
+    CJK (and other unspaced-script) captions — a Chinese caption is not one "word"."""
+    if words or not chars:
+        captions[label] = words
+    if chars:
+        captions[label + CHARS_SUFFIX] = chars
 
 
 @dataclass
@@ -129,8 +183,10 @@ class _StageData:
     """What the panels take from one stage's data files (the first ``max_rows`` rows)."""
 
     rows: int = 0
-    after: list[int] = field(default_factory=list)  # words per caption
+    after: list[int] = field(default_factory=list)  # words per caption (captions measured in words)
     before: list[int] = field(default_factory=list)  # words per raw_caption, else caption
+    after_chars: list[int] = field(default_factory=list)  # characters per CJK caption
+    before_chars: list[int] = field(default_factory=list)
     any_raw: bool = False  # some row has a raw_caption (the stage rewrote captions)
     langs: Counter = field(default_factory=Counter)
     lang_everywhere: bool = True  # every batch had a lang column
@@ -153,14 +209,18 @@ def _scan_stage(stage_dir: str, m, stage: str, max_rows: int) -> _StageData:
         out.rows += batch.num_rows
         if "caption" in names:
             caption = batch.column("caption")
-            after = _word_counts(caption)
+            after, after_chars = _length_counts(caption)
             out.after.extend(after)
+            out.after_chars.extend(after_chars)
             raw = batch.column("raw_caption") if "raw_caption" in names else None
             if raw is not None and raw.null_count < len(raw):
                 out.any_raw = True
-                out.before.extend(_word_counts(pc.coalesce(raw, caption)))
+                before, before_chars = _length_counts(pc.coalesce(raw, caption))
+                out.before.extend(before)
+                out.before_chars.extend(before_chars)
             else:
                 out.before.extend(after)
+                out.before_chars.extend(after_chars)
         if "lang" in names:
             vc = pc.value_counts(pc.drop_null(batch.column("lang")))
             out.langs.update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())))
@@ -216,7 +276,8 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
         filter_cfg = next((read_manifest(d).config.get("input") for st, d in scope if st == "filter"), None) or {}
         if input_format == "auto" and filter_cfg.get("format") not in (None, "auto"):
             input_format = filter_cfg["format"]
-        captions["raw input (before filter)"] = _words(raw_input_captions(raw_input, input_format, max_rows, filter_cfg))
+        raw_texts = raw_input_captions(raw_input, input_format, max_rows, filter_cfg)
+        _put_lengths(captions, "raw input (before filter)", *_length_counts(pa.array(raw_texts, pa.string())))
     reasons: Counter = Counter()
     langs: dict[str, dict[str, int]] = {}
     clusters: list[int] | None = None
@@ -240,8 +301,8 @@ def collect(path: str, max_rows: int = MAX_ROWS_DEFAULT, raw_input: str | None =
             langs[f"after {stage}"] = _sorted_counts(data.langs)
         if data.rows:
             if stage == "rewrite" or data.any_raw:
-                captions[f"before {stage}"] = data.before
-            captions[f"after {stage}"] = data.after
+                _put_lengths(captions, f"before {stage}", data.before, data.before_chars)
+            _put_lengths(captions, f"after {stage}", data.after, data.after_chars)
         if stage == "dedup":
             clusters = sorted(data.cluster_sizes) or _ledger_cluster_sizes(d, m)
         if stage == "sft_split":
@@ -377,7 +438,10 @@ def plot(stats: dict[str, Any], out_path: str) -> list[str]:
     # rows a share would eat into the first row's panels.
     fig.tight_layout(rect=(0, 0, 1, 1 - TITLE_BAND_IN / (PANEL_H_IN * rows)))
     _keep_in_cells(flat[: len(names)], rows, cols)
-    meta = {"Title": "mmcorpus stats", "Description": json.dumps({"panels": names})}
+    desc: dict[str, Any] = {"panels": names}
+    if "caption_words" in stats["panels"]:  # the length series drawn (words, or "· characters" for CJK) and their n
+        desc["caption_lengths"] = {k: len(v) for k, v in stats["panels"]["caption_words"].items()}
+    meta = {"Title": "mmcorpus stats", "Description": json.dumps(desc, ensure_ascii=False)}
     import io
 
     buf = io.BytesIO()
@@ -409,8 +473,9 @@ def _draw(ax, name: str, data) -> None:
         hi = max((max(v) for v in data.values() if v), default=1)
         bins = range(0, min(hi, 80) + 2)
         for label, values in data.items():
-            ax.hist([min(v, 80) for v in values], bins=bins, histtype="step", linewidth=1.5, label=f"{label} (n={len(values):,})")
-        ax.set_xlabel("words (80+ pooled)")
+            ax.hist([min(v, 80) for v in values], bins=bins, histtype="step", linewidth=1.5, label=f"{label} (n={len(values):,})",
+                    linestyle="--" if label.endswith(CHARS_SUFFIX) else "-")
+        ax.set_xlabel("words, or characters for CJK captions (80+ pooled)")
         ax.set_ylabel("records")
         ax.legend(fontsize=7)
     elif name == "languages":

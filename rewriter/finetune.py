@@ -1,6 +1,6 @@
-"""LoRA fine-tuning of the rewriter on exported SFT data (transformers + peft), on a GPU or the CPU.
+"""LoRA (or full) fine-tuning of the rewriter on exported SFT data (transformers + peft), on a GPU or the CPU.
 
-``mmcorpus rewriter finetune --base MODEL_DIR --data build/sft --output build/rewriter-lora [--merge]``
+``mmcorpus rewriter finetune --base MODEL_DIR --data build/sft --output build/rewriter-lora [--merge | --full]``
 
 A plain PyTorch loop over the chat examples of ``export-sft``: each example is rendered with the
 base model's chat template; the loss covers the assistant turn only (prompt tokens are masked with
@@ -9,6 +9,9 @@ and decay, gradient accumulation, bf16 autocast on CUDA, fixed seeds (same data 
 adapter on the same hardware). The output directory holds ``adapter/`` (a peft adapter vLLM can serve
 with ``--lora-modules``), with ``--merge`` also ``merged/`` (the adapter folded into a full model,
 tokenizer beside it), and ``finetune.json`` (config, losses, validation loss before and after).
+``--full`` (``method="full"``) trains every weight instead and writes the whole model to ``merged/``
+(no adapter): for the tiny test models, whose frozen ``lm_head`` and 64-wide layers leave a LoRA adapter
+too little capacity to condition its answer on the prompt's language (``rewriter.tiny``).
 
 transformers, peft and torch are the optional ``finetune`` extra; they are imported only here.
 """
@@ -42,6 +45,8 @@ class FinetuneConfig:
     """LoRA and optimisation settings.
 
     Args:
+        method: ``lora`` (an adapter over frozen weights) or ``full`` (every weight is trained; the
+            output is a full model in ``merged/``; LoRA settings are then ignored).
         lora_r, lora_alpha, lora_dropout: LoRA rank, scaling and dropout (serve with ``--max-lora-rank >= lora_r``).
         target_modules: module names the adapter wraps (Llama/Qwen/Mistral projection names by default).
         learning_rate, weight_decay, warmup_ratio: AdamW with linear warm-up and decay.
@@ -59,6 +64,7 @@ class FinetuneConfig:
         16
     """
 
+    method: str = "lora"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -76,6 +82,8 @@ class FinetuneConfig:
     cpu_threads: int | None = None
 
     def __post_init__(self):
+        if self.method not in ("lora", "full"):
+            raise ValueError("method must be lora or full")
         if self.lora_r < 1 or self.lora_alpha < 1:
             raise ValueError("lora_r and lora_alpha must be >= 1")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -113,7 +121,7 @@ class Encoded:
 
 @dataclass
 class FinetuneResult:
-    adapter_dir: str
+    adapter_dir: str | None  # None for a full fine-tune
     merged_dir: str | None
     steps: int
     losses: list[float] = field(default_factory=list)
@@ -217,11 +225,13 @@ def finetune(base: str, data: str, output_dir: str, config: FinetuneConfig = Fin
 
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.to(device)
-    lora = peft.LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules), task_type="CAUSAL_LM", bias="none",
-    )
-    model = peft.get_peft_model(model, lora)
+    full = config.method == "full"
+    if not full:
+        lora = peft.LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=list(config.target_modules), task_type="CAUSAL_LM", bias="none",
+        )
+        model = peft.get_peft_model(model, lora)
     model.train()
 
     batches_per_epoch = math.ceil(len(train_items) / config.batch_size)
@@ -261,13 +271,14 @@ def finetune(base: str, data: str, output_dir: str, config: FinetuneConfig = Fin
     val_after = _mean_loss(model, val_items, config.batch_size, pad_id, device, torch)
 
     os.makedirs(output_dir, exist_ok=True)
-    adapter_dir = os.path.join(output_dir, ADAPTER_DIRNAME)
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    adapter_dir = None if full else os.path.join(output_dir, ADAPTER_DIRNAME)
+    if adapter_dir:
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
     merged_dir = None
-    if merge:
+    if merge or full:
         merged_dir = os.path.join(output_dir, MERGED_DIRNAME)
-        merged = model.merge_and_unload()
+        merged = model if full else model.merge_and_unload()
         merged.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
         gen = os.path.join(base, "generation_config.json")
@@ -288,8 +299,8 @@ def finetune(base: str, data: str, output_dir: str, config: FinetuneConfig = Fin
         "losses": losses,
         "val_loss_before": val_before,
         "val_loss_after": val_after,
-        "adapter_dir": ADAPTER_DIRNAME,
-        "merged_dir": MERGED_DIRNAME if merge else None,
+        "adapter_dir": None if full else ADAPTER_DIRNAME,
+        "merged_dir": MERGED_DIRNAME if merged_dir else None,
         "seconds": round(result.seconds, 2),
     }
     with open(os.path.join(output_dir, REPORT_NAME), "w", encoding="utf-8") as f:
@@ -313,6 +324,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data", required=True, help="export-sft output directory")
     parser.add_argument("--output", required=True, help="output directory (adapter/, merged/, finetune.json)")
     parser.add_argument("--merge", action="store_true", help="also write the merged full model to OUTPUT/merged")
+    parser.add_argument("--full", action="store_true",
+                        help="train every weight (no adapter); the model goes to OUTPUT/merged")
     parser.add_argument("--lora-r", type=int, default=d.lora_r)
     parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
     parser.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
@@ -330,7 +343,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         config = FinetuneConfig(
-            lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            method="full" if args.full else "lora", lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
             learning_rate=args.learning_rate, warmup_ratio=args.warmup_ratio, max_steps=args.max_steps,
             epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,

@@ -9,9 +9,10 @@ The template:
 
 1. collapse whitespace, drop a space before ``, . ; : ! ?``;
 2. drop an immediately repeated word (case-insensitive: ``beach beach`` → ``beach``);
-3. upper-case the first letter and end with a full stop (``。`` for a Chinese caption);
+3. upper-case the first letter and end with a full stop (``。`` for a Chinese or Japanese caption);
 4. answer ``{"qa": [{"question": "What does the image show?", "answer": T}], "caption": T}``, with the
-   question in the caption's language (``图片里有什么？`` for Chinese, ``prompts.prompt_language``).
+   question in the caption's prompt language (``prompts.prompt_language``: ``图片里有什么？`` for
+   Chinese, ``画像には何が写っていますか？`` for Japanese, ``이미지에 무엇이 있나요?`` for Korean).
 
 Because it only removes adjacent repeats, every number and name of the caption survives, so its output
 passes the faithfulness rule of ``rewriter.prompts`` by construction (a test checks that on the sample
@@ -31,7 +32,9 @@ from rewriter.client import Completion
 
 OFFLINE_MODEL = "offline-template"
 QUESTION = "What does the image show?"
-QUESTIONS = {"en": QUESTION, "zh": "图片里有什么？"}
+# The template's question in each prompt language (``prompts.PROMPTS``); a full stop to end with.
+QUESTIONS = {"en": QUESTION, "zh": "图片里有什么？", "ja": "画像には何が写っていますか？", "ko": "이미지에 무엇이 있나요?"}
+FULL_STOPS = {"zh": "。", "ja": "。"}
 
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
 _PUNCT_NO_SPACE = re.compile(r"([,;])(?=[^\s\d])")
@@ -56,7 +59,7 @@ def tidy(caption: str) -> str:
         return ""
     text = text[0].upper() + text[1:]
     if text[-1] not in ".!?。！？":
-        text += "。" if prompts.prompt_language(text) == "zh" else "."
+        text += FULL_STOPS.get(prompts.prompt_language(text), ".")
     return text
 
 

@@ -45,12 +45,22 @@ Faithfulness rule (no NER model is available offline, so the rule is lexical and
    c. titles in 《书名号》 and spans in 「」『』“” quotes must appear character for character (with or
       without their brackets): they mark works, names and terms;
    d. garbage means fewer than 2 CJK characters plus words, or letters under half of the characters.
-   Chinese person and place names without such marks are not detected (no NER model offline).
+   e. Japanese and Korean: the same rules (Kana and Hangul are CJK characters here, never "words", so
+      Katakana loanwords and Hangul words are not entities; Latin tokens and digits inside them are);
+      numbers 1–10 and 20 may also come back as Korean native number words, as whole words
+      (``2`` ↔ ``둘``/``두``: ``고양이 두 마리``); Japanese uses the Han numerals of 4b (``3`` ↔ ``三``).
+   f. In a caption written mostly in CJK, a capitalised Latin word after CJK text is mid-segment (rule
+      2a: ``삼성 Galaxy``, ``我用Apple手机``) and the Title Case exemption does not apply (CJK has no case).
+   Chinese, Japanese and Korean person and place names without such marks are not detected (no NER
+   model offline).
 
-Language: ``prompt_language(caption)`` picks the prompt by script (``zh`` when Han characters are at
-least half of the letters and there is no Kana/Hangul, else ``en``), so a Chinese caption is
-rewritten into Chinese question–answer pairs; the rewriter does not import the filter's language ID
-(``rewriter`` must not import ``transforms``), and the rule matches it on Chinese captions.
+Language: ``prompt_language(caption)`` picks the prompt by script: when the caption is mostly CJK
+(CJK characters at 1.4 a word against its other words), ``ja`` with Kana, ``ko`` when Hangul
+outnumbers Han, else ``zh``; otherwise ``en``.
+So Chinese, Japanese and Korean captions are rewritten by a prompt in their own language, and the
+English prompt asks for "the language of the raw caption" (Spanish in, Spanish out). The rewriter does
+not import the filter's language ID (``rewriter`` must not import ``transforms``); on CJK and mixed
+captions the rule agrees with it (tests/rewriter_chain/test_prompt_languages.py).
 
 ``faithfulness_constraints(raw)`` exposes what the rule requires for a caption, so its reach can be
 measured on real captions (``bench/rewrite_faithfulness.py``).
@@ -73,7 +83,10 @@ from typing import Any, NamedTuple
 
 from schemas import reasons
 
-PROMPT_VERSION = "qa-v2"  # v2: per-language prompts (en, zh) and the CJK faithfulness rules
+# v2: per-language prompts (en, zh) and the CJK faithfulness rules. v3: Japanese and Korean prompts,
+# the English prompt asks for the caption's language, Korean number words (the cache key changes
+# for every caption: a cached v2 answer was asked for and validated under other rules).
+PROMPT_VERSION = "qa-v3"
 
 # Bounds that keep one response small enough for a 512-token context (the CPU test server's limit).
 MAX_PAIRS = 4
@@ -89,6 +102,7 @@ SYSTEM_PROMPT = (
     "using only facts stated in the caption. Fix grammar, spelling and repeated words. "
     "Keep every number and every name (people, places, brands, titles, acronyms) exactly as written. "
     "Then give the adopted caption: one fluent sentence that states all facts of the answers. "
+    "Write the questions, answers and caption in the language of the raw caption. "
     'Reply with JSON only: {"qa": [{"question": "...", "answer": "..."}], "caption": "..."}'
 )
 
@@ -102,11 +116,34 @@ SYSTEM_PROMPT_ZH = (
     '只回复 JSON：{"qa": [{"question": "...", "answer": "..."}], "caption": "..."}'
 )
 USER_TEMPLATE_ZH = "原始说明：{caption}"
-PROMPTS = {"en": (SYSTEM_PROMPT, USER_TEMPLATE), "zh": (SYSTEM_PROMPT_ZH, USER_TEMPLATE_ZH)}
+SYSTEM_PROMPT_JA = (
+    "あなたは視覚言語モデルの事前学習コーパスのために、ウェブ画像のキャプションを書き直します。"
+    "元のキャプションをもとに、画像に写っているものについての短い質問と回答を日本語で 1〜4 組書いてください。"
+    "キャプションに書かれた事実だけを使ってください。文法、誤字、繰り返された語を直してください。"
+    "数字、人名、地名、ブランド名、「作品名」、英字の略語は書かれたとおりに残してください。"
+    "最後に採用するキャプションとして、すべての回答の事実を含む自然な日本語の一文を書いてください。"
+    'JSON だけで答えてください：{"qa": [{"question": "...", "answer": "..."}], "caption": "..."}'
+)
+USER_TEMPLATE_JA = "元のキャプション：{caption}"
+SYSTEM_PROMPT_KO = (
+    "당신은 시각-언어 사전학습 말뭉치를 위해 웹 이미지 캡션을 다시 씁니다. "
+    "원본 캡션을 바탕으로 이미지에 보이는 것에 대한 짧은 질문과 답변을 한국어로 1~4쌍 쓰세요. "
+    "캡션에 적힌 사실만 사용하세요. 문법, 맞춤법, 반복된 단어를 고치세요. "
+    "숫자, 사람 이름, 지명, 브랜드, 《작품명》, 영문 약어는 적힌 그대로 유지하세요. "
+    "마지막으로 채택할 캡션으로, 모든 답변의 사실을 담은 자연스러운 한국어 한 문장을 쓰세요. "
+    'JSON으로만 답하세요: {"qa": [{"question": "...", "answer": "..."}], "caption": "..."}'
+)
+USER_TEMPLATE_KO = "원본 캡션: {caption}"
+PROMPTS = {
+    "en": (SYSTEM_PROMPT, USER_TEMPLATE),
+    "zh": (SYSTEM_PROMPT_ZH, USER_TEMPLATE_ZH),
+    "ja": (SYSTEM_PROMPT_JA, USER_TEMPLATE_JA),
+    "ko": (SYSTEM_PROMPT_KO, USER_TEMPLATE_KO),
+}
 LANGUAGES = tuple(PROMPTS)
 
-_HAN_RE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
-_KANA_HANGUL_RE = re.compile("[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
+_KANA_RE = re.compile("[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
+_HANGUL_RE = re.compile("[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
 _CJK_CLASS = (
     "\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f\u1100-\u11ff\u3130-\u318f\uac00-\ud7af"
     "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
@@ -114,14 +151,32 @@ _CJK_CLASS = (
 _CJK_RE = re.compile(f"[{_CJK_CLASS}]")
 
 
+# CJK characters per word (COCO-CN vs COCO captions, docs/bilingual.md): a caption is "mostly CJK"
+# when its CJK characters make at least as many words as its other words.
+CJK_CHARS_PER_WORD = 1.4
+
+
 def prompt_language(caption: str) -> str:
-    """``zh`` for a Chinese caption (Han at least half of the letters, no Kana or Hangul), else ``en``."""
+    """The prompt for a caption, by script: when the caption is mostly CJK (its CJK characters, at
+    ``CJK_CHARS_PER_WORD`` a word, are at least as many words as its words of other scripts), ``ja``
+    if there is Kana, ``ko`` if Hangul outnumbers Han, else ``zh``; otherwise ``en``, whose prompt
+    asks for the caption's own language. Words, not letters, are weighed, so a Latin brand inside a
+    Chinese caption ("在Starbucks喝咖啡的女孩") leaves it Chinese, as the filter's language ID says.
+
+    Example:
+        >>> [prompt_language(c) for c in ("草地上的狗", "桜の木の下の猫", "해변의 강아지", "un perro en la playa")]
+        ['zh', 'ja', 'ko', 'en']
+    """
     text = caption or ""
-    han = len(_HAN_RE.findall(text))
-    if not han or _KANA_HANGUL_RE.search(text):
+    if text.isascii():
         return "en"
-    letters = sum(1 for c in text if c.isalpha())
-    return "zh" if 2 * han >= letters else "en"
+    cjk = _CJK_RE.findall(text)
+    if not cjk or len(cjk) < CJK_CHARS_PER_WORD * len(_words(text)):
+        return "en"
+    if _KANA_RE.search(text):
+        return "ja"
+    hangul = len(_HANGUL_RE.findall(text))
+    return "ko" if hangul and hangul >= len(cjk) - hangul else "zh"
 
 OUTPUT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -151,9 +206,10 @@ SCHEMA_NAME = "caption_qa"
 
 def build_messages(caption: str, lang: str | None = None) -> list[dict[str, str]]:
     """Chat messages (system + user) asking the rewriter to turn ``caption`` into QA JSON, in the
-    caption's language (``lang``: ``en`` or ``zh``; default ``prompt_language(caption)``)."""
+    caption's language (``lang``: a key of ``PROMPTS``; other codes and the default use
+    ``prompt_language(caption)``)."""
     text = " ".join((caption or "").split())[:MAX_INPUT_CHARS]
-    system, user = PROMPTS.get(lang or prompt_language(text), PROMPTS["en"])
+    system, user = PROMPTS[lang if lang in PROMPTS else prompt_language(text)]
     return [
         {"role": "system", "content": system},
         {"role": "user", "content": user.format(caption=text)},
@@ -166,7 +222,10 @@ def response_format() -> dict[str, Any]:
 
 
 def render_output(qa: list[dict[str, str]], caption: str) -> str:
-    """The canonical JSON text of a valid answer (seed sets and SFT targets use this form)."""
+    """The canonical JSON text of a valid answer (seed sets and SFT targets use this form): question
+    before answer, as ``OUTPUT_SCHEMA`` orders them and structured output generates them (seed files
+    are written with sorted keys, which would teach a model the other order)."""
+    qa = [{"question": p["question"], "answer": p["answer"]} for p in qa]
     return json.dumps({"qa": qa, "caption": caption}, ensure_ascii=False, separators=(", ", ": "))
 
 
@@ -190,6 +249,11 @@ NUMBER_WORDS = (
 _NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)*")
 # Words of scripts with spaces: CJK characters are not part of a word (rule 4a).
 _TOKEN_RE = re.compile(f"[^\\W{_CJK_CLASS}]+")
+# Korean native number words (and the forms used before a counter: 두 마리, 세 명), whole words only:
+# 1–10 and 20. Sino-Korean numerals (일, 이, 삼…) are not accepted: 이 is also the subject particle.
+KO_NUMERALS = {1: ("하나", "한"), 2: ("둘", "두"), 3: ("셋", "세"), 4: ("넷", "네"), 5: ("다섯",), 6: ("여섯",),
+               7: ("일곱",), 8: ("여덟",), 9: ("아홉",), 10: ("열",), 20: ("스물", "스무")}
+_HANGUL_WORD_RE = re.compile("[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]+")
 ZH_NUMERALS = ("零", "一", "二", "三", "四", "五", "六", "七", "八", "九", "十", "十一", "十二", "十三", "十四", "十五",
                "十六", "十七", "十八", "十九", "二十")
 # Titles and quoted spans kept character for character (rule 4c).
@@ -262,22 +326,26 @@ def faithfulness_constraints(raw: str) -> Constraints:
     words = [w for w in _words(raw) if len(w) >= 2]
     capitalised = [w for w in words if w[0].isupper() and w.lower() not in FUNCTION_WORDS]
     content = [w for w in words if w.lower() not in FUNCTION_WORDS]
-    title_case = bool(content) and len(capitalised) > TITLE_CASE_SHARE * len(content)
+    # CJK has no letter case: in a CJK caption the few Latin words that are capitalised are names
+    # ("삼성 Galaxy"), not Title Case style
+    title_case = prompt_language(raw) == "en" and bool(content) and len(capitalised) > TITLE_CASE_SHARE * len(content)
     letters = [c for c in raw if c.isalpha()]
     shouting = bool(letters) and sum(c.isupper() for c in letters) > 0.6 * len(letters)
 
     entities: list[str] = []
     for seg in _SEGMENT_SPLIT_RE.split(raw):
-        seg_words = _words(seg)
-        for i, w in enumerate(seg_words):
+        seg_words = [(m.group(0), m.start()) for m in _TOKEN_RE.finditer(seg) if m.group(0).isalpha()]
+        for i, (w, start) in enumerate(seg_words):
             if len(w) < 2:
                 continue
+            # CJK text before the word means it does not start the segment ("삼성 Galaxy", "我用Apple")
+            mid = i > 0 or _CJK_RE.search(seg, 0, start) is not None
             if w.isupper():
                 if not shouting:
                     entities.append(w)  # (b) acronym
             elif w[0].islower() and any(c.isupper() for c in w[1:]):
                 entities.append(w)  # (c) iPhone, eBay
-            elif w[0].isupper() and i > 0 and not title_case and w.lower() not in FUNCTION_WORDS:
+            elif w[0].isupper() and mid and not title_case and w.lower() not in FUNCTION_WORDS:
                 entities.append(w)  # (a) capitalised mid-segment word
     spans = tuple(dict.fromkeys(next(g for g in m.groups() if g) for m in _QUOTED_RE.finditer(raw)))
     return Constraints(garbage=False, numbers=numbers, entities=tuple(dict.fromkeys(entities)), spans=spans,
@@ -298,6 +366,9 @@ def check_faithful(raw: str, adopted: str) -> tuple[bool, str]:
         if n in have_numbers or (spelled is not None and spelled in have_words):
             continue
         if c.cjk and n.isdigit() and int(n) <= 20 and (ZH_NUMERALS[int(n)] in adopted or (n == "2" and "两" in adopted)):
+            continue
+        if c.cjk and n.isdigit() and int(n) in KO_NUMERALS and \
+                set(KO_NUMERALS[int(n)]) & set(_HANGUL_WORD_RE.findall(adopted)):
             continue
         missing.append(n)
     missing += [e for e in c.entities if e.lower() not in have_words]

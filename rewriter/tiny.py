@@ -89,16 +89,24 @@ def tokenizer_corpus(texts: Iterable[str]) -> list[str]:
     """The texts plus JSON-shaped variants of them and the rewriter prompt, so the tokenizer knows
     the output format and encodes the (long) system prompt in few tokens."""
     from rewriter import prompts
+    from rewriter.offline import QUESTIONS
 
-    lines: list[str] = [m["content"] for m in prompts.build_messages("caption")] * 50
+    texts = [t.strip() for t in texts if t.strip()]
+    # The prompt of every language the texts are in (English always): a Chinese system prompt left to
+    # byte-level tokens would be ~3 tokens a character and crowd a 512-token context.
+    langs = ["en"] + sorted({prompts.prompt_language(t) for t in texts} - {"en"})
+    lines: list[str] = []
+    for lang in langs:
+        lines += [m["content"] for m in prompts.build_messages("caption", lang)] * 50
     for i, text in enumerate(texts):
-        text = text.strip()
-        if not text:
-            continue
+        lang = prompts.prompt_language(text)
+        question = QUESTIONS.get(lang, QUESTIONS["en"])
+        raw = lang != "en"  # JSON as the model writes it (render_output); English lines as they always were
         lines.append(text)
-        lines.append(json.dumps({"question": "What does the image show?", "answer": text}))
+        lines.append(json.dumps({"question": question, "answer": text}, ensure_ascii=not raw))
         if i % 4 == 0:
-            lines.append(json.dumps({"qa": [{"question": "Describe the image.", "answer": text}], "caption": text}))
+            lines.append(json.dumps({"qa": [{"question": "Describe the image.", "answer": text}], "caption": text},
+                                    ensure_ascii=not raw))
     lines.extend(_JSON_SHAPES * 20)
     return lines
 
@@ -211,13 +219,18 @@ def write_template_seed(path: str, captions: list[str]) -> str:
 
 
 def make_template_teacher(base_dir: str, captions: list[str], output_dir: str, steps: int = 300,
-                          learning_rate: float = 1e-2, cpu_threads: int | None = 1, max_examples: int = 400) -> str:
-    """Train a LoRA adapter that imitates the offline template, as a stand-in teacher for tests.
+                          learning_rate: float = 1e-2, cpu_threads: int | None = 1, max_examples: int = 400,
+                          method: str = "lora", batch_size: int = 4) -> str:
+    """Train a model that imitates the offline template, as a stand-in teacher for tests.
 
     A random model's answers never have the target shape, so a seed set annotated by it teaches
-    nothing. This adapter has learned the JSON frame (its text is still garbage): serving it with
-    ``--lora-modules teacher=DIR`` gives ``rewriter seed`` a local teacher whose answers mostly
-    validate. Returns the adapter directory (``OUTPUT/adapter``).
+    nothing. The trained model has learned the JSON frame (its text is still garbage).
+
+    ``method="lora"`` trains an adapter: serving it with ``--lora-modules teacher=DIR`` gives
+    ``rewriter seed`` a local teacher whose answers mostly validate; returns ``OUTPUT/adapter``.
+    ``method="full"`` trains every weight and returns the full model (``OUTPUT/merged``): that is
+    the bilingual teacher (``make_bilingual_teacher``), because a LoRA adapter over the frozen
+    64-wide model did not reliably pick the question's language from the prompt (docs/bilingual.md).
     """
     from rewriter.finetune import FinetuneConfig, finetune
     from rewriter.sft import ExportConfig, export_sft
@@ -225,9 +238,39 @@ def make_template_teacher(base_dir: str, captions: list[str], output_dir: str, s
     work = os.path.join(output_dir, "work")
     write_template_seed(os.path.join(work, "seed"), captions[:max_examples])
     export_sft(os.path.join(work, "seed"), os.path.join(work, "sft"), ExportConfig(validation_fraction=0.0))
-    config = FinetuneConfig(max_steps=steps, learning_rate=learning_rate, batch_size=4, lora_dropout=0.0,
-                            cpu_threads=cpu_threads)
-    return finetune(base_dir, os.path.join(work, "sft"), output_dir, config).adapter_dir
+    config = FinetuneConfig(method=method, max_steps=steps, learning_rate=learning_rate, batch_size=batch_size,
+                            lora_dropout=0.0, cpu_threads=cpu_threads)
+    result = finetune(base_dir, os.path.join(work, "sft"), output_dir, config)
+    return result.merged_dir if method == "full" else result.adapter_dir
+
+
+# The bilingual teacher's recipe (docs/bilingual.md, "The bilingual template teacher").
+BILINGUAL_TEACHER = {"vocab_size": 4096, "steps": 800, "learning_rate": 1e-2, "batch_size": 8, "per_language": 200}
+
+
+def make_bilingual_teacher(output_dir: str, captions_by_lang: dict[str, list[str]], *,
+                           steps: int = BILINGUAL_TEACHER["steps"],
+                           learning_rate: float = BILINGUAL_TEACHER["learning_rate"],
+                           per_language: int = BILINGUAL_TEACHER["per_language"], cpu_threads: int | None = 1) -> str:
+    """A tiny model fully fine-tuned on the offline template's answers in several languages, each
+    prompted exactly as the rewriter prompts it (``prompts.build_messages``, the caption's language).
+
+    Args:
+        output_dir: gets ``base/`` (the random tiny model, tokenizer trained on every caption given)
+            and ``teacher/`` (the fine-tune; the servable model is ``teacher/merged``).
+        captions_by_lang: captions per language; the first ``per_language`` of each are the training
+            examples (interleaved), the rest only train the tokenizer. Keep test captions out of it.
+    Returns:
+        the fine-tuned model directory (serve it with ``rewriter.serving.VLLMServer``).
+    """
+    texts = [t for captions in captions_by_lang.values() for t in captions]
+    base = make_tiny_model(os.path.join(output_dir, "base"), texts,
+                           TinyModelConfig(vocab_size=BILINGUAL_TEACHER["vocab_size"]))
+    heads = [captions[:per_language] for captions in captions_by_lang.values()]
+    examples = [c for group in zip(*heads) for c in group]
+    return make_template_teacher(base, examples, os.path.join(output_dir, "teacher"), steps=steps,
+                                 learning_rate=learning_rate, cpu_threads=cpu_threads, max_examples=len(examples),
+                                 method="full", batch_size=BILINGUAL_TEACHER["batch_size"])
 
 
 def main(argv: list[str]) -> int:

@@ -17,11 +17,20 @@ from dataclasses import dataclass
 from schemas import reasons
 from schemas.records import Pair
 from transforms import lang as lg
-from transforms.filter_base import BaseFilter
+from transforms.filter_base import BaseFilter, with_fields
 
 # A caption that is only a camera/file name: DSC_2481, IMG_4663.jpg, Taichung_Polaroid_20070131-2, P1010123.JPG
 FILENAME_CAPTION = re.compile(
     r"^\s*[\w\-.]*\d{3,}[\w\-]*(\.(jpe?g|png|gif|webp|tiff?|bmp|heic|raw|cr2|nef))?\s*$", re.IGNORECASE
+)
+# ``\w`` matches CJK characters, and CJK text has no spaces, so on CJK captions FILENAME_CAPTION would
+# read a whole sentence holding a number ("台北101大樓的夜景", "上海中心大厦632米") as one file-name
+# token. A CJK caption is a file name only with an image extension ("微信图片_2020.jpg") or a long
+# digit run joined by "_"/"-" ("微信图片_20200101123456", "截图-20190312").
+CJK_FILENAME_CAPTION = re.compile(
+    r"^\s*(?:[\w\-.]*\d{3,}[\w\-]*\.(jpe?g|png|gif|webp|tiff?|bmp|heic|raw|cr2|nef)"
+    r"|[\w\-.]*[_\-]\d{6,}[\w\-.]*)\s*$",
+    re.IGNORECASE,
 )
 # Matched against the lower-cased caption (case-insensitive alternations are several times slower).
 CAMERA_TOKEN = re.compile(r"\b(img|dsc|dscn|dscf|dcim|pict?|gopr|mvi|sam|cimg|p\d{3})[_\- ]?\d{3,}\b")
@@ -51,6 +60,7 @@ WATERMARK = re.compile(
 HTML = re.compile(r"</?[a-z][^>]{0,200}>|&(amp|quot|lt|gt|nbsp|#\d+);", re.IGNORECASE)
 TRAILING_ID = re.compile(r"(?:\s[-–#]\s*|\s)#?(\d{3,})\s*$")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+CJK_CHAR = re.compile(f"[{lg.CJK_RANGES}]")
 CJK_RUN_REPEAT = re.compile(f"([{lg.CJK_RANGES}]{{2,}})\\1")
 LANG_CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$")
 ENGLISH_STOPWORDS = frozenset(
@@ -247,7 +257,7 @@ class BoilerplateFilter(BaseFilter):
 
     def check(self, pair: Pair):
         c = rules_text(pair.caption)
-        if FILENAME_CAPTION.match(c):
+        if FILENAME_CAPTION.match(c) and (not CJK_CHAR.search(c) or CJK_FILENAME_CAPTION.match(c)):
             return False, reasons.CAPTION_BOILERPLATE, "file name"
         if SLUG_CAPTION.match(c):
             return False, reasons.CAPTION_BOILERPLATE, "URL slug / file stem"
@@ -362,23 +372,31 @@ class LanguageFilter(BaseFilter):
 
     def __init__(self, languages: tuple[str, ...] | None):
         self.languages = frozenset(languages) if languages else None
+        self._last: tuple[str | None, lg.LangResult | None] = (None, None)
+
+    def _detect(self, caption: str) -> lg.LangResult:
+        # check() and annotate() ask about the same caption one after the other: keep one answer,
+        # not a shared cache (hashing every caption into an LRU cost a tenth of the ID's price).
+        text, r = self._last
+        if text is not caption:
+            r = lg.detect_uncached(caption)
+            self._last = (caption, r)
+        return r
 
     def check(self, pair: Pair):
         if self.languages is None:
             return True
-        r = lg.detect(pair.caption)
+        r = self._detect(pair.caption)
         if r.lang not in self.languages:
             return False, reasons.CAPTION_LANGUAGE, f"{r.lang} ({r.score:.2f}) not in {sorted(self.languages)}"
         return True
 
     def annotate(self, pair: Pair) -> Pair:
-        r = lg.detect(pair.caption)
+        r = self._detect(pair.caption)
+        self._last = (None, None)
         # A shallow copy with two fields set: dataclasses.replace re-runs __init__ over all fields,
         # which alone cost a fifth of the language-ID overhead per caption.
-        out = object.__new__(Pair)
-        out.__dict__.update(pair.__dict__)
-        out.lang, out.lang_score = r.lang, r.score
-        return out
+        return with_fields(pair, lang=r.lang, lang_score=r.score)
 
 
 def caption_filters(cfg: CaptionFilterConfig) -> list[BaseFilter]:

@@ -10,7 +10,9 @@ component converges to a star around its smallest key (the *root*).
 
 Beam graphs are static, so ``max_rounds`` rounds are unrolled when the pipeline is built. Each round
 reports the number and a checksum of the distinct edges it produced; the round after which the edge
-set stopped changing is the number of rounds the graph needed (later rounds are no-ops). When the
+set stopped changing is the number of rounds the graph needed (later rounds are no-ops: once a round
+has reproduced the one before, the following rounds pass the edges through and copy its stats,
+without their shuffles). When the
 limit is hit first, ``converged`` is False: every node still gets a label (the smallest key it is
 linked to), so a component may be split in two — duplicates kept, never a record lost.
 """
@@ -21,8 +23,10 @@ import hashlib
 from typing import Iterable, Iterator
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 
 Edge = tuple[str, str]  # (larger key, smaller key)
+_LARGE_STAR_NODES = Metrics.counter("mmcorpus.components", "large_star_nodes")  # resolved per bundle at inc()
 
 
 def _edge_hash(hi: str, lo: str) -> int:
@@ -43,9 +47,11 @@ def normalize_edge(u: str, v: str) -> Edge | None:
 
 
 class LargeStarFn(beam.DoFn):
-    """Node u with neighbourhood Γ(u): link every neighbour larger than u to m = min(Γ(u) ∪ {u})."""
+    """Node u with neighbourhood Γ(u): link every neighbour larger than u to m = min(Γ(u) ∪ {u}).
+    Counts the nodes it visits (``mmcorpus.components/large_star_nodes``: the work of the rounds)."""
 
     def process(self, element: tuple[str, Iterable[str]]):
+        _LARGE_STAR_NODES.inc()
         u, neighbours = element
         nbrs = _reiterable(neighbours)
         m = min(min(nbrs), u)
@@ -96,6 +102,26 @@ def _sum_stats(values: Iterable[tuple[int, int]]) -> tuple[int, int]:
     return n, c
 
 
+def _convergence(prev: list[tuple[int, tuple[int, int]]], r: int) -> dict:
+    """From the stats of rounds r-2 and r-1: whether r-1 reproduced r-2, and round r's stats if so."""
+    by_round = dict(prev)
+    a, b = by_round.get(r - 2, (0, 0)), by_round.get(r - 1, (0, 0))
+    converged = a == b
+    return {"converged": converged, "copy": (r, b) if converged and (r - 1) in by_round else None}
+
+
+class _RouteFn(beam.DoFn):
+    """Edges of a round: to ``done`` (passed through unchanged) once the graph has converged, else on."""
+
+    DONE = "done"
+
+    def process(self, edge, convergence):
+        if convergence["converged"]:
+            yield beam.pvalue.TaggedOutput(self.DONE, edge)
+        else:
+            yield edge
+
+
 def summarize_rounds(per_round: list[tuple[int, tuple[int, int]]], max_rounds: int) -> dict:
     """Turn per-round (edges, checksum) into the report stored in ``manifest.extra``."""
     stats = dict(per_round)
@@ -122,6 +148,8 @@ class ConnectedComponents(beam.PTransform):
     Args:
         max_rounds: large-star + small-star rounds unrolled into the pipeline (at least 2, so the
             last round can show that nothing changed).
+        normalized: the input is already ``(larger, smaller)`` pairs without self loops (skips a
+            pass over every edge).
 
     Input: PCollection of ``(u, v)`` key pairs (any order, duplicates and self loops allowed).
     Output: ``(labels, report)`` — PCollection of ``(node, root)`` for every node on an edge
@@ -132,16 +160,35 @@ class ConnectedComponents(beam.PTransform):
         labels, report = edges | ConnectedComponents(max_rounds=10)
     """
 
-    def __init__(self, max_rounds: int = 10):
+    def __init__(self, max_rounds: int = 10, normalized: bool = False, skip_converged: bool = True):
         super().__init__()
         if max_rounds < 2:
             raise ValueError("max_rounds must be >= 2")
         self.max_rounds = max_rounds
+        self.normalized = normalized
+        self.skip_converged = skip_converged
 
     def expand(self, edges):
-        edges = edges | "Normalize" >> beam.FlatMap(_normalized)
+        if not self.normalized:
+            edges = edges | "Normalize" >> beam.FlatMap(_normalized)
         stats = []
         for r in range(self.max_rounds):
+            done = None
+            if self.skip_converged and r >= 2:
+                # Round r-1 reproduced round r-2 (same distinct edges, by count and checksum): every
+                # later round is the same fixed point, so its edges pass through and its stats are a
+                # copy; only the rounds before convergence pay the shuffles.
+                prev = (
+                    (stats[r - 2], stats[r - 1])
+                    | f"R{r}PrevStats" >> beam.Flatten()
+                    | f"R{r}PrevList" >> beam.combiners.ToList()
+                    | f"R{r}Converged" >> beam.Map(_convergence, r)
+                )
+                routed = edges | f"R{r}Route" >> beam.ParDo(_RouteFn(), beam.pvalue.AsSingleton(prev)).with_outputs(
+                    _RouteFn.DONE, main="work"
+                )
+                edges, done = routed.work, routed[_RouteFn.DONE]
+                copied = prev | f"R{r}CopyStats" >> beam.FlatMap(lambda c: [c["copy"]] if c["copy"] is not None else [])
             large = (
                 edges
                 | f"R{r}BothWays" >> beam.FlatMap(lambda e: [e, (e[1], e[0])])
@@ -155,7 +202,11 @@ class ConnectedComponents(beam.PTransform):
                 | f"R{r}SmallStar" >> beam.ParDo(SmallStarFn(r)).with_outputs(SmallStarFn.STATS, main="edges")
             )
             edges = small.edges
-            stats.append(small.stats | f"R{r}SumStats" >> beam.CombinePerKey(_sum_stats))
+            round_stats = small.stats | f"R{r}SumStats" >> beam.CombinePerKey(_sum_stats)
+            if done is not None:
+                edges = (edges, done) | f"R{r}Edges" >> beam.Flatten()
+                round_stats = (round_stats, copied) | f"R{r}Stats" >> beam.Flatten()
+            stats.append(round_stats)
         max_rounds = self.max_rounds
         report = (
             stats

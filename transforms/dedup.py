@@ -416,6 +416,113 @@ class LinkBucketFn(beam.DoFn):
             yield (a, b, self.rule)
 
 
+def min_matching_slots(width: int, threshold: float) -> int:
+    """Smallest number of equal 8-bit slots (of ``width``) whose ``bbit_jaccard`` reaches ``threshold``,
+    evaluated with the same float operations as ``minhash.bbit_jaccard`` (so the comparison is exact)."""
+    for c in range(width + 1):
+        match = float(c) / float(width)
+        if max(0.0, (match - 1.0 / 256.0) / (1.0 - 1.0 / 256.0)) >= threshold:
+            return c
+    return width + 1
+
+
+def link_sketch_bucket(members: Iterable[tuple[str, bytes]], min_count: int, max_compare: int) -> list[tuple[str, str]]:
+    """``link_bucket(members, similar, max_compare)`` for b-bit sketch payloads with
+    ``similar(a, b) = bbit_jaccard(a, b) >= t``, where ``min_count = min_matching_slots(len, t)``:
+    the same edges in the same order, each member compared with the first ``max_compare`` distinct
+    sketches in one numpy call instead of one Python call per pair."""
+    items = sorted(set(members), key=lambda kv: kv[0])
+    if len(items) < 2:
+        return []
+    import numpy as np
+
+    edges: list[tuple[str, str]] = []
+    first_with: dict[bytes, str] = {}
+    keys: list[str] = []
+    mat = None
+    nd = 0
+    for key, payload in items:
+        if payload in first_with:
+            if first_with[payload] != key:
+                edges.append((key, first_with[payload]))
+            continue
+        x = np.frombuffer(payload, dtype=np.uint8)
+        if nd:
+            counts = np.count_nonzero(mat[:nd] == x, axis=1)
+            for i in np.flatnonzero(counts >= min_count).tolist():
+                edges.append((key, keys[i]))
+        first_with[payload] = key
+        if nd < max_compare:
+            if mat is None:
+                mat = np.empty((max_compare, len(x)), dtype=np.uint8)
+            mat[nd] = x
+            keys.append(key)
+            nd += 1
+    return edges
+
+
+@beam.typehints.with_output_types(tuple[str, str])
+class LinkEdgesFn(LinkBucketFn):
+    """Strict mode's linking: (bucket, [(key, payload)]) → the bucket's edges as normalised
+    ``(larger key, smaller key)`` pairs, ready for ``ConnectedComponents(normalized=True)``, and
+    ``(rule, edges found)`` per bucket with edges as the ``counts`` output (the report's per-rule
+    candidate-edge counts, repeats across bands included, as ``LinkBucketFn`` + counting gave).
+
+    The same pair found in several LSH bands is sent on once while it is in a bounded set of recently
+    sent pairs (``SEEN_LIMIT``, cleared when full): the components depend on the set of edges only,
+    so repeats are pure cost (a near-duplicate pair collides in most of the 14 bands)."""
+
+    COUNTS = "counts"
+    SEEN_LIMIT = 200_000
+
+    def setup(self):
+        super().setup()
+        self.seen: set[tuple[str, str]] = set()
+        self.min_count = None
+        if self.rule == reasons.NEAR_CAPTION and self.cfg.verify_min_jaccard is not None:
+            self.min_count = {}
+
+    def _edges(self, members):
+        if self.similar is None:
+            first = None
+            for key, _ in members:
+                if first is None:
+                    first = key
+                elif key != first:
+                    yield key, first
+            return
+        members = list(members)
+        if len(members) < 2:
+            return
+        if len(members) > self.cfg.max_compare:
+            self.big.inc()
+        if self.min_count is not None:
+            width = len(members[0][1])
+            mc = self.min_count.get(width)
+            if mc is None:
+                mc = self.min_count[width] = min_matching_slots(width, self.cfg.verify_min_jaccard)
+            yield from link_sketch_bucket(members, mc, self.cfg.max_compare)
+        else:
+            yield from link_bucket(members, self.similar, self.cfg.max_compare)
+
+    def process(self, element):
+        _, members = element
+        seen = self.seen
+        n = 0
+        for a, b in self._edges(members):
+            n += 1
+            e = (a, b) if a > b else (b, a)
+            if e in seen:
+                continue
+            if len(seen) >= self.SEEN_LIMIT:
+                seen.clear()
+            seen.add(e)
+            yield e
+        if n:
+            self.edges.inc(n)
+            yield beam.pvalue.TaggedOutput(self.COUNTS, (self.rule, n))
+
+
 def _caption_rules_apply(f: Features, mode: str) -> bool:
     """Strict mode links captions only between records without an image (the metadata pass)."""
     return mode == LEGACY or not f.has_image
@@ -433,14 +540,22 @@ class CandidateEdges(beam.PTransform):
 
     Args:
         cfg: the dedup config.
+        compact: return ``(edges, counts)`` instead: normalised ``(larger, smaller)`` key pairs
+            (repeats mostly dropped, see ``LinkEdgesFn``) and ``(rule, n)`` candidate-edge counts.
 
     Example:
         edges = features | CandidateEdges(DedupConfig())
     """
 
-    def __init__(self, cfg: DedupConfig):
+    def __init__(self, cfg: DedupConfig, compact: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.compact = compact
+
+    def _link(self, rule):
+        if not self.compact:
+            return beam.ParDo(LinkBucketFn(rule, self.cfg))
+        return beam.ParDo(LinkEdgesFn(rule, self.cfg)).with_outputs(LinkEdgesFn.COUNTS, main="edges")
 
     def expand(self, features):
         cfg = self.cfg
@@ -451,7 +566,7 @@ class CandidateEdges(beam.PTransform):
                     features
                     | f"Key_{rule}" >> beam.FlatMap(_exact_key(rule, cfg.mode))
                     | f"Group_{rule}" >> beam.GroupByKey()
-                    | f"Link_{rule}" >> beam.ParDo(LinkBucketFn(rule, cfg))
+                    | f"Link_{rule}" >> self._link(rule)
                 )
         if cfg.near_caption_threshold is not None:
             bands, rows = cfg.lsh_params()
@@ -473,7 +588,7 @@ class CandidateEdges(beam.PTransform):
                 features
                 | "Bands_near-caption" >> beam.FlatMap(bucket_near_caption)
                 | "Group_near-caption" >> beam.GroupByKey()
-                | "Link_near-caption" >> beam.ParDo(LinkBucketFn(rule, cfg))
+                | "Link_near-caption" >> self._link(rule)
             )
         if cfg.near_image_max_hamming is not None:
             h = cfg.near_image_max_hamming
@@ -489,11 +604,17 @@ class CandidateEdges(beam.PTransform):
                 features
                 | "Bands_near-image" >> beam.FlatMap(bucket_near_image)
                 | "Group_near-image" >> beam.GroupByKey()
-                | "Link_near-image" >> beam.ParDo(LinkBucketFn(rule, cfg))
+                | "Link_near-image" >> self._link(rule)
             )
+        if not self.compact:
+            if not parts:
+                return features.pipeline | "NoEdges" >> beam.Create([])
+            return parts | "FlattenEdges" >> beam.Flatten()
         if not parts:
-            return features.pipeline | "NoEdges" >> beam.Create([])
-        return parts | "FlattenEdges" >> beam.Flatten()
+            return features.pipeline | "NoEdges" >> beam.Create([]), features.pipeline | "NoCounts" >> beam.Create([])
+        edges = [part.edges for part in parts] | "FlattenEdges" >> beam.Flatten()
+        counts = [part[LinkEdgesFn.COUNTS] for part in parts] | "FlattenCounts" >> beam.Flatten()
+        return edges, counts
 
 
 def cluster_id_of(root: str) -> str:
@@ -925,7 +1046,11 @@ class Deduplicate(beam.PTransform):
         else:
             outcomes, edges, cc_report, extra = self._strict(pairs, features, ok_features)
         bands, rows = cfg.lsh_params()
-        edge_counts = _edge_counts(edges) | "EdgeCountsDict" >> beam.combiners.ToDict()
+        if cfg.mode == LEGACY:
+            edge_counts = _edge_counts(edges)
+        else:  # strict: ``edges`` are the (rule, n) counts of CandidateEdges(compact=True)
+            edge_counts = edges | "CountRules" >> beam.CombinePerKey(sum)
+        edge_counts = edge_counts | "EdgeCountsDict" >> beam.combiners.ToDict()
         mode = cfg.mode
 
         def report_of(cc, counts, extra):
@@ -988,10 +1113,8 @@ class Deduplicate(beam.PTransform):
             in_pass, overused = ok_features | "CapCaptions" >> CapCaptions(cfg.max_pairs_per_caption)
         else:
             in_pass, overused = ok_features, pairs.pipeline | "NoCap" >> beam.Create([])
-        edges = in_pass | "CandidateEdges" >> CandidateEdges(cfg)
-        labels, cc_report = (edges | "Pairs" >> beam.Map(lambda e: (e[0], e[1]))) | "Components" >> ConnectedComponents(
-            cfg.max_rounds
-        )
+        edges, edge_counts = in_pass | "CandidateEdges" >> CandidateEdges(cfg, compact=True)
+        labels, cc_report = edges | "Components" >> ConnectedComponents(cfg.max_rounds, normalized=True)
         # Only records on an edge are joined; a Member carries a 128-byte sketch at most.
         members = (
             {"root": labels, "features": in_pass | "MemberByKey" >> beam.Map(lambda f: (f.key, member_of(f)))}
@@ -1033,7 +1156,7 @@ class Deduplicate(beam.PTransform):
             },
             n=beam.pvalue.AsSingleton(n_overused),
         )
-        return outcomes, edges, cc_report, extra
+        return outcomes, edge_counts, cc_report, extra
 
 
 def _or_all(bits: Iterable[int]) -> int:

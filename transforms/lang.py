@@ -215,6 +215,10 @@ class LangResult(NamedTuple):
     method: str  # "script" (decided by the script counts) or "cld2"
 
 
+_UND_SCRIPT = LangResult(UNDETERMINED, 0.0, "script")
+_UND_CLD2 = LangResult(UNDETERMINED, 0.0, "cld2")
+
+
 @functools.lru_cache(maxsize=1)
 def _pycld2():
     import pycld2  # CLD2's tables are compiled into the wheel's extension module
@@ -239,7 +243,26 @@ def _cld2(text: str) -> tuple[str, float]:
     return code, percent / 100.0 if reliable else percent / 200.0
 
 
-@functools.lru_cache(maxsize=64)  # the filter asks twice per caption (check, annotate), one after the other
+def detect_uncached(text: str) -> LangResult:
+    """``detect`` without its cache (the caption filter asks once per caption and keeps the answer)."""
+    if text.isascii():  # no CJK script to decide on: straight to CLD2 (most English captions)
+        if ASCII_LETTER.search(text) is None:
+            return _UND_SCRIPT
+        try:  # the common case inlined: this runs once per kept caption
+            reliable, _, details = _pycld2().detect(text, bestEffort=True)
+        except Exception:
+            code, score = _cld2(text)
+            return LangResult(code, score, "cld2")
+        code = details[0][1]
+        code = _FOLD_CODES.get(code, code)
+        if code == UNDETERMINED:
+            return _UND_CLD2
+        percent = details[0][2]
+        return LangResult(code, percent / 100.0 if reliable else percent / 200.0, "cld2")
+    return _detect_unicode(text)
+
+
+@functools.lru_cache(maxsize=64)
 def detect(text: str) -> LangResult:
     """Language of a caption as an ISO 639-1 code (``und`` when nothing can be said) and a confidence.
 
@@ -253,19 +276,10 @@ def detect(text: str) -> LangResult:
         >>> detect("一只白色的小狗睡在沙发上").lang, detect("a dog asleep on a sofa").lang
         ('zh', 'en')
     """
-    if text.isascii():  # no CJK script to decide on: straight to CLD2 (most English captions)
-        if ASCII_LETTER.search(text) is None:
-            return LangResult(UNDETERMINED, 0.0, "script")
-        try:  # the common case inlined: this runs once per kept caption
-            reliable, _, details = _pycld2().detect(text, bestEffort=True)
-        except Exception:
-            code, score = _cld2(text)
-            return LangResult(code, score, "cld2")
-        _, code, percent, _ = details[0]
-        code = _FOLD_CODES.get(code, code)
-        if code == UNDETERMINED:
-            return LangResult(code, 0.0, "cld2")
-        return LangResult(code, percent / 100.0 if reliable else percent / 200.0, "cld2")
+    return detect_uncached(text)
+
+
+def _detect_unicode(text: str) -> LangResult:
     p = profile(text)
     if p.cjk and p.letters:
         share = p.cjk / max(p.letters, p.cjk)

@@ -10,6 +10,7 @@ scheme="affine32")`` gives the same Jaccard estimates as our own ``estimate_jacc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import unicodedata
 import zlib
@@ -254,6 +255,7 @@ def bbit_jaccard(a: bytes, b: bytes) -> float:
     return max(0.0, (match - 1.0 / 256.0) / (1.0 - 1.0 / 256.0))
 
 
+@functools.lru_cache(maxsize=64)
 def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
     """(bands, rows) minimising the weighted false-positive + false-negative probability mass of
     the LSH S-curve around ``threshold``: datasketch's own ``MinHashLSH`` parameter search

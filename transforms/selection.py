@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple
 
@@ -33,6 +33,7 @@ from schemas.errors import UserError
 from schemas.manifest import FILE_KIND_DATA, FileEntry
 from schemas.records import REJECTED, Outcome, Pair
 from transforms.keys import safe_key
+from transforms.tokens import QUERY_NUMS, StageProfile, TextTokenizer, image_token_count
 from transforms.stage_io import ExpandRowGroupsFn, join, read_manifest, write_bytes_atomic
 
 FILE_KIND_MIXTURE = "mixture"
@@ -68,7 +69,7 @@ class SelectConfig:
     """
 
     stage: int
-    target_pairs: int
+    target_pairs: int | None
     weights: tuple[tuple[str, float], ...] = ()
     quotas: tuple[tuple[str, int], ...] = ()
     languages: tuple[tuple[str, float], ...] = ()
@@ -79,6 +80,27 @@ class SelectConfig:
     salt: str = ""
     earlier: str | None = None
     overlap: str = "disjoint"
+    target_tokens: int | None = None
+    query_num: int = 96
+    tokenizer: str | None = None
+
+    def __post_init__(self):
+        if (self.target_pairs is None) == (self.target_tokens is None):
+            raise ValueError("set exactly one of target_pairs and target_tokens")
+
+    @property
+    def by_tokens(self) -> bool:
+        """The target, weights, quotas and shares are in tokens (the pack stage's accounting)."""
+        return self.target_tokens is not None
+
+    @property
+    def target(self) -> int:
+        """The target in its unit (pairs, or tokens with ``target_tokens``)."""
+        return self.target_tokens if self.target_tokens is not None else self.target_pairs
+
+    @property
+    def unit(self) -> str:
+        return "tokens" if self.by_tokens else "pairs"
 
     def effective_salt(self) -> str:
         return self.salt or f"stage{self.stage}"
@@ -90,11 +112,12 @@ class SelectConfig:
             "text_rich_share": self.text_rich_share, "on_short": self.on_short, "min_side": self.min_side,
             "allow_upscale": self.allow_upscale, "salt": self.effective_salt(), "earlier": self.earlier,
             "overlap": self.overlap,
-        }
+        } | ({"target_tokens": self.target_tokens, "query_num": self.query_num,
+              "tokenizer": self.tokenizer} if self.by_tokens else {})
 
 
-_KEYS = {"target_pairs", "weights", "quotas", "languages", "text_rich_share", "on_short", "min_side",
-         "allow_upscale", "salt", "earlier", "overlap"}
+_KEYS = {"target_pairs", "target_tokens", "weights", "quotas", "languages", "text_rich_share", "on_short",
+         "min_side", "allow_upscale", "salt", "earlier", "overlap", "query_num", "tokenizer"}
 
 
 def _shares(where: str, key: str, table: Any) -> tuple[tuple[str, float], ...]:
@@ -120,6 +143,13 @@ def load_select_config(doc: dict[str, Any], stage: int, where: str = "config") -
     override = base.get(f"stage{stage}", {})
     if not isinstance(override, dict):
         raise UserError(f"{where} [select.stage{stage}] must be a table")
+    for both in (("target_pairs", "target_tokens"), ("weights", "quotas")):
+        for name, t in (("[select]", base), (f"[select.stage{stage}]", override)):
+            if all(k in t for k in both):
+                raise UserError(f"{where} {name}: set {both[0]} or {both[1]}, not both")
+        if any(k in override for k in both):  # a stage's target / split replaces the default's, whatever its kind
+            for k in both:
+                table.pop(k, None)
     table.update(override)
     sect = f"{where} [select.stage{stage}]" if override else f"{where} [select]"
     unknown = sorted(set(table) - _KEYS)
@@ -136,16 +166,27 @@ def load_select_config(doc: dict[str, Any], stage: int, where: str = "config") -
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise UserError(f"{sect} quotas.{name}: must be an integer >= 0, got {v!r}")
         quotas = tuple(sorted((str(k), int(v)) for k, v in q.items()))
-    if weights and quotas:
-        raise UserError(f"{sect}: set weights or quotas, not both")
-    target = table.get("target_pairs")
-    if quotas:
+    unit_key = "target_tokens" if "target_tokens" in table else "target_pairs"
+    target = table.get(unit_key)
+    if quotas:  # quotas are in the target's unit: pairs, or tokens with target_tokens
         qsum = sum(v for _, v in quotas)
         if target is not None and target != qsum:
-            raise UserError(f"{sect} target_pairs: {target} differs from the quotas' sum {qsum}; drop one")
+            raise UserError(f"{sect} {unit_key}: {target} differs from the quotas' sum {qsum}; drop one")
         target = qsum
+    if target is None:
+        raise UserError(f"{sect}: no target; set target_pairs (pairs) or target_tokens (tokens, the pack "
+                        "stage's accounting)")
     if isinstance(target, bool) or not isinstance(target, int) or target < 1:
-        raise UserError(f"{sect} target_pairs: must be an integer >= 1, got {target!r}")
+        raise UserError(f"{sect} {unit_key}: must be an integer >= 1, got {target!r}")
+    query_num = table.get("query_num", 96)
+    if query_num not in QUERY_NUMS or isinstance(query_num, bool):
+        raise UserError(f"{sect} query_num: must be one of {list(QUERY_NUMS)}, got {query_num!r}")
+    tokenizer = table.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise UserError(f"{sect} tokenizer: must be the path of a tokenizer.json or a tokenizer directory")
+    for k in ("query_num", "tokenizer"):
+        if k in table and unit_key != "target_tokens":
+            raise UserError(f"{sect} {k}: only used with target_tokens (token accounting); drop it")
     on_short = table.get("on_short", "report")
     if on_short not in ON_SHORT:
         raise UserError(f"{sect} on_short: must be one of {list(ON_SHORT)}, got {on_short!r}")
@@ -164,21 +205,30 @@ def load_select_config(doc: dict[str, Any], stage: int, where: str = "config") -
     if earlier is not None and not isinstance(earlier, str):
         raise UserError(f"{sect} earlier: must be the path of an earlier select output")
     return SelectConfig(
-        stage=stage, target_pairs=target, weights=weights, quotas=quotas, languages=languages,
+        stage=stage, target_pairs=None if unit_key == "target_tokens" else target,
+        target_tokens=target if unit_key == "target_tokens" else None, query_num=query_num, tokenizer=tokenizer,
+        weights=weights, quotas=quotas, languages=languages,
         text_rich_share=None if rich is None else float(rich), on_short=on_short, min_side=min_side,
         allow_upscale=bool(table.get("allow_upscale", False)), salt=str(table.get("salt", "")),
         earlier=earlier, overlap=overlap,
     )
 
 
-def check_names(cfg: SelectConfig, datasets: Iterable[str], pool_records: int | None, where: str) -> None:
-    """Driver-side checks before any work: known dataset names, a target the pool can give."""
+def check_names(cfg: SelectConfig, datasets: Iterable[str], pool_records: int | None, where: str,
+                langs: Iterable[str] | None = None) -> None:
+    """Driver-side checks before any work: known dataset (and language) names, a target the pool can give."""
     known = sorted(set(datasets))
     for key, table in (("weights", cfg.weights), ("quotas", cfg.quotas)):
         unknown = sorted(n for n, _ in table if n not in known)
         if unknown:
             raise UserError(f"{where} {key}: unknown source name(s) {unknown}; the input holds {known}")
-    if cfg.on_short != "upsample" and pool_records is not None and cfg.target_pairs > pool_records:
+    if langs is not None and cfg.languages:
+        known_langs = sorted(set(langs))
+        unknown = sorted(n for n, share in cfg.languages if n not in known_langs and share > 0)
+        if unknown:
+            raise UserError(f"{where} languages: no input record has language {unknown}; the input holds "
+                            f"{known_langs} (records without a lang count as {NO_LANG!r})")
+    if not cfg.by_tokens and cfg.on_short != "upsample" and pool_records is not None and cfg.target_pairs > pool_records:
         raise UserError(
             f"{where} target_pairs: {cfg.target_pairs} is larger than the input's {pool_records} records "
             "and on_short is not 'upsample'; lower target_pairs or set on_short = \"upsample\""
@@ -201,10 +251,57 @@ def lang_of(pair: Pair) -> str:
 
 
 def is_text_rich(pair: Pair) -> bool:
-    v = getattr(pair, "text_rich", None)
-    if v is not None:
-        return bool(v)
-    return bool(pair.meta_dict().get("text_rich")) if pair.meta and "text_rich" in pair.meta else False
+    """The OCR stage's verdict (``Pair.ocr`` JSON, key ``text_rich``); records the OCR stage has not
+    seen (``ocr`` None) or could not read count as not text-rich."""
+    if not pair.ocr:
+        return False
+    try:
+        return bool(json.loads(pair.ocr).get("text_rich"))
+    except (ValueError, AttributeError):
+        return False
+
+
+class TokenCounter:
+    """The pack stage's per-sample token count without packing (``transforms.shards.PrepareSampleFn``):
+    caption tokens with the tokenizer + eos, plus the image placeholder span of the stage's pack profile
+    (stages 1/2: ``q + 2``; stage 3: overview + slices from the image's upright header size, as
+    ``transforms.tokens.prepare_image`` sizes it). Only the image header is read, never the pixels.
+
+    Args:
+        stage: the pack profile's stage (1, 2 or 3).
+        query_num: q, query tokens per image / slice.
+        tokenizer_files: ``TextTokenizer.files_of(path)``; rebuilt by ``setup`` on the worker.
+    """
+
+    def __init__(self, stage: int, query_num: int, tokenizer_files: dict[str, bytes]):
+        self.profile = StageProfile.for_stage(stage, query_num)
+        self.tokenizer_files = tokenizer_files
+        self.tok = None
+
+    def setup(self) -> None:
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="mmcorpus-seltok-")
+        self.tok = TextTokenizer.from_files(self.tokenizer_files, self._tmp.name)
+        self.newline = len(self.tok.newline_ids)
+
+    def teardown(self) -> None:
+        tmp = getattr(self, "_tmp", None)
+        if tmp is not None:
+            tmp.cleanup()
+
+    def count(self, pair: Pair) -> int:
+        n = len(self.tok.encode(pair.caption or "")) + 1  # + eos
+        if not pair.image:
+            return n  # pack packs caption-only samples as text (unless --require-image)
+        grid = None
+        if self.profile.slicing:
+            from transforms import images
+
+            with images.open_image(pair.image) as probe:
+                head = images.read_header(probe)
+            grid = self.profile.grid(*self.profile.stored_size(head.width, head.height))
+        return n + image_token_count(grid, self.profile.query_num, self.newline)
 
 
 def cell_of(pair: Pair) -> tuple[str, str, bool]:
@@ -245,22 +342,23 @@ def apportion(total: int, shares: dict[Any, float]) -> dict[Any, int]:
 
 
 def marginal_targets(cfg: SelectConfig, pool: dict[tuple, int]) -> dict[int, dict[Any, int]]:
-    """Per axis (0 dataset, 1 lang, 2 text_rich): value -> target pairs, for the constrained axes."""
+    """Per axis (0 dataset, 1 lang, 2 text_rich): value -> target (in ``cfg.unit``), for the constrained axes."""
     out: dict[int, dict[Any, int]] = {}
     if cfg.quotas:
         out[0] = dict(cfg.quotas)
     elif cfg.weights:
-        out[0] = apportion(cfg.target_pairs, dict(cfg.weights))
+        out[0] = apportion(cfg.target, dict(cfg.weights))
     if cfg.languages:
-        out[1] = apportion(cfg.target_pairs, dict(cfg.languages))
+        out[1] = apportion(cfg.target, dict(cfg.languages))
     if cfg.text_rich_share is not None:
-        out[2] = apportion(cfg.target_pairs, {True: cfg.text_rich_share, False: 1 - cfg.text_rich_share})
+        out[2] = apportion(cfg.target, {True: cfg.text_rich_share, False: 1 - cfg.text_rich_share})
     return out
 
 
 def cell_targets(cfg: SelectConfig, pool: dict[tuple, int]) -> dict[tuple, int]:
-    """Integer target per cell: the pool raked (iterative proportional fitting) to the configured
-    marginals, scaled to ``target_pairs`` and rounded by largest remainder. Cells with no pool get 0."""
+    """Integer target per cell (in ``cfg.unit``): the pool (pairs or tokens) raked (iterative
+    proportional fitting) to the configured marginals, scaled to the target and rounded by largest
+    remainder. Cells with no pool get 0."""
     cells = sorted(c for c, n in pool.items() if n > 0)
     if not cells:
         return {}
@@ -285,45 +383,68 @@ def cell_targets(cfg: SelectConfig, pool: dict[tuple, int]) -> dict[tuple, int]:
     total = sum(m.values())
     if total <= 0:
         return {c: 0 for c in cells}
-    reachable = cfg.target_pairs
+    reachable = cfg.target
     if margins:  # a marginal whose values have no pool at all cannot be reached: give what can be
         reachable = min(reachable, round(total))
     return apportion(reachable, m)
 
 
 class CellPlan(NamedTuple):
-    target: int
-    pool: int
+    target: int  # in cfg.unit (pairs or tokens)
+    pool: int  # eligible records
     base: int  # copies every eligible record of the cell gets
     cut: int  # hash bucket of the boundary (-1: none)
-    need: int  # extra copies to hand out inside the cut bucket, by hash order
-    shortfall: int
+    need: int  # pairs / tokens still to hand out inside the cut bucket, by hash order
+    shortfall: int  # in cfg.unit
+    pool_w: int = 0  # the pool in cfg.unit (= pool when counting pairs)
 
 
-def make_plan(cfg: SelectConfig, hist: dict[tuple, int]) -> dict[tuple, CellPlan]:
-    """``hist``: ``(cell, bucket) -> records``. Returns the plan of every cell with a pool."""
-    per_cell: dict[tuple, Counter] = defaultdict(Counter)
-    for (cell, bucket), n in hist.items():
-        per_cell[tuple(cell)][bucket] += n
-    pool = {c: sum(b.values()) for c, b in per_cell.items()}
+def make_plan(cfg: SelectConfig, hist: dict[tuple, Any]) -> dict[tuple, CellPlan]:
+    """``hist``: ``(cell, bucket) -> records`` or ``-> (records, weight)`` (weight: tokens with a
+    token target, else records). Returns the plan of every cell with a pool.
+
+    A cell with target ``t`` and pool weight ``P`` gives every record ``t // P`` copies and hands out
+    the remainder ``t mod P`` as one more copy to the records in hash order: every bucket below the
+    cut bucket, then inside the cut bucket a hash-ordered prefix (``prefix_length``)."""
+    per_cell: dict[tuple, dict[int, list[int]]] = defaultdict(dict)
+    for (cell, bucket), v in hist.items():
+        n, w = (v, v) if isinstance(v, int) else v
+        acc = per_cell[tuple(cell)].setdefault(bucket, [0, 0])
+        acc[0] += n
+        acc[1] += w
+    pool = {c: sum(a[1] for a in b.values()) for c, b in per_cell.items()}
     targets = cell_targets(cfg, pool)
     plan = {}
     for cell in sorted(per_cell):
-        n, t = pool[cell], targets.get(cell, 0)
+        n = sum(a[0] for a in per_cell[cell].values())
+        pw, t = pool[cell], targets.get(cell, 0)
         shortfall = 0
-        if t > n and cfg.on_short != "upsample":
-            shortfall, t = t - n, n
-        base, rem = divmod(t, n)
+        if t > pw and cfg.on_short != "upsample":
+            shortfall, t = t - pw, pw
+        base, rem = divmod(t, pw)
         cut, need = -1, 0
         if rem:
             cum = 0
             for b in sorted(per_cell[cell]):
-                if cum + per_cell[cell][b] >= rem:
+                w = per_cell[cell][b][1]
+                if cum + w >= rem:
                     cut, need = b, rem - cum
                     break
-                cum += per_cell[cell][b]
-        plan[cell] = CellPlan(t, n, base, cut, need, shortfall)
+                cum += w
+        plan[cell] = CellPlan(t, n, base, cut, need, shortfall, pw)
     return plan
+
+
+def prefix_length(weights: list[int], need: int) -> int:
+    """How many of ``weights`` (in hash order) to take so their sum is closest to ``need`` (the shorter
+    prefix on a tie). With unit weights that is exactly ``need``; with tokens the cell misses its
+    target by at most half of one record's tokens."""
+    cum = 0
+    for i, w in enumerate(weights):
+        if cum + w >= need:
+            return i + 1 if cum + w - need < need - cum else i
+        cum += w
+    return len(weights)
 
 
 # --- Beam pieces ---------------------------------------------------------------------------------
@@ -334,33 +455,45 @@ class Candidate(NamedTuple):
     h: int
     in_earlier: bool
     pair: Pair
+    w: int = 1  # the record's weight in cfg.unit: 1 pair, or its tokens
 
 
 class _AnnotateFn(beam.DoFn):
-    """(pair, in_earlier) -> ineligible Outcome (tag ``out``) or Candidate (main)."""
+    """Pair or (pair, in_earlier) -> ineligible Outcome (tag ``out``) or Candidate (main)."""
 
-    def __init__(self, cfg: SelectConfig):
+    def __init__(self, cfg: SelectConfig, tokenizer_files: dict[str, bytes] | None = None):
         self.cfg = cfg
+        self.counter = TokenCounter(cfg.stage, cfg.query_num, tokenizer_files) if cfg.by_tokens else None
 
     def setup(self):
         self.errors = Metrics.counter("mmcorpus.select", "errors_annotate")
+        if self.counter is not None:
+            self.counter.setup()
+
+    def teardown(self):
+        if self.counter is not None:
+            self.counter.teardown()
 
     def process(self, item):
-        pair, in_earlier = item
+        pair, in_earlier = (item, False) if isinstance(item, Pair) else item
         try:
             why = eligibility(pair, self.cfg, in_earlier)
             if why is not None:
                 yield beam.pvalue.TaggedOutput("out", Outcome.dropped(pair, REJECTED, why[0], why[1]))
                 return
-            yield Candidate(cell_of(pair), key_hash(self.cfg.effective_salt(), pair.key), in_earlier, pair)
+            w = self.counter.count(pair) if self.counter is not None else 1
+            cand = Candidate(cell_of(pair), key_hash(self.cfg.effective_salt(), pair.key), in_earlier, pair, w)
         except Exception as exc:  # dead letter: one bad record never stops the stage
             self.errors.inc()
             yield beam.pvalue.TaggedOutput(
                 "out", Outcome.dropped(pair, "error", reasons.exception_reason(exc), type(exc).__name__)
             )
+            return
+        yield cand
 
 
-def emit_copies(c: Candidate, copies: int) -> Iterable[Outcome]:
+def emit_copies(decided: tuple[Candidate, int]) -> Iterable[Outcome]:
+    c, copies = decided
     if copies == 0:
         yield Outcome.dropped(c.pair, REJECTED, reasons.NOT_SELECTED, f"cell={'/'.join(map(str, c.cell))}")
         return
@@ -369,39 +502,87 @@ def emit_copies(c: Candidate, copies: int) -> Iterable[Outcome]:
         yield Outcome.kept(c.pair.replace(key=replica_key(c.pair.key, i), replica=i))
 
 
-class _DecideFn(beam.DoFn):
-    """Candidate -> its outcomes, or (cell, Candidate) on the ``boundary`` tag for the cut bucket."""
+def tally(decided: tuple[Candidate, int]) -> tuple[tuple, tuple[int, int, int, int, int]]:
+    """One count element per decision, for mixture.json: ``(cell, (pairs, weight, replicas, overlap,
+    not_selected))`` (``unpack_tallies`` turns the per-cell sums into the report's keys)."""
+    c, copies = decided
+    if copies == 0:
+        return ("tally", c.cell), (0, 0, 0, 0, 1)
+    # overlap: drawn again although an earlier selection holds it (overlap = "allow")
+    return ("tally", c.cell), (copies, copies * c.w, copies - 1, int(c.in_earlier), 0)
 
-    def process(self, c: Candidate, plan: dict):
-        p = plan[c.cell]
+
+def unpack_tallies(acc: dict) -> dict:
+    """The combined counts with per-cell tallies spread into the report's keys."""
+    out: dict = {k: v for k, v in acc.items() if k[0] != "tally"}
+    for k, v in acc.items():
+        if k[0] != "tally":
+            continue
+        cell = k[1]
+        pairs, w, replicas, overlap, dropped = v
+        if pairs:
+            out[("cell", cell)] = out.get(("cell", cell), 0) + pairs
+            out[("cell_w", cell)] = out.get(("cell_w", cell), 0) + w
+        for key, n in ((("replicas",), replicas), (("overlap",), overlap), (("drop", reasons.NOT_SELECTED), dropped)):
+            if n:
+                out[key] = out.get(key, 0) + n
+    return out
+
+
+class _DecideFn(beam.DoFn):
+    """Candidate -> (Candidate, copies), or (cell, Candidate) on the ``boundary`` tag for the cut bucket."""
+
+    def process(self, c: Candidate, cuts: dict):
+        base, cut, _ = cuts[c.cell]
         b = bucket_of(c.h)
-        if b == p.cut:
+        if b == cut:
             yield beam.pvalue.TaggedOutput("boundary", (c.cell, c))
             return
-        yield from emit_copies(c, p.base + (1 if b < p.cut else 0))
+        yield c, base + (1 if b < cut else 0)
 
 
-def _decide_boundary(element, plan: dict):
+def _decide_boundary(element, cuts: dict):
     cell, cands = element
-    p = plan[cell]
-    for i, c in enumerate(sorted(cands, key=lambda c: (c.h, c.pair.key))):
-        yield from emit_copies(c, p.base + (1 if i < p.need else 0))
+    base, _, need = cuts[cell]
+    ordered = sorted(cands, key=lambda c: (c.h, c.pair.key))
+    k = prefix_length([c.w for c in ordered], need)
+    for i, c in enumerate(ordered):
+        yield c, base + (1 if i < k else 0)
+
+
+def plan_cuts(plan: dict) -> dict:
+    """``cell -> (base, cut, need)`` as plain tuples: the per-record decision's side input, kept
+    small and flat (Beam's side-input cache measures its deep size on every read)."""
+    return {cell: (p.base, p.cut, p.need) for cell, p in plan.items()}
+
+
+def _ineligible_keys(o: Outcome):
+    if o.reason in (reasons.NOT_ELIGIBLE, reasons.IN_EARLIER_SELECTION):
+        yield ("drop", o.reason), 1
 
 
 class _MergeCounts(beam.CombineFn):
+    """Sums values per key; a value is a number or a tuple of numbers (summed element-wise)."""
+
     def create_accumulator(self):
         return {}
 
+    @staticmethod
+    def _add(a, b):
+        if a is None:
+            return b
+        return tuple(x + y for x, y in zip(a, b)) if isinstance(b, (tuple, list)) else a + b
+
     def add_input(self, acc, kv):
         k, v = kv
-        acc[k] = acc.get(k, 0) + v
+        acc[k] = self._add(acc.get(k), v)
         return acc
 
     def merge_accumulators(self, accs):
         out: dict = {}
         for a in accs:
             for k, v in a.items():
-                out[k] = out.get(k, 0) + v
+                out[k] = self._add(out.get(k), v)
         return out
 
     def extract_output(self, acc):
@@ -413,9 +594,14 @@ def _pct(n: int, d: int) -> float | None:
 
 
 def mixture_report(cfg: SelectConfig, plan: dict, achieved: dict, dropped: dict) -> dict[str, Any]:
-    """Target vs achieved per dataset, per language, per text-rich flag and per rule; replicas and overlap."""
+    """Target vs achieved per dataset, per language, per text-rich flag and per rule; replicas and
+    overlap. ``achieved`` holds the tallies (``tally``): pairs and weight per cell. With a token
+    target, targets and shortfalls are in tokens (``*_tokens``) and pairs are reported beside them."""
     margins = marginal_targets(cfg, {})
+    tok = cfg.by_tokens
     sel_total = sum(v for k, v in achieved.items() if k[0] == "cell")
+    sel_w = sum(v for k, v in achieved.items() if k[0] == "cell_w")
+    sfx = "_tokens" if tok else ""
     axes = {}
     for axis, name in ((0, "dataset"), (1, "lang"), (2, "text_rich")):
         rows: dict[str, dict[str, Any]] = {}
@@ -424,19 +610,26 @@ def mixture_report(cfg: SelectConfig, plan: dict, achieved: dict, dropped: dict)
             got = sum(n for k, n in achieved.items() if k[0] == "cell" and k[1][axis] == v)
             pool = sum(p.pool for c, p in plan.items() if c[axis] == v)
             row = {"pool": pool, "achieved": got, "achieved_pct": _pct(got, sel_total)}
+            got_w = got
+            if tok:
+                got_w = sum(n for k, n in achieved.items() if k[0] == "cell_w" and k[1][axis] == v)
+                row |= {"pool_tokens": sum(p.pool_w for c, p in plan.items() if c[axis] == v),
+                        "achieved_tokens": got_w, "achieved_tokens_pct": _pct(got_w, sel_w)}
             if axis in margins:
                 t = margins[axis].get(v, 0)
-                row |= {"target": t, "target_pct": _pct(t, cfg.target_pairs), "shortfall": max(0, t - got)}
+                row |= {f"target{sfx}": t, f"target{sfx}_pct": _pct(t, cfg.target),
+                        f"shortfall{sfx}": max(0, t - got_w)}
             rows[str(v).lower() if axis == 2 else str(v)] = row
         axes[name] = rows
     rules = {r: n for r, n in sorted(dropped.items())}
-    return {
+    out = {
         "stage": cfg.stage,
         "salt": cfg.effective_salt(),
+        "unit": cfg.unit,
         "target_pairs": cfg.target_pairs,
         "selected": sel_total,
         "replicas": achieved.get(("replicas",), 0),
-        "shortfall": max(0, cfg.target_pairs - sel_total),
+        "shortfall": None if tok else max(0, cfg.target_pairs - sel_total),
         "on_short": cfg.on_short,
         "by_dataset": axes["dataset"],
         "by_lang": axes["lang"],
@@ -455,20 +648,16 @@ def mixture_report(cfg: SelectConfig, plan: dict, achieved: dict, dropped: dict)
         },
         "cells": [
             {"dataset": c[0], "lang": c[1], "text_rich": c[2], "pool": p.pool, "target": p.target,
-             "replicas_per_record": p.base, "shortfall": p.shortfall}
+             "achieved": achieved.get(("cell", c), 0), "replicas_per_record": p.base, "shortfall": p.shortfall}
+            | ({"pool_tokens": p.pool_w, "achieved_tokens": achieved.get(("cell_w", c), 0)} if tok else {})
             for c, p in sorted(plan.items())
         ],
     }
-
-
-def _achieved_keys(o: Outcome, earlier_keys: frozenset | None = None):
-    if o.status != "kept" or o.pair is None:
-        if o.reason in (reasons.NOT_ELIGIBLE, reasons.IN_EARLIER_SELECTION, reasons.NOT_SELECTED):
-            yield ("drop", o.reason), 1
-        return
-    yield ("cell", cell_of(o.pair)), 1
-    if o.pair.replica:
-        yield ("replicas",), 1
+    if tok:
+        out |= {"target_tokens": cfg.target_tokens, "selected_tokens": sel_w,
+                "shortfall_tokens": max(0, cfg.target_tokens - sel_w), "query_num": cfg.query_num,
+                "pack_profile_stage": cfg.stage}
+    return out
 
 
 class _WriteMixtureFn(beam.DoFn):
@@ -536,7 +725,7 @@ class Select(beam.PTransform):
     def expand(self, pairs):
         cfg = self.cfg
         if self.earlier_keys is None:
-            flagged = pairs | "NoEarlier" >> beam.Map(lambda p: (p, False))
+            flagged = pairs  # _AnnotateFn reads a bare Pair as "not in an earlier selection"
         else:
             joined = {
                 "pair": pairs | "ByKey" >> beam.Map(lambda p: (p.key, p)),
@@ -547,42 +736,33 @@ class Select(beam.PTransform):
                 | "JoinEarlier" >> beam.CoGroupByKey()
                 | "Flag" >> beam.FlatMap(lambda kv: [(p, bool(kv[1]["earlier"])) for p in kv[1]["pair"]])
             )
-        annotated = flagged | "Eligibility" >> beam.ParDo(_AnnotateFn(cfg)).with_outputs("out", main="cand")
+        tok_files = TextTokenizer.files_of(self.cfg.tokenizer) if cfg.by_tokens else None
+        annotated = flagged | "Eligibility" >> beam.ParDo(_AnnotateFn(cfg, tok_files)).with_outputs("out", main="cand")
         cands = annotated.cand
         hist = (
             cands
-            | "CellBucket" >> beam.Map(lambda c: ((c.cell, bucket_of(c.h)), 1))
+            | "CellBucket" >> beam.Map(lambda c: ((c.cell, bucket_of(c.h)), (1, c.w)))
             | "CountBuckets" >> beam.CombineGlobally(_MergeCounts())
         )
         plan = hist | "Plan" >> beam.Map(lambda h: make_plan(cfg, h))
-        decided = cands | "Decide" >> beam.ParDo(_DecideFn(), plan=beam.pvalue.AsSingleton(plan)).with_outputs(
+        cuts = plan | "Cuts" >> beam.Map(plan_cuts)
+        decided = cands | "Decide" >> beam.ParDo(_DecideFn(), cuts=beam.pvalue.AsSingleton(cuts)).with_outputs(
             "boundary", main="out"
         )
         boundary = (
             decided.boundary
             | "GroupBoundary" >> beam.GroupByKey()
-            | "DecideBoundary" >> beam.FlatMap(_decide_boundary, plan=beam.pvalue.AsSingleton(plan))
+            | "DecideBoundary" >> beam.FlatMap(_decide_boundary, cuts=beam.pvalue.AsSingleton(cuts))
         )
-        outcomes = (annotated.out, decided.out, boundary) | "AllOutcomes" >> beam.Flatten()
-        overlap = (
-            cands
-            | "InEarlier" >> beam.Filter(lambda c: c.in_earlier)
-            | "KeyOfEarlier" >> beam.Map(lambda c: (c.pair.key, c))
-        )
-        kept_keys = outcomes | "KeptOriginals" >> beam.FlatMap(
-            lambda o: [(o.key, 1)] if o.status == "kept" and o.pair is not None and not o.pair.replica else []
-        )
-        overlap_n = (
-            {"cand": overlap, "kept": kept_keys}
-            | "JoinOverlap" >> beam.CoGroupByKey()
-            | "OverlapHits" >> beam.FlatMap(lambda kv: [(("overlap",), 1)] if kv[1]["cand"] and kv[1]["kept"] else [])
-        )
+        decisions = (decided.out, boundary) | "AllDecisions" >> beam.Flatten()
+        outcomes = (annotated.out, decisions | "Copies" >> beam.FlatMap(emit_copies)) | "AllOutcomes" >> beam.Flatten()
+        parts = [annotated.out | "IneligibleKeys" >> beam.FlatMap(_ineligible_keys), decisions | "Tally" >> beam.Map(tally)]
         counts = (
-            (outcomes | "AchievedKeys" >> beam.FlatMap(_achieved_keys), overlap_n)
+            tuple(parts)
             | "FlattenCounts" >> beam.Flatten()
             | "CountAchieved" >> beam.CombineGlobally(_MergeCounts())
         )
-        report = counts | "Report" >> beam.Map(
+        report = counts | "Unpack" >> beam.Map(unpack_tallies) | "Report" >> beam.Map(
             lambda acc, plan: mixture_report(
                 cfg, plan, acc, {k[1]: v for k, v in acc.items() if k[0] == "drop"}
             ),

@@ -21,6 +21,7 @@ from schemas.errors import UserError
 from schemas.records import Outcome, Pair
 from storage.files import input_bytes
 from transforms.keys import safe_key
+from transforms.stage_io import ReadStage, read_manifest, stage_input_info
 
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 # img2dataset / LAION metadata columns that carry a licence, in the order they are looked for.
@@ -157,3 +158,31 @@ def combined_input_info(infos: list[tuple[str | None, dict[str, Any]]]) -> dict[
         "bytes": sum(input_bytes(info) for _, info in infos),  # sizes the shards (runner.resolve_num_shards)
         "sources": {name: info for name, info in infos},
     }
+
+
+def stage_inputs(values: list[str] | None, flag: str = "--input") -> tuple[list[SourceInput], dict[str, Any]]:
+    """``--input [NAME=]DIR`` values of a stage that reads finished stage outputs: the parsed sources
+    and one ``input_info`` for them all. A directory without a manifest exits 2 naming it."""
+    sources = parse_inputs(values, flag)
+    infos = []
+    for src in sources:
+        try:
+            read_manifest(src.path)
+        except FileNotFoundError as e:
+            raise UserError(f"{flag} {src.path}: {e}") from None
+        infos.append((src.name, stage_input_info(src.path)))
+    return sources, combined_input_info(infos)
+
+
+def read_sources(p, sources: list[SourceInput], label: str = "Read"):
+    """Read every source's stage output, tag named ones (``TagSourceFn``) and flatten them into one
+    PCollection of ``Pair``. A plain single ``--input DIR`` builds exactly the one ``Read`` step it
+    always did."""
+    parts = []
+    for src in sources:
+        tag = "" if len(sources) == 1 and src.name is None else f"_{src.name}"
+        pairs = p | f"{label}{tag}" >> ReadStage(src.path)
+        if src.name is not None:
+            pairs = pairs | f"Tag{tag}" >> beam.ParDo(TagSourceFn(src.name))
+        parts.append(pairs)
+    return parts[0] if len(parts) == 1 else parts | "Sources" >> beam.Flatten()

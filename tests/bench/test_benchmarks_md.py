@@ -14,7 +14,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 # Sections still typed by hand, converted on other branches of issue 9 (w9filter, w9dedup, w13sel,
 # w15b). When a branch lands, its heading disappears here and this test fails until the name is
 # removed from the list: the list must shrink to empty, then only generated sections remain.
-NOT_YET_CONVERTED = {"Filter", "Dedup", "Selection (issue 13)"}
+NOT_YET_CONVERTED = {"Dedup"}
 # Marker blocks wrapped by hand around a bench's own output, not written by a run_all run (no
 # run_all command line under the heading). Re-run with `python -m bench.run_all --only NAME`.
 NOT_YET_REGENERATED: set[str] = set()

@@ -74,6 +74,17 @@ def test_languages_setting_keeps_only_those():
         ("高清壁纸高清壁纸高清壁纸高清壁纸", reasons.CAPTION_BOILERPLATE),
         ("可爱的猫咪可爱的猫咪可爱的猫咪可爱的猫咪", reasons.CAPTION_REPETITIVE),
         ("一只猫在沙发上睡觉 图片来源：视觉中国", None),  # content + credit: kept, flagged
+        # a number inside unspaced CJK text is not a file name (\w matches CJK characters) ...
+        ("台北101大樓的夜景", None),
+        ("北京101中学的校门", None),
+        ("2020年东京奥运会的会场", None),
+        ("上海中心大厦632米", None),
+        ("東京スカイツリー634mの展望台", None),
+        # ... but CJK file names still are
+        ("微信图片_20200101123456", reasons.CAPTION_BOILERPLATE),
+        ("微信图片_20200101123456.jpg", reasons.CAPTION_BOILERPLATE),
+        ("截图-20190312", reasons.CAPTION_BOILERPLATE),
+        ("风景照片001.png", reasons.CAPTION_BOILERPLATE),
         # full-width forms are the same rules
         ("ＤＳＣ＿２４８１", reasons.CAPTION_BOILERPLATE),
         ("１２３４５ ６７８９０ ！！！ ＃＃＃ ２０２１－０１－０１ ＄＄＄", reasons.CAPTION_NON_ALPHA),

@@ -19,8 +19,6 @@ def test_chinese_caption_gets_the_chinese_prompt():
     assert sys_m["content"] == prompts.SYSTEM_PROMPT_ZH and user_m["content"] == "原始说明：一只白色的小狗睡在沙发上"
     sys_m, user_m = prompts.build_messages("a white puppy asleep on a sofa")
     assert sys_m["content"] == prompts.SYSTEM_PROMPT and user_m["content"] == "Raw caption: a white puppy asleep on a sofa"
-    # Japanese and Korean fall back to the English prompt (no prompt written for them yet)
-    assert prompts.build_messages("桜の木の下でお弁当を食べる家族")[0]["content"] == prompts.SYSTEM_PROMPT
     assert prompts.build_messages("a dog", lang="zh")[0]["content"] == prompts.SYSTEM_PROMPT_ZH
 
 

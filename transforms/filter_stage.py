@@ -1,0 +1,73 @@
+"""The filter stage's read step: each unit of raw input (a Parquet row group, a tar shard, a csv/jsonl file) is read, tagged with its source, filtered and flagged in one DoFn."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms.filter_base import BaseFilter, filter_record
+from transforms.ingest import ExpandUnitsFn, ReadInputUnitFn, ResolvedInput
+from transforms.sources import tag_record
+
+
+class ReadAndFilterFn(ReadInputUnitFn):
+    """``ReadInputUnitFn`` + ``tag_record`` + ``filter_record`` fused: the records of a unit never
+    leave this step as Pairs, only as Outcomes. On the DirectRunner every step costs a few µs per
+    element and every extra Pair copy a few more; the filters themselves cost ~30 µs a caption.
+
+    Args:
+        resolved: the resolved input (``transforms.ingest.resolve_input``).
+        filters: the filter chain (caption filters, then image filters).
+        flaggers: quality flaggers run on kept records.
+        tag: apply ``tag_record(record, name, license)`` (named sources or a configured licence).
+        name, license: the source's name and configured licence.
+    """
+
+    def __init__(self, resolved: ResolvedInput, filters: Sequence[BaseFilter], flaggers: Sequence = (),
+                 tag: bool = False, name: str | None = None, license: str | None = None):
+        super().__init__(resolved)
+        self.filters = list(filters)
+        self.flaggers = list(flaggers)
+        self.tag, self.name, self.license = tag, name, license
+
+    def setup(self):
+        super().setup()
+        self.errors = Metrics.counter("mmcorpus.filter", "errors")
+
+    def process(self, unit):
+        filters, flaggers, errors = self.filters, self.flaggers, self.errors
+        for item in super().process(unit):
+            if self.tag:
+                item = tag_record(item, self.name, self.license)
+            yield filter_record(item, filters, flaggers, errors)
+
+
+class ReadAndFilter(beam.PTransform):
+    """Raw input → one ``Outcome`` per record (kept with flags, or rejected/error with a reason):
+    the units are spread over workers, then each is read and filtered in one step.
+
+    Args:
+        resolved, filters, flaggers, tag, name, license: as for ``ReadAndFilterFn``.
+
+    Example:
+        outcomes = p | ReadAndFilter(resolve_input(InputSpec("captions.parquet")), caption_filters(cfg))
+    """
+
+    def __init__(self, resolved: ResolvedInput, filters: Sequence[BaseFilter], flaggers: Sequence = (),
+                 tag: bool = False, name: str | None = None, license: str | None = None):
+        super().__init__()
+        if resolved.format == "stage":
+            raise ValueError("stage inputs are read with transforms.stage_io.ReadStage")
+        self.resolved = resolved
+        self.fn = ReadAndFilterFn(resolved, filters, flaggers, tag, name, license)
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "InputFiles" >> beam.Create(list(self.resolved.files))
+            | "Units" >> beam.ParDo(ExpandUnitsFn(self.resolved))
+            | "SpreadUnits" >> beam.Reshuffle()
+            | "ReadAndFilter" >> beam.ParDo(self.fn)
+        )
