@@ -81,6 +81,15 @@ def test_rlaifv_generate_takes_named_inputs(dirs):
         _check_named(root / "gen")
         metas = [json.loads(r["meta"])["rlaifv"] for r in _rows(root / "gen", columns=("meta",))]
         assert sorted(len(d["responses"]) for d in metas) == [2] * 5
+        # feedback keeps one --input: the generate output's records already carry their keys and dataset
+        with StandInServer(respond_body=rlaifv_respond) as clm, StandInServer(respond_body=rlaifv_respond) as lab:
+            assert cli.main(["rlaifv", "feedback", "--input", str(root / "gen"), "--output", str(root / "fb"),
+                             "--claims-endpoint", clm.base_url, "--claims-model", "llm", "--labeler-endpoint",
+                             lab.base_url, "--labeler-model", "mllm", "--cache-dir", "none", "--concurrency", "4",
+                             "--timeout", "20", "--num-shards", "1"]) == 0
+        assert sorted((r["key"], r["dataset"]) for r in _rows(root / "fb")) == sorted(
+            (r["key"], r["dataset"]) for r in _rows(root / "gen"))
+        assert len(_rows(root / "fb")) == 5
         # a plain --input DIR: keys and dataset exactly as before, the one-stage input description
         assert _gen(pol, ["--input", a], root / "gen1") == 0
     assert sorted((r["key"], r["dataset"]) for r in _rows(root / "gen1")) == [("000000001", None), ("000000002", None)]
