@@ -140,11 +140,20 @@ def check_scheduler(address: str, timeout_s: float = _SCHEDULER_CHECK_TIMEOUT_S)
 # translates every transform itself (``_Translator``).
 
 
-def _windowed(item: t.Any):
-    from apache_beam.transforms.window import GlobalWindow
+def _windowed(item: t.Any, _cache: list = []):  # noqa: B006 (a per-process cache, on purpose)
+    # Called once per element and step. Building the window tuple and the timestamp each time was
+    # 12 s of 33 s of worker CPU in dedup at 5k pairs (GlobalWindow() recomputes its end from a proto
+    # in __init__): build them once per process.
     from apache_beam.utils.windowed_value import WindowedValue
 
-    return item if isinstance(item, WindowedValue) else WindowedValue(item, 0, (GlobalWindow(),))
+    if isinstance(item, WindowedValue):
+        return item
+    if not _cache:
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.timestamp import Timestamp
+
+        _cache.extend((Timestamp(0), (GlobalWindow(),)))
+    return WindowedValue(item, _cache[0], _cache[1])
 
 
 class _Collect(Receiver):
@@ -182,17 +191,17 @@ class _ParDoSpec:
     side_views: list  # (view class, view options, window mapping fn) per side input
 
 
-def _run_dofn_partition(items, spec_bytes: bytes, *side_values):
-    """One bundle = one Dask partition: setup, start_bundle, process every element, finish_bundle
-    (whose outputs are kept), teardown. The DoFn is unpickled here, fresh per partition: a DoFn
-    set up in place (clients, threads, event loops) must never be shared by two partitions or be
-    shipped to another worker."""
+def _dofn_steps(items: t.Iterable, spec_bytes: bytes, side_values: tuple) -> t.Iterator:
+    """One DoFn over one partition (one bundle), as a generator: setup, start_bundle, process every
+    element, finish_bundle (whose outputs are kept), teardown. Outputs are handed on element by element,
+    so a chain of ParDos fused into one task never builds a list between its steps. The DoFn is
+    unpickled here, fresh per partition: a DoFn set up in place (clients, threads, event loops) must
+    never be shared by two partitions or be shipped to another worker."""
     import cloudpickle
     from apache_beam.runners.common import DoFnContext, DoFnInvoker, DoFnSignature, _OutputHandler
     from apache_beam.transforms.sideinputs import SideInputMap
 
     spec: _ParDoSpec = cloudpickle.loads(spec_bytes)
-
     out: list = []
     receivers = _Receivers(out)
     handler = _OutputHandler(
@@ -213,19 +222,146 @@ def _run_dofn_partition(items, spec_bytes: bytes, *side_values):
     invoker.invoke_start_bundle()
     for item in items:
         invoker.invoke_process(_windowed(item))
+        if out:
+            yield from out
+            out.clear()
     invoker.invoke_finish_bundle()
+    yield from out
+    out.clear()
     invoker.invoke_teardown()
+
+
+def _tag_steps(items: t.Iterable, tag) -> t.Iterator:
+    """The elements of one output of a multi-output ParDo (main outputs are plain, tagged ones wrapped)."""
+    if tag is None:
+        return (v for v in items if not isinstance(v, beam.pvalue.TaggedOutput))
+    return (v.value for v in items if isinstance(v, beam.pvalue.TaggedOutput) and v.tag == tag)
+
+
+def _steps(items: t.Iterable, chain: tuple) -> t.Iterator:
+    """Run a fused chain of steps over one partition, lazily. ``chain`` holds ``("tag", tag)`` and
+    ``("pardo", spec_bytes, side_values)`` steps; dask has already put the computed side inputs in."""
+    it = iter(items)
+    for step in chain:
+        it = _tag_steps(it, step[1]) if step[0] == "tag" else _dofn_steps(it, step[1], step[2])
+    return it
+
+
+def _materialize(items, chain) -> list:
+    return list(_steps(items, chain))
+
+
+def _concat_parts(parts) -> list:
+    """``[(items, chain), ...]`` -> one list: the chains run one after the other, in order."""
+    out: list = []
+    for items, chain in parts:
+        out.extend(_steps(items, chain))
     return out
 
 
-def _select_tag(partition, tag):
-    if tag is None:
-        return [v for v in partition if not isinstance(v, beam.pvalue.TaggedOutput)]
-    return [v.value for v in partition if isinstance(v, beam.pvalue.TaggedOutput) and v.tag == tag]
+def _count_parts(parts) -> int:
+    n = 0
+    for items, chain in parts:
+        for _ in _steps(items, chain):
+            n += 1
+    return n
 
 
-def _concat(lists):
-    return list(itertools.chain.from_iterable(lists))
+def _sum(counts) -> int:
+    return sum(counts)
+
+
+def _name(label: str, kind: str) -> str:
+    """A task-key prefix naming the Beam transform (dask's task stream and dashboard group by it),
+    unique per run so two runs on one cluster never share a key."""
+    return f"{kind}:{label}:{_RUN_ID}"
+
+
+_RUN_ID = os.urandom(4).hex()
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def _bucket_of(key, n: int) -> int:
+    """A process-independent bucket for a key (Python's ``hash`` is salted per process; workers are
+    processes). crc32 of the key's bytes for strings, bytes, numbers and tuples of them (what the
+    stages group by); dask's ``tokenize`` for anything else."""
+    import zlib
+
+    if isinstance(key, str):
+        data = key.encode("utf-8", "surrogatepass")
+    elif isinstance(key, bytes):
+        data = key
+    elif isinstance(key, _PLAIN) or (isinstance(key, tuple) and all(isinstance(k, _PLAIN) for k in key)):
+        data = repr(key).encode("utf-8", "surrogatepass")
+    else:
+        from dask.base import tokenize
+
+        return int(tokenize(key), 16) % n
+    return zlib.crc32(data) % n
+
+
+def _split_by_key(items, chain, n: int) -> tuple:
+    """Run one input partition's fused chain and hash-partition its ``(key, value)`` outputs into
+    ``n`` buckets, unwrapping the ``WindowedValue`` Beam's ReifyWindows put around each value."""
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    buckets: list[list] = [[] for _ in range(n)]
+    for key, value in _steps(items, chain):
+        buckets[_bucket_of(key, n)].append((key, value.value if isinstance(value, WindowedValue) else value))
+    return tuple(buckets)
+
+
+def _split_even(items, chain, n: int) -> tuple:
+    """Run one input partition's fused chain and cut its outputs into ``n`` neighbouring runs."""
+    values = list(_steps(items, chain))
+    size = -(-len(values) // n) if values else 0
+    return tuple(values[i * size:(i + 1) * size] for i in range(n))
+
+
+def _combine_fn(fn_bytes: bytes):
+    import cloudpickle
+
+    fn = cloudpickle.loads(fn_bytes)
+    if hasattr(fn, "setup"):
+        fn.setup()
+    return fn
+
+
+def _split_combine(items, chain, n: int, fn_bytes: bytes) -> tuple:
+    """A lifted CombinePerKey's first half: one accumulator per key of this partition, then hash-
+    partitioned into ``n`` buckets, so the shuffle moves one accumulator per key, not every value."""
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    fn = _combine_fn(fn_bytes)
+    accs: dict = {}
+    for key, value in _steps(items, chain):
+        if isinstance(value, WindowedValue):
+            value = value.value
+        acc = accs.get(key)
+        accs[key] = fn.add_input(fn.create_accumulator() if acc is None else acc, value)
+    buckets: list[list] = [[] for _ in range(n)]
+    for key, acc in accs.items():
+        buckets[_bucket_of(key, n)].append((key, acc))
+    return tuple(buckets)
+
+
+def _merge_combine(buckets: list[list], fn_bytes: bytes) -> list:
+    """A lifted CombinePerKey's second half: ``(key, output)`` per key, as CombineValues would emit."""
+    fn = _combine_fn(fn_bytes)
+    accs: dict = {}
+    for bucket in buckets:
+        for key, acc in bucket:
+            accs.setdefault(key, []).append(acc)
+    return [(key, fn.extract_output(fn.merge_accumulators(a))) for key, a in accs.items()]
+
+
+def _merge_groups(buckets: list[list]) -> list:
+    """One output partition of a GroupByKey: ``(key, [values])`` in first-seen order."""
+    groups: dict = {}
+    for bucket in buckets:
+        for key, value in bucket:
+            groups.setdefault(key, []).append(value)
+    return list(groups.items())
 
 
 def _chunks(parts: list, n: int) -> list[list]:
@@ -234,57 +370,54 @@ def _chunks(parts: list, n: int) -> list[list]:
     return [parts[i:i + size] for i in range(0, len(parts), size)] or [[]]
 
 
-def _split_by_key(partitions: list, n: int) -> tuple:
-    """Hash-partition the ``(key, value)`` elements of some partitions into ``n`` buckets by a
-    process-independent hash (Python's ``hash`` is salted per process; workers are processes)."""
-    from dask.base import tokenize
+class _Uses(beam.pipeline.PipelineVisitor):
+    """How many times each leaf transform's outputs are read (as main or side input)."""
 
-    buckets: list[list] = [[] for _ in range(n)]
-    for partition in partitions:
-        for kv in partition:
-            buckets[int(tokenize(kv[0]), 16) % n].append(kv)
-    return tuple(buckets)
+    def __init__(self):
+        self.uses: dict = {}
 
-
-def _merge_groups(buckets: list[list]) -> list:
-    """One output partition of a GroupByKey: ``(key, [values])`` in first-seen order. Values arrive
-    as Beam's ReifyWindows left them (``WindowedValue``); the grouped output carries plain values."""
-    from apache_beam.utils.windowed_value import WindowedValue
-
-    groups: dict = {}
-    for bucket in buckets:
-        for key, value in bucket:
-            groups.setdefault(key, []).append(value.value if isinstance(value, WindowedValue) else value)
-    return list(groups.items())
+    def visit_transform(self, node) -> None:
+        for pc in list(node.main_inputs.values()) + [si.pvalue for si in node.side_inputs]:
+            if not isinstance(pc, beam.pvalue.PBegin):
+                self.uses[pc.producer] = self.uses.get(pc.producer, 0) + 1
 
 
 class _Translator(beam.pipeline.PipelineVisitor):
-    """Build one dask bag per leaf transform; remember which bags nothing consumes (the sinks)."""
+    """Translate every leaf transform into dask tasks, fusing chains of ParDos.
 
-    def __init__(self, bag_kwargs: dict, partitions: int):
+    A PCollection is a list of partitions, each ``(task, chain)``: a dask task whose result is a list,
+    and the steps (ParDos, tag selections) still to run over it. A ParDo only appends its step to the
+    chain, so a chain of ParDos runs as one task per partition, element by element, and no list between
+    two steps is ever stored or shipped between workers. A chain becomes a task of its own (is
+    materialised) where it must: where it is read more than once (a side effect must run once), at a
+    shuffle (GroupByKey, Reshuffle), as a side input, and at the sinks.
+    """
+
+    def __init__(self, bag_kwargs: dict, partitions: int, uses: dict):
         from apache_beam.runners.dask.overrides import (
             _Create, _Flatten, _GroupAlsoByWindow, _GroupByKeyOnly, _Read, _Reshuffle,
         )
 
         self.bag_kwargs = bag_kwargs
-        self.partitions = partitions  # of every shuffle's output (GroupByKey, Reshuffle, Flatten)
-        self.bags: dict = {}
-        self.consumed: set = set()
+        self.partitions = partitions  # of every shuffle's output (GroupByKey, Reshuffle) and Flatten's cap
+        self.uses = uses
+        self.pcolls: dict = {}
+        self._lifted: set = set()  # CombinePerKey nodes whose combine runs around the shuffle
         self._kinds = {
             _Create: self._create, _Flatten: self._flatten, _GroupByKeyOnly: self._group,
             _GroupAlsoByWindow: self._identity, _Reshuffle: self._reshuffle, _Read: self._unsupported,
         }
 
-    def _input_bag(self, pcoll):
-        """The bag of one input PCollection: its producer's bag, narrowed to its tag when the producer
+    def _input(self, pcoll) -> list:
+        """The partitions of one input PCollection: its producer's, narrowed to its tag when the producer
         is a multi-output ParDo."""
         producer = pcoll.producer
-        self.consumed.add(producer)
-        bag = self.bags[producer]
+        parts = self.pcolls[producer]
         if isinstance(producer.transform, beam.ParDo) and len(producer.outputs) > 1:
             tag = next(k for k, v in producer.outputs.items() if v is pcoll)
-            bag = bag.map_partitions(_select_tag, None if tag in (None, "None") else tag)
-        return bag
+            step = ("tag", None if tag in (None, "None") else tag)
+            parts = [(task, chain + (step,)) for task, chain in parts]
+        return parts
 
     def visit_transform(self, node) -> None:
         transform = node.transform
@@ -293,10 +426,23 @@ class _Translator(beam.pipeline.PipelineVisitor):
             kind = self._pardo
         if kind is None:
             self._unsupported(node)
-        inputs = [self._input_bag(pc) for pc in node.main_inputs.values() if not isinstance(pc, beam.pvalue.PBegin)]
-        self.bags[node] = kind(node, inputs)
+        inputs = [self._input(pc) for pc in node.main_inputs.values() if not isinstance(pc, beam.pvalue.PBegin)]
+        parts = kind(node, inputs)
+        if self.uses.get(node, 0) > 1:  # read twice: run the chain once, in a task of its own
+            parts = self._materialized(node.full_label, parts)
+        self.pcolls[node] = parts
 
-    # one method per translated transform: (node, input bags) -> bag
+    @staticmethod
+    def _materialized(label: str, parts: list) -> list:
+        import dask
+
+        name = _name(label, "out")
+        return [
+            (task if not chain else dask.delayed(_materialize, pure=True)(task, chain, dask_key_name=(name, i)), ())
+            for i, (task, chain) in enumerate(parts)
+        ]
+
+    # one method per translated transform: (node, input partitions) -> partitions
     def _unsupported(self, node, inputs=None):
         raise NotImplementedError(
             f"the Dask engine cannot run {node.full_label!r} ({type(node.transform).__name__}): Beam's Dask "
@@ -313,75 +459,116 @@ class _Translator(beam.pipeline.PipelineVisitor):
         if not npartitions and not size:
             size = 128
         if not values:  # an empty Create still needs one (empty) partition to flow through
-            return db.from_delayed([_empty()])
-        return db.from_sequence(values, npartitions=npartitions, partition_size=size)
+            return [(_empty(), ())]
+        bag = db.from_sequence(values, npartitions=npartitions, partition_size=size)
+        return [(task, ()) for task in bag.to_delayed(optimize_graph=False)]
 
     def _flatten(self, node, inputs):
         import dask
-        import dask.bag as db
 
-        if not inputs:
-            return db.from_delayed([_empty()])
-        parts = [d for bag in inputs for d in bag.to_delayed(optimize_graph=False)]
-        # Concatenating bags adds up their partitions; merge neighbours so a Flatten -> ParDo chain
-        # (CoGroupByKey's tagging, dedup's rounds) runs as at most P tasks, not the sum of its inputs.
-        return db.from_delayed([dask.delayed(_concat, pure=True)(chunk) for chunk in _chunks(parts, self.partitions)])
+        parts = [p for ps in inputs for p in ps]
+        if not parts:
+            return [(_empty(), ())]
+        if len(parts) <= self.partitions:  # nothing to run: the inputs' partitions side by side
+            return parts
+        # More partitions than a shuffle makes: merge neighbours so Flatten -> ParDo chains in loops
+        # (CoGroupByKey's tagging, dedup's rounds) never multiply the task count.
+        name = _name(node.full_label, "flatten")
+        return [(dask.delayed(_concat_parts, pure=True)(chunk, dask_key_name=(name, i)), ())
+                for i, chunk in enumerate(_chunks(parts, self.partitions))]
 
     def _identity(self, node, inputs):
         return inputs[0]
 
-    def _reshuffle(self, node, inputs):
-        # Spread the elements over the cluster's threads (order kept, so outputs stay deterministic).
-        return inputs[0].repartition(npartitions=max(inputs[0].npartitions, self.partitions))
-
-    def _group(self, node, inputs):
-        # Our own all-to-all shuffle into exactly P partitions. dask.bag's groupby keeps the input's
-        # partition count, so Flatten -> GroupByKey chains (CoGroupByKey, dedup's rounds) multiply
-        # partitions into tens of thousands of tiny tasks; merging partitions with Bag.repartition
-        # before it gave wrong joins in dedup (seen here with dask 2026.8), so it is not used.
+    def _shuffle(self, node, parts: list, split, merge, kind: str, *extra) -> list:
+        """All-to-all: every input partition's chain runs and splits into P buckets (one task per input
+        partition); output partition j merges bucket j of every split (one task per output)."""
         import dask
-        import dask.bag as db
 
         n = self.partitions
-        parts = inputs[0].to_delayed(optimize_graph=False)
-        splits = [dask.delayed(_split_by_key, pure=True, nout=n)(chunk, n) for chunk in _chunks(parts, n)]
-        merged = [dask.delayed(_merge_groups, pure=True)([s[j] for s in splits]) for j in range(n)]
-        return db.from_delayed(merged)
+        name = node.full_label
+        splits = [dask.delayed(split, pure=True, nout=n)(task, chain, n, *extra, dask_key_name=(_name(name, f"{kind}-split"), i))
+                  for i, (task, chain) in enumerate(parts)]
+        return [(dask.delayed(merge, pure=True)([s[j] for s in splits], *extra, dask_key_name=(_name(name, f"{kind}-merge"), j)), ())
+                for j in range(n)]
+
+    def _reshuffle(self, node, inputs):
+        # Spread the elements over P partitions (neighbours kept together, order kept).
+        return self._shuffle(node, inputs[0], _split_even, _concat, "reshuffle")
+
+    def _group(self, node, inputs):
+        # Our own all-to-all shuffle into exactly P partitions by a process-independent hash of the key.
+        # dask.bag's groupby keeps the input's partition count, so Flatten -> GroupByKey chains
+        # (CoGroupByKey, dedup's rounds) multiplied partitions into tens of thousands of tiny tasks; and
+        # merging partitions with Bag.repartition before it gave wrong joins in dedup (dask 2026.8).
+        combine = self._liftable(node)
+        if combine is not None:
+            # Combiner lifting (Beam's runners do it; its Dask runner does not): combine per key before
+            # the shuffle and merge accumulators after it; the CombineValues ParDo then passes through.
+            import cloudpickle
+            import dask
+
+            self._lifted.add(combine)
+            fn_bytes = dask.delayed(cloudpickle.dumps(combine.transform.fn), pure=False, traverse=False)
+            return self._shuffle(node, inputs[0], _split_combine, _merge_combine, "combine", fn_bytes)
+        return self._shuffle(node, inputs[0], _split_by_key, _merge_groups, "group")
+
+    @staticmethod
+    def _combine_of(node):
+        """The CombinePerKey composite a leaf belongs to (its grandparent), or None."""
+        parent = node.parent.parent if node.parent is not None else None
+        if parent is not None and isinstance(parent.transform, beam.CombinePerKey):
+            return parent
+        return None
+
+    def _liftable(self, node):
+        """The CombinePerKey whose GroupByKey ``node`` is, when its CombineFn takes no extra arguments."""
+        combine = self._combine_of(node)
+        if combine is None or not isinstance(combine.transform.fn, beam.CombineFn):
+            return None
+        if combine.transform.args or combine.transform.kwargs:
+            return None
+        return combine
+
+    def _side_input(self, parts: list, label: str):
+        import dask
+
+        # Each partition's chain runs in its own task (in parallel: a side input's chain may be the
+        # stage's shard writes), then one small task puts the lists together.
+        parts = self._materialized(label, parts)
+        return dask.delayed(_concat_parts, pure=True)(parts, dask_key_name=(_name(label, "side"), 0))
 
     def _pardo(self, node, inputs):
         import cloudpickle
         import dask
-        import dask.bag as db
 
         transform = node.transform
+        if self._combine_of(node) in self._lifted and type(transform.fn).__name__ == "CombineValuesDoFn":
+            return inputs[0]  # its lifted GroupByKey already emits (key, combined output)
         args, kwargs = transform.raw_side_inputs
         sides = list(node.side_inputs)
         spec = _ParDoSpec(
             fn=transform.fn, label=node.full_label, args=list(args), kwargs=dict(kwargs),
             side_views=[(type(si), si._view_options(), si._window_mapping_fn) for si in sides],
         )
-        side_items = []
-        for si in sides:
-            self.consumed.add(si.pvalue.producer)
-            bag = self._input_bag(si.pvalue)
-            # Materialised once, in the same graph, and handed whole to every partition that reads it.
-            side_items.append(dask.delayed(_concat, pure=True)(bag.to_delayed(optimize_graph=False)))
+        # Each side input is materialised once, in the same graph, and handed whole to every partition
+        # that reads it (never recomputed per task, as Beam's runner does).
+        side_items = tuple(self._side_input(self._input(si.pvalue), f"{node.full_label}/side{i}") for i, si in enumerate(sides))
         # The pickled DoFn is one graph value shared by every partition's task (not a copy per task).
         spec_bytes = dask.delayed(cloudpickle.dumps(spec), pure=False, traverse=False)
         # Plain delayed calls, not Bag.map_partitions: a bag that is both a main input and, through an
         # Item argument, a side input was computed twice (once per worker; dask 2026.8), and a DoFn's
         # side effects (requests, writes) must run once.
-        return db.from_delayed([
-            dask.delayed(_run_dofn_partition, pure=True)(part, spec_bytes, *side_items)
-            for part in inputs[0].to_delayed(optimize_graph=False)
-        ])
+        step = ("pardo", spec_bytes, side_items)
+        return [(task, chain + (step,)) for task, chain in inputs[0]]
 
     def sinks(self) -> list:
-        return [bag for node, bag in self.bags.items() if node not in self.consumed]
+        """The partitions of every PCollection nothing reads."""
+        return [parts for node, parts in self.pcolls.items() if self.uses.get(node, 0) == 0]
 
 
-def _sum(counts) -> int:
-    return sum(counts)
+def _concat(lists) -> list:
+    return list(itertools.chain.from_iterable(lists))
 
 
 def _no_elements() -> list:
@@ -486,17 +673,20 @@ class DaskRunner(_dask_runner_base()):
         try:
             threads = sum(client.nthreads().values()) or 1
             pipeline.replace_all(dask_overrides())
-            translator = _Translator(bag_kwargs, partitions=bag_kwargs.get("npartitions") or threads)
+            uses = _Uses()
+            pipeline.visit(uses)
+            translator = _Translator(bag_kwargs, partitions=bag_kwargs.get("npartitions") or threads, uses=uses.uses)
             pipeline.visit(translator)
-            # Every sink is reduced to its element count so nothing but small ints travels back.
             sinks = translator.sinks()
             log.info("Dask engine: %d transforms, %d sinks, %d partitions per shuffle",
-                     len(translator.bags), len(sinks), translator.partitions)
-            # Every sink reduced to its element count, all in ONE collection: computing several
-            # collections that share upstream tasks ran those tasks once per collection (seen here:
-            # every DoFn twice), and side effects (requests, writes) must run once.
-            total = dask.delayed(_sum, pure=False)([bag.count() for bag in sinks])
-            # optimize_graph=False: dask.bag's fusion makes partitions lazy iterators, and a lazy partition
+                     len(translator.pcolls), len(sinks), translator.partitions)
+            # Every sink reduced to its element count (each partition's chain runs inside its count task),
+            # all in ONE collection: computing several collections that share upstream tasks ran those
+            # tasks once per collection (seen here: every DoFn twice), and side effects must run once.
+            counts = [dask.delayed(_count_parts, pure=True)([part], dask_key_name=(_name("sink", "count"), i))
+                      for i, part in enumerate(p for parts in sinks for p in parts)]
+            total = dask.delayed(_sum, pure=False)(counts)
+            # optimize_graph=False: dask's fusion makes partitions lazy iterators, and a lazy partition
             # read by two consumers is exhausted by the first (seen as wrong joins in dedup).
             futures = [client.compute(total, optimize_graph=False)]
         except BaseException:
