@@ -43,6 +43,7 @@ from transforms.rlaifv import (
     PairStatsFn,
     make_pairs,
 )
+from transforms.sources import read_sources, stage_inputs
 from transforms.stage_io import ReadStage, read_manifest, read_table, stage_input_info
 
 SUBCOMMANDS = ("generate", "feedback", "pairs", "export", "show")
@@ -69,7 +70,6 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--price-output-per-mtok", dest="price_out", type=float, default=0.0)
     p.add_argument("--est-latency-s", dest="est_latency", type=float, default=2.0,
                    help="assumed seconds per request for the time estimate")
-    p.add_argument("--input", required=True, help="a finished stage output directory")
     add_stage_args(p)
 
 
@@ -86,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-source", dest="prompt_source", choices=("qa", "pool"), default="qa")
     g.add_argument("--prompt-pool", dest="prompt_pool", help="text file, one prompt per line (default: built-in pool)")
     g.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    g.add_argument("--input", action="append", required=True,
+                   help="[NAME=]a finished stage output directory (normally the dedup's); repeat with NAME=DIR")
     _client_args(g)
     f = sub.add_parser("feedback", help="claims → yes/no questions → labeler answers → scores")
     _endpoint_args(f, "claims", 512)
@@ -95,6 +97,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--expected-claims", dest="expected_claims", type=float, default=6.0,
                    help="claims per response assumed by the estimate")
     f.add_argument("--batch-size", dest="batch_size", type=int, default=4)
+    # one generate output: its records already carry the dataset and NAME-KEY keys given at generate
+    f.add_argument("--input", required=True, help="a finished `rlaifv generate` output")
     _client_args(f)
     q = sub.add_parser("pairs", help="DPO pairs within each response set")
     q.add_argument("--input", required=True)
@@ -272,7 +276,11 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult | dict:
         return show(args.input, args.key)
     if args.command == "export":
         return export(args.input, args.output, [f.strip() for f in args.format.split(",") if f.strip()])
-    info = _input(args)
+    sources = None
+    if args.command == "generate":
+        sources, info = stage_inputs(args.input)
+    else:
+        info = _input(args)
     if args.command == "generate":
         pool = None
         if args.prompt_pool:
@@ -322,7 +330,8 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult | dict:
                          beam_args=beam_args, num_shards=args.num_shards, force=args.force)
 
     def build(p):
-        return (p | "Read" >> ReadStage(args.input)
+        pairs = read_sources(p, sources) if sources is not None else p | "Read" >> ReadStage(args.input)
+        return (pairs
                 | "Batch" >> beam.BatchElements(min_batch_size=cfg.batch_size, max_batch_size=cfg.batch_size)
                 | "Call" >> beam.ParDo(fn))
 

@@ -23,6 +23,7 @@ from schemas.errors import UserError
 from schemas.records import REJECTED, Outcome
 from transforms import sft_ingest as I
 from transforms.sft_split import AssignPartFn, SftSplitConfig, SummarizeSplit
+from transforms.sources import read_sources, stage_inputs
 from transforms.stage_io import ReadStage, read_manifest, stage_input_info
 from transforms.tokens import DEFAULT_TOKENIZER, TextTokenizer
 
@@ -46,14 +47,26 @@ def _file_fingerprint(files: list[str]) -> str:
 
 def ingest(argv: list[str]):
     p = argparse.ArgumentParser(prog="mmcorpus sft ingest", description="read instruction data into SFT conversations (with a ledger)")
-    p.add_argument("--input", required=True, help="a JSON/JSONL file, a directory of them, a glob, or (--format rewrite) a stage directory")
+    p.add_argument("--input", required=True, action="append",
+                   help="a JSON/JSONL file, a directory of them, a glob, or (--format rewrite) [NAME=]a stage "
+                        "directory, repeated with NAME=DIR")
     p.add_argument("--format", required=True, choices=S.FORMATS, help="source format (docs/sft.md)")
     p.add_argument("--name", default=None, help="source name for the split report (default: the input's file name)")
     p.add_argument("--images", default=None, help="image directory, img2dataset output, or a stage directory; joined by id")
     add_stage_args(p)
     args, beam_args = p.parse_known_args(argv)
     cfg = build(I.SftIngestConfig, section(load_toml(args.config), "sft.ingest"), "sft.ingest")
-    name = args.name or os.path.splitext(os.path.basename(args.input.rstrip("/")))[0]
+    sources = None
+    if args.format == S.FORMAT_REWRITE:
+        sources, input_info = stage_inputs(args.input)
+        if args.name and any(s.name for s in sources):
+            raise UserError("--name: with --input NAME=DIR each source's NAME is its dataset; drop --name")
+    elif len(args.input) > 1:
+        raise UserError(f"--input: one file, directory or glob for --format {args.format} "
+                        "(several named inputs are for --format rewrite; run ingest once per source)")
+    # named stage inputs: every record's dataset is its source's (FromStageFn reads pair.dataset)
+    named = sources is not None and sources[0].name is not None
+    name = None if named else (args.name or os.path.splitext(os.path.basename(args.input[0].rstrip("/")))[0])
     config = {"format": args.format, "name": name, "ingest": to_dict(cfg), "images": None}
     image_kind = None
     if args.images:
@@ -62,16 +75,11 @@ def ingest(argv: list[str]):
         image_kind = I.detect_image_source(args.images)
         config["images"] = image_kind
     if args.format == S.FORMAT_REWRITE:
-        try:
-            read_manifest(args.input)
-        except FileNotFoundError as e:
-            raise UserError(f"--input {args.input}: {e}") from None
-        input_info = stage_input_info(args.input)
         files = []
     else:
-        files = I.list_input_files(args.input)
+        files = I.list_input_files(args.input[0])
         if not files:
-            raise UserError(f"--input {args.input}: no .json/.jsonl file found (pass a file, a directory or a glob)")
+            raise UserError(f"--input {args.input[0]}: no .json/.jsonl file found (pass a file, a directory or a glob)")
         root = os.path.dirname(files[0]) if len(files) == 1 else os.path.commonpath(files)
         input_info = {"kind": "sft-files", "files": [os.path.relpath(f, root) for f in files],
                       "fingerprint": _file_fingerprint(files)}
@@ -81,7 +89,7 @@ def ingest(argv: list[str]):
 
     def build_pipeline(pl):
         if args.format == S.FORMAT_REWRITE:
-            pairs = pl | "ReadStage" >> ReadStage(args.input)
+            pairs = read_sources(pl, sources, label="ReadStage")
             return pairs | "ToSample" >> beam.ParDo(FromStageFn(name, cfg))
         units = [(f, os.path.relpath(f, root_for_rel)) for f in files]
         parsed = (
@@ -131,12 +139,16 @@ def _attach(element, where):
 class FromStageFn(beam.DoFn):
     """Pair of an mmcorpus stage -> Outcome (kept conversation, or rejected with the turn rule it broke)."""
 
-    def __init__(self, dataset: str, cfg: I.SftIngestConfig):
-        self.dataset = dataset
+    def __init__(self, dataset: str | None, cfg: I.SftIngestConfig):
+        self.dataset = dataset  # None: named inputs, each record's own (tagged) dataset
         self.cfg = cfg
 
     def process(self, pair):
         try:
+            if self.dataset is None:
+                out = I.kept_outcome(I.pair_to_sample(pair, pair.dataset or "", self.cfg))
+                yield Outcome.kept(out.pair.replace(dataset=pair.dataset))  # the dataset column, as other stages
+                return
             yield I.kept_outcome(I.pair_to_sample(pair, self.dataset, self.cfg))
         except I.SftRecordError as e:
             yield Outcome.dropped(pair, REJECTED, e.reason, e.detail)
