@@ -44,6 +44,11 @@ class LocalDaskOptions(PipelineOptions):
             help="without --dask_client_address: start a local Dask cluster of this many worker "
             "processes (1 thread each) for this run and stop it afterwards (default: CPU count)",
         )
+        parser.add_argument(
+            "--dask_min_partitions", type=int, default=None,
+            help="at least this many partitions per shuffle (set by the stage runner to the input's bytes / "
+            "--target-shard-bytes, so a partition holds about one shard); --dask_npartitions overrides it",
+        )
 
 
 def _split_flags(args: list[str]) -> list[tuple[str, str | None]]:
@@ -675,7 +680,11 @@ class DaskRunner(_dask_runner_base()):
             pipeline.replace_all(dask_overrides())
             uses = _Uses()
             pipeline.visit(uses)
-            translator = _Translator(bag_kwargs, partitions=bag_kwargs.get("npartitions") or threads, uses=uses.uses)
+            # P: --dask_npartitions when given, else enough partitions that each holds about one target
+            # shard of input (the runner's --dask_min_partitions), and never fewer than the threads.
+            min_partitions = options.view_as(LocalDaskOptions).dask_min_partitions or 1
+            partitions = bag_kwargs.get("npartitions") or max(threads, min_partitions)
+            translator = _Translator(bag_kwargs, partitions=partitions, uses=uses.uses)
             pipeline.visit(translator)
             sinks = translator.sinks()
             log.info("Dask engine: %d transforms, %d sinks, %d partitions per shuffle",

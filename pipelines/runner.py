@@ -101,6 +101,23 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
     return opts
 
 
+def bound_dask_partitions(opts: PipelineOptions, target_shard_bytes: int, input_info: dict[str, Any]) -> None:
+    """On the Dask engine without ``--dask_npartitions``: set ``--dask_min_partitions`` to the input's
+    bytes / ``target_shard_bytes`` (rounded up), so a shuffle's partition, which a worker holds as one
+    list, holds about one target shard of input whatever the corpus size (docs/scale.md, the bound). The
+    engine takes the larger of this and the cluster's threads. It is not in the manifest's config: the
+    partition count changes no output byte. Other runners: nothing changes."""
+    if not engines.is_dask(opts.view_as(beam.options.pipeline_options.StandardOptions).runner):
+        return
+    from apache_beam.runners.dask.dask_runner import DaskOptions  # dask is an extra: import it only here
+
+    if opts.view_as(DaskOptions).npartitions:
+        return
+    local = opts.view_as(engines.LocalDaskOptions)
+    if not local.dask_min_partitions:
+        local.dask_min_partitions = resolve_num_shards(None, target_shard_bytes, input_info)
+
+
 def _existing_manifest(output_dir: str) -> Manifest | None:
     path = join(output_dir, MANIFEST_NAME)
     if not FileSystems.exists(path):
@@ -234,7 +251,9 @@ def run_stage(
         staged = staging_dir(output_dir)
         measure = _measure_setting()
         with progress.stage_progress(stage, total=input_info.get("records")):
-            p = beam.Pipeline(options=beam_options(beam_args))
+            opts = beam_options(beam_args)
+            bound_dask_partitions(opts, target_shard_bytes, input_info)
+            p = beam.Pipeline(options=opts)
             built = build(p)
             if isinstance(built, dict):
                 spec = dict(built)
