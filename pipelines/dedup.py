@@ -13,10 +13,9 @@ import sys
 import apache_beam as beam
 
 from pipelines.runner import add_stage_args, run_stage
-from schemas.errors import UserError
 from transforms.dedup import DedupConfig, Deduplicate
-from transforms.sources import TagSourceFn, combined_input_info, parse_inputs
-from transforms.stage_io import ReadStage, read_manifest, stage_input_info
+from transforms.sources import TagSourceFn, stage_inputs
+from transforms.stage_io import ReadStage
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -36,15 +35,7 @@ def run(argv: list[str]):
     """Run the stage; returns the ``StageResult``."""
     args, beam_args = parse_args(argv)
     cfg = load_config(args.config)
-    sources = parse_inputs(args.input)
-    infos = []
-    for src in sources:
-        try:
-            read_manifest(src.path)
-        except FileNotFoundError as e:
-            raise UserError(f"--input {src.path}: {e}") from None
-        infos.append((src.name, stage_input_info(src.path)))
-    input_info = combined_input_info(infos)
+    sources, input_info = stage_inputs(args.input)
 
     def build(p):
         parts = []
