@@ -108,13 +108,19 @@ def _sort_key(o: Outcome) -> tuple:
 
 
 # --- external sort: bounded memory whatever the shard's size --------------------------------------
-# An entry is (sort key, encoded outcome); see ``encode_outcome``. Entries whose sort keys are equal are
-# finally ordered by the pickled bytes of their outcomes (``_ties_by_pickle``), so the order is total and
-# the bytes written never depend on the order the runner delivered elements in.
+# An entry is (sort key, encoded outcome); see ``encode_outcome``. The order is (sort key, pickled bytes
+# of the outcome), a total order, so the bytes written never depend on the order the runner delivered
+# elements in. Entries are sorted and merged by the record key alone (a sort on plain strings, several
+# times faster than on the whole tuples), then each run of equal keys, rare, gets the full order
+# (``_order_equal_keys``).
+
+
+def _record_key(entry: tuple[tuple, bytes]) -> str:
+    return entry[0][0]
 
 
 def _write_run(entries: list[tuple[tuple, bytes]], path: str) -> None:
-    entries.sort()
+    entries.sort(key=_record_key)
     with open(path, "wb") as f:
         for e in entries:
             pickle.dump(e, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -176,21 +182,26 @@ def _outcome_of(blob: bytes) -> Outcome:
     return Outcome(key=key, status=status, reason=reason, pair=pair, detail=detail, source=source, extra=extra)
 
 
-def _ties_by_pickle(entries: Iterator[tuple[tuple, bytes]]) -> Iterator[tuple[tuple, bytes]]:
-    """Sorted entries with each run of equal sort keys put in the order of its outcomes' pickled
-    bytes: the writer's documented total order, whatever the encoding. Such runs need the same key,
-    status, source position, reason and detail, i.e. the same input record met twice; they are rare
-    and short, so they alone are decoded and pickled."""
+def _full_order(entry: tuple[tuple, bytes]) -> tuple:
+    # Pickled from the decoded outcome: the same bytes as pickling the outcome that was encoded
+    # (same field values and order), whatever the encoding of the entry.
+    return entry[0], pickle.dumps(_outcome_of(entry[1]), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _order_equal_keys(entries: Iterator[tuple[tuple, bytes]]) -> Iterator[tuple[tuple, bytes]]:
+    """Entries sorted by record key, with each run of equal keys put in (sort key, pickled outcome)
+    order: the writer's total order. Runs of equal keys are duplicates (the same key read twice); they
+    are rare and short, so they alone are decoded and pickled."""
     group: list[tuple[tuple, bytes]] = []
     for entry in entries:
-        if group and entry[0] != group[0][0]:
+        if group and entry[0][0] != group[0][0][0]:
             if len(group) > 1:
-                group.sort(key=lambda e: pickle.dumps(_outcome_of(e[1]), protocol=pickle.HIGHEST_PROTOCOL))
+                group.sort(key=_full_order)
             yield from group
             group = []
         group.append(entry)
     if len(group) > 1:
-        group.sort(key=lambda e: pickle.dumps(_outcome_of(e[1]), protocol=pickle.HIGHEST_PROTOCOL))
+        group.sort(key=_full_order)
     yield from group
 
 
@@ -216,8 +227,8 @@ def _sorted_entries(outcomes: Iterable[Outcome | tuple[tuple, bytes]], spill_dir
                 entry, items[i] = items[i], None  # release as we go
                 yield entry
 
-        buf.sort()
-        yield from _ties_by_pickle(released(buf))
+        buf.sort(key=_record_key)
+        yield from _order_equal_keys(released(buf))
         return
     if buf:
         runs.append(os.path.join(spill_dir, f"run-{len(runs):05d}"))
@@ -229,12 +240,12 @@ def _sorted_entries(outcomes: Iterable[Outcome | tuple[tuple, bytes]], spill_dir
         merged = os.path.join(spill_dir, f"run-{n:05d}")
         n += 1
         with open(merged, "wb") as f:
-            for entry in heapq.merge(*(_read_run(r) for r in group)):
+            for entry in heapq.merge(*(_read_run(r) for r in group), key=_record_key):
                 pickle.dump(entry, f, protocol=pickle.HIGHEST_PROTOCOL)
         for r in group:
             os.remove(r)
         runs.append(merged)
-    yield from _ties_by_pickle(heapq.merge(*(_read_run(r) for r in runs)))
+    yield from _order_equal_keys(heapq.merge(*(_read_run(r) for r in runs), key=_record_key))
 
 
 def sorted_outcomes(outcomes: Iterable[Outcome | tuple[tuple, bytes]], spill_dir: str,
@@ -379,7 +390,7 @@ class WriteShardFn(beam.DoFn):
 
     def __init__(self, output_dir: str, stage: str, num_shards: int, write_data: bool = True,
                  sort_buffer_bytes: int = SORT_BUFFER_BYTES, measure_memory: bool | str = False,
-                 spill_dir: str | None = None):
+                 spill_dir: str | None = None, batched: bool = False):
         self.output_dir = output_dir
         self.stage = stage
         self.num_shards = num_shards
@@ -387,6 +398,7 @@ class WriteShardFn(beam.DoFn):
         self.sort_buffer_bytes = sort_buffer_bytes
         self.measure_memory = measure_memory
         self.spill_dir = spill_dir
+        self.batched = batched  # the group holds lists of entries (WriteStageOutput's shuffle)
 
     def setup(self):
         self._counters: dict[str, Any] = {}
@@ -400,6 +412,8 @@ class WriteShardFn(beam.DoFn):
 
     def process(self, element: tuple[int, Iterable[Outcome | tuple[tuple, bytes]]]):
         shard, outcomes = element
+        if self.batched:
+            outcomes = (entry for entries in outcomes for entry in entries)
         with _MemoryProbe(bool(self.measure_memory)) as probe, tempfile.TemporaryDirectory(
             prefix="mmcorpus-sort-", dir=self.spill_dir
         ) as tmp:
@@ -453,6 +467,53 @@ class WriteShardFn(beam.DoFn):
         return ShardResult(files=files, counts=dict(counts))
 
 
+def encode_batch(outcomes: Iterable[Outcome]) -> list[tuple[tuple, bytes]]:
+    """A batch of outcomes for ``WriteStageOutput``: the plain list of their ``encode_outcome`` entries.
+
+    A stage step that makes many outcomes at once may emit these instead of one ``Outcome`` per
+    element: the writer counts, shards and writes each entry exactly as if its outcome had come
+    alone, and a runner pays its per-element costs (and its size sampling, which encodes an element)
+    once per batch. The batch is a plain list of tuples and bytes so that runners encode it with
+    their fast primitive coder, never by pickling objects. Keep batches bounded (records and bytes):
+    a worker holds one while it is built."""
+    return [encode_outcome(o) for o in outcomes]
+
+
+def record_count(item: Outcome | list) -> int:
+    """Records an element of a stage's outcomes stands for: a batch (``encode_batch``) its length."""
+    return len(item) if type(item) is list else 1
+
+
+def _shard_entries(item, num_shards):
+    """(shard, [encode_outcome entries]) for an Outcome, or for each shard a batch touches.
+    (No type annotations: Beam would choose its shuffle coder from them.)"""
+    if type(item) is not list:
+        return [(shard_of(item.key, num_shards), [encode_outcome(item)])]
+    by_shard: dict[int, list] = {}
+    for entry in item:
+        entries = by_shard.get(s := shard_of(entry[0][0], num_shards))
+        if entries is None:
+            entries = by_shard[s] = []
+        entries.append(entry)
+    return sorted(by_shard.items())
+
+
+class _CountRecordsFn(beam.CombineFn):
+    """Number of outcomes, a batch counting for its length."""
+
+    def create_accumulator(self):
+        return 0
+
+    def add_input(self, n, item):
+        return n + record_count(item)
+
+    def merge_accumulators(self, counts):
+        return sum(counts)
+
+    def extract_output(self, n):
+        return n
+
+
 def summarize_counts(shard_counts: Iterable[dict[str, int]], inputs: int) -> dict[str, Any]:
     by_reason: Counter = Counter()
     for c in shard_counts:
@@ -503,6 +564,8 @@ def _merge_dicts(dicts: Iterable[dict]) -> dict:
 
 class WriteStageOutput(beam.PTransform):
     """Write a stage's outcomes as data shards, ledger shards and ``manifest.json``.
+
+    The input PCollection holds ``Outcome``s, batches of them (``encode_batch``), or both.
 
     Args:
         output_dir: the stage output directory (local path or a Beam filesystem URL).
@@ -561,14 +624,15 @@ class WriteStageOutput(beam.PTransform):
 
     def expand(self, outcomes):
         n = self.num_shards
-        inputs = outcomes | "CountInputs" >> beam.combiners.Count.Globally()
+        # elements are Outcomes or batches; a batch crosses the shuffle as one list per shard it touches
+        inputs = outcomes | "CountInputs" >> beam.CombineGlobally(_CountRecordsFn())
         results = (
             outcomes
-            | "ShardByKey" >> beam.Map(lambda o: (shard_of(o.key, n), encode_outcome(o)))
+            | "ShardByKey" >> beam.FlatMap(_shard_entries, n)
             | "GroupShards" >> beam.GroupByKey()
             | "WriteShards" >> beam.ParDo(
                 WriteShardFn(self.output_dir, self.stage, n, self.write_data, self.sort_buffer_bytes,
-                             self.measure_memory, self.spill_dir)
+                             self.measure_memory, self.spill_dir, batched=True)
             )
         )
         pipeline = outcomes.pipeline
