@@ -142,6 +142,42 @@ _PAIR_SOURCE = PAIR_FIELDS.index("source")
 _PICKLE_PROTO = 0x80
 
 
+# Exact types marshal stores as themselves. marshal writes any other object with the buffer protocol
+# (numpy scalars, bytearray, memoryview) as bytes, silently: such values are pickled instead.
+_SCALARS = frozenset((str, int, float, bool, bytes, type(None)))
+_CONTAINERS = frozenset((list, dict))
+
+
+_PAIR_LISTS = tuple(PAIR_FIELDS.index(n) for n in ("quality_flags", "qa"))  # list[str], list[dict[str, str]]
+_PAIR_SCALARS = operator.itemgetter(*(i for i in range(len(PAIR_FIELDS)) if i not in _PAIR_LISTS))
+
+
+def _plain_container(v) -> bool:
+    """A list of scalars or of plain dicts, or a dict of str to scalars."""
+    if type(v) is dict:
+        return all(type(k) is str and type(x) in _SCALARS for k, x in v.items())
+    if type(v) is list:
+        return all(type(x) in _SCALARS or (type(x) is dict and _plain_container(x)) for x in v)
+    return False
+
+
+def _marshal_safe(head: tuple, values: tuple | None) -> bool:
+    """Whether an outcome's head (key, status, reason, detail, source, extra) and its Pair's values
+    hold only what marshal stores as itself: ``_SCALARS``, and plain containers where a Pair and
+    ``Outcome.extra`` have them. (Checked with sets of types: a few hundred ns a record.)"""
+    if not (set(map(type, head[:5])) <= _SCALARS and _plain_container(head[5])):
+        return False
+    if values is None:
+        return True
+    if not set(map(type, _PAIR_SCALARS(values))) <= _SCALARS:
+        return False
+    for i in _PAIR_LISTS:
+        v = values[i]
+        if v is not None and not _plain_container(v):
+            return False
+    return True
+
+
 def encode_outcome(o: Outcome) -> tuple[tuple, bytes]:
     """The sort entry of an outcome: (sort key, encoded outcome). ``WriteStageOutput`` shuffles these
     instead of ``Outcome`` objects: a runner then moves one bytes value per record (the DirectRunner
@@ -152,14 +188,14 @@ def encode_outcome(o: Outcome) -> tuple[tuple, bytes]:
     ``(key, status, reason, detail, source, extra, Pair values in PAIR_FIELDS order | None)``: about
     four times cheaper to make and to read back than a pickle, and without the field names (a smaller
     entry, so a shard's sort spills later). marshal is only read back by the same code in the same
-    pipeline (its format is tied to the Python version, like the SDK's own). Anything marshal cannot
-    hold (subclasses, other value types) is pickled instead; ``_decode`` tells the two apart."""
+    pipeline (its format is tied to the Python version, like the SDK's own). Anything else (subclasses,
+    numpy values, other types) is pickled, as before; ``_decode`` tells the two apart."""
     key = _sort_key(o)
     if type(o) is Outcome and (o.pair is None or type(o.pair) is Pair):
-        try:
-            return key, marshal.dumps((*_OUTCOME_HEAD(o), None if o.pair is None else _PAIR_VALUES(o.pair)))
-        except ValueError:  # a value of a type marshal does not hold
-            pass
+        head = _OUTCOME_HEAD(o)
+        values = None if o.pair is None else _PAIR_VALUES(o.pair)
+        if _marshal_safe(head, values):
+            return key, marshal.dumps((*head, values))
     return key, pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)
 
 
