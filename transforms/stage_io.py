@@ -1,8 +1,9 @@
 """Stage output (data shards + ledger + manifest) and stage input, shared by every stage.
 
-Every stage ends in ``WriteStageOutput``: it takes one ``Outcome`` per input record, shards them by
-a hash of the key, sorts each shard by key, writes the kept records to ``data/`` and one ledger row
-per outcome to ``ledger/`` (same shard numbering), then writes ``manifest.json`` last. Because each
+Every stage ends in ``WriteStageOutput``: it takes one ``Outcome`` per input record (alone, or in a
+batch from ``encode_batch``), shards them by a hash of the key, sorts each shard by key, writes the
+kept records to ``data/`` and one ledger row per outcome to ``ledger/`` (same shard numbering), then
+writes ``manifest.json`` last. Because each
 shard's content is a pure function of its records, reruns are byte-identical whatever order the
 runner delivered elements in. A shard writer's memory does not grow with its shard (external sort,
 row groups streamed); see docs/scale.md. Plain file I/O lives in ``storage.files`` and is re-exported
