@@ -397,8 +397,8 @@ def section(quick: bool = False) -> str:
         bands, rows = sweep[0]["lsh_bands_rows"]
         lines += ["", f"### Shingling sweep — `python -m bench.dedup_quality --sweep` (candidate edges only)", "",
                   f"Eval set: the {originals:,} real captions of `data/sample` + {chains:,} edit chains of 1–3 realistic edits each "
-                  f"(site-name suffix, number change, case/punctuation, word swap/replace/insert/drop, \"Stock photo of\" prefix) "
-                  f"= {len(caps):,} captions. Ground truth: exact Jaccard of the shingle sets, brute force over all "
+                  f"(site-name suffix, number change, case/punctuation, word swap/replace/insert/drop, \"Stock photo of\" prefix), "
+                  f"{len(caps) - originals:,} edited variants: {len(caps):,} captions. Ground truth: exact Jaccard of the shingle sets, brute force over all "
                   f"{len(caps) * (len(caps) - 1) // 2 / 1e6:,.0f}M pairs. Threshold {sweep[0]['threshold']}, {base.num_perm} perms, "
                   f"LSH {bands} bands × {rows} rows, candidates verified at estimated J >= {sweep[0]['verify_min_jaccard']}. "
                   "Recall = pairs with J >= t that end in one connected component of the found edges; precision = found edges "

@@ -104,6 +104,16 @@ def bench_signatures(repeats: int = 3, shingles: str | None = None, captions: in
     }
 
 
+def _own_peak_rss_mb() -> int:
+    """This process's peak RSS since its exec (VmHWM). Not ru_maxrss: Linux carries that across fork +
+    exec, so a child started by a large parent (run_all after dedup_quality) reports the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # no /proc (not Linux)
+
+
 def run_stage_child(n: int, workdir: str, beam_args: list[str]) -> dict:
     """Generate ``n`` synthetic captions, write them as a stage output, run the dedup stage."""
     from pipelines import dedup
@@ -130,7 +140,7 @@ def run_stage_child(n: int, workdir: str, beam_args: list[str]) -> dict:
         "n": n,
         "wall_s": round(wall, 1),
         "cpu_s": round(cpu, 1),
-        "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "peak_rss_mb_self": _own_peak_rss_mb(),
         "peak_rss_mb_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,
         "planted_records": planted,
         "planted_groups": n_groups,
