@@ -46,9 +46,10 @@ import hashlib
 import heapq
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 
 from schemas import reasons
@@ -534,6 +535,149 @@ def _exact_key(rule: str, mode: str):
     return lambda f: [(f.image_sha256, (f.key, None))] if f.image_sha256 else []
 
 
+# --- bucket blocks: a batch's bucket entries cross the shuffle as a few byte blocks -------------------
+# One (bucket, (key, payload)) element per record and LSH band (14 per caption by default) was most of
+# the stage's shuffled elements. A batch of features instead becomes one block per bucket partition:
+# the bucket ids as uint64 columns, record indices, the records' keys and payloads (b-bit sketches).
+# The linking step regroups a partition's entries into exactly the buckets the per-entry GroupByKey made
+# (same members), so the edges, the components and every output byte are unchanged.
+
+_BLOCK_ID = np.dtype("<u8")
+_BLOCK_REC = np.dtype("<u4")
+
+
+def bucket_partitions(records: int | None, entries_per_record: int) -> int:
+    """Bucket partitions for ``records`` input records with ``entries_per_record`` bucket entries each:
+    one per ``BUCKET_ENTRIES_PER_PARTITION`` entries (a linking step holds one partition), at least 1;
+    ``DEFAULT_BUCKET_PARTITIONS`` when the record count is unknown."""
+    if records is None:
+        return DEFAULT_BUCKET_PARTITIONS
+    return max(1, -(-records * max(1, entries_per_record) // BUCKET_ENTRIES_PER_PARTITION))
+
+
+BUCKET_ENTRIES_PER_PARTITION = 2_000_000
+DEFAULT_BUCKET_PARTITIONS = 16
+
+
+def _block(keys: list[str], ids: np.ndarray, recs: np.ndarray, payload: np.ndarray | None) -> tuple:
+    """(keys, bucket ids (n×k uint64, little-endian bytes), k, record indices into keys, payload rows)."""
+    return (tuple(keys), ids.astype(_BLOCK_ID, copy=False).tobytes(), ids.shape[1],
+            recs.astype(_BLOCK_REC, copy=False).tobytes(), b"" if payload is None else payload.tobytes())
+
+
+def _blocks_by_partition(keys: list[str], ids: np.ndarray, recs: np.ndarray, payload: np.ndarray | None,
+                         partitions: int):
+    """Split one batch's entries (bucket ids ``ids``, record ``recs``) into ``(partition, block)``;
+    an entry's partition is its last id column modulo ``partitions``."""
+    if len(recs) == 0:
+        return
+    part = (ids[:, -1] % np.uint64(partitions)).astype(np.int64)
+    for p in np.unique(part).tolist():
+        sel = np.flatnonzero(part == p)
+        used, local = np.unique(recs[sel], return_inverse=True)
+        yield p, _block([keys[i] for i in used.tolist()], ids[sel], local, None if payload is None else payload[used])
+
+
+def buckets_of_blocks(blocks: Iterable[tuple]) -> Iterator[list[tuple[str, bytes | None]]]:
+    """The buckets with at least two entries in a partition's blocks, each as ``[(key, payload)]``
+    (payload None when the blocks carry none), in bucket-id order."""
+    keys: list[str] = []
+    ids, recs, pays = [], [], []
+    k = width = None
+    for bkeys, bids, bk, brecs, bpay in blocks:
+        if not bkeys:
+            continue
+        k = bk
+        width = len(bpay) // len(bkeys)
+        recs.append(np.frombuffer(brecs, dtype=_BLOCK_REC).astype(np.int64) + len(keys))
+        ids.append(np.frombuffer(bids, dtype=_BLOCK_ID).reshape(-1, bk))
+        pays.append(bpay)
+        keys.extend(bkeys)
+    if not keys:
+        return
+    ids_a = np.concatenate(ids)
+    recs_a = np.concatenate(recs)
+    del ids, recs
+    order = np.lexsort(ids_a.T[::-1])
+    ids_a = ids_a[order]
+    recs_a = recs_a[order]
+    change = np.flatnonzero(np.any(ids_a[1:] != ids_a[:-1], axis=1)) + 1
+    del ids_a, order
+    starts = np.concatenate(([0], change))
+    ends = np.concatenate((change, [len(recs_a)]))
+    multi = np.flatnonzero(ends - starts >= 2)
+    mat = np.frombuffer(b"".join(pays), dtype=np.uint8).reshape(len(keys), width) if width else None
+    del pays
+    for s, e in zip(starts[multi].tolist(), ends[multi].tolist()):
+        rs = recs_a[s:e].tolist()
+        if mat is None:
+            yield [(keys[r], None) for r in rs]
+        else:
+            yield [(keys[r], mat[r].tobytes()) for r in rs]
+
+
+class BucketBlocksFn(beam.DoFn):
+    """Batch of Features → ``(partition, block)`` of its bucket entries for one caption rule:
+    ``exact-caption`` (bucket = normalised-caption digest) or ``near-caption`` (bucket = (LSH band,
+    band digest), payload = the b-bit sketch when ``verify_min_jaccard`` is set). Same records as the
+    per-entry keys of ``CandidateEdges`` (strict mode: records without an image only)."""
+
+    def __init__(self, rule: str, cfg: DedupConfig, partitions: int):
+        self.rule = rule
+        self.cfg = cfg
+        self.partitions = partitions
+
+    def setup(self):
+        self.blocks = Metrics.counter("mmcorpus.dedup", f"bucket_blocks_{self.rule}")
+        self.entries = Metrics.counter("mmcorpus.dedup", f"bucket_entries_{self.rule}")
+
+    def process(self, batch: list[Features]):
+        cfg = self.cfg
+        mode = cfg.mode
+        if self.rule == reasons.EXACT_CAPTION:
+            fs = [f for f in batch if f.caption_digest and _caption_rules_apply(f, mode)]
+            if not fs:
+                return
+            ids = np.frombuffer(b"".join(bytes.fromhex(f.caption_digest) for f in fs), dtype=">u8").reshape(-1, 2)
+            recs = np.arange(len(fs), dtype=np.int64)
+            payload = None
+        else:
+            fs = [f for f in batch if f.signature is not None and _caption_rules_apply(f, mode)]
+            if not fs:
+                return
+            bands, rows = cfg.lsh_params()
+            sigs = np.frombuffer(b"".join(f.signature for f in fs), dtype="<u4").reshape(len(fs), -1)
+            digests = mh.band_digests(sigs, bands, rows)
+            band = np.broadcast_to(np.arange(bands, dtype=np.uint64), digests.shape)
+            ids = np.stack((band.ravel(), digests.ravel()), axis=1)
+            recs = np.repeat(np.arange(len(fs), dtype=np.int64), bands)
+            payload = (sigs & np.uint32(0xFF)).astype(np.uint8) if cfg.verify_min_jaccard is not None else None
+        keys = [f.key for f in fs]
+        self.entries.inc(len(recs))
+        for p, block in _blocks_by_partition(keys, ids.astype(np.uint64), recs, payload, self.partitions):
+            self.blocks.inc()
+            yield p, block
+
+
+class _LinkBlocks:
+    """Mixin for a bucket-linking DoFn: ``(partition, blocks)`` → its parent's ``process`` on every
+    bucket with at least two entries (a one-entry bucket links nothing)."""
+
+    def process(self, element):
+        _, blocks = element
+        for members in buckets_of_blocks(blocks):
+            yield from super().process((None, members))
+
+
+@beam.typehints.with_output_types(tuple[str, str])
+class LinkEdgeBlocksFn(_LinkBlocks, LinkEdgesFn):
+    """``LinkEdgesFn`` over a partition's bucket blocks (strict mode)."""
+
+
+class LinkBucketBlocksFn(_LinkBlocks, LinkBucketFn):
+    """``LinkBucketFn`` over a partition's bucket blocks (legacy mode)."""
+
+
 class CandidateEdges(beam.PTransform):
     """Features → ``(key, other_key, rule)`` edges of every enabled rule (strict mode: caption
     rules only between records without an image).
@@ -542,33 +686,56 @@ class CandidateEdges(beam.PTransform):
         cfg: the dedup config.
         compact: return ``(edges, counts)`` instead: normalised ``(larger, smaller)`` key pairs
             (repeats mostly dropped, see ``LinkEdgesFn``) and ``(rule, n)`` candidate-edge counts.
+        partitions: when set, the caption rules' bucket entries cross their shuffle as byte blocks,
+            one per batch of features and bucket partition (``BucketBlocksFn``), instead of one
+            element per record and band; a linking step holds one partition's entries
+            (``bucket_partitions`` picks the count from the record count). Same edges.
 
     Example:
         edges = features | CandidateEdges(DedupConfig())
     """
 
-    def __init__(self, cfg: DedupConfig, compact: bool = False):
+    def __init__(self, cfg: DedupConfig, compact: bool = False, partitions: int | None = None):
         super().__init__()
+        if partitions is not None and partitions < 1:
+            raise ValueError("partitions must be >= 1 or None")
         self.cfg = cfg
         self.compact = compact
+        self.partitions = partitions
 
-    def _link(self, rule):
+    def _link(self, rule, blocks: bool = False):
         if not self.compact:
-            return beam.ParDo(LinkBucketFn(rule, self.cfg))
-        return beam.ParDo(LinkEdgesFn(rule, self.cfg)).with_outputs(LinkEdgesFn.COUNTS, main="edges")
+            return beam.ParDo((LinkBucketBlocksFn if blocks else LinkBucketFn)(rule, self.cfg))
+        fn = (LinkEdgeBlocksFn if blocks else LinkEdgesFn)(rule, self.cfg)
+        return beam.ParDo(fn).with_outputs(LinkEdgesFn.COUNTS, main="edges")
+
+    def _blocks(self, batches, rule):
+        return (
+            batches
+            | f"Blocks_{rule}" >> beam.ParDo(BucketBlocksFn(rule, self.cfg, self.partitions))
+            | f"Group_{rule}" >> beam.GroupByKey()
+            | f"Link_{rule}" >> self._link(rule, blocks=True)
+        )
 
     def expand(self, features):
         cfg = self.cfg
         parts = []
+        batches = None
+        if self.partitions is not None and (cfg.exact_caption or cfg.near_caption_threshold is not None):
+            batches = features | "BatchForBuckets" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
         for rule, on in ((reasons.EXACT_CAPTION, cfg.exact_caption), (reasons.EXACT_IMAGE, cfg.exact_image)):
-            if on:
+            if on and batches is not None and rule == reasons.EXACT_CAPTION:
+                parts.append(self._blocks(batches, rule))
+            elif on:
                 parts.append(
                     features
                     | f"Key_{rule}" >> beam.FlatMap(_exact_key(rule, cfg.mode))
                     | f"Group_{rule}" >> beam.GroupByKey()
                     | f"Link_{rule}" >> self._link(rule)
                 )
-        if cfg.near_caption_threshold is not None:
+        if cfg.near_caption_threshold is not None and batches is not None:
+            parts.append(self._blocks(batches, reasons.NEAR_CAPTION))
+        elif cfg.near_caption_threshold is not None:
             bands, rows = cfg.lsh_params()
             carry = cfg.verify_min_jaccard is not None
 
@@ -1029,9 +1196,11 @@ class Deduplicate(beam.PTransform):
         outcomes, report = pairs | Deduplicate(DedupConfig(near_image_max_hamming=None))
     """
 
-    def __init__(self, cfg: DedupConfig):
+    def __init__(self, cfg: DedupConfig, records: int | None = None):
         super().__init__()
         self.cfg = cfg
+        bands, _ = cfg.lsh_params()
+        self.partitions = bucket_partitions(records, bands + 1)
 
     def expand(self, pairs):
         cfg = self.cfg
@@ -1071,7 +1240,7 @@ class Deduplicate(beam.PTransform):
 
     def _legacy(self, pairs, features, ok_features):
         cfg = self.cfg
-        edges = ok_features | "CandidateEdges" >> CandidateEdges(cfg)
+        edges = ok_features | "CandidateEdges" >> CandidateEdges(cfg, partitions=self.partitions)
         labels, cc_report = (edges | "Pairs" >> beam.Map(lambda e: (e[0], e[1]))) | "Components" >> ConnectedComponents(
             cfg.max_rounds
         )
@@ -1113,7 +1282,7 @@ class Deduplicate(beam.PTransform):
             in_pass, overused = ok_features | "CapCaptions" >> CapCaptions(cfg.max_pairs_per_caption)
         else:
             in_pass, overused = ok_features, pairs.pipeline | "NoCap" >> beam.Create([])
-        edges, edge_counts = in_pass | "CandidateEdges" >> CandidateEdges(cfg, compact=True)
+        edges, edge_counts = in_pass | "CandidateEdges" >> CandidateEdges(cfg, compact=True, partitions=self.partitions)
         labels, cc_report = edges | "Components" >> ConnectedComponents(cfg.max_rounds, normalized=True)
         # Only records on an edge are joined; a Member carries a 128-byte sketch at most.
         members = (
