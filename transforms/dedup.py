@@ -57,7 +57,7 @@ from schemas.errors import UserError
 from schemas.records import DUPLICATE, ERROR, Outcome, Pair
 from transforms import minhash as mh
 from transforms import phash as ph
-from transforms.components import ConnectedComponents
+from transforms.components import BlockConnectedComponents, ConnectedComponents, key_ids
 
 STRICT = "strict"
 LEGACY = "legacy-transitive"
@@ -578,23 +578,22 @@ def _blocks_by_partition(keys: list[str], ids: np.ndarray, recs: np.ndarray, pay
         yield p, _block([keys[i] for i in used.tolist()], ids[sel], local, None if payload is None else payload[used])
 
 
-def buckets_of_blocks(blocks: Iterable[tuple]) -> Iterator[list[tuple[str, bytes | None]]]:
-    """The buckets with at least two entries in a partition's blocks, each as ``[(key, payload)]``
-    (payload None when the blocks carry none), in bucket-id order."""
+def _partition_runs(blocks: Iterable[tuple]):
+    """A partition's blocks as (keys, record index per entry sorted by bucket id, start and end of
+    every bucket with at least two entries, payload matrix or None); None when there are no entries."""
     keys: list[str] = []
     ids, recs, pays = [], [], []
-    k = width = None
+    width = 0
     for bkeys, bids, bk, brecs, bpay in blocks:
         if not bkeys:
             continue
-        k = bk
         width = len(bpay) // len(bkeys)
         recs.append(np.frombuffer(brecs, dtype=_BLOCK_REC).astype(np.int64) + len(keys))
         ids.append(np.frombuffer(bids, dtype=_BLOCK_ID).reshape(-1, bk))
         pays.append(bpay)
         keys.extend(bkeys)
     if not keys:
-        return
+        return None
     ids_a = np.concatenate(ids)
     recs_a = np.concatenate(recs)
     del ids, recs
@@ -605,15 +604,92 @@ def buckets_of_blocks(blocks: Iterable[tuple]) -> Iterator[list[tuple[str, bytes
     del ids_a, order
     starts = np.concatenate(([0], change))
     ends = np.concatenate((change, [len(recs_a)]))
-    multi = np.flatnonzero(ends - starts >= 2)
+    multi = ends - starts >= 2
     mat = np.frombuffer(b"".join(pays), dtype=np.uint8).reshape(len(keys), width) if width else None
-    del pays
-    for s, e in zip(starts[multi].tolist(), ends[multi].tolist()):
+    return keys, recs_a, starts[multi], ends[multi], mat
+
+
+def buckets_of_blocks(blocks: Iterable[tuple]) -> Iterator[list[tuple[str, bytes | None]]]:
+    """The buckets with at least two entries in a partition's blocks, each as ``[(key, payload)]``
+    (payload None when the blocks carry none), in bucket-id order."""
+    runs = _partition_runs(blocks)
+    if runs is None:
+        return
+    keys, recs_a, starts, ends, mat = runs
+    for s, e in zip(starts.tolist(), ends.tolist()):
         rs = recs_a[s:e].tolist()
         if mat is None:
             yield [(keys[r], None) for r in rs]
         else:
             yield [(keys[r], mat[r].tobytes()) for r in rs]
+
+
+LINK_CHUNK_PAIRS = 1 << 18  # sketch comparisons per numpy call in link_sketch_blocks (~100 MB of temporaries)
+
+
+def link_sketch_blocks(blocks: Iterable[tuple], min_count: int, max_compare: int,
+                       chunk_pairs: int = LINK_CHUNK_PAIRS) -> Iterator[tuple[list[tuple[str, str]], int, int]]:
+    """Every bucket of a partition's blocks linked as ``link_sketch_bucket`` links it, all buckets at once:
+    yields ``(edges, found, big)`` chunks — ``edges`` the distinct normalised ``(larger, smaller)`` key
+    pairs of the chunk, ``found`` how many edges ``link_sketch_bucket`` returns for the chunk's buckets
+    (repeats included), ``big`` its buckets with more than ``max_compare`` entries.
+
+    Buckets whose keys and sketches are all distinct (nearly all) are compared in numpy: the member at
+    key-order position j against positions 0 … min(j, max_compare) − 1, as ``link_sketch_bucket``
+    does when no sketch repeats; the others go through ``link_sketch_bucket`` itself."""
+    runs = _partition_runs(blocks)
+    if runs is None:
+        return
+    keys, recs, starts, ends, mat = runs
+    if len(starts) == 0:
+        return
+    uniq, (krank,) = key_ids(keys)
+    _, pid = np.unique(mat, axis=0, return_inverse=True)
+    pid = pid.reshape(-1)
+    lens = ends - starts
+    big = int(np.count_nonzero(lens > max_compare))
+    first = np.concatenate(([0], np.cumsum(lens)[:-1]))
+    run_of = np.repeat(np.arange(len(starts)), lens)
+    ent = recs[np.repeat(starts - first, lens) + np.arange(int(lens.sum()))]  # records of the buckets, bucket by bucket
+    # members of every bucket in key order
+    order = np.lexsort((krank[ent], run_of))
+    ent = ent[order]
+    same_run = run_of[1:] == run_of[:-1]
+    complex_run = np.zeros(len(starts), dtype=bool)
+    complex_run[run_of[1:][same_run & (krank[ent][1:] == krank[ent][:-1])]] = True
+    by_pid = np.lexsort((pid[ent], run_of))
+    p_sorted = pid[ent][by_pid]
+    complex_run[run_of[1:][same_run & (p_sorted[1:] == p_sorted[:-1])]] = True
+    # simple buckets: position j compared with positions < min(j, max_compare)
+    pos = np.arange(len(ent)) - first[run_of]
+    cnt = np.minimum(pos, max_compare)
+    cnt[complex_run[run_of]] = 0
+    cum = np.cumsum(cnt)
+    done = 0
+    lo_e = 0
+    total = int(cum[-1]) if len(cum) else 0
+    while done < total:
+        hi_e = int(np.searchsorted(cum, done + max(chunk_pairs, max_compare), side="right"))
+        hi_e = max(hi_e, lo_e + 1)
+        c = cnt[lo_e:hi_e]
+        n = int(c.sum())
+        jj = np.repeat(np.arange(lo_e, hi_e), c)
+        step = np.arange(n) - np.repeat(np.cumsum(c) - c, c)
+        ii = first[run_of[jj]] + step
+        a, b = ent[ii], ent[jj]
+        hit = np.count_nonzero(mat[a] == mat[b], axis=1) >= min_count
+        a, b = krank[a[hit]], krank[b[hit]]
+        codes = np.unique(np.maximum(a, b) * len(uniq) + np.minimum(a, b))
+        hi_k, lo_k = np.divmod(codes, len(uniq))
+        yield list(zip(uniq[hi_k].tolist(), uniq[lo_k].tolist())), int(hit.sum()), 0
+        done += n
+        lo_e = hi_e
+    for r in np.flatnonzero(complex_run).tolist():
+        rs = ent[first[r]: first[r] + lens[r]].tolist()
+        edges = link_sketch_bucket([(keys[x], mat[x].tobytes()) for x in rs], min_count, max_compare)
+        yield sorted({(a, b) if a > b else (b, a) for a, b in edges}), len(edges), 0
+    if big:
+        yield [], 0, big
 
 
 class BucketBlocksFn(beam.DoFn):
@@ -669,9 +745,48 @@ class _LinkBlocks:
             yield from super().process((None, members))
 
 
-@beam.typehints.with_output_types(tuple[str, str])
+@beam.typehints.with_output_types(Any)
 class LinkEdgeBlocksFn(_LinkBlocks, LinkEdgesFn):
-    """``LinkEdgesFn`` over a partition's bucket blocks (strict mode)."""
+    """``LinkEdgesFn`` over a partition's bucket blocks (strict mode), emitting edge blocks
+    ``(larger keys, smaller keys)`` for ``BlockConnectedComponents`` and ``(rule, n)`` once per
+    partition. With b-bit verification every bucket of the partition is linked in numpy
+    (``link_sketch_blocks``: the same edges, each distinct edge of a chunk once)."""
+
+    def process(self, element):
+        total = 0
+        if self.min_count is None:
+            edges = set()
+            for x in super().process(element):
+                if isinstance(x, beam.pvalue.TaggedOutput):
+                    total += x.value[1]
+                else:
+                    edges.add(x)
+            if edges:
+                edges = sorted(edges)
+                yield tuple(e[0] for e in edges), tuple(e[1] for e in edges)
+        else:
+            _, blocks = element
+            blocks = list(blocks)
+            width = next((len(b[4]) // len(b[0]) for b in blocks if b[0]), 0)
+            if not width:
+                return
+            mc = self.min_count.get(width)
+            if mc is None:
+                mc = self.min_count[width] = min_matching_slots(width, self.cfg.verify_min_jaccard)
+            for edges, found, big in link_sketch_blocks(blocks, mc, self.cfg.max_compare):
+                total += found
+                if big:
+                    self.big.inc(big)
+                if edges:
+                    yield tuple(e[0] for e in edges), tuple(e[1] for e in edges)
+            if total:
+                self.edges.inc(total)
+        if total:
+            yield beam.pvalue.TaggedOutput(self.COUNTS, (self.rule, total))
+
+
+def _edge_block(edges: list[tuple[str, str]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(e[0] for e in edges), tuple(e[1] for e in edges)
 
 
 class LinkBucketBlocksFn(_LinkBlocks, LinkBucketFn):
@@ -689,7 +804,9 @@ class CandidateEdges(beam.PTransform):
         partitions: when set, the caption rules' bucket entries cross their shuffle as byte blocks,
             one per batch of features and bucket partition (``BucketBlocksFn``), instead of one
             element per record and band; a linking step holds one partition's entries
-            (``bucket_partitions`` picks the count from the record count). Same edges.
+            (``bucket_partitions`` picks the count from the record count). Same edges. With
+            ``compact`` the edges then come out as edge blocks ``(larger keys, smaller keys)`` for
+            ``BlockConnectedComponents``.
 
     Example:
         edges = features | CandidateEdges(DedupConfig())
@@ -720,11 +837,13 @@ class CandidateEdges(beam.PTransform):
     def expand(self, features):
         cfg = self.cfg
         parts = []
+        block_parts: set[int] = set()  # parts whose edges come out as edge blocks already
         batches = None
         if self.partitions is not None and (cfg.exact_caption or cfg.near_caption_threshold is not None):
             batches = features | "BatchForBuckets" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
         for rule, on in ((reasons.EXACT_CAPTION, cfg.exact_caption), (reasons.EXACT_IMAGE, cfg.exact_image)):
             if on and batches is not None and rule == reasons.EXACT_CAPTION:
+                block_parts.add(len(parts))
                 parts.append(self._blocks(batches, rule))
             elif on:
                 parts.append(
@@ -734,6 +853,7 @@ class CandidateEdges(beam.PTransform):
                     | f"Link_{rule}" >> self._link(rule)
                 )
         if cfg.near_caption_threshold is not None and batches is not None:
+            block_parts.add(len(parts))
             parts.append(self._blocks(batches, reasons.NEAR_CAPTION))
         elif cfg.near_caption_threshold is not None:
             bands, rows = cfg.lsh_params()
@@ -779,6 +899,20 @@ class CandidateEdges(beam.PTransform):
             return parts | "FlattenEdges" >> beam.Flatten()
         if not parts:
             return features.pipeline | "NoEdges" >> beam.Create([]), features.pipeline | "NoCounts" >> beam.Create([])
+        if self.partitions is not None:  # edge blocks for BlockConnectedComponents
+            blocks = []
+            for i, part in enumerate(parts):
+                if i in block_parts:
+                    blocks.append(part.edges)
+                else:
+                    blocks.append(
+                        part.edges
+                        | f"BatchEdges{i}" >> beam.BatchElements(min_batch_size=64, max_batch_size=65536)
+                        | f"EdgeBlocks{i}" >> beam.Map(_edge_block)
+                    )
+            edges = blocks | "FlattenEdges" >> beam.Flatten()
+            counts = [part[LinkEdgesFn.COUNTS] for part in parts] | "FlattenCounts" >> beam.Flatten()
+            return edges, counts
         edges = [part.edges for part in parts] | "FlattenEdges" >> beam.Flatten()
         counts = [part[LinkEdgesFn.COUNTS] for part in parts] | "FlattenCounts" >> beam.Flatten()
         return edges, counts
@@ -1283,7 +1417,7 @@ class Deduplicate(beam.PTransform):
         else:
             in_pass, overused = ok_features, pairs.pipeline | "NoCap" >> beam.Create([])
         edges, edge_counts = in_pass | "CandidateEdges" >> CandidateEdges(cfg, compact=True, partitions=self.partitions)
-        labels, cc_report = edges | "Components" >> ConnectedComponents(cfg.max_rounds, normalized=True)
+        labels, cc_report = edges | "Components" >> BlockConnectedComponents(cfg.max_rounds, self.partitions)
         # Only records on an edge are joined; a Member carries a 128-byte sketch at most.
         members = (
             {"root": labels, "features": in_pass | "MemberByKey" >> beam.Map(lambda f: (f.key, member_of(f)))}
