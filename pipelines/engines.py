@@ -32,6 +32,10 @@ _ALIASES = {
     "--dask-timeout": "--dask_connection_timeout",
 }
 _SCHEDULER_CHECK_TIMEOUT_S = 10.0
+# Input records per Dask partition at most (the runner's second bound beside bytes / target). Measured on
+# the dedup stage (bench.scale, caption-only records with 2% images, workers of 4 GiB): 40,000 records
+# per partition peaked at 1.4 GiB of worker RSS, 83,000 passed 3.8 GiB and the nanny restarted the worker.
+DEFAULT_PARTITION_RECORDS = 20_000
 
 
 class LocalDaskOptions(PipelineOptions):
@@ -48,6 +52,12 @@ class LocalDaskOptions(PipelineOptions):
             "--dask_min_partitions", type=int, default=None,
             help="at least this many partitions per shuffle (set by the stage runner to the input's bytes / "
             "--target-shard-bytes, so a partition holds about one shard); --dask_npartitions overrides it",
+        )
+        parser.add_argument(
+            "--dask_partition_records", type=int, default=DEFAULT_PARTITION_RECORDS,
+            help="at most about this many input records per partition (default %(default)s): a stage's "
+            "per-record state (dedup's signatures, band keys and joins) outgrows the input's bytes when "
+            "records are small, so the stage runner also sets --dask_min_partitions to records / this",
         )
 
 
@@ -256,24 +266,85 @@ def _materialize(items, chain) -> list:
     return list(_steps(items, chain))
 
 
-def _concat_parts(parts) -> list:
-    """``[(items, chain), ...]`` -> one list: the chains run one after the other, in order."""
+# Every Delayed a task reads is handed to it as a positional argument, never inside a list or tuple:
+# dask (2026.x) optimises and culls the whole graph once per collection it finds nested in an argument,
+# which made building a stage's graph quadratic in its size (minutes of driver CPU for dedup at 13
+# partitions, before any task ran). A positional Delayed is just a reference. ``_task`` lifts the
+# Delayeds out of nested tuples (a chain's side inputs and pickled DoFns) and puts them back inside
+# the task.
+
+
+class _Ref(t.NamedTuple):
+    """Placeholder for the i-th positional value of a lifted task."""
+
+    i: int
+
+
+def _lift(obj, refs: list):
+    from dask.delayed import Delayed
+
+    if isinstance(obj, Delayed):
+        refs.append(obj)
+        return _Ref(len(refs) - 1)
+    if type(obj) is tuple:
+        return tuple(_lift(o, refs) for o in obj)
+    return obj
+
+
+def _lower(obj, values: tuple):
+    if type(obj) is _Ref:
+        return values[obj.i]
+    if type(obj) is tuple:
+        return tuple(_lower(o, values) for o in obj)
+    return obj
+
+
+def _run_lifted(fn, static: tuple, *values):
+    return fn(*_lower(static, values))
+
+
+def _task(fn, args: tuple, key, nout: int | None = None):
+    """``dask.delayed(fn)(*args)`` named ``key``, with the Delayeds nested in ``args`` passed positionally."""
+    import dask
+
+    refs: list = []
+    static = _lift(tuple(args), refs)
+    return dask.delayed(_run_lifted, pure=True, nout=nout)(fn, static, *refs, dask_key_name=key)
+
+
+def _concat_parts(chains, *items) -> list:
+    """Partitions ``items[i]`` with their chains ``chains[i]`` -> one list: the chains run one after the
+    other, in order."""
     out: list = []
-    for items, chain in parts:
-        out.extend(_steps(items, chain))
+    for part, chain in zip(items, chains):
+        out.extend(_steps(part, chain))
     return out
 
 
-def _count_parts(parts) -> int:
+def _count_parts(chains, *items) -> int:
     n = 0
-    for items, chain in parts:
-        for _ in _steps(items, chain):
+    for part, chain in zip(items, chains):
+        for _ in _steps(part, chain):
             n += 1
     return n
 
 
-def _sum(counts) -> int:
+def _sum(*counts) -> int:
     return sum(counts)
+
+
+def _apply_merge(merge, n_extra: int, *args):
+    """``merge(buckets, *extra)`` of a shuffle's output partition, from positional arguments
+    ``(*extra, *buckets)``."""
+    return merge(list(args[n_extra:]), *args[:n_extra])
+
+
+def _parts_call(fn, parts: list, key):
+    """A task running ``fn(chains, *tasks)`` over partitions ``[(task, chain), ...]``."""
+    import dask
+
+    chains = tuple(chain for _, chain in parts)
+    return _task(fn, (chains, *(task for task, _ in parts)), key)
 
 
 def _name(label: str, kind: str) -> str:
@@ -443,7 +514,7 @@ class _Translator(beam.pipeline.PipelineVisitor):
 
         name = _name(label, "out")
         return [
-            (task if not chain else dask.delayed(_materialize, pure=True)(task, chain, dask_key_name=(name, i)), ())
+            (task if not chain else _task(_materialize, (task, chain), (name, i)), ())
             for i, (task, chain) in enumerate(parts)
         ]
 
@@ -479,7 +550,7 @@ class _Translator(beam.pipeline.PipelineVisitor):
         # More partitions than a shuffle makes: merge neighbours so Flatten -> ParDo chains in loops
         # (CoGroupByKey's tagging, dedup's rounds) never multiply the task count.
         name = _name(node.full_label, "flatten")
-        return [(dask.delayed(_concat_parts, pure=True)(chunk, dask_key_name=(name, i)), ())
+        return [(_parts_call(_concat_parts, chunk, (name, i)), ())
                 for i, chunk in enumerate(_chunks(parts, self.partitions))]
 
     def _identity(self, node, inputs):
@@ -492,9 +563,10 @@ class _Translator(beam.pipeline.PipelineVisitor):
 
         n = self.partitions
         name = node.full_label
-        splits = [dask.delayed(split, pure=True, nout=n)(task, chain, n, *extra, dask_key_name=(_name(name, f"{kind}-split"), i))
+        splits = [_task(split, (task, chain, n, *extra), (_name(name, f"{kind}-split"), i), nout=n)
                   for i, (task, chain) in enumerate(parts)]
-        return [(dask.delayed(merge, pure=True)([s[j] for s in splits], *extra, dask_key_name=(_name(name, f"{kind}-merge"), j)), ())
+        return [(dask.delayed(_apply_merge, pure=True)(merge, len(extra), *extra, *(s[j] for s in splits),
+                                                       dask_key_name=(_name(name, f"{kind}-merge"), j)), ())
                 for j in range(n)]
 
     def _reshuffle(self, node, inputs):
@@ -541,7 +613,7 @@ class _Translator(beam.pipeline.PipelineVisitor):
         # Each partition's chain runs in its own task (in parallel: a side input's chain may be the
         # stage's shard writes), then one small task puts the lists together.
         parts = self._materialized(label, parts)
-        return dask.delayed(_concat_parts, pure=True)(parts, dask_key_name=(_name(label, "side"), 0))
+        return _parts_call(_concat_parts, parts, (_name(label, "side"), 0))
 
     def _pardo(self, node, inputs):
         import cloudpickle
@@ -692,9 +764,9 @@ class DaskRunner(_dask_runner_base()):
             # Every sink reduced to its element count (each partition's chain runs inside its count task),
             # all in ONE collection: computing several collections that share upstream tasks ran those
             # tasks once per collection (seen here: every DoFn twice), and side effects must run once.
-            counts = [dask.delayed(_count_parts, pure=True)([part], dask_key_name=(_name("sink", "count"), i))
+            counts = [_parts_call(_count_parts, [part], (_name("sink", "count"), i))
                       for i, part in enumerate(p for parts in sinks for p in parts)]
-            total = dask.delayed(_sum, pure=False)(counts)
+            total = dask.delayed(_sum, pure=False)(*counts)
             # optimize_graph=False: dask's fusion makes partitions lazy iterators, and a lazy partition
             # read by two consumers is exhausted by the first (seen as wrong joins in dedup).
             futures = [client.compute(total, optimize_graph=False)]

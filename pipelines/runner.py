@@ -102,11 +102,13 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
 
 
 def bound_dask_partitions(opts: PipelineOptions, target_shard_bytes: int, input_info: dict[str, Any]) -> None:
-    """On the Dask engine without ``--dask_npartitions``: set ``--dask_min_partitions`` to the input's
-    bytes / ``target_shard_bytes`` (rounded up), so a shuffle's partition, which a worker holds as one
-    list, holds about one target shard of input whatever the corpus size (docs/scale.md, the bound). The
-    engine takes the larger of this and the cluster's threads. It is not in the manifest's config: the
-    partition count changes no output byte. Other runners: nothing changes."""
+    """On the Dask engine without ``--dask_npartitions``: set ``--dask_min_partitions`` to the larger of
+    the input's bytes / ``target_shard_bytes`` and its records / ``--dask_partition_records`` (both
+    rounded up), so a shuffle's partition, which a worker holds as one list, holds about one target
+    shard of input and a bounded number of records whatever the corpus size (docs/scale.md, the
+    bound). Records count when the input says how many it has (stage outputs do). The engine takes the
+    larger of this and the cluster's threads. It is not in the manifest's config: the partition count
+    changes no output byte. Other runners: nothing changes."""
     if not engines.is_dask(opts.view_as(beam.options.pipeline_options.StandardOptions).runner):
         return
     from apache_beam.runners.dask.dask_runner import DaskOptions  # dask is an extra: import it only here
@@ -114,8 +116,13 @@ def bound_dask_partitions(opts: PipelineOptions, target_shard_bytes: int, input_
     if opts.view_as(DaskOptions).npartitions:
         return
     local = opts.view_as(engines.LocalDaskOptions)
+    if local.dask_partition_records is not None and local.dask_partition_records < 1:
+        raise UserError(f"--dask_partition_records {local.dask_partition_records}: must be at least 1")
     if not local.dask_min_partitions:
-        local.dask_min_partitions = resolve_num_shards(None, target_shard_bytes, input_info)
+        by_bytes = resolve_num_shards(None, target_shard_bytes, input_info)
+        records = int(input_info.get("records") or 0)
+        per = local.dask_partition_records or engines.DEFAULT_PARTITION_RECORDS
+        local.dask_min_partitions = max(by_bytes, -(-records // per))
 
 
 def _existing_manifest(output_dir: str) -> Manifest | None:

@@ -45,3 +45,29 @@ def test_partitions_follow_target_shard_bytes_and_override(dask_cluster, tmp_pat
     assert cli.main(["filter", "--input", str(ROWS), "--output", str(tmp_path / "dask-default"), *dask]) == 0
     assert _partitions(caplog) == [6, 3, 2]
     assert tree(tmp_path / "dask3") == tree(tmp_path / "direct")
+
+
+def _min_partitions(argv: list[str], input_info: dict) -> int | None:
+    from pipelines.engines import LocalDaskOptions
+    from pipelines.runner import beam_options, bound_dask_partitions
+
+    opts = beam_options(argv)
+    bound_dask_partitions(opts, 64 * 2**20, input_info)
+    return opts.view_as(LocalDaskOptions).dask_min_partitions
+
+
+def test_partitions_also_bounded_by_records():
+    """Small records: bytes alone would leave 1,000,000 records in 2 partitions (the dedup stage's
+    workers then passed their 4 GiB memory limit at 250k records in bench.scale); the records bound
+    gives ceil(1,000,000 / 20,000) = 50, and --dask_partition_records changes it."""
+    dask = ["--runner", "dask", "--dask-workers", "1"]  # options only: no cluster starts
+    small = {"bytes": 100 * 2**20, "records": 1_000_000}
+    assert _min_partitions(dask, small) == 50
+    assert _min_partitions([*dask, "--dask_partition_records", "300000"], small) == 4  # ceil(1e6 / 3e5)
+    # bytes win when records are big: 640 MiB of 1,000 records at a 64 MiB target
+    assert _min_partitions(dask, {"bytes": 640 * 2**20, "records": 1_000}) == 10
+    # inputs that do not say how many records they hold (raw files): bytes only
+    assert _min_partitions(dask, {"bytes": 100 * 2**20}) == 2
+    assert _min_partitions(["--runner", "direct"], small) is None  # other runners: untouched
+    with pytest.raises(Exception, match="--dask_partition_records 0: must be at least 1"):
+        _min_partitions([*dask, "--dask_partition_records", "0"], small)
