@@ -36,7 +36,10 @@ and its distance to the representative (``parse_detail`` reads it back), e.g.
 
 Scale: every step is a shuffle keyed by something small, combiners fold huge groups (best rank,
 first K keys), and the DoFns after a group-by stream its members once, holding one representative
-(or K keys) — never all keys of a group in a list.
+(or K keys) — never all keys of a group in a list. The caption rules' bucket entries and strict
+mode's edges are the exception by design: they cross their shuffles as blocks (a batch's entries per
+bucket partition; edge blocks per node partition), and a step holds one partition, whose size
+``bucket_partitions`` bounds from the record count (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -1321,6 +1324,8 @@ class Deduplicate(beam.PTransform):
 
     Args:
         cfg: the ``DedupConfig`` (its ``mode`` picks strict or legacy-transitive clustering).
+        records: the input's record count (from its manifest), which sizes the bucket and components
+            partitions (``bucket_partitions``); None: ``DEFAULT_BUCKET_PARTITIONS``. Changes no output.
 
     Returns ``(outcomes, report)`` where ``report`` is a single-value PCollection (dict with the
     mode, the LSH parameters, edges per rule, the connected-components rounds and, in strict
