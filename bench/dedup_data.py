@@ -141,3 +141,16 @@ def write_caption_stage(output_dir: str, captions: list[str], num_shards: int = 
     )
     write_bytes_atomic(os.path.join(output_dir, "manifest.json"), m.to_json().encode())
     return output_dir
+
+
+def code_version() -> str:
+    """``git rev-parse --short HEAD`` of the measured code (``+changes`` when the tree differs), or "unknown"."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "bench", "transforms", "pipelines", "schemas"],
+                               capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted changes" if dirty else "")

@@ -27,6 +27,41 @@ def asset_root(output_root: str) -> str:
     return root if "://" in root else "file://" + os.path.abspath(root)
 
 
+# Settings both DAGs offer, with the same defaults: the environment of the scheduler / DAG processor, then these.
+SHARED_DEFAULTS = {
+    "output_root": os.environ.get("MMCORPUS_OUTPUT_ROOT", str(REPO / "build" / "airflow-runs")),
+    "runner": os.environ.get("MMCORPUS_RUNNER", "DirectRunner"),
+    "rewrite_endpoint": os.environ.get("MMCORPUS_REWRITE_ENDPOINT", ""),
+    "rewrite_model": os.environ.get("MMCORPUS_REWRITE_MODEL", "rewriter"),
+    # No silent fallback: without a healthy endpoint the run fails unless a fallback is asked for.
+    "rewrite_fallback": os.environ.get("MMCORPUS_REWRITE_FALLBACK", "none"),
+    "seq_len": os.environ.get("MMCORPUS_SEQ_LEN", "2048"),
+    "pack_format": os.environ.get("MMCORPUS_PACK_FORMAT", "parquet"),
+    # Empty: the flag is not passed and every stage sizes its shards by the CLI's default (512MiB).
+    "target_shard_bytes": os.environ.get("MMCORPUS_TARGET_SHARD_BYTES", ""),
+}
+# The run form's description of each shared setting (an empty param means: the default above).
+SHARED_PARAM_DESCRIPTIONS = {
+    "output_root": "runs go to <output_root>/<run id>/<stage>",
+    "runner": "DirectRunner | DataflowRunner | FlinkRunner | SparkRunner",
+    "rewrite_endpoint": "OpenAI-compatible base URL, e.g. http://gpu:8000/v1",
+    "rewrite_model": "served model name",
+    "rewrite_fallback": "when the endpoint is down or not configured: "
+                        "none (default: the rewrite task fails, nothing is packed) | offline-template | skip",
+    "seq_len": "packed sequence length",
+    "pack_format": "parquet | webdataset",
+    "target_shard_bytes": "bytes per data/ledger shard, counted on the input (e.g. 512MiB, 1G); "
+                          "empty: the stages' own default (512MiB)",
+}
+
+
+def shared_params(*names: str) -> dict:
+    """``{name: Param}`` for the shared settings ``names``, in that order (the run form's order)."""
+    from airflow.sdk import Param  # imported here: this module stays importable without Airflow
+
+    return {n: Param("", type="string", description=SHARED_PARAM_DESCRIPTIONS[n]) for n in names}
+
+
 # Stage flags whose empty setting means "not passed": the stage command's own default applies.
 OPTIONAL_OPTIONS = ("target_shard_bytes",)
 

@@ -40,8 +40,8 @@ from airflow.sdk import DAG, Asset, Param, task
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this file
 from mmcorpus_common import (  # noqa: E402
-    BEAM_OPTIONS, PIPELINES, PY_INTERPRETER, REPO, asset_root, choose_rewrite_branch, drop_empty_options,
-    endpoint_healthy, endpoint_problem, rewrite_decision, safe_run_dir,
+    BEAM_OPTIONS, PIPELINES, PY_INTERPRETER, REPO, SHARED_DEFAULTS, asset_root, choose_rewrite_branch,
+    drop_empty_options, endpoint_healthy, endpoint_problem, rewrite_decision, safe_run_dir, shared_params,
 )
 
 __all__ = ["dag", "endpoint_healthy", "endpoint_problem", "safe_run_dir"]
@@ -52,17 +52,8 @@ DEFAULTS = {
     # Default: the bundled real img2dataset webdataset output (photos + two failed downloads).
     "input": os.environ.get("MMCORPUS_INPUT", str(REPO / "data" / "sample" / "i2d_webdataset")),
     "input_format": os.environ.get("MMCORPUS_INPUT_FORMAT", "auto"),
-    "output_root": os.environ.get("MMCORPUS_OUTPUT_ROOT", str(REPO / "build" / "airflow-runs")),
-    "runner": os.environ.get("MMCORPUS_RUNNER", "DirectRunner"),
-    "rewrite_endpoint": os.environ.get("MMCORPUS_REWRITE_ENDPOINT", ""),
-    "rewrite_model": os.environ.get("MMCORPUS_REWRITE_MODEL", "rewriter"),
-    # No silent fallback: without a healthy endpoint the run fails unless a fallback is asked for.
-    "rewrite_fallback": os.environ.get("MMCORPUS_REWRITE_FALLBACK", "none"),
     "stage_profile": os.environ.get("MMCORPUS_STAGE_PROFILE", "2"),
-    "seq_len": os.environ.get("MMCORPUS_SEQ_LEN", "2048"),
-    "pack_format": os.environ.get("MMCORPUS_PACK_FORMAT", "parquet"),
-    # Empty: the flag is not passed and every stage sizes its shards by the CLI's default (512MiB).
-    "target_shard_bytes": os.environ.get("MMCORPUS_TARGET_SHARD_BYTES", ""),
+    **SHARED_DEFAULTS,
 }
 SCHEDULE = os.environ.get("MMCORPUS_SCHEDULE", "@weekly")
 RETRIES = int(os.environ.get("MMCORPUS_RETRIES", "2"))
@@ -140,17 +131,9 @@ with DAG(
     params={
         "input": Param("", type="string", description="input file/dir/glob (img2dataset output or a metadata table)"),
         "input_format": Param("", type="string", description="auto | webdataset | i2d-parquet | table"),
-        "output_root": Param("", type="string", description="runs go to <output_root>/<run id>/<stage>"),
-        "runner": Param("", type="string", description="DirectRunner | DataflowRunner | FlinkRunner | SparkRunner"),
-        "rewrite_endpoint": Param("", type="string", description="OpenAI-compatible base URL, e.g. http://gpu:8000/v1"),
-        "rewrite_model": Param("", type="string", description="served model name"),
-        "rewrite_fallback": Param("", type="string", description="when the endpoint is down or not configured: "
-                                  "none (default: the rewrite task fails, nothing is packed) | offline-template | skip"),
+        **shared_params("output_root", "runner", "rewrite_endpoint", "rewrite_model", "rewrite_fallback"),
         "stage_profile": Param("", type="string", description="pack profile: 1 (224px), 2 (448px), 3 (slicing)"),
-        "seq_len": Param("", type="string", description="packed sequence length"),
-        "pack_format": Param("", type="string", description="parquet | webdataset"),
-        "target_shard_bytes": Param("", type="string", description="bytes per data/ledger shard, counted on the "
-                                    "input (e.g. 512MiB, 1G); empty: the stages' own default (512MiB)"),
+        **shared_params("seq_len", "pack_format", "target_shard_bytes"),
     },
     tags=["mmcorpus", "beam"],
     doc_md=__doc__,

@@ -36,8 +36,8 @@ from airflow.sdk import DAG, Asset, Param, task
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this file
 from mmcorpus_common import (  # noqa: E402
-    BEAM_OPTIONS, PIPELINES, PY_INTERPRETER, REPO, asset_root, choose_rewrite_branch, drop_empty_options,
-    rewrite_decision, safe_run_dir,
+    BEAM_OPTIONS, PIPELINES, PY_INTERPRETER, REPO, SHARED_DEFAULTS, asset_root, choose_rewrite_branch,
+    drop_empty_options, rewrite_decision, safe_run_dir, shared_params,
 )
 
 STAGES = (1, 2, 3)
@@ -47,14 +47,7 @@ DEFAULTS = {
     "sources_config": os.environ.get("MMCORPUS_SOURCES_CONFIG", str(REPO / "data" / "mix" / "demo_sources.toml")),
     "mix_config": os.environ.get("MMCORPUS_MIX_CONFIG", str(REPO / "data" / "mix" / "demo_mix.toml")),
     "stage2_overlap": os.environ.get("MMCORPUS_STAGE2_OVERLAP", ""),
-    "output_root": os.environ.get("MMCORPUS_OUTPUT_ROOT", str(REPO / "build" / "airflow-runs")),
-    "runner": os.environ.get("MMCORPUS_RUNNER", "DirectRunner"),
-    "rewrite_endpoint": os.environ.get("MMCORPUS_REWRITE_ENDPOINT", ""),
-    "rewrite_model": os.environ.get("MMCORPUS_REWRITE_MODEL", "rewriter"),
-    "rewrite_fallback": os.environ.get("MMCORPUS_REWRITE_FALLBACK", "none"),
-    "seq_len": os.environ.get("MMCORPUS_SEQ_LEN", "2048"),
-    "pack_format": os.environ.get("MMCORPUS_PACK_FORMAT", "parquet"),
-    "target_shard_bytes": os.environ.get("MMCORPUS_TARGET_SHARD_BYTES", ""),
+    **SHARED_DEFAULTS,
     "ocr_pages": os.environ.get("MMCORPUS_OCR_PAGES", "4"),
 }
 SCHEDULE = os.environ.get("MMCORPUS_CURRICULUM_SCHEDULE") or None  # default: triggered runs only
@@ -151,16 +144,8 @@ with DAG(
         "mix_config": Param("", type="string", description="TOML file of [select] / [select.stageN] tables"),
         "stage2_overlap": Param("", type="string", description="disjoint | allow (default: the mix config's, "
                                 "else disjoint)"),
-        "output_root": Param("", type="string", description="runs go to <output_root>/<run id>/<stage>"),
-        "runner": Param("", type="string", description="DirectRunner | DataflowRunner | FlinkRunner | SparkRunner"),
-        "rewrite_endpoint": Param("", type="string", description="OpenAI-compatible base URL, e.g. http://gpu:8000/v1"),
-        "rewrite_model": Param("", type="string", description="served model name"),
-        "rewrite_fallback": Param("", type="string", description="when the endpoint is down or not configured: "
-                                  "none (default: the rewrite task fails, nothing is packed) | offline-template | skip"),
-        "seq_len": Param("", type="string", description="packed sequence length"),
-        "pack_format": Param("", type="string", description="parquet | webdataset"),
-        "target_shard_bytes": Param("", type="string", description="bytes per data/ledger shard, counted on the "
-                                    "input (e.g. 512MiB, 1G); empty: the stages' own default (512MiB)"),
+        **shared_params("output_root", "runner", "rewrite_endpoint", "rewrite_model", "rewrite_fallback", "seq_len",
+                        "pack_format", "target_shard_bytes"),
         "ocr_pages": Param("", type="string", description="synthetic document pages OCR'd for stage 3"),
     },
     tags=["mmcorpus", "beam", "curriculum"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import operator
 import os
 import socket
 import typing as t
@@ -266,50 +267,51 @@ def _materialize(items, chain) -> list:
     return list(_steps(items, chain))
 
 
-# Every Delayed a task reads is handed to it as a positional argument, never inside a list or tuple:
-# dask (2026.x) optimises and culls the whole graph once per collection it finds nested in an argument,
-# which made building a stage's graph quadratic in its size (minutes of driver CPU for dedup at 13
-# partitions, before any task ran). A positional Delayed is just a reference. ``_task`` lifts the
-# Delayeds out of nested tuples (a chain's side inputs and pickled DoFns) and puts them back inside
-# the task.
+# The stage's dask graph is one plain dict of tasks ({key: Task}), built in O(tasks) and referenced by
+# key (TaskRef), nested anywhere in a task's arguments. Not dask.delayed: a delayed call merges the
+# HighLevelGraph layers of every upstream collection and culls the whole graph once per collection
+# found inside a list argument, so building dedup's graph was quadratic in its size (at 13 partitions
+# minutes of driver CPU before any task ran; at 50, over ten minutes and still building).
 
 
-class _Ref(t.NamedTuple):
-    """Placeholder for the i-th positional value of a lifted task."""
+class _Graph:
+    """Tasks of one stage run, keyed ``(name, index...)``."""
 
-    i: int
+    def __init__(self):
+        self.dsk: dict = {}
+
+    def task(self, key, fn, *args):
+        """Add ``key = fn(*args)``; args may hold ``ref(other key)`` inside tuples at any depth (dask puts
+        the computed values in before calling). Returns ``key``."""
+        from dask._task_spec import Task
+
+        self.dsk[key] = Task(key, fn, *(_nested(a) for a in args))
+        return key
+
+    def data(self, key, value):
+        from dask._task_spec import DataNode
+
+        self.dsk[key] = DataNode(key, value)
+        return key
 
 
-def _lift(obj, refs: list):
-    from dask.delayed import Delayed
+def _nested(obj):
+    """``obj`` with each tuple that holds a reference turned into dask's Tuple node (a task
+    resolves only references it can see: at top level or inside such nodes)."""
+    from dask._task_spec import GraphNode, TaskRef, Tuple
 
-    if isinstance(obj, Delayed):
-        refs.append(obj)
-        return _Ref(len(refs) - 1)
-    if type(obj) is tuple:
-        return tuple(_lift(o, refs) for o in obj)
+    if type(obj) is not tuple:
+        return obj
+    items = tuple(_nested(o) for o in obj)
+    if any(isinstance(o, (TaskRef, GraphNode)) for o in items):
+        return Tuple(*items)
     return obj
 
 
-def _lower(obj, values: tuple):
-    if type(obj) is _Ref:
-        return values[obj.i]
-    if type(obj) is tuple:
-        return tuple(_lower(o, values) for o in obj)
-    return obj
+def ref(key):
+    from dask._task_spec import TaskRef
 
-
-def _run_lifted(fn, static: tuple, *values):
-    return fn(*_lower(static, values))
-
-
-def _task(fn, args: tuple, key, nout: int | None = None):
-    """``dask.delayed(fn)(*args)`` named ``key``, with the Delayeds nested in ``args`` passed positionally."""
-    import dask
-
-    refs: list = []
-    static = _lift(tuple(args), refs)
-    return dask.delayed(_run_lifted, pure=True, nout=nout)(fn, static, *refs, dask_key_name=key)
+    return TaskRef(key)
 
 
 def _concat_parts(chains, *items) -> list:
@@ -339,12 +341,9 @@ def _apply_merge(merge, n_extra: int, *args):
     return merge(list(args[n_extra:]), *args[:n_extra])
 
 
-def _parts_call(fn, parts: list, key):
-    """A task running ``fn(chains, *tasks)`` over partitions ``[(task, chain), ...]``."""
-    import dask
-
-    chains = tuple(chain for _, chain in parts)
-    return _task(fn, (chains, *(task for task, _ in parts)), key)
+def _parts_task(graph: _Graph, fn, parts: list, key):
+    """A task running ``fn(chains, *partitions)`` over partitions ``[(key, chain), ...]``."""
+    return graph.task(key, fn, tuple(chain for _, chain in parts), *(ref(k) for k, _ in parts))
 
 
 def _name(label: str, kind: str) -> str:
@@ -461,7 +460,8 @@ class _Uses(beam.pipeline.PipelineVisitor):
 class _Translator(beam.pipeline.PipelineVisitor):
     """Translate every leaf transform into dask tasks, fusing chains of ParDos.
 
-    A PCollection is a list of partitions, each ``(task, chain)``: a dask task whose result is a list,
+    A PCollection is a list of partitions, each ``(key, chain)``: the key of a task in ``self.graph``
+    whose result is a list,
     and the steps (ParDos, tag selections) still to run over it. A ParDo only appends its step to the
     chain, so a chain of ParDos runs as one task per partition, element by element, and no list between
     two steps is ever stored or shipped between workers. A chain becomes a task of its own (is
@@ -475,6 +475,8 @@ class _Translator(beam.pipeline.PipelineVisitor):
         )
 
         self.bag_kwargs = bag_kwargs
+        self.graph = _Graph()
+        self._n_empty = 0
         self.partitions = partitions  # of every shuffle's output (GroupByKey, Reshuffle) and Flatten's cap
         self.uses = uses
         self.pcolls: dict = {}
@@ -508,15 +510,17 @@ class _Translator(beam.pipeline.PipelineVisitor):
             parts = self._materialized(node.full_label, parts)
         self.pcolls[node] = parts
 
-    @staticmethod
-    def _materialized(label: str, parts: list) -> list:
-        import dask
-
+    def _materialized(self, label: str, parts: list) -> list:
         name = _name(label, "out")
         return [
-            (task if not chain else _task(_materialize, (task, chain), (name, i)), ())
-            for i, (task, chain) in enumerate(parts)
+            (key if not chain else self.graph.task((name, i), _materialize, ref(key), chain), ())
+            for i, (key, chain) in enumerate(parts)
         ]
+
+    def _empty(self):
+        """A partition with no elements (a fresh key each time)."""
+        self._n_empty += 1
+        return self.graph.data((_name("empty", "data"), self._n_empty), [])
 
     # one method per translated transform: (node, input partitions) -> partitions
     def _unsupported(self, node, inputs=None):
@@ -527,30 +531,27 @@ class _Translator(beam.pipeline.PipelineVisitor):
         )
 
     def _create(self, node, inputs):
-        import dask.bag as db
-
         values = list(node.transform.values)
         npartitions = self.bag_kwargs.get("npartitions")
         size = self.bag_kwargs.get("partition_size")
-        if not npartitions and not size:
-            size = 128
+        if not size:
+            size = max(1, -(-len(values) // npartitions)) if npartitions else 128
         if not values:  # an empty Create still needs one (empty) partition to flow through
-            return [(_empty(), ())]
-        bag = db.from_sequence(values, npartitions=npartitions, partition_size=size)
-        return [(task, ()) for task in bag.to_delayed(optimize_graph=False)]
+            return [(self._empty(), ())]
+        name = _name(node.full_label, "create")
+        return [(self.graph.data((name, i), values[start:start + size]), ())
+                for i, start in enumerate(range(0, len(values), size))]
 
     def _flatten(self, node, inputs):
-        import dask
-
         parts = [p for ps in inputs for p in ps]
         if not parts:
-            return [(_empty(), ())]
+            return [(self._empty(), ())]
         if len(parts) <= self.partitions:  # nothing to run: the inputs' partitions side by side
             return parts
         # More partitions than a shuffle makes: merge neighbours so Flatten -> ParDo chains in loops
         # (CoGroupByKey's tagging, dedup's rounds) never multiply the task count.
         name = _name(node.full_label, "flatten")
-        return [(_parts_call(_concat_parts, chunk, (name, i)), ())
+        return [(_parts_task(self.graph, _concat_parts, chunk, (name, i)), ())
                 for i, chunk in enumerate(_chunks(parts, self.partitions))]
 
     def _identity(self, node, inputs):
@@ -559,14 +560,18 @@ class _Translator(beam.pipeline.PipelineVisitor):
     def _shuffle(self, node, parts: list, split, merge, kind: str, *extra) -> list:
         """All-to-all: every input partition's chain runs and splits into P buckets (one task per input
         partition); output partition j merges bucket j of every split (one task per output)."""
-        import dask
-
         n = self.partitions
-        name = node.full_label
-        splits = [_task(split, (task, chain, n, *extra), (_name(name, f"{kind}-split"), i), nout=n)
-                  for i, (task, chain) in enumerate(parts)]
-        return [(dask.delayed(_apply_merge, pure=True)(merge, len(extra), *extra, *(s[j] for s in splits),
-                                                       dask_key_name=(_name(name, f"{kind}-merge"), j)), ())
+        g = self.graph
+        split_name, bucket_name = _name(node.full_label, f"{kind}-split"), _name(node.full_label, f"{kind}-bucket")
+        merge_name = _name(node.full_label, f"{kind}-merge")
+        extra_refs = tuple(ref(k) for k in extra)
+        splits = [g.task((split_name, i), split, ref(key), chain, n, *extra_refs) for i, (key, chain) in enumerate(parts)]
+        # Bucket j of split i is a task of its own, run where the split is: only that bucket moves.
+        for i, s in enumerate(splits):
+            for j in range(n):
+                g.task((bucket_name, i, j), operator.getitem, ref(s), j)
+        return [(g.task((merge_name, j), _apply_merge, merge, len(extra_refs), *extra_refs,
+                        *(ref((bucket_name, i, j)) for i in range(len(splits)))), ())
                 for j in range(n)]
 
     def _reshuffle(self, node, inputs):
@@ -583,10 +588,9 @@ class _Translator(beam.pipeline.PipelineVisitor):
             # Combiner lifting (Beam's runners do it; its Dask runner does not): combine per key before
             # the shuffle and merge accumulators after it; the CombineValues ParDo then passes through.
             import cloudpickle
-            import dask
 
             self._lifted.add(combine)
-            fn_bytes = dask.delayed(cloudpickle.dumps(combine.transform.fn), pure=False, traverse=False)
+            fn_bytes = self.graph.data((_name(node.full_label, "combine-fn"), 0), cloudpickle.dumps(combine.transform.fn))
             return self._shuffle(node, inputs[0], _split_combine, _merge_combine, "combine", fn_bytes)
         return self._shuffle(node, inputs[0], _split_by_key, _merge_groups, "group")
 
@@ -608,16 +612,13 @@ class _Translator(beam.pipeline.PipelineVisitor):
         return combine
 
     def _side_input(self, parts: list, label: str):
-        import dask
-
         # Each partition's chain runs in its own task (in parallel: a side input's chain may be the
         # stage's shard writes), then one small task puts the lists together.
         parts = self._materialized(label, parts)
-        return _parts_call(_concat_parts, parts, (_name(label, "side"), 0))
+        return ref(_parts_task(self.graph, _concat_parts, parts, (_name(label, "side"), 0)))
 
     def _pardo(self, node, inputs):
         import cloudpickle
-        import dask
 
         transform = node.transform
         if self._combine_of(node) in self._lifted and type(transform.fn).__name__ == "CombineValuesDoFn":
@@ -632,10 +633,10 @@ class _Translator(beam.pipeline.PipelineVisitor):
         # that reads it (never recomputed per task, as Beam's runner does).
         side_items = tuple(self._side_input(self._input(si.pvalue), f"{node.full_label}/side{i}") for i, si in enumerate(sides))
         # The pickled DoFn is one graph value shared by every partition's task (not a copy per task).
-        spec_bytes = dask.delayed(cloudpickle.dumps(spec), pure=False, traverse=False)
-        # Plain delayed calls, not Bag.map_partitions: a bag that is both a main input and, through an
-        # Item argument, a side input was computed twice (once per worker; dask 2026.8), and a DoFn's
-        # side effects (requests, writes) must run once.
+        spec_bytes = ref(self.graph.data((_name(node.full_label, "spec"), 0), cloudpickle.dumps(spec)))
+        # Plain tasks, not Bag.map_partitions: a bag that is both a main input and, through an Item
+        # argument, a side input was computed twice (once per worker; dask 2026.8), and a DoFn's side
+        # effects (requests, writes) must run once. dask puts the computed values into the step.
         step = ("pardo", spec_bytes, side_items)
         return [(task, chain + (step,)) for task, chain in inputs[0]]
 
@@ -647,15 +648,6 @@ class _Translator(beam.pipeline.PipelineVisitor):
 def _concat(lists) -> list:
     return list(itertools.chain.from_iterable(lists))
 
-
-def _no_elements() -> list:
-    return []
-
-
-def _empty():
-    import dask
-
-    return dask.delayed(_no_elements, pure=True)()
 
 
 @dataclasses.dataclass
@@ -725,8 +717,8 @@ class DaskRunner(_dask_runner_base()):
     """
 
     def run_pipeline(self, pipeline, options):
-        import dask
         import dask.distributed as ddist
+        from dask.delayed import Delayed
         from apache_beam.runners.dask.dask_runner import DaskOptions
         from apache_beam.runners.dask.overrides import dask_overrides
 
@@ -764,9 +756,10 @@ class DaskRunner(_dask_runner_base()):
             # Every sink reduced to its element count (each partition's chain runs inside its count task),
             # all in ONE collection: computing several collections that share upstream tasks ran those
             # tasks once per collection (seen here: every DoFn twice), and side effects must run once.
-            counts = [_parts_call(_count_parts, [part], (_name("sink", "count"), i))
+            graph = translator.graph
+            counts = [_parts_task(graph, _count_parts, [part], (_name("sink", "count"), i))
                       for i, part in enumerate(p for parts in sinks for p in parts)]
-            total = dask.delayed(_sum, pure=False)(*counts)
+            total = Delayed(graph.task((_name("sink", "total"), 0), _sum, *(ref(k) for k in counts)), graph.dsk)
             # optimize_graph=False: dask's fusion makes partitions lazy iterators, and a lazy partition
             # read by two consumers is exhausted by the first (seen as wrong joins in dedup).
             futures = [client.compute(total, optimize_graph=False)]

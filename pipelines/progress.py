@@ -27,6 +27,8 @@ from typing import Callable, Iterator
 
 import apache_beam as beam
 
+from transforms.stage_io import record_count
+
 # Records between two updates of the live bar.
 REDRAW_EVERY = 256
 # stage -> tick(n) of the live display in this process (empty when nothing is displayed).
@@ -42,7 +44,8 @@ def progress_enabled() -> bool:
 
 
 class ReportProgressFn(beam.DoFn):
-    """Passes every element through and ticks the stage's live display (when one is registered)."""
+    """Passes every element through and ticks the stage's live display (when one is registered),
+    by a batch's length for a batch of outcomes (``stage_io.encode_batch``)."""
 
     def __init__(self, stage: str):
         self.stage = stage
@@ -50,7 +53,7 @@ class ReportProgressFn(beam.DoFn):
     def process(self, element):
         tick = _TICKERS.get(self.stage)
         if tick is not None:
-            tick(1)
+            tick(record_count(element))
         yield element
 
 

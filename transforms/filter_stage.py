@@ -10,6 +10,13 @@ from apache_beam.metrics import Metrics
 from transforms.filter_base import BaseFilter, filter_record
 from transforms.ingest import ExpandUnitsFn, ReadInputUnitFn, ResolvedInput
 from transforms.sources import tag_record
+from transforms.stage_io import encode_batch
+
+# Outcomes per batch (``stage_io.encode_batch``) that ReadAndFilter emits, and the record bytes (image + caption) at which a
+# batch closes earlier: the per-element costs of the runner are paid once per batch, and a worker holds
+# at most one batch beyond the unit it reads.
+BATCH_RECORDS = 1024
+BATCH_BYTES = 16 * 1024 * 1024
 
 
 class ReadAndFilterFn(ReadInputUnitFn):
@@ -23,20 +30,42 @@ class ReadAndFilterFn(ReadInputUnitFn):
         flaggers: quality flaggers run on kept records.
         tag: apply ``tag_record(record, name, license)`` (named sources or a configured licence).
         name, license: the source's name and configured licence.
+        batch_records: 0 to emit each ``Outcome`` alone; otherwise emit batches (``encode_batch``) of
+            at most this many outcomes, closed early once their records hold ``batch_bytes`` (image + caption).
     """
 
     def __init__(self, resolved: ResolvedInput, filters: Sequence[BaseFilter], flaggers: Sequence = (),
-                 tag: bool = False, name: str | None = None, license: str | None = None):
+                 tag: bool = False, name: str | None = None, license: str | None = None,
+                 batch_records: int = 0, batch_bytes: int = BATCH_BYTES):
         super().__init__(resolved)
+        if batch_records < 0 or batch_bytes < 1:
+            raise ValueError("batch_records must be >= 0 and batch_bytes >= 1")
         self.filters = list(filters)
         self.flaggers = list(flaggers)
         self.tag, self.name, self.license = tag, name, license
+        self.batch_records, self.batch_bytes = batch_records, batch_bytes
 
     def setup(self):
         super().setup()
         self.errors = Metrics.counter("mmcorpus.filter", "errors")
 
     def process(self, unit):
+        outcomes = self._outcomes(unit)
+        if not self.batch_records:
+            yield from outcomes
+            return
+        batch, size = [], 0
+        for o in outcomes:
+            batch.append(o)
+            if o.pair is not None:
+                size += len(o.pair.image or b"") + len(o.pair.caption or "")
+            if len(batch) >= self.batch_records or size >= self.batch_bytes:
+                yield encode_batch(batch)
+                batch, size = [], 0
+        if batch:
+            yield encode_batch(batch)
+
+    def _outcomes(self, unit):
         filters, flaggers, errors = self.filters, self.flaggers, self.errors
         for item in super().process(unit):
             if self.tag:
@@ -46,7 +75,8 @@ class ReadAndFilterFn(ReadInputUnitFn):
 
 class ReadAndFilter(beam.PTransform):
     """Raw input → one ``Outcome`` per record (kept with flags, or rejected/error with a reason):
-    the units are spread over workers, then each is read and filtered in one step.
+    the units are spread over workers, then each is read and filtered in one step. The outcomes come
+    as batches of up to ``BATCH_RECORDS`` (``stage_io.encode_batch``; ``WriteStageOutput`` takes them).
 
     Args:
         resolved, filters, flaggers, tag, name, license: as for ``ReadAndFilterFn``.
@@ -61,7 +91,7 @@ class ReadAndFilter(beam.PTransform):
         if resolved.format == "stage":
             raise ValueError("stage inputs are read with transforms.stage_io.ReadStage")
         self.resolved = resolved
-        self.fn = ReadAndFilterFn(resolved, filters, flaggers, tag, name, license)
+        self.fn = ReadAndFilterFn(resolved, filters, flaggers, tag, name, license, batch_records=BATCH_RECORDS)
 
     def expand(self, pbegin):
         return (

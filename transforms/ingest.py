@@ -374,6 +374,8 @@ def src(rel: str, row_no: int) -> str:
 
 
 def _meta_json(d: dict[str, Any]) -> str:
+    if not d:  # most metadata tables have no extra columns: json.dumps({}) is "{}"
+        return "{}"
     return json.dumps(d, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
 
 
@@ -420,6 +422,10 @@ def _describe_bad(value: Any) -> str:
 
 def _bad_text_field(fields: dict[str, Any]) -> str | None:
     """Detail naming the first field (url, key, meta column) that holds text that is not UTF-8."""
+    # Per-record fast path: plain text fields and names with no surrogate anywhere cannot be named.
+    if all(type(v) is str or v is None for v in fields.values()) and all(type(n) is str for n in fields):
+        if not has_surrogates("".join(fields) + "".join(v for v in fields.values() if v is not None)):
+            return None
     for name in sorted(fields, key=str):
         value = fields[name]
         if value is None or isinstance(value, (int, float, bool, bytes)):
@@ -456,9 +462,14 @@ class ReadInputUnitFn(beam.DoFn):
             it = self._read_jsonl(path, rel)
         else:
             raise ValueError(f"unknown unit kind {kind}")
-        for item in it:
-            self.records.inc()
-            yield item
+        n = 0
+        try:
+            for item in it:
+                n += 1
+                yield item
+        finally:  # one counter update per unit, not per record
+            if n:
+                self.records.inc(n)
 
     # --- metadata tables ---
     def _table_record(self, rel: str, row_no: int, url: Any, caption: Any, key: Any, meta: dict) -> Pair | Outcome:
@@ -489,10 +500,20 @@ class ReadInputUnitFn(beam.DoFn):
             table = pf.read_row_group(rg)
         key_col = self._key_col(table.column_names)
         others = [c for c in table.column_names if c not in (self.spec.url_col, self.spec.caption_col, key_col)]
-        for i, row in enumerate(table.to_pylist()):
-            meta = {c: row[c] for c in others}
+        if len(set(table.column_names)) != len(table.column_names):  # repeated names: row dicts keep the last
+            rows = table.to_pylist()
+            cols = {c: [r[c] for r in rows] for c in table.column_names}
+            del rows
+        else:  # column by column: the same values as the row dicts of to_pylist(), without a dict per row
+            cols = {c: table.column(c).to_pylist() for c in table.column_names}
+        del table
+        urls, captions = cols[self.spec.url_col], cols[self.spec.caption_col]
+        keys = cols.get(key_col) if key_col else None
+        other_cols = [(c, cols[c]) for c in others]
+        for i in range(len(urls)):
             yield self._table_record(
-                rel, offset + i, row[self.spec.url_col], row[self.spec.caption_col], row.get(key_col) if key_col else None, meta
+                rel, offset + i, urls[i], captions[i], keys[i] if keys is not None else None,
+                {c: col[i] for c, col in other_cols},
             )
 
     def _read_csv(self, path: str, rel: str) -> Iterator[Pair | Outcome]:

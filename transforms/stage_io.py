@@ -1,8 +1,9 @@
 """Stage output (data shards + ledger + manifest) and stage input, shared by every stage.
 
-Every stage ends in ``WriteStageOutput``: it takes one ``Outcome`` per input record, shards them by
-a hash of the key, sorts each shard by key, writes the kept records to ``data/`` and one ledger row
-per outcome to ``ledger/`` (same shard numbering), then writes ``manifest.json`` last. Because each
+Every stage ends in ``WriteStageOutput``: it takes one ``Outcome`` per input record (alone, or in a
+batch from ``encode_batch``), shards them by a hash of the key, sorts each shard by key, writes the
+kept records to ``data/`` and one ledger row per outcome to ``ledger/`` (same shard numbering), then
+writes ``manifest.json`` last. Because each
 shard's content is a pure function of its records, reruns are byte-identical whatever order the
 runner delivered elements in. A shard writer's memory does not grow with its shard (external sort,
 row groups streamed); see docs/scale.md. Plain file I/O lives in ``storage.files`` and is re-exported
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import marshal
 import operator
 import os
 import pickle
@@ -44,6 +46,7 @@ from schemas.manifest import (
 )
 from schemas.records import (
     KEPT,
+    LEDGER_EXTRA_FIELDS,
     LEDGER_FIELDS,
     LEDGER_SCHEMA,
     PAIR_FIELDS,
@@ -52,6 +55,7 @@ from schemas.records import (
     STATUSES,
     Outcome,
     Pair,
+    truncate_detail,
 )
 from storage.files import (  # noqa: F401  (re-exported: callers import these from here)
     PARQUET_COMPRESSION,
@@ -105,12 +109,19 @@ def _sort_key(o: Outcome) -> tuple:
 
 
 # --- external sort: bounded memory whatever the shard's size --------------------------------------
-# An entry is (sort key, pickled Outcome). Ties on the sort key are broken by the pickled bytes, so the
-# order is total and the bytes written never depend on the order the runner delivered elements in.
+# An entry is (sort key, encoded outcome); see ``encode_outcome``. The order is (sort key, pickled bytes
+# of the outcome), a total order, so the bytes written never depend on the order the runner delivered
+# elements in. Entries are sorted and merged by the record key alone (a sort on plain strings, several
+# times faster than on the whole tuples), then each run of equal keys, rare, gets the full order
+# (``_order_equal_keys``).
+
+
+def _record_key(entry: tuple[tuple, bytes]) -> str:
+    return entry[0][0]
 
 
 def _write_run(entries: list[tuple[tuple, bytes]], path: str) -> None:
-    entries.sort()
+    entries.sort(key=_record_key)
     with open(path, "wb") as f:
         for e in entries:
             pickle.dump(e, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -125,19 +136,116 @@ def _read_run(path: str) -> Iterator[tuple[tuple, bytes]]:
                 return
 
 
+_OUTCOME_HEAD = operator.attrgetter("key", "status", "reason", "detail", "source", "extra")
+# Index of Pair.source in a row of PAIR_FIELDS values.
+_PAIR_SOURCE = PAIR_FIELDS.index("source")
+# First byte of every pickle of protocol >= 2 (PROTO opcode); a marshal dump never starts with it.
+_PICKLE_PROTO = 0x80
+
+
+# Exact types marshal stores as themselves. marshal writes any other object with the buffer protocol
+# (numpy scalars, bytearray, memoryview) as bytes, silently: such values are pickled instead.
+_SCALARS = frozenset((str, int, float, bool, bytes, type(None)))
+_CONTAINERS = frozenset((list, dict))
+
+
+_PAIR_LISTS = tuple(PAIR_FIELDS.index(n) for n in ("quality_flags", "qa"))  # list[str], list[dict[str, str]]
+_PAIR_SCALARS = operator.itemgetter(*(i for i in range(len(PAIR_FIELDS)) if i not in _PAIR_LISTS))
+
+
+def _plain_container(v) -> bool:
+    """A list of scalars or of plain dicts, or a dict of str to scalars."""
+    if type(v) is dict:
+        return all(type(k) is str and type(x) in _SCALARS for k, x in v.items())
+    if type(v) is list:
+        return all(type(x) in _SCALARS or (type(x) is dict and _plain_container(x)) for x in v)
+    return False
+
+
+def _marshal_safe(head: tuple, values: tuple | None) -> bool:
+    """Whether an outcome's head (key, status, reason, detail, source, extra) and its Pair's values
+    hold only what marshal stores as itself: ``_SCALARS``, and plain containers where a Pair and
+    ``Outcome.extra`` have them. (Checked with sets of types: a few hundred ns a record.)"""
+    if not (set(map(type, head[:5])) <= _SCALARS and _plain_container(head[5])):
+        return False
+    if values is None:
+        return True
+    if not set(map(type, _PAIR_SCALARS(values))) <= _SCALARS:
+        return False
+    for i in _PAIR_LISTS:
+        v = values[i]
+        if v is not None and not _plain_container(v):
+            return False
+    return True
+
+
 def encode_outcome(o: Outcome) -> tuple[tuple, bytes]:
-    """The sort entry of an outcome: (sort key, pickled outcome). ``WriteStageOutput`` shuffles these
+    """The sort entry of an outcome: (sort key, encoded outcome). ``WriteStageOutput`` shuffles these
     instead of ``Outcome`` objects: a runner then moves one bytes value per record (the DirectRunner
     encodes and decodes every shuffled element twice; an Outcome with its Pair is ~20 Python objects),
-    and the shard writer sorts them without pickling again."""
-    return _sort_key(o), pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)
+    and the shard writer sorts them as they are.
+
+    An ``Outcome`` holding a plain ``Pair`` (or none) is encoded as the ``marshal`` dump of its values
+    ``(key, status, reason, detail, source, extra, Pair values in PAIR_FIELDS order | None)``: about
+    four times cheaper to make and to read back than a pickle, and without the field names (a smaller
+    entry, so a shard's sort spills later). marshal is only read back by the same code in the same
+    pipeline (its format is tied to the Python version, like the SDK's own). Anything else (subclasses,
+    numpy values, other types) is pickled, as before; ``_decode`` tells the two apart."""
+    key = _sort_key(o)
+    if type(o) is Outcome and (o.pair is None or type(o.pair) is Pair):
+        head = _OUTCOME_HEAD(o)
+        values = None if o.pair is None else _PAIR_VALUES(o.pair)
+        if _marshal_safe(head, values):
+            return key, marshal.dumps((*head, values))
+    return key, pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def sorted_outcomes(outcomes: Iterable[Outcome | tuple[tuple, bytes]], spill_dir: str,
-                    buffer_bytes: int = SORT_BUFFER_BYTES) -> Iterator[Outcome]:
-    """``outcomes`` in (sort key, content) order, holding at most about ``buffer_bytes`` of them in
-    memory: full buffers are sorted and spilled to ``spill_dir`` as runs, then merged lazily.
-    Items are ``Outcome`` objects or their ``encode_outcome`` entries (same order, same bytes)."""
+def _decode(blob: bytes) -> tuple:
+    """``encode_outcome``'s bytes -> (key, status, reason, detail, source, extra, pair) where pair is a
+    tuple of PAIR_FIELDS values, None, or (pickled outcomes) the outcome's own pair object."""
+    if blob[0] == _PICKLE_PROTO:
+        o = pickle.loads(blob)
+        return (*_OUTCOME_HEAD(o), o.pair)
+    return marshal.loads(blob)
+
+
+def _outcome_of(blob: bytes) -> Outcome:
+    """The ``Outcome`` an encoded entry was made from (equal fields, same field order)."""
+    if blob[0] == _PICKLE_PROTO:
+        return pickle.loads(blob)
+    key, status, reason, detail, source, extra, pair = marshal.loads(blob)
+    if pair is not None:
+        pair = Pair(**dict(zip(PAIR_FIELDS, pair)))
+    return Outcome(key=key, status=status, reason=reason, pair=pair, detail=detail, source=source, extra=extra)
+
+
+def _full_order(entry: tuple[tuple, bytes]) -> tuple:
+    # Pickled from the decoded outcome: the same bytes as pickling the outcome that was encoded
+    # (same field values and order), whatever the encoding of the entry.
+    return entry[0], pickle.dumps(_outcome_of(entry[1]), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _order_equal_keys(entries: Iterator[tuple[tuple, bytes]]) -> Iterator[tuple[tuple, bytes]]:
+    """Entries sorted by record key, with each run of equal keys put in (sort key, pickled outcome)
+    order: the writer's total order. Runs of equal keys are duplicates (the same key read twice); they
+    are rare and short, so they alone are decoded and pickled."""
+    group: list[tuple[tuple, bytes]] = []
+    for entry in entries:
+        if group and entry[0][0] != group[0][0][0]:
+            if len(group) > 1:
+                group.sort(key=_full_order)
+            yield from group
+            group = []
+        group.append(entry)
+    if len(group) > 1:
+        group.sort(key=_full_order)
+    yield from group
+
+
+def _sorted_entries(outcomes: Iterable[Outcome | tuple[tuple, bytes]], spill_dir: str,
+                    buffer_bytes: int = SORT_BUFFER_BYTES) -> Iterator[tuple[tuple, bytes]]:
+    """Entries of ``outcomes`` in the writer's order, holding at most about ``buffer_bytes`` of them in
+    memory: full buffers are sorted and spilled to ``spill_dir`` as runs, then merged lazily."""
     buf: list[tuple[tuple, bytes]] = []
     size = 0
     runs: list[str] = []
@@ -150,10 +258,14 @@ def sorted_outcomes(outcomes: Iterable[Outcome | tuple[tuple, bytes]], spill_dir
             _write_run(buf, runs[-1])
             buf, size = [], 0
     if not runs:  # everything fit: no disk round trip
-        buf.sort()
-        for i in range(len(buf)):
-            entry, buf[i] = buf[i], None  # release as we go
-            yield pickle.loads(entry[1])
+
+        def released(items):
+            for i in range(len(items)):
+                entry, items[i] = items[i], None  # release as we go
+                yield entry
+
+        buf.sort(key=_record_key)
+        yield from _order_equal_keys(released(buf))
         return
     if buf:
         runs.append(os.path.join(spill_dir, f"run-{len(runs):05d}"))
@@ -165,13 +277,21 @@ def sorted_outcomes(outcomes: Iterable[Outcome | tuple[tuple, bytes]], spill_dir
         merged = os.path.join(spill_dir, f"run-{n:05d}")
         n += 1
         with open(merged, "wb") as f:
-            for entry in heapq.merge(*(_read_run(r) for r in group)):
+            for entry in heapq.merge(*(_read_run(r) for r in group), key=_record_key):
                 pickle.dump(entry, f, protocol=pickle.HIGHEST_PROTOCOL)
         for r in group:
             os.remove(r)
         runs.append(merged)
-    for _, blob in heapq.merge(*(_read_run(r) for r in runs)):
-        yield pickle.loads(blob)
+    yield from _order_equal_keys(heapq.merge(*(_read_run(r) for r in runs), key=_record_key))
+
+
+def sorted_outcomes(outcomes: Iterable[Outcome | tuple[tuple, bytes]], spill_dir: str,
+                    buffer_bytes: int = SORT_BUFFER_BYTES) -> Iterator[Outcome]:
+    """``outcomes`` in (sort key, pickled outcome) order, holding at most about ``buffer_bytes`` of them
+    in memory (see ``_sorted_entries``). Items are ``Outcome`` objects or their ``encode_outcome``
+    entries (same order, same bytes)."""
+    for _, blob in _sorted_entries(outcomes, spill_dir, buffer_bytes):
+        yield _outcome_of(blob)
 
 
 class _MemoryProbe:
@@ -211,13 +331,13 @@ class _StreamingParquet:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.probe = probe
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[tuple] = []  # values in schema order
         self.pending_bytes = 0
         self.total_rows = 0
         self.sink: HashingSink | None = None
         self.writer: pq.ParquetWriter | None = None
 
-    def add(self, row: dict[str, Any], approx_bytes: int = 0) -> None:
+    def add(self, row: tuple, approx_bytes: int = 0) -> None:
         self.rows.append(row)
         self.pending_bytes += approx_bytes
         if len(self.rows) >= self.max_rows or (self.max_bytes is not None and self.pending_bytes >= self.max_bytes):
@@ -227,7 +347,10 @@ class _StreamingParquet:
         if not self.rows:
             return
         self._open()
-        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        # column by column from the row tuples: the same table as ``from_pylist`` over row dicts (same
+        # Parquet bytes), without a dict per row or a per-column lookup in every one
+        columns = zip(*self.rows)
+        table = pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, self.schema)], schema=self.schema)
         self.total_rows += len(self.rows)
         self.rows, self.pending_bytes = [], 0
         self.probe.sample()
@@ -261,20 +384,33 @@ class _StreamingParquet:
 
 
 _PAIR_VALUES = operator.attrgetter(*PAIR_FIELDS)
-_LEDGER_VALUES = operator.attrgetter(*LEDGER_FIELDS)
 
 
-def _pair_row(p: Pair) -> dict[str, Any]:
-    """``p.to_row()`` without ``dataclasses.fields`` (a few µs a record at the writer's rate)."""
-    return dict(zip(PAIR_FIELDS, _PAIR_VALUES(p)))
+_LEDGER_EXTRA = frozenset(LEDGER_EXTRA_FIELDS)
+# A ledger row is written as (key, stage, status, reason, detail, source, *extra columns).
+assert LEDGER_FIELDS == ("key", "stage", "status", "reason", "detail", "source", *LEDGER_EXTRA_FIELDS), LEDGER_FIELDS
+_IMAGE, _CAPTION, _RAW_CAPTION, _META = (PAIR_FIELDS.index(n) for n in ("image", "caption", "raw_caption", "meta"))
 
 
-def _ledger_row(r) -> dict[str, Any]:
-    return dict(zip(LEDGER_FIELDS, _LEDGER_VALUES(r)))
+def _pair_values(pair) -> tuple:
+    """A record's data row: PAIR_FIELDS values (``_decode`` gives a tuple, or a pickled outcome's pair)."""
+    return pair if type(pair) is tuple else _PAIR_VALUES(pair)
 
 
-def _pair_bytes(p: Pair) -> int:
-    return len(p.image or b"") + len(p.caption or "") + len(p.raw_caption or "") + len(p.meta or "") + 256
+def _ledger_values(stage: str, key: str, status: str, reason: str, detail: str, source: str, extra: dict) -> tuple:
+    """``Outcome.ledger_row(stage)``'s values in LEDGER_FIELDS order, without building the objects."""
+    if detail != "":  # kept records have none: skip the regex
+        detail = truncate_detail(detail)
+    if extra:
+        unknown = set(extra) - _LEDGER_EXTRA
+        if unknown:
+            raise ValueError(f"unknown ledger columns in Outcome.extra: {sorted(unknown)}")
+        return (key, stage, status, reason, detail, source, *(extra.get(n) for n in LEDGER_EXTRA_FIELDS))
+    return (key, stage, status, reason, detail, source, None, None, None, None)
+
+
+def _pair_bytes(v: tuple) -> int:
+    return len(v[_IMAGE] or b"") + len(v[_CAPTION] or "") + len(v[_RAW_CAPTION] or "") + len(v[_META] or "") + 256
 
 
 class WriteShardFn(beam.DoFn):
@@ -291,7 +427,7 @@ class WriteShardFn(beam.DoFn):
 
     def __init__(self, output_dir: str, stage: str, num_shards: int, write_data: bool = True,
                  sort_buffer_bytes: int = SORT_BUFFER_BYTES, measure_memory: bool | str = False,
-                 spill_dir: str | None = None):
+                 spill_dir: str | None = None, batched: bool = False):
         self.output_dir = output_dir
         self.stage = stage
         self.num_shards = num_shards
@@ -299,6 +435,7 @@ class WriteShardFn(beam.DoFn):
         self.sort_buffer_bytes = sort_buffer_bytes
         self.measure_memory = measure_memory
         self.spill_dir = spill_dir
+        self.batched = batched  # the group holds lists of entries (WriteStageOutput's shuffle)
 
     def setup(self):
         self._counters: dict[str, Any] = {}
@@ -312,10 +449,12 @@ class WriteShardFn(beam.DoFn):
 
     def process(self, element: tuple[int, Iterable[Outcome | tuple[tuple, bytes]]]):
         shard, outcomes = element
+        if self.batched:
+            outcomes = (entry for entries in outcomes for entry in entries)
         with _MemoryProbe(bool(self.measure_memory)) as probe, tempfile.TemporaryDirectory(
             prefix="mmcorpus-sort-", dir=self.spill_dir
         ) as tmp:
-            result = self._write(shard, sorted_outcomes(outcomes, tmp, self.sort_buffer_bytes), probe)
+            result = self._write(shard, _sorted_entries(outcomes, tmp, self.sort_buffer_bytes), probe)
         if self.measure_memory:
             self._peak.update(int(probe.peak))
             if isinstance(self.measure_memory, str):
@@ -324,34 +463,32 @@ class WriteShardFn(beam.DoFn):
                     f.write(json.dumps(line, sort_keys=True) + "\n")
         yield result
 
-    def _write(self, shard: int, outcomes: Iterator[Outcome], probe: _MemoryProbe) -> ShardResult:
+    def _write(self, shard: int, entries: Iterator[tuple[tuple, bytes]], probe: _MemoryProbe) -> ShardResult:
         name = shard_name(shard, self.num_shards)
         data = _StreamingParquet(self.output_dir, f"{DATA_DIR}/{name}", PAIR_SCHEMA, DATA_ROW_GROUP_ROWS, DATA_ROW_GROUP_BYTES, probe)
         ledger = _StreamingParquet(self.output_dir, f"{LEDGER_DIR}/{name}", LEDGER_SCHEMA, LEDGER_ROW_GROUP_ROWS, None, probe)
         counts: Counter = Counter()
         last_kept: tuple[str, str] | None = None  # (key, source) of the last kept record: sorted by key
         try:
-            for o in outcomes:
-                if o.status not in STATUSES:
-                    raise ValueError(f"bad status {o.status!r} for key {o.key!r}")
-                reasons.check_reason(o.reason)
-                if o.status == KEPT and self.write_data:
-                    if o.pair is None:
-                        raise ValueError(f"kept outcome without a record for key {o.key!r}")
-                    if last_kept is not None and last_kept[0] == o.key:
-                        o = Outcome(
-                            key=o.key,
-                            status=REJECTED,
-                            reason=reasons.DUPLICATE_KEY,
-                            detail=f"key first seen at {last_kept[1]}",
-                            source=o.source or o.pair.source,
-                        )
+            for _, blob in entries:
+                # the outcome's fields, read from its encoded entry (no Outcome/Pair objects rebuilt)
+                key, status, reason, detail, source, extra, pair = _decode(blob)
+                if status not in STATUSES:
+                    raise ValueError(f"bad status {status!r} for key {key!r}")
+                reasons.check_reason(reason)
+                if not source and pair is not None:
+                    source = pair[_PAIR_SOURCE] if type(pair) is tuple else pair.source
+                if status == KEPT and self.write_data:
+                    if pair is None:
+                        raise ValueError(f"kept outcome without a record for key {key!r}")
+                    values = _pair_values(pair)
+                    if last_kept is not None and last_kept[0] == key:
+                        status, reason, detail, extra = REJECTED, reasons.DUPLICATE_KEY, f"key first seen at {last_kept[1]}", {}
                     else:
-                        last_kept = (o.key, o.pair.source)
-                        data.add(_pair_row(o.pair), _pair_bytes(o.pair))
-                row = o.ledger_row(self.stage)
-                counts[f"{row.status}/{row.reason}"] += 1
-                ledger.add(_ledger_row(row))
+                        last_kept = (key, values[_PAIR_SOURCE])
+                        data.add(values, _pair_bytes(values))
+                counts[f"{status}/{reason}"] += 1
+                ledger.add(_ledger_values(self.stage, key, status, reason, detail, source, extra))
             files = []
             if data.total_rows or data.rows:
                 files.append(data.close(FILE_KIND_DATA))
@@ -365,6 +502,53 @@ class WriteShardFn(beam.DoFn):
             status, reason = key.split("/", 1)
             self._inc(KEPT if status == KEPT else f"{status}_{reason}", n)
         return ShardResult(files=files, counts=dict(counts))
+
+
+def encode_batch(outcomes: Iterable[Outcome]) -> list[tuple[tuple, bytes]]:
+    """A batch of outcomes for ``WriteStageOutput``: the plain list of their ``encode_outcome`` entries.
+
+    A stage step that makes many outcomes at once may emit these instead of one ``Outcome`` per
+    element: the writer counts, shards and writes each entry exactly as if its outcome had come
+    alone, and a runner pays its per-element costs (and its size sampling, which encodes an element)
+    once per batch. The batch is a plain list of tuples and bytes so that runners encode it with
+    their fast primitive coder, never by pickling objects. Keep batches bounded (records and bytes):
+    a worker holds one while it is built."""
+    return [encode_outcome(o) for o in outcomes]
+
+
+def record_count(item: Outcome | list) -> int:
+    """Records an element of a stage's outcomes stands for: a batch (``encode_batch``) its length."""
+    return len(item) if type(item) is list else 1
+
+
+def _shard_entries(item, num_shards):
+    """(shard, [encode_outcome entries]) for an Outcome, or for each shard a batch touches.
+    (No type annotations: Beam would choose its shuffle coder from them.)"""
+    if type(item) is not list:
+        return [(shard_of(item.key, num_shards), [encode_outcome(item)])]
+    by_shard: dict[int, list] = {}
+    for entry in item:
+        entries = by_shard.get(s := shard_of(entry[0][0], num_shards))
+        if entries is None:
+            entries = by_shard[s] = []
+        entries.append(entry)
+    return sorted(by_shard.items())
+
+
+class _CountRecordsFn(beam.CombineFn):
+    """Number of outcomes, a batch counting for its length."""
+
+    def create_accumulator(self):
+        return 0
+
+    def add_input(self, n, item):
+        return n + record_count(item)
+
+    def merge_accumulators(self, counts):
+        return sum(counts)
+
+    def extract_output(self, n):
+        return n
 
 
 def summarize_counts(shard_counts: Iterable[dict[str, int]], inputs: int) -> dict[str, Any]:
@@ -417,6 +601,8 @@ def _merge_dicts(dicts: Iterable[dict]) -> dict:
 
 class WriteStageOutput(beam.PTransform):
     """Write a stage's outcomes as data shards, ledger shards and ``manifest.json``.
+
+    The input PCollection holds ``Outcome``s, batches of them (``encode_batch``), or both.
 
     Args:
         output_dir: the stage output directory (local path or a Beam filesystem URL).
@@ -475,14 +661,15 @@ class WriteStageOutput(beam.PTransform):
 
     def expand(self, outcomes):
         n = self.num_shards
-        inputs = outcomes | "CountInputs" >> beam.combiners.Count.Globally()
+        # elements are Outcomes or batches; a batch crosses the shuffle as one list per shard it touches
+        inputs = outcomes | "CountInputs" >> beam.CombineGlobally(_CountRecordsFn())
         results = (
             outcomes
-            | "ShardByKey" >> beam.Map(lambda o: (shard_of(o.key, n), encode_outcome(o)))
+            | "ShardByKey" >> beam.FlatMap(_shard_entries, n)
             | "GroupShards" >> beam.GroupByKey()
             | "WriteShards" >> beam.ParDo(
                 WriteShardFn(self.output_dir, self.stage, n, self.write_data, self.sort_buffer_bytes,
-                             self.measure_memory, self.spill_dir)
+                             self.measure_memory, self.spill_dir, batched=True)
             )
         )
         pipeline = outcomes.pipeline

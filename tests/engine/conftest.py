@@ -3,6 +3,7 @@ the CLI as separate processes, once per module."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -62,16 +63,18 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def dask_cluster(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("dask-logs")
+@contextlib.contextmanager
+def running_cluster(logs: pathlib.Path, scheduler_env: dict | None = None, worker_args: tuple[str, ...] = ()):
+    """`dask scheduler` and `dask worker --nworkers 2 --nthreads 1` as separate process groups, logging
+    into ``logs``; ``scheduler_env`` adds to the scheduler's environment, ``worker_args`` to the worker
+    command. Yields the ``Cluster`` once both workers joined; stops both groups on exit."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = worker_env()
     sched = subprocess.Popen(
         [sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-        env=env, cwd=str(logs), stdout=open(logs / "scheduler.log", "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True,
+        env=dict(env, **(scheduler_env or {})), cwd=str(logs), stdout=open(logs / "scheduler.log", "wb"),
+        stderr=subprocess.STDOUT, start_new_session=True,
     )
     workers = None
     try:
@@ -86,7 +89,7 @@ def dask_cluster(tmp_path_factory):
                 time.sleep(0.2)
         workers = subprocess.Popen(
             [sys.executable, "-m", "dask", "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
-             "--local-directory", str(logs / "worker-space")],
+             *worker_args, "--local-directory", str(logs / "worker-space")],
             env=env, cwd=str(logs), stdout=open(logs / "workers.log", "wb"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -97,6 +100,12 @@ def dask_cluster(tmp_path_factory):
         if workers is not None:
             _stop(workers)
         _stop(sched)
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    with running_cluster(tmp_path_factory.mktemp("dask-logs")) as cluster:
+        yield cluster
 
 
 def tree(root) -> dict[str, str]:

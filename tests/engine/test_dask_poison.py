@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import pathlib
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from engine.conftest import REPO, Cluster, _stop, free_port, manifest_files, tree, worker_env
+from engine.conftest import REPO, manifest_files, running_cluster, tree, worker_env
 from pipelines import cli
 
 pytestmark = pytest.mark.slow
@@ -35,39 +33,10 @@ def poisoned_cluster(tmp_path_factory):
     """`dask scheduler` + `dask worker --nworkers 2 --preload poison_preload.py`, separate processes.
     The scheduler gives up on a task after 2 worker deaths (allowed-failures 1; the default 3 only
     makes the test slower: each death restarts a worker)."""
-    logs = tmp_path_factory.mktemp("dask-poison-logs")
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = worker_env()
-    sched = subprocess.Popen(
-        [sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-        env=dict(env, DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="1"), cwd=str(logs),
-        stdout=open(logs / "scheduler.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    workers = None
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if sched.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"dask scheduler did not start: {(logs / 'scheduler.log').read_text()[-2000:]}")
-                time.sleep(0.2)
-        workers = subprocess.Popen(
-            [sys.executable, "-m", "dask", "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
-             "--preload", str(PRELOAD), "--local-directory", str(logs / "worker-space")],
-            env=env, cwd=str(logs), stdout=open(logs / "workers.log", "wb"), stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        cluster = Cluster(address, sched, workers, logs)
-        cluster.wait_for_workers(2)
+    with running_cluster(tmp_path_factory.mktemp("dask-poison-logs"),
+                         scheduler_env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"},
+                         worker_args=("--preload", str(PRELOAD))) as cluster:
         yield cluster
-    finally:
-        if workers is not None:
-            _stop(workers)
-        _stop(sched)
 
 
 def write_rows(path: pathlib.Path, captions: list[str]) -> str:
