@@ -46,7 +46,7 @@ def run(argv: list[str]):
                 pairs = pairs | f"Tag{tag}" >> beam.ParDo(TagSourceFn(src.name))
             parts.append(pairs)
         pairs = parts[0] if len(parts) == 1 else parts | "Sources" >> beam.Flatten()
-        outcomes, report = pairs | "Dedup" >> Deduplicate(cfg)
+        outcomes, report = pairs | "Dedup" >> Deduplicate(cfg, records=input_info.get("records"))
         return outcomes, {"dedup": report}
 
     return run_stage(

@@ -20,9 +20,11 @@ linked to), so a component may be split in two — duplicates kept, never a reco
 from __future__ import annotations
 
 import hashlib
+import zlib
 from typing import Iterable, Iterator
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 
 Edge = tuple[str, str]  # (larger key, smaller key)
@@ -217,6 +219,167 @@ class ConnectedComponents(beam.PTransform):
         labels = (
             edges
             | "SelfLabels" >> beam.FlatMap(lambda e: [(e[0], e[1]), (e[1], e[1])])
+            | "MinLabel" >> beam.CombinePerKey(min)
+        )
+        return labels, report
+
+
+# --- the same rounds over edge blocks ------------------------------------------------------------
+# An edge block is ``(larger keys, smaller keys)``: two equal-length tuples of strings. Each round moves
+# a few blocks per partition through its two shuffles instead of one element per edge and direction;
+# inside a partition the large-star and small-star steps run on integer ids in numpy. The labels and the
+# report are those of ``ConnectedComponents`` on the same edges (both are functions of the edge set).
+
+
+def _split(keys: list[str], vals: list[str], by: list[str], partitions: int):
+    """``(partition of the by-key, (keys, vals))`` blocks; a key's partition is the crc32 of its UTF-8
+    bytes modulo ``partitions`` (stable across processes)."""
+    if partitions == 1:
+        if keys:
+            yield 0, (tuple(keys), tuple(vals))
+        return
+    part_of = {k: zlib.crc32(k.encode("utf-8")) % partitions for k in set(by)}
+    out: dict[int, tuple[list[str], list[str]]] = {}
+    for k, v, b in zip(keys, vals, by):
+        ks, vs = out.setdefault(part_of[b], ([], []))
+        ks.append(k)
+        vs.append(v)
+    for q in sorted(out):
+        yield q, (tuple(out[q][0]), tuple(out[q][1]))
+
+
+def _concat(blocks) -> tuple[list[str], list[str]]:
+    a: list[str] = []
+    b: list[str] = []
+    for x, y in blocks:
+        a.extend(x)
+        b.extend(y)
+    return a, b
+
+
+def key_ids(*lists: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Dense ids in Python's str order over all ``lists``: the sorted distinct keys (object array) and
+    each list's ids (int64)."""
+    names = sorted(set().union(*lists))
+    index = {k: i for i, k in enumerate(names)}
+    get = index.__getitem__
+    ids = [np.fromiter(map(get, lst), dtype=np.int64, count=len(lst)) for lst in lists]
+    arr = np.empty(len(names), dtype=object)
+    arr[:] = names
+    return arr, ids
+
+
+class SpreadBlockFn(beam.DoFn):
+    """Edge block → ``(partition of u, (u, neighbour))`` blocks, both directions of every edge."""
+
+    def __init__(self, partitions: int):
+        self.partitions = partitions
+
+    def process(self, block):
+        hi, lo = block
+        u = [*hi, *lo]
+        yield from _split(u, [*lo, *hi], u, self.partitions)
+
+
+class LargeStarBlockFn(beam.DoFn):
+    """A partition's ``(u, neighbour)`` blocks → ``LargeStarFn``'s edges ``(v, min(Γ(u) ∪ {u}))`` for every
+    neighbour v > u, as ``(partition of v, (v, m))`` blocks."""
+
+    def __init__(self, partitions: int):
+        self.partitions = partitions
+
+    def process(self, element):
+        _, blocks = element
+        u, nb = _concat(blocks)
+        if not u:
+            return
+        names, (ui, ni) = key_ids(u, nb)
+        _LARGE_STAR_NODES.inc(len(np.unique(ui)))
+        m = np.arange(len(names))
+        np.minimum.at(m, ui, ni)  # m[u] = min(u, its neighbours)
+        sel = ni > ui
+        v = names[ni[sel]].tolist()
+        yield from _split(v, names[m[ui[sel]]].tolist(), v, self.partitions)
+
+
+class SmallStarBlockFn(beam.DoFn):
+    """A partition's ``(v, smaller neighbour)`` blocks → ``SmallStarFn``'s edges as one edge block, and
+    ``(round, (distinct edges, checksum))`` as the ``stats`` output (the same numbers as ``SmallStarFn``)."""
+
+    STATS = "stats"
+
+    def __init__(self, round_index: int):
+        self.round_index = round_index
+
+    def process(self, element):
+        _, blocks = element
+        v, w = _concat(blocks)
+        if not v:
+            return
+        names, (vi, wi) = key_ids(v, w)
+        codes = np.unique(vi.astype(np.int64) * len(names) + wi)
+        vi, wi = np.divmod(codes, len(names))
+        checksum = 0
+        for a, b in zip(names[vi].tolist(), names[wi].tolist()):
+            checksum = (checksum + _edge_hash(a, b)) & 0xFFFFFFFFFFFFFFFF
+        m = np.full(len(names), len(names), dtype=np.int64)
+        np.minimum.at(m, vi, wi)  # m[v] = min of v's smaller neighbours
+        nodes = np.unique(vi)
+        keep = wi != m[vi]
+        hi = np.concatenate((nodes, wi[keep]))
+        lo = np.concatenate((m[nodes], m[vi[keep]]))
+        yield (tuple(names[hi].tolist()), tuple(names[lo].tolist()))
+        yield beam.pvalue.TaggedOutput(self.STATS, (self.round_index, (len(codes), checksum)))
+
+
+class BlockConnectedComponents(beam.PTransform):
+    """``ConnectedComponents(max_rounds, normalized=True)`` over edge blocks: the same labels and report.
+
+    Args:
+        max_rounds: rounds unrolled into the pipeline (every round runs; a converged round costs a few
+            blocks, so nothing is skipped).
+        partitions: node partitions per shuffle; a step holds one partition's edges.
+
+    Input: PCollection of edge blocks ``(larger keys, smaller keys)`` (repeats allowed, no self loops).
+    Output: ``(labels, report)`` as ``ConnectedComponents``.
+
+    Example:
+        labels, report = blocks | BlockConnectedComponents(max_rounds=10, partitions=4)
+    """
+
+    def __init__(self, max_rounds: int = 10, partitions: int = 1):
+        super().__init__()
+        if max_rounds < 2:
+            raise ValueError("max_rounds must be >= 2")
+        if partitions < 1:
+            raise ValueError("partitions must be >= 1")
+        self.max_rounds = max_rounds
+        self.partitions = partitions
+
+    def expand(self, blocks):
+        q = self.partitions
+        stats = []
+        for r in range(self.max_rounds):
+            small = (
+                blocks
+                | f"R{r}Spread" >> beam.ParDo(SpreadBlockFn(q))
+                | f"R{r}GroupNeighbours" >> beam.GroupByKey()
+                | f"R{r}LargeStar" >> beam.ParDo(LargeStarBlockFn(q))
+                | f"R{r}GroupSmaller" >> beam.GroupByKey()
+                | f"R{r}SmallStar" >> beam.ParDo(SmallStarBlockFn(r)).with_outputs(SmallStarBlockFn.STATS, main="edges")
+            )
+            blocks = small.edges
+            stats.append(small.stats | f"R{r}SumStats" >> beam.CombinePerKey(_sum_stats))
+        max_rounds = self.max_rounds
+        report = (
+            stats
+            | "FlattenStats" >> beam.Flatten()
+            | "AllRounds" >> beam.combiners.ToList()
+            | "Report" >> beam.Map(lambda per_round: summarize_rounds(sorted(per_round), max_rounds))
+        )
+        labels = (
+            blocks
+            | "SelfLabels" >> beam.FlatMap(lambda b: [kv for hi, lo in zip(*b) for kv in ((hi, lo), (lo, lo))])
             | "MinLabel" >> beam.CombinePerKey(min)
         )
         return labels, report

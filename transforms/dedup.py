@@ -36,7 +36,10 @@ and its distance to the representative (``parse_detail`` reads it back), e.g.
 
 Scale: every step is a shuffle keyed by something small, combiners fold huge groups (best rank,
 first K keys), and the DoFns after a group-by stream its members once, holding one representative
-(or K keys) — never all keys of a group in a list.
+(or K keys) — never all keys of a group in a list. The caption rules' bucket entries and strict
+mode's edges are the exception by design: they cross their shuffles as blocks (a batch's entries per
+bucket partition; edge blocks per node partition), and a step holds one partition, whose size
+``bucket_partitions`` bounds from the record count (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ import hashlib
 import heapq
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 
 from schemas import reasons
@@ -56,7 +60,7 @@ from schemas.errors import UserError
 from schemas.records import DUPLICATE, ERROR, Outcome, Pair
 from transforms import minhash as mh
 from transforms import phash as ph
-from transforms.components import ConnectedComponents
+from transforms.components import BlockConnectedComponents, ConnectedComponents, key_ids
 
 STRICT = "strict"
 LEGACY = "legacy-transitive"
@@ -534,6 +538,264 @@ def _exact_key(rule: str, mode: str):
     return lambda f: [(f.image_sha256, (f.key, None))] if f.image_sha256 else []
 
 
+# --- bucket blocks: a batch's bucket entries cross the shuffle as a few byte blocks -------------------
+# One (bucket, (key, payload)) element per record and LSH band (14 per caption by default) was most of
+# the stage's shuffled elements. A batch of features instead becomes one block per bucket partition:
+# the bucket ids as uint64 columns, record indices, the records' keys and payloads (b-bit sketches).
+# The linking step regroups a partition's entries into exactly the buckets the per-entry GroupByKey made
+# (same members), so the edges, the components and every output byte are unchanged.
+
+_BLOCK_ID = np.dtype("<u8")
+_BLOCK_REC = np.dtype("<u4")
+
+
+def bucket_partitions(records: int | None, entries_per_record: int) -> int:
+    """Bucket partitions for ``records`` input records with ``entries_per_record`` bucket entries each:
+    one per ``BUCKET_ENTRIES_PER_PARTITION`` entries (a linking step holds one partition), at least 1;
+    ``DEFAULT_BUCKET_PARTITIONS`` when the record count is unknown."""
+    if records is None:
+        return DEFAULT_BUCKET_PARTITIONS
+    return max(1, -(-records * max(1, entries_per_record) // BUCKET_ENTRIES_PER_PARTITION))
+
+
+BUCKET_ENTRIES_PER_PARTITION = 2_000_000
+DEFAULT_BUCKET_PARTITIONS = 16
+
+
+def _block(keys: list[str], ids: np.ndarray, recs: np.ndarray, payload: np.ndarray | None) -> tuple:
+    """(keys, bucket ids (n×k uint64, little-endian bytes), k, record indices into keys, payload rows)."""
+    return (tuple(keys), ids.astype(_BLOCK_ID, copy=False).tobytes(), ids.shape[1],
+            recs.astype(_BLOCK_REC, copy=False).tobytes(), b"" if payload is None else payload.tobytes())
+
+
+def _blocks_by_partition(keys: list[str], ids: np.ndarray, recs: np.ndarray, payload: np.ndarray | None,
+                         partitions: int):
+    """Split one batch's entries (bucket ids ``ids``, record ``recs``) into ``(partition, block)``;
+    an entry's partition is its last id column modulo ``partitions``."""
+    if len(recs) == 0:
+        return
+    part = (ids[:, -1] % np.uint64(partitions)).astype(np.int64)
+    for p in np.unique(part).tolist():
+        sel = np.flatnonzero(part == p)
+        used, local = np.unique(recs[sel], return_inverse=True)
+        yield p, _block([keys[i] for i in used.tolist()], ids[sel], local, None if payload is None else payload[used])
+
+
+def _partition_runs(blocks: Iterable[tuple]):
+    """A partition's blocks as (keys, record index per entry sorted by bucket id, start and end of
+    every bucket with at least two entries, payload matrix or None); None when there are no entries."""
+    keys: list[str] = []
+    ids, recs, pays = [], [], []
+    width = 0
+    for bkeys, bids, bk, brecs, bpay in blocks:
+        if not bkeys:
+            continue
+        width = len(bpay) // len(bkeys)
+        recs.append(np.frombuffer(brecs, dtype=_BLOCK_REC).astype(np.int64) + len(keys))
+        ids.append(np.frombuffer(bids, dtype=_BLOCK_ID).reshape(-1, bk))
+        pays.append(bpay)
+        keys.extend(bkeys)
+    if not keys:
+        return None
+    ids_a = np.concatenate(ids)
+    recs_a = np.concatenate(recs)
+    del ids, recs
+    order = np.lexsort(ids_a.T[::-1])
+    ids_a = ids_a[order]
+    recs_a = recs_a[order]
+    change = np.flatnonzero(np.any(ids_a[1:] != ids_a[:-1], axis=1)) + 1
+    del ids_a, order
+    starts = np.concatenate(([0], change))
+    ends = np.concatenate((change, [len(recs_a)]))
+    multi = ends - starts >= 2
+    mat = np.frombuffer(b"".join(pays), dtype=np.uint8).reshape(len(keys), width) if width else None
+    return keys, recs_a, starts[multi], ends[multi], mat
+
+
+def buckets_of_blocks(blocks: Iterable[tuple]) -> Iterator[list[tuple[str, bytes | None]]]:
+    """The buckets with at least two entries in a partition's blocks, each as ``[(key, payload)]``
+    (payload None when the blocks carry none), in bucket-id order."""
+    runs = _partition_runs(blocks)
+    if runs is None:
+        return
+    keys, recs_a, starts, ends, mat = runs
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        rs = recs_a[s:e].tolist()
+        if mat is None:
+            yield [(keys[r], None) for r in rs]
+        else:
+            yield [(keys[r], mat[r].tobytes()) for r in rs]
+
+
+LINK_CHUNK_PAIRS = 1 << 18  # sketch comparisons per numpy call in link_sketch_blocks (~100 MB of temporaries)
+
+
+def link_sketch_blocks(blocks: Iterable[tuple], min_count: int, max_compare: int,
+                       chunk_pairs: int = LINK_CHUNK_PAIRS) -> Iterator[tuple[list[tuple[str, str]], int, int]]:
+    """Every bucket of a partition's blocks linked as ``link_sketch_bucket`` links it, all buckets at once:
+    yields ``(edges, found, big)`` chunks — ``edges`` the distinct normalised ``(larger, smaller)`` key
+    pairs of the chunk, ``found`` how many edges ``link_sketch_bucket`` returns for the chunk's buckets
+    (repeats included), ``big`` its buckets with more than ``max_compare`` entries.
+
+    Buckets whose keys and sketches are all distinct (nearly all) are compared in numpy: the member at
+    key-order position j against positions 0 … min(j, max_compare) − 1, as ``link_sketch_bucket``
+    does when no sketch repeats; the others go through ``link_sketch_bucket`` itself."""
+    runs = _partition_runs(blocks)
+    if runs is None:
+        return
+    keys, recs, starts, ends, mat = runs
+    if len(starts) == 0:
+        return
+    uniq, (krank,) = key_ids(keys)
+    _, pid = np.unique(mat, axis=0, return_inverse=True)
+    pid = pid.reshape(-1)
+    lens = ends - starts
+    big = int(np.count_nonzero(lens > max_compare))
+    first = np.concatenate(([0], np.cumsum(lens)[:-1]))
+    run_of = np.repeat(np.arange(len(starts)), lens)
+    ent = recs[np.repeat(starts - first, lens) + np.arange(int(lens.sum()))]  # records of the buckets, bucket by bucket
+    # members of every bucket in key order
+    order = np.lexsort((krank[ent], run_of))
+    ent = ent[order]
+    same_run = run_of[1:] == run_of[:-1]
+    complex_run = np.zeros(len(starts), dtype=bool)
+    complex_run[run_of[1:][same_run & (krank[ent][1:] == krank[ent][:-1])]] = True
+    by_pid = np.lexsort((pid[ent], run_of))
+    p_sorted = pid[ent][by_pid]
+    complex_run[run_of[1:][same_run & (p_sorted[1:] == p_sorted[:-1])]] = True
+    # simple buckets: position j compared with positions < min(j, max_compare)
+    pos = np.arange(len(ent)) - first[run_of]
+    cnt = np.minimum(pos, max_compare)
+    cnt[complex_run[run_of]] = 0
+    cum = np.cumsum(cnt)
+    done = 0
+    lo_e = 0
+    total = int(cum[-1]) if len(cum) else 0
+    while done < total:
+        hi_e = int(np.searchsorted(cum, done + max(chunk_pairs, max_compare), side="right"))
+        hi_e = max(hi_e, lo_e + 1)
+        c = cnt[lo_e:hi_e]
+        n = int(c.sum())
+        jj = np.repeat(np.arange(lo_e, hi_e), c)
+        step = np.arange(n) - np.repeat(np.cumsum(c) - c, c)
+        ii = first[run_of[jj]] + step
+        a, b = ent[ii], ent[jj]
+        hit = np.count_nonzero(mat[a] == mat[b], axis=1) >= min_count
+        a, b = krank[a[hit]], krank[b[hit]]
+        codes = np.unique(np.maximum(a, b) * len(uniq) + np.minimum(a, b))
+        hi_k, lo_k = np.divmod(codes, len(uniq))
+        yield list(zip(uniq[hi_k].tolist(), uniq[lo_k].tolist())), int(hit.sum()), 0
+        done += n
+        lo_e = hi_e
+    for r in np.flatnonzero(complex_run).tolist():
+        rs = ent[first[r]: first[r] + lens[r]].tolist()
+        edges = link_sketch_bucket([(keys[x], mat[x].tobytes()) for x in rs], min_count, max_compare)
+        yield sorted({(a, b) if a > b else (b, a) for a, b in edges}), len(edges), 0
+    if big:
+        yield [], 0, big
+
+
+class BucketBlocksFn(beam.DoFn):
+    """Batch of Features → ``(partition, block)`` of its bucket entries for one caption rule:
+    ``exact-caption`` (bucket = normalised-caption digest) or ``near-caption`` (bucket = (LSH band,
+    band digest), payload = the b-bit sketch when ``verify_min_jaccard`` is set). Same records as the
+    per-entry keys of ``CandidateEdges`` (strict mode: records without an image only)."""
+
+    def __init__(self, rule: str, cfg: DedupConfig, partitions: int):
+        self.rule = rule
+        self.cfg = cfg
+        self.partitions = partitions
+
+    def setup(self):
+        self.blocks = Metrics.counter("mmcorpus.dedup", f"bucket_blocks_{self.rule}")
+        self.entries = Metrics.counter("mmcorpus.dedup", f"bucket_entries_{self.rule}")
+
+    def process(self, batch: list[Features]):
+        cfg = self.cfg
+        mode = cfg.mode
+        if self.rule == reasons.EXACT_CAPTION:
+            fs = [f for f in batch if f.caption_digest and _caption_rules_apply(f, mode)]
+            if not fs:
+                return
+            ids = np.frombuffer(b"".join(bytes.fromhex(f.caption_digest) for f in fs), dtype=">u8").reshape(-1, 2)
+            recs = np.arange(len(fs), dtype=np.int64)
+            payload = None
+        else:
+            fs = [f for f in batch if f.signature is not None and _caption_rules_apply(f, mode)]
+            if not fs:
+                return
+            bands, rows = cfg.lsh_params()
+            sigs = np.frombuffer(b"".join(f.signature for f in fs), dtype="<u4").reshape(len(fs), -1)
+            digests = mh.band_digests(sigs, bands, rows)
+            band = np.broadcast_to(np.arange(bands, dtype=np.uint64), digests.shape)
+            ids = np.stack((band.ravel(), digests.ravel()), axis=1)
+            recs = np.repeat(np.arange(len(fs), dtype=np.int64), bands)
+            payload = (sigs & np.uint32(0xFF)).astype(np.uint8) if cfg.verify_min_jaccard is not None else None
+        keys = [f.key for f in fs]
+        self.entries.inc(len(recs))
+        for p, block in _blocks_by_partition(keys, ids.astype(np.uint64), recs, payload, self.partitions):
+            self.blocks.inc()
+            yield p, block
+
+
+class _LinkBlocks:
+    """Mixin for a bucket-linking DoFn: ``(partition, blocks)`` → its parent's ``process`` on every
+    bucket with at least two entries (a one-entry bucket links nothing)."""
+
+    def process(self, element):
+        _, blocks = element
+        for members in buckets_of_blocks(blocks):
+            yield from super().process((None, members))
+
+
+@beam.typehints.with_output_types(Any)
+class LinkEdgeBlocksFn(_LinkBlocks, LinkEdgesFn):
+    """``LinkEdgesFn`` over a partition's bucket blocks (strict mode), emitting edge blocks
+    ``(larger keys, smaller keys)`` for ``BlockConnectedComponents`` and ``(rule, n)`` once per
+    partition. With b-bit verification every bucket of the partition is linked in numpy
+    (``link_sketch_blocks``: the same edges, each distinct edge of a chunk once)."""
+
+    def process(self, element):
+        total = 0
+        if self.min_count is None:
+            edges = set()
+            for x in super().process(element):
+                if isinstance(x, beam.pvalue.TaggedOutput):
+                    total += x.value[1]
+                else:
+                    edges.add(x)
+            if edges:
+                edges = sorted(edges)
+                yield tuple(e[0] for e in edges), tuple(e[1] for e in edges)
+        else:
+            _, blocks = element
+            blocks = list(blocks)
+            width = next((len(b[4]) // len(b[0]) for b in blocks if b[0]), 0)
+            if not width:
+                return
+            mc = self.min_count.get(width)
+            if mc is None:
+                mc = self.min_count[width] = min_matching_slots(width, self.cfg.verify_min_jaccard)
+            for edges, found, big in link_sketch_blocks(blocks, mc, self.cfg.max_compare):
+                total += found
+                if big:
+                    self.big.inc(big)
+                if edges:
+                    yield tuple(e[0] for e in edges), tuple(e[1] for e in edges)
+            if total:
+                self.edges.inc(total)
+        if total:
+            yield beam.pvalue.TaggedOutput(self.COUNTS, (self.rule, total))
+
+
+def _edge_block(edges: list[tuple[str, str]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(e[0] for e in edges), tuple(e[1] for e in edges)
+
+
+class LinkBucketBlocksFn(_LinkBlocks, LinkBucketFn):
+    """``LinkBucketFn`` over a partition's bucket blocks (legacy mode)."""
+
+
 class CandidateEdges(beam.PTransform):
     """Features → ``(key, other_key, rule)`` edges of every enabled rule (strict mode: caption
     rules only between records without an image).
@@ -542,33 +804,61 @@ class CandidateEdges(beam.PTransform):
         cfg: the dedup config.
         compact: return ``(edges, counts)`` instead: normalised ``(larger, smaller)`` key pairs
             (repeats mostly dropped, see ``LinkEdgesFn``) and ``(rule, n)`` candidate-edge counts.
+        partitions: when set, the caption rules' bucket entries cross their shuffle as byte blocks,
+            one per batch of features and bucket partition (``BucketBlocksFn``), instead of one
+            element per record and band; a linking step holds one partition's entries
+            (``bucket_partitions`` picks the count from the record count). Same edges. With
+            ``compact`` the edges then come out as edge blocks ``(larger keys, smaller keys)`` for
+            ``BlockConnectedComponents``.
 
     Example:
         edges = features | CandidateEdges(DedupConfig())
     """
 
-    def __init__(self, cfg: DedupConfig, compact: bool = False):
+    def __init__(self, cfg: DedupConfig, compact: bool = False, partitions: int | None = None):
         super().__init__()
+        if partitions is not None and partitions < 1:
+            raise ValueError("partitions must be >= 1 or None")
         self.cfg = cfg
         self.compact = compact
+        self.partitions = partitions
 
-    def _link(self, rule):
+    def _link(self, rule, blocks: bool = False):
         if not self.compact:
-            return beam.ParDo(LinkBucketFn(rule, self.cfg))
-        return beam.ParDo(LinkEdgesFn(rule, self.cfg)).with_outputs(LinkEdgesFn.COUNTS, main="edges")
+            return beam.ParDo((LinkBucketBlocksFn if blocks else LinkBucketFn)(rule, self.cfg))
+        fn = (LinkEdgeBlocksFn if blocks else LinkEdgesFn)(rule, self.cfg)
+        return beam.ParDo(fn).with_outputs(LinkEdgesFn.COUNTS, main="edges")
+
+    def _blocks(self, batches, rule):
+        return (
+            batches
+            | f"Blocks_{rule}" >> beam.ParDo(BucketBlocksFn(rule, self.cfg, self.partitions))
+            | f"Group_{rule}" >> beam.GroupByKey()
+            | f"Link_{rule}" >> self._link(rule, blocks=True)
+        )
 
     def expand(self, features):
         cfg = self.cfg
         parts = []
+        block_parts: set[int] = set()  # parts whose edges come out as edge blocks already
+        batches = None
+        if self.partitions is not None and (cfg.exact_caption or cfg.near_caption_threshold is not None):
+            batches = features | "BatchForBuckets" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
         for rule, on in ((reasons.EXACT_CAPTION, cfg.exact_caption), (reasons.EXACT_IMAGE, cfg.exact_image)):
-            if on:
+            if on and batches is not None and rule == reasons.EXACT_CAPTION:
+                block_parts.add(len(parts))
+                parts.append(self._blocks(batches, rule))
+            elif on:
                 parts.append(
                     features
                     | f"Key_{rule}" >> beam.FlatMap(_exact_key(rule, cfg.mode))
                     | f"Group_{rule}" >> beam.GroupByKey()
                     | f"Link_{rule}" >> self._link(rule)
                 )
-        if cfg.near_caption_threshold is not None:
+        if cfg.near_caption_threshold is not None and batches is not None:
+            block_parts.add(len(parts))
+            parts.append(self._blocks(batches, reasons.NEAR_CAPTION))
+        elif cfg.near_caption_threshold is not None:
             bands, rows = cfg.lsh_params()
             carry = cfg.verify_min_jaccard is not None
 
@@ -612,6 +902,20 @@ class CandidateEdges(beam.PTransform):
             return parts | "FlattenEdges" >> beam.Flatten()
         if not parts:
             return features.pipeline | "NoEdges" >> beam.Create([]), features.pipeline | "NoCounts" >> beam.Create([])
+        if self.partitions is not None:  # edge blocks for BlockConnectedComponents
+            blocks = []
+            for i, part in enumerate(parts):
+                if i in block_parts:
+                    blocks.append(part.edges)
+                else:
+                    blocks.append(
+                        part.edges
+                        | f"BatchEdges{i}" >> beam.BatchElements(min_batch_size=64, max_batch_size=65536)
+                        | f"EdgeBlocks{i}" >> beam.Map(_edge_block)
+                    )
+            edges = blocks | "FlattenEdges" >> beam.Flatten()
+            counts = [part[LinkEdgesFn.COUNTS] for part in parts] | "FlattenCounts" >> beam.Flatten()
+            return edges, counts
         edges = [part.edges for part in parts] | "FlattenEdges" >> beam.Flatten()
         counts = [part[LinkEdgesFn.COUNTS] for part in parts] | "FlattenCounts" >> beam.Flatten()
         return edges, counts
@@ -1020,6 +1324,8 @@ class Deduplicate(beam.PTransform):
 
     Args:
         cfg: the ``DedupConfig`` (its ``mode`` picks strict or legacy-transitive clustering).
+        records: the input's record count (from its manifest), which sizes the bucket and components
+            partitions (``bucket_partitions``); None: ``DEFAULT_BUCKET_PARTITIONS``. Changes no output.
 
     Returns ``(outcomes, report)`` where ``report`` is a single-value PCollection (dict with the
     mode, the LSH parameters, edges per rule, the connected-components rounds and, in strict
@@ -1029,9 +1335,11 @@ class Deduplicate(beam.PTransform):
         outcomes, report = pairs | Deduplicate(DedupConfig(near_image_max_hamming=None))
     """
 
-    def __init__(self, cfg: DedupConfig):
+    def __init__(self, cfg: DedupConfig, records: int | None = None):
         super().__init__()
         self.cfg = cfg
+        bands, _ = cfg.lsh_params()
+        self.partitions = bucket_partitions(records, bands + 1)
 
     def expand(self, pairs):
         cfg = self.cfg
@@ -1071,7 +1379,7 @@ class Deduplicate(beam.PTransform):
 
     def _legacy(self, pairs, features, ok_features):
         cfg = self.cfg
-        edges = ok_features | "CandidateEdges" >> CandidateEdges(cfg)
+        edges = ok_features | "CandidateEdges" >> CandidateEdges(cfg, partitions=self.partitions)
         labels, cc_report = (edges | "Pairs" >> beam.Map(lambda e: (e[0], e[1]))) | "Components" >> ConnectedComponents(
             cfg.max_rounds
         )
@@ -1113,8 +1421,8 @@ class Deduplicate(beam.PTransform):
             in_pass, overused = ok_features | "CapCaptions" >> CapCaptions(cfg.max_pairs_per_caption)
         else:
             in_pass, overused = ok_features, pairs.pipeline | "NoCap" >> beam.Create([])
-        edges, edge_counts = in_pass | "CandidateEdges" >> CandidateEdges(cfg, compact=True)
-        labels, cc_report = edges | "Components" >> ConnectedComponents(cfg.max_rounds, normalized=True)
+        edges, edge_counts = in_pass | "CandidateEdges" >> CandidateEdges(cfg, compact=True, partitions=self.partitions)
+        labels, cc_report = edges | "Components" >> BlockConnectedComponents(cfg.max_rounds, self.partitions)
         # Only records on an edge are joined; a Member carries a 128-byte sketch at most.
         members = (
             {"root": labels, "features": in_pass | "MemberByKey" >> beam.Map(lambda f: (f.key, member_of(f)))}

@@ -282,3 +282,18 @@ def sig_to_bytes(sig: np.ndarray) -> bytes:
 
 def sig_from_bytes(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<u4")
+
+
+def band_digests(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """``band_keys`` of every row of ``sigs`` as numbers: a (len(sigs), bands) uint64 matrix whose entry
+    [i, b] is the big-endian value of the 8-byte blake2b digest in ``band_keys(sigs[i], bands, rows)[b]``
+    (the bucket of row i in band b is (b, that value): the same grouping as the byte keys)."""
+    raw = np.ascontiguousarray(sigs, dtype="<u4")
+    width = rows * 4
+    out = np.empty((raw.shape[0], bands), dtype=np.uint64)
+    blake = hashlib.blake2b
+    frombytes = int.from_bytes
+    for i, row in enumerate(raw):
+        b = row.tobytes()
+        out[i] = [frombytes(blake(b[j * width : (j + 1) * width], digest_size=8).digest(), "big") for j in range(bands)]
+    return out

@@ -1,0 +1,186 @@
+"""Bucket entries and edges cross the dedup stage's shuffles as blocks: same buckets, same edges, same
+components and report as the per-element paths, and far fewer shuffled elements."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from bench.dedup_data import synthetic_captions
+from schemas.records import Pair
+from transforms.components import BlockConnectedComponents, ConnectedComponents
+from transforms.dedup import (
+    DEFAULT_BUCKET_PARTITIONS,
+    DedupConfig,
+    Deduplicate,
+    _blocks_by_partition,
+    bucket_partitions,
+    buckets_of_blocks,
+    link_sketch_blocks,
+    link_sketch_bucket,
+    min_matching_slots,
+)
+
+
+def _records(rng: random.Random, n: int) -> list[tuple[str, bytes]]:
+    """Keys with sketches drawn around a few bases (so buckets link), a repeated key with another
+    sketch and a repeated sketch under another key (the cases the numpy path hands back)."""
+    bases = [bytes(rng.randrange(256) for _ in range(128)) for _ in range(6)]
+    out = []
+    for i in range(n):
+        b = bytearray(rng.choice(bases))
+        for _ in range(rng.choice([0, 5, 20, 40, 60, 128])):
+            b[rng.randrange(128)] = rng.randrange(256)
+        out.append((f"k{rng.randrange(10**6):07d}", bytes(b)))
+    out.append((out[3][0], out[4][1]))  # same key as record 3, another sketch
+    out.append(("dup-sketch", out[5][1]))  # same sketch as record 5, another key
+    return out
+
+
+def _entries(rng: random.Random, records, bands: int, buckets_per_band: int) -> list[tuple[int, int, int]]:
+    """(band, bucket digest, record index): each record in one bucket per band; a few huge buckets."""
+    out = []
+    for r in range(len(records)):
+        for b in range(bands):
+            digest = 7 if b == 0 and r % 3 == 0 else rng.randrange(buckets_per_band)  # band 0: a bucket of n/3
+            out.append((b, digest, r))
+    return out
+
+
+def _blocks(records, entries, batch: int, partitions: int):
+    """The blocks ``BucketBlocksFn`` would send: per batch of records, one block per partition."""
+    by_part = defaultdict(list)
+    for lo in range(0, len(records), batch):
+        sel = [e for e in entries if lo <= e[2] < lo + batch]
+        if not sel:
+            continue
+        keys = [k for k, _ in records[lo: lo + batch]]
+        ids = np.array([[b, d] for b, d, _ in sel], dtype=np.uint64)
+        recs = np.array([r - lo for _, _, r in sel], dtype=np.int64)
+        payload = np.frombuffer(b"".join(s for _, s in records[lo: lo + batch]), dtype=np.uint8).reshape(-1, 128)
+        for p, block in _blocks_by_partition(keys, ids, recs, payload, partitions):
+            by_part[p].append(block)
+    return by_part
+
+
+def test_blocks_regroup_the_exact_buckets_and_link_them_like_link_sketch_bucket():
+    rng = random.Random(11)
+    records = _records(rng, 400)
+    entries = _entries(rng, records, bands=5, buckets_per_band=40)
+    buckets = defaultdict(list)
+    for b, d, r in entries:
+        buckets[(b, d)].append(records[r])
+    for partitions in (1, 3):
+        for t, mc in ((0.6, 64), (0.3, 5)):
+            need = min_matching_slots(128, t)
+            want_edges, want_found, want_big = set(), 0, 0
+            for members in buckets.values():
+                if len(members) < 2:
+                    continue
+                want_big += len(members) > mc
+                e = link_sketch_bucket(members, need, mc)
+                want_found += len(e)
+                want_edges |= {(a, b) if a > b else (b, a) for a, b in e}
+            by_part = _blocks(records, entries, batch=64, partitions=partitions)
+            assert sorted(sorted(m) for p in by_part for m in buckets_of_blocks(by_part[p])) == sorted(
+                sorted(m) for m in buckets.values() if len(m) >= 2)
+            for chunk in (100, 1 << 18):
+                got_edges, got_found, got_big = set(), 0, 0
+                for p in by_part:
+                    for edges, found, big in link_sketch_blocks(by_part[p], need, mc, chunk_pairs=chunk):
+                        assert len(edges) == len(set(edges))
+                        assert all(a > b for a, b in edges)
+                        got_edges |= set(edges)
+                        got_found += found
+                        got_big += big
+                assert (got_edges, got_found, got_big) == (want_edges, want_found, want_big)
+            assert want_found > 1000 and want_big > 0  # the buckets really link, and some exceed max_compare
+
+
+def _graph(rng: random.Random) -> list[tuple[str, str]]:
+    edges = []
+    nodes = [f"n{i:04d}" for i in range(300)]
+    for i in range(0, 60):  # a long path: needs several rounds
+        edges.append((nodes[i + 1], nodes[i]))
+    for leaf in nodes[100:140]:  # a star around a large key
+        edges.append((nodes[299], leaf) if nodes[299] > leaf else (leaf, nodes[299]))
+    for _ in range(200):  # random small components, repeated edges
+        a, b = rng.sample(nodes[150:290], 2)
+        edges.append((max(a, b), min(a, b)))
+    return edges + edges[:30]
+
+
+def _run_cc(edges, partitions):
+    with TestPipeline() as p:
+        e = p | beam.Create(edges)
+        labels, report = e | ConnectedComponents(6, normalized=True)
+        blocks = e | beam.BatchElements(min_batch_size=7, max_batch_size=7) | "ToBlocks" >> beam.Map(
+            lambda b: (tuple(x[0] for x in b), tuple(x[1] for x in b)))
+        b_labels, b_report = blocks | BlockConnectedComponents(6, partitions)
+        assert_that(b_labels, equal_to(_expected_labels(edges)), label="BlockLabels")
+        plain = report | "PlainReport" >> beam.Map(lambda r: ("plain", r))
+        block = b_report | "BlockReport" >> beam.Map(lambda r: ("blocks", r))
+        same = ((plain, block) | beam.Flatten() | beam.combiners.ToList()
+                | "Same" >> beam.Map(lambda rs: dict(rs)["plain"] == dict(rs)["blocks"] and dict(rs)["plain"]["rounds"] >= 3))
+        assert_that(same, equal_to([True]), label="SameReport")
+        assert_that(labels, equal_to(_expected_labels(edges)), label="PlainLabels")
+
+
+def _expected_labels(edges):
+    parent = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return sorted((n, find(n)) for n in parent)
+
+
+def test_block_connected_components_give_the_same_labels_and_report():
+    edges = _graph(random.Random(3))
+    for partitions in (1, 4):
+        _run_cc(edges, partitions)
+
+
+def test_dedup_shuffles_bucket_blocks_not_one_element_per_band():
+    n = 600
+    caps, _ = synthetic_captions(n, seed=7)
+    pairs = [Pair(key=f"s{i:05d}", caption=c) for i, c in enumerate(caps)]
+    cfg = DedupConfig()
+    bands, _ = cfg.lsh_params()
+    p = TestPipeline()
+    outcomes, _ = p | beam.Create(pairs) | Deduplicate(cfg)
+    _ = outcomes | beam.Map(lambda o: o.key)
+    result = p.run()
+    result.wait_until_finish()
+
+    def counter(name):
+        res = result.metrics().query(MetricsFilter().with_name(name))["counters"]
+        return sum(c.committed for c in res)
+
+    assert counter("bucket_entries_near-caption") == bands * n  # every caption has a signature: 14 entries each
+    assert counter("bucket_entries_exact-caption") == n
+    batches = math.ceil(n / 64)  # BatchElements' smallest batch is 64 records
+    near_blocks = counter("bucket_blocks_near-caption")
+    assert 1 <= near_blocks <= batches * DEFAULT_BUCKET_PARTITIONS < bands * n // 5
+    assert 1 <= counter("bucket_blocks_exact-caption") <= batches * DEFAULT_BUCKET_PARTITIONS
+
+
+def test_bucket_partitions_follow_the_record_count():
+    assert bucket_partitions(None, 15) == DEFAULT_BUCKET_PARTITIONS
+    assert bucket_partitions(0, 15) == 1
+    assert bucket_partitions(133_333, 15) == 1  # 1,999,995 entries
+    assert bucket_partitions(133_334, 15) == 2
+    assert bucket_partitions(200_000_000, 15) == 1500
