@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 
 import apache_beam as beam
 
@@ -27,29 +25,6 @@ from transforms.sources import TagSourceFn, combined_input_info, parse_inputs, s
 from transforms.stage_io import ReadStage, stage_input_info
 
 STAGE = "filter"
-
-
-@contextlib.contextmanager
-def frozen_heap():
-    """Run the pipeline with the objects that exist before it moved out of the cyclic GC's reach
-    (``gc.freeze``), and put them back after (``gc.unfreeze``).
-
-    Every full collection scans every live container object. At start the process already holds
-    Beam's, pyarrow's and our modules (~300k objects, more when a caller holds data, e.g. a benchmark's
-    records); the read/filter/write loop allocates several tracked objects a record, which triggers a
-    few full collections per 100k records, each scanning that whole heap: 5-7 µs a record of CPU
-    (measured at 100k caption-only records: 0.5-0.7 s of GC against 0.15-0.25 s frozen). Objects made
-    during the run are collected as before, so memory stays bounded; the frozen ones were alive at
-    the start anyway. A caller that froze its heap itself (``gc.get_freeze_count()``), or runs with
-    the GC off, is left as it is."""
-    if gc.get_freeze_count() or not gc.isenabled():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -133,12 +108,11 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> StageResult:
             parts.append(records | f"Filter{tag}" >> beam.ParDo(ApplyFiltersFn(filters, [flagger])))
         return parts[0] if len(parts) == 1 else parts | "Sources" >> beam.Flatten()
 
-    with frozen_heap():
-        return run_stage(
-            stage=STAGE, output_dir=args.output, config=config, input_info=input_info, build=build_pipeline,
-            beam_args=beam_args, num_shards=args.num_shards, force=args.force,
-            target_shard_bytes=args.target_shard_bytes,
-        )
+    return run_stage(
+        stage=STAGE, output_dir=args.output, config=config, input_info=input_info, build=build_pipeline,
+        beam_args=beam_args, num_shards=args.num_shards, force=args.force,
+        target_shard_bytes=args.target_shard_bytes,
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -1,5 +1,6 @@
-"""`mmcorpus filter` runs its pipeline with the pre-existing heap frozen out of the cyclic GC's full
-scans (``pipelines.filter.frozen_heap``), collects what the run makes, and restores the GC after."""
+"""Every stage (`mmcorpus filter` here) runs its pipeline with the pre-existing heap frozen out of the
+cyclic GC's full scans (``pipelines.runner.frozen_heap`` in ``run_stage``), collects what the run makes,
+and restores the GC after."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import gc
 import json
 import weakref
 
+import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines import filter as filter_stage
+from pipelines import runner
 
 
 class _Cycle:
@@ -26,17 +29,17 @@ def _no_frozen_heap_left():
     gc.unfreeze()
 
 
-def test_run_freezes_the_heap_only_while_the_pipeline_runs(tmp_path, monkeypatch):
+def test_a_stage_run_freezes_the_heap_only_while_the_pipeline_runs(tmp_path, monkeypatch):
     table = tmp_path / "rows.parquet"
     pq.write_table(pa.table({"url": [f"http://img.example/{i}.jpg" for i in range(7)],
                              "caption": [f"a brown dog number {i} running on a sandy beach" for i in range(7)]}), table)
-    real_run_stage, seen = filter_stage.run_stage, []
+    real_run, seen = beam.Pipeline.run, []
 
-    def run_stage(**kw):
+    def run(self, *a, **kw):
         seen.append(gc.get_freeze_count())
-        return real_run_stage(**kw)
+        return real_run(self, *a, **kw)
 
-    monkeypatch.setattr(filter_stage, "run_stage", run_stage)
+    monkeypatch.setattr(beam.Pipeline, "run", run)
     before = len(gc.get_objects())
     args, beam_args = filter_stage.parser().parse_known_args(
         ["--input", str(table), "--output", str(tmp_path / "out"), "--direct_num_workers", "1"])
@@ -48,7 +51,7 @@ def test_run_freezes_the_heap_only_while_the_pipeline_runs(tmp_path, monkeypatch
 
 
 def test_cycles_made_during_the_run_are_still_collected():
-    with filter_stage.frozen_heap():
+    with runner.frozen_heap():
         assert gc.get_freeze_count() > 0
         ref = weakref.ref(_Cycle())
         assert ref() is not None
@@ -60,13 +63,13 @@ def test_cycles_made_during_the_run_are_still_collected():
 def test_a_caller_frozen_heap_or_disabled_gc_is_left_alone():
     gc.freeze()
     frozen = gc.get_freeze_count()
-    with filter_stage.frozen_heap():
+    with runner.frozen_heap():
         pass
     assert gc.get_freeze_count() == frozen  # not unfrozen under the caller
     gc.unfreeze()
     gc.disable()
     try:
-        with filter_stage.frozen_heap():
+        with runner.frozen_heap():
             assert gc.get_freeze_count() == 0
     finally:
         gc.enable()
