@@ -269,6 +269,17 @@ def key_ids(*lists: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
     return arr, ids
 
 
+def _block_ids(element):
+    """One partition's ``(key, [(a keys, b keys), ...])`` → ``(names, a ids, b ids)`` (``key_ids``), or
+    None when it holds no pair."""
+    _, blocks = element
+    a, b = _concat(blocks)
+    if not a:
+        return None
+    names, (ai, bi) = key_ids(a, b)
+    return names, ai, bi
+
+
 class SpreadBlockFn(beam.DoFn):
     """Edge block → ``(partition of u, (u, neighbour))`` blocks, both directions of every edge."""
 
@@ -289,11 +300,10 @@ class LargeStarBlockFn(beam.DoFn):
         self.partitions = partitions
 
     def process(self, element):
-        _, blocks = element
-        u, nb = _concat(blocks)
-        if not u:
+        ids = _block_ids(element)
+        if ids is None:
             return
-        names, (ui, ni) = key_ids(u, nb)
+        names, ui, ni = ids
         _LARGE_STAR_NODES.inc(len(np.unique(ui)))
         m = np.arange(len(names))
         np.minimum.at(m, ui, ni)  # m[u] = min(u, its neighbours)
@@ -312,11 +322,10 @@ class SmallStarBlockFn(beam.DoFn):
         self.round_index = round_index
 
     def process(self, element):
-        _, blocks = element
-        v, w = _concat(blocks)
-        if not v:
+        ids = _block_ids(element)
+        if ids is None:
             return
-        names, (vi, wi) = key_ids(v, w)
+        names, vi, wi = ids
         codes = np.unique(vi.astype(np.int64) * len(names) + wi)
         vi, wi = np.divmod(codes, len(names))
         checksum = 0
