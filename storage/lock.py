@@ -63,8 +63,10 @@ class RunLock:
     """``with RunLock(output_dir, stage):`` — refuse (``UserError``) while another run holds the
     directory; take over a stale lock (see the module docstring for the rule).
 
-    On local paths the lock is created with ``O_CREAT | O_EXCL``, so two runs that start at the same
-    moment cannot both get it. On object stores (gs://, s3://) there is no exclusive create: the lock
+    On local paths the lock is written whole to a private file and hard-linked into place (``link``
+    fails when the lock exists), so two runs that start at the same moment cannot both get it, and a
+    lock is never seen empty: a holder paused between creating and writing it (``O_CREAT | O_EXCL``
+    then ``write``, as before) looked torn to a second run after ``TORN_LOCK_SECONDS`` and was removed. On object stores (gs://, s3://) there is no exclusive create: the lock
     is written, read back, and the run proceeds only if it still holds its own token (best effort).
     """
 
@@ -127,6 +129,22 @@ class RunLock:
             holder = self._read(self.path)
             return holder is not None and holder.get("token") == self.token
         os.makedirs(self.output_dir, exist_ok=True)
+        private = f"{self.path}.new-{self.token}"
+        with open(private, "wb") as f:
+            f.write(self._payload())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(private, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: exclusive create, then write
+            return self._create_exclusive()
+        finally:
+            os.remove(private)
+
+    def _create_exclusive(self) -> bool:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

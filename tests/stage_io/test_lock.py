@@ -102,3 +102,25 @@ def test_release_leaves_a_lock_it_does_not_hold(tmp_path):
     _write_lock(out, pid=1, token="someone-else")
     lk.release()
     assert json.loads((out / LOCK_NAME).read_text())["token"] == "someone-else"
+
+
+def test_the_lock_appears_whole_never_empty(tmp_path, monkeypatch):
+    """The lock name comes into existence already holding its JSON (hard link of a written private
+    file): a run paused right after creating an empty lock looked torn to a second run, which removed
+    it and ran too (seen in CI under load: test_crash's reference filter run)."""
+    out = tmp_path / "out"
+    seen = []
+    real_link = os.link
+
+    def link(src, dst):
+        seen.append((json.loads(open(src).read())["stage"], os.path.exists(dst)))
+        return real_link(src, dst)
+
+    monkeypatch.setattr(L.os, "link", link)
+    with RunLock(str(out), "pack"):
+        assert seen == [("pack", False)]  # content written before the lock's name existed
+        assert sorted(os.listdir(out)) == [LOCK_NAME]  # the private file is gone
+        with pytest.raises(UserError):
+            RunLock(str(out), "pack").acquire()  # the link fails on the existing lock: refused
+        assert sorted(os.listdir(out)) == [LOCK_NAME]
+    assert os.listdir(out) == []
