@@ -373,6 +373,8 @@ def run_engine(engine: str, n: int, root: str, image_share: float, cores_direct:
             if cluster is not None:
                 r["dask_events"] = cluster.events()
             rows.append(r)
+            # Progress, one JSON line per stage as it ends (stderr; the section prints only at the end).
+            print(f"bench.scale: {json.dumps(r, sort_keys=True)}", file=sys.stderr, flush=True)
         t = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "pipelines.cli", "verify", "--json",
                               *[os.path.join(root, "out", s) for s in STAGES]], capture_output=True, text=True, cwd=REPO)
