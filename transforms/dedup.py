@@ -20,6 +20,8 @@ Two modes (``DedupConfig.mode``):
 
 ``legacy-transitive`` — the first wave's behaviour: every rule's edges in ONE graph, a whole connected
     component is one cluster (A exact-caption B, B near-image C ⇒ {A, B, C}); no caption cap, no split.
+    Its edges travel as blocks too (``BlockConnectedComponents``), and a removed record's rule bits are
+    OR-ed per key partition from the same blocks (``RuleBitsOfBlocks``).
 
 Keep policy (smallest rank wins; a total order, so reruns keep the same record):
     strict, image clusters: ``(needs_rewrite, -width*height, key)`` — a caption that needs no
@@ -36,10 +38,10 @@ and its distance to the representative (``parse_detail`` reads it back), e.g.
 
 Scale: every step is a shuffle keyed by something small, combiners fold huge groups (best rank,
 first K keys), and the DoFns after a group-by stream its members once, holding one representative
-(or K keys) — never all keys of a group in a list. The caption rules' bucket entries and strict
-mode's edges are the exception by design: they cross their shuffles as blocks (a batch's entries per
-bucket partition; edge blocks per node partition), and a step holds one partition, whose size
-``bucket_partitions`` bounds from the record count (docs/scale.md).
+(or K keys) — never all keys of a group in a list. The caption rules' bucket entries and the edges
+are the exception by design: they cross their shuffles as blocks (a batch's entries per bucket
+partition; edge blocks per node partition; legacy rule bits per key partition), and a step holds one
+partition, whose size ``bucket_partitions`` bounds from the record count (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import dataclasses
 import hashlib
 import heapq
 import tomllib
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, NamedTuple
 
@@ -60,7 +63,7 @@ from schemas.errors import UserError
 from schemas.records import DUPLICATE, ERROR, Outcome, Pair
 from transforms import minhash as mh
 from transforms import phash as ph
-from transforms.components import BlockConnectedComponents, ConnectedComponents, key_ids
+from transforms.components import BlockConnectedComponents, key_ids
 
 STRICT = "strict"
 LEGACY = "legacy-transitive"
@@ -804,6 +807,9 @@ class CandidateEdges(beam.PTransform):
         cfg: the dedup config.
         compact: return ``(edges, counts)`` instead: normalised ``(larger, smaller)`` key pairs
             (repeats mostly dropped, see ``LinkEdgesFn``) and ``(rule, n)`` candidate-edge counts.
+        rules: (with ``compact`` and ``partitions``) return ``(edges, counts, rule_blocks)``, where
+            ``rule_blocks`` holds ``(rule bit, edge block)`` for every edge block (legacy mode's
+            per-key rule bits, ``RuleBitsOfBlocks``).
         partitions: when set, the caption rules' bucket entries cross their shuffle as byte blocks,
             one per batch of features and bucket partition (``BucketBlocksFn``), instead of one
             element per record and band; a linking step holds one partition's entries
@@ -815,13 +821,16 @@ class CandidateEdges(beam.PTransform):
         edges = features | CandidateEdges(DedupConfig())
     """
 
-    def __init__(self, cfg: DedupConfig, compact: bool = False, partitions: int | None = None):
+    def __init__(self, cfg: DedupConfig, compact: bool = False, partitions: int | None = None, rules: bool = False):
         super().__init__()
         if partitions is not None and partitions < 1:
             raise ValueError("partitions must be >= 1 or None")
+        if rules and not (compact and partitions is not None):
+            raise ValueError("rules needs compact=True and partitions")
         self.cfg = cfg
         self.compact = compact
         self.partitions = partitions
+        self.rules = rules
 
     def _link(self, rule, blocks: bool = False):
         if not self.compact:
@@ -844,7 +853,10 @@ class CandidateEdges(beam.PTransform):
         batches = None
         if self.partitions is not None and (cfg.exact_caption or cfg.near_caption_threshold is not None):
             batches = features | "BatchForBuckets" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
+        part_rules: list[str] = []  # the rule of each part
         for rule, on in ((reasons.EXACT_CAPTION, cfg.exact_caption), (reasons.EXACT_IMAGE, cfg.exact_image)):
+            if on:
+                part_rules.append(rule)
             if on and batches is not None and rule == reasons.EXACT_CAPTION:
                 block_parts.add(len(parts))
                 parts.append(self._blocks(batches, rule))
@@ -855,6 +867,10 @@ class CandidateEdges(beam.PTransform):
                     | f"Group_{rule}" >> beam.GroupByKey()
                     | f"Link_{rule}" >> self._link(rule)
                 )
+        if cfg.near_caption_threshold is not None:
+            part_rules.append(reasons.NEAR_CAPTION)
+        if cfg.near_image_max_hamming is not None:
+            part_rules.append(reasons.NEAR_IMAGE)
         if cfg.near_caption_threshold is not None and batches is not None:
             block_parts.add(len(parts))
             parts.append(self._blocks(batches, reasons.NEAR_CAPTION))
@@ -901,7 +917,8 @@ class CandidateEdges(beam.PTransform):
                 return features.pipeline | "NoEdges" >> beam.Create([])
             return parts | "FlattenEdges" >> beam.Flatten()
         if not parts:
-            return features.pipeline | "NoEdges" >> beam.Create([]), features.pipeline | "NoCounts" >> beam.Create([])
+            none = (features.pipeline | "NoEdges" >> beam.Create([]), features.pipeline | "NoCounts" >> beam.Create([]))
+            return none + (features.pipeline | "NoRuleBlocks" >> beam.Create([]),) if self.rules else none
         if self.partitions is not None:  # edge blocks for BlockConnectedComponents
             blocks = []
             for i, part in enumerate(parts):
@@ -915,10 +932,66 @@ class CandidateEdges(beam.PTransform):
                     )
             edges = blocks | "FlattenEdges" >> beam.Flatten()
             counts = [part[LinkEdgesFn.COUNTS] for part in parts] | "FlattenCounts" >> beam.Flatten()
-            return edges, counts
+            if not self.rules:
+                return edges, counts
+            rule_blocks = [
+                blk | f"RuleBit{i}" >> beam.Map(lambda b, bit=RULE_BITS[rule]: (bit, b))
+                for i, (blk, rule) in enumerate(zip(blocks, part_rules))
+            ] | "FlattenRuleBlocks" >> beam.Flatten()
+            return edges, counts, rule_blocks
         edges = [part.edges for part in parts] | "FlattenEdges" >> beam.Flatten()
         counts = [part[LinkEdgesFn.COUNTS] for part in parts] | "FlattenCounts" >> beam.Flatten()
         return edges, counts
+
+
+class _SpreadRuleBitsFn(beam.DoFn):
+    """``(rule bit, edge block)`` → ``(key partition, (rule bit, the block's distinct keys there))``."""
+
+    def __init__(self, partitions: int):
+        self.partitions = partitions
+
+    def process(self, element):
+        bit, (hi, lo) = element
+        keys = set(hi)
+        keys.update(lo)
+        q = self.partitions
+        by_part: dict[int, list[str]] = {}
+        for k in keys:
+            by_part.setdefault(zlib.crc32(k.encode("utf-8")) % q if q > 1 else 0, []).append(k)
+        for part, ks in by_part.items():
+            yield part, (bit, tuple(ks))
+
+
+def _or_rule_bits(element):
+    """A key partition's ``(rule bit, keys)`` items → ``(key, OR of its bits)`` per key."""
+    _, items = element
+    bits: dict[str, int] = {}
+    get = bits.get
+    for bit, keys in items:
+        for k in keys:
+            bits[k] = get(k, 0) | bit
+    yield from bits.items()
+
+
+class RuleBitsOfBlocks(beam.PTransform):
+    """``(rule bit, edge block)`` → ``(key, OR of the rule bits of every edge touching it)``: what a per-edge
+    ``(key, bit)`` + ``CombinePerKey`` gives, with the keys crossing one shuffle a block per key partition.
+
+    Args:
+        partitions: key partitions of the shuffle (a step holds one partition's keys).
+    """
+
+    def __init__(self, partitions: int):
+        super().__init__()
+        self.partitions = partitions
+
+    def expand(self, rule_blocks):
+        return (
+            rule_blocks
+            | "Spread" >> beam.ParDo(_SpreadRuleBitsFn(self.partitions))
+            | "Group" >> beam.GroupByKey()
+            | "Or" >> beam.FlatMap(_or_rule_bits)
+        )
 
 
 def cluster_id_of(root: str) -> str:
@@ -1315,10 +1388,6 @@ class DecideStrictFn(beam.DoFn):
                 )
 
 
-def _edge_counts(edges):
-    return edges | "RuleOf" >> beam.Map(lambda e: e[2]) | "CountRules" >> beam.combiners.Count.PerElement()
-
-
 class Deduplicate(beam.PTransform):
     """Pairs → one ``Outcome`` per pair (kept representatives and ``duplicate`` rows) plus a report.
 
@@ -1354,10 +1423,8 @@ class Deduplicate(beam.PTransform):
         else:
             outcomes, edges, cc_report, extra = self._strict(pairs, features, ok_features)
         bands, rows = cfg.lsh_params()
-        if cfg.mode == LEGACY:
-            edge_counts = _edge_counts(edges)
-        else:  # strict: ``edges`` are the (rule, n) counts of CandidateEdges(compact=True)
-            edge_counts = edges | "CountRules" >> beam.CombinePerKey(sum)
+        # ``edges``: the (rule, n) counts of CandidateEdges(compact=True)
+        edge_counts = edges | "CountRules" >> beam.CombinePerKey(sum)
         edge_counts = edge_counts | "EdgeCountsDict" >> beam.combiners.ToDict()
         mode = cfg.mode
 
@@ -1379,15 +1446,14 @@ class Deduplicate(beam.PTransform):
 
     def _legacy(self, pairs, features, ok_features):
         cfg = self.cfg
-        edges = ok_features | "CandidateEdges" >> CandidateEdges(cfg, partitions=self.partitions)
-        labels, cc_report = (edges | "Pairs" >> beam.Map(lambda e: (e[0], e[1]))) | "Components" >> ConnectedComponents(
-            cfg.max_rounds
+        # Edges as blocks (each rule's distinct normalised edges), the components on blocks, and every
+        # clustered key's rule bits from the same blocks: the edge set, the labels and the bits are
+        # those of the per-edge path (components and OR-ed bits depend on the set of edges only).
+        edges, edge_counts, rule_blocks = ok_features | "CandidateEdges" >> CandidateEdges(
+            cfg, compact=True, partitions=self.partitions, rules=True
         )
-        rules = (
-            edges
-            | "RuleBits" >> beam.FlatMap(lambda e: [(e[0], RULE_BITS[e[2]]), (e[1], RULE_BITS[e[2]])])
-            | "OrRuleBits" >> beam.CombinePerKey(lambda bits: _or_all(bits))
-        )
+        labels, cc_report = edges | "Components" >> BlockConnectedComponents(cfg.max_rounds, self.partitions)
+        rules = rule_blocks | "RuleBits" >> RuleBitsOfBlocks(self.partitions)
         # Joins carry only what the decision needs: never the signature or the image.
         features_by_key = features | "FeaturesByKey" >> beam.Map(lambda f: (f.key, f._replace(signature=None, dhash=None)))
         member_ranks = (
@@ -1413,7 +1479,7 @@ class Deduplicate(beam.PTransform):
             | "Decide" >> beam.ParDo(DecideFn(cfg))
         )
         extra = pairs.pipeline | "NoStrictReport" >> beam.Create([{}])
-        return outcomes, edges, cc_report, extra
+        return outcomes, edge_counts, cc_report, extra
 
     def _strict(self, pairs, features, ok_features):
         cfg = self.cfg
@@ -1466,9 +1532,3 @@ class Deduplicate(beam.PTransform):
         )
         return outcomes, edge_counts, cc_report, extra
 
-
-def _or_all(bits: Iterable[int]) -> int:
-    out = 0
-    for b in bits:
-        out |= b
-    return out

@@ -18,8 +18,11 @@ from schemas.records import Pair
 from transforms.components import BlockConnectedComponents, ConnectedComponents
 from transforms.dedup import (
     DEFAULT_BUCKET_PARTITIONS,
+    LEGACY,
+    RULE_BITS,
     DedupConfig,
     Deduplicate,
+    RuleBitsOfBlocks,
     _blocks_by_partition,
     bucket_partitions,
     buckets_of_blocks,
@@ -184,3 +187,30 @@ def test_bucket_partitions_follow_the_record_count():
     assert bucket_partitions(133_333, 15) == 1  # 1,999,995 entries
     assert bucket_partitions(133_334, 15) == 2
     assert bucket_partitions(200_000_000, 15) == 1500
+
+
+def test_rule_bits_of_blocks_or_the_rules_of_every_edge_touching_a_key():
+    # legacy mode: a key's rule bits are the OR over its edges (both ends), whatever blocks they came in
+    rng = random.Random(11)
+    keys = [f"k{i:03d}" for i in range(80)]
+    edges = []  # (hi, lo, rule)
+    for _ in range(300):
+        a, b = rng.sample(keys, 2)
+        edges.append((max(a, b), min(a, b), rng.choice(sorted(RULE_BITS))))
+    edges.append(("k005", "k005", "near-caption"))  # a self loop still marks its key, as the per-edge path did
+    expected: dict[str, int] = {}
+    for hi, lo, rule in edges:
+        for k in (hi, lo):
+            expected[k] = expected.get(k, 0) | RULE_BITS[rule]
+    blocks = []
+    for rule, bit in sorted(RULE_BITS.items()):
+        mine = [e for e in edges if e[2] == rule]
+        for lo in range(0, len(mine), 17):  # several blocks per rule, repeats across blocks
+            chunk = mine[lo:lo + 17] + mine[:3]
+            blocks.append((bit, (tuple(e[0] for e in chunk), tuple(e[1] for e in chunk))))
+    assert max(expected.values()) == 15 and min(expected.values()) < 15  # every rule, and keys with fewer
+    for partitions in (1, 3):
+        with TestPipeline() as p:
+            bits = p | f"B{partitions}" >> beam.Create(blocks) | RuleBitsOfBlocks(partitions)
+            assert_that(bits, equal_to(sorted(expected.items())))
+
