@@ -46,8 +46,9 @@ def run(argv: list[str]):
                 pairs = pairs | f"Tag{tag}" >> beam.ParDo(TagSourceFn(src.name))
             parts.append(pairs)
         pairs = parts[0] if len(parts) == 1 else parts | "Sources" >> beam.Flatten()
-        outcomes, report = pairs | "Dedup" >> Deduplicate(cfg, records=input_info.get("records"))
-        return outcomes, {"dedup": report}
+        # the records go straight to the writer, which applies each decision in its shard
+        records, decisions, report = pairs | "Dedup" >> Deduplicate(cfg, records=input_info.get("records"), decisions=True)
+        return {"outcomes": records, "decisions": decisions, "extra": {"dedup": report}}
 
     return run_stage(
         stage="dedup",

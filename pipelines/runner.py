@@ -261,8 +261,8 @@ def run_stage(
         input_info: input description with a ``fingerprint`` (and ``bytes`` or ``files`` sizes).
         build: ``build(pipeline) -> outcomes`` or ``(outcomes, {name: single-value PCollection})``
             whose values go into ``manifest.extra``, or a dict ``{"outcomes": .., "extra": {..},
-            "files": PCollection[FileEntry], "write_data": bool}`` for stages that write their own
-            files (see ``WriteStageOutput``).
+            "files": PCollection[FileEntry], "write_data": bool, "decisions": PCollection[Decision]}``
+            for stages that write their own files or decide records apart from them (see ``WriteStageOutput``).
         beam_args: pass-through Beam flags (``--runner``, ``--project``, ``--direct_num_workers`` ...).
         num_shards: data/ledger shards; None: one per ``target_shard_bytes`` of input.
         force: rerun even when up to date.
@@ -304,6 +304,7 @@ def run_stage(
                 write_data=spec.get("write_data", True),
                 files=spec.get("files"),
                 measure_memory=measure,
+                decisions=spec.get("decisions"),
             )
             with frozen_heap():
                 result = p.run()

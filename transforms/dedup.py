@@ -60,10 +60,11 @@ from apache_beam.metrics import Metrics
 
 from schemas import reasons
 from schemas.errors import UserError
-from schemas.records import DUPLICATE, ERROR, Outcome, Pair
+from schemas.records import DUPLICATE, ERROR, KEPT, REASON_OK, Outcome, Pair
 from transforms import minhash as mh
 from transforms import phash as ph
 from transforms.components import BlockConnectedComponents, key_ids
+from transforms.stage_io import Decision, decided_outcome
 
 STRICT = "strict"
 LEGACY = "legacy-transitive"
@@ -1035,8 +1036,8 @@ def _members_with_summary(element):
     (best, size), = summaries
     rank, key, digest, sha = best
     summary = ClusterSummary(cluster_id_of(root), key, size, digest, sha)
-    for member in groups["members"]:
-        yield member, summary
+    for _, member, m_digest, m_sha in groups["members"]:
+        yield member, (m_digest, m_sha, summary)
 
 
 def _rank_of_member(element):
@@ -1065,44 +1066,71 @@ def reason_for(pair_digest: str | None, pair_sha: str | None, summary: ClusterSu
     raise ValueError(f"record in a cluster without any edge (rule bits {bits})")
 
 
-class DecideFn(beam.DoFn):
-    """key ⋈ (pairs, features, cluster summary, incident rule bits) → one Outcome per pair."""
+class _DecisionsFn(beam.DoFn):
+    """Shared counters of the decision steps (per decided record, not per pair of a repeated key)."""
 
     def __init__(self, cfg: DedupConfig):
         self.cfg = cfg
 
     def setup(self):
-        self.kept = Metrics.counter("mmcorpus.dedup", "kept")
-        self.dups = {r: Metrics.counter("mmcorpus.dedup", f"duplicate_{r}") for r in RULE_BITS}
+        self.kept = Metrics.counter("mmcorpus.dedup", "kept_in_clusters")
+        self.dups = {r: Metrics.counter("mmcorpus.dedup", f"duplicate_{r}") for r in (*RULE_BITS, reasons.CAPTION_OVERUSED)}
         self.errors = Metrics.counter("mmcorpus.dedup", "errors")
+
+    def _count(self, d: Decision) -> Decision:
+        if d.status == KEPT:
+            self.kept.inc()
+        elif d.status == ERROR:
+            self.errors.inc()
+        else:
+            self.dups[d.reason].inc()
+        return d
+
+
+def _error_decision(key: str, error: str) -> Decision:
+    return Decision(key, ERROR, error, "dedup features failed")
+
+
+def _kept_in_cluster(key: str, cid: str, size: int) -> Decision:
+    return Decision(key, KEPT, REASON_OK, extra={"cluster_id": cid, "kept_key": key},
+                    updates={"cluster_id": cid, "cluster_size": size})
+
+
+class LegacyDecisionsFn(_DecisionsFn):
+    """key ⋈ (feature error, (own caption digest, own sha256, cluster summary), incident rule bits) →
+    the record's ``Decision`` (legacy mode): error, kept representative (cluster fields set) or duplicate;
+    nothing for a record on no edge (kept as it is)."""
 
     def process(self, element):
         key, groups = element
-        pairs = list(groups["pairs"])
-        feats = list(groups["features"])
-        summaries = list(groups["summary"])
+        errors = list(groups["error"])
+        if errors:
+            yield self._count(_error_decision(key, errors[0]))
+            return
+        clusters = list(groups["cluster"])
+        if not clusters:
+            return
+        digest, sha, s = clusters[0]
+        if s.kept_key == key:
+            yield self._count(_kept_in_cluster(key, s.cluster_id, s.size))
+            return
         bits = 0
         for b in groups["rules"]:
             bits |= b
-        f = feats[0] if feats else None
-        for pair in pairs:
-            if f is not None and f.error:
-                self.errors.inc()
-                yield Outcome.dropped(pair, ERROR, f.error, "dedup features failed")
-                continue
-            if not summaries:
-                self.kept.inc()
-                yield Outcome.kept(pair)
-                continue
-            s = summaries[0]
-            if s.kept_key == key:
-                self.kept.inc()
-                yield Outcome.kept(pair.replace(cluster_id=s.cluster_id, cluster_size=s.size), cluster_id=s.cluster_id, kept_key=key)
-                continue
-            reason = reason_for(f.caption_digest, f.image_sha256, s, bits, self.cfg)
-            self.dups[reason].inc()
-            detail = f"cluster of {s.size}, kept {s.kept_key}; linked by {','.join(rule_names(bits))}"
-            yield Outcome.dropped(pair, DUPLICATE, reason, detail, cluster_id=s.cluster_id, kept_key=s.kept_key)
+        reason = reason_for(digest, sha, s, bits, self.cfg)
+        detail = f"cluster of {s.size}, kept {s.kept_key}; linked by {','.join(rule_names(bits))}"
+        yield self._count(Decision(key, DUPLICATE, reason, detail, extra={"cluster_id": s.cluster_id, "kept_key": s.kept_key}))
+
+
+def _apply_decisions(element):
+    """key ⋈ (pairs, decision) → one ``Outcome`` per pair (``decided_outcome``)."""
+    _, groups = element
+    decisions = list(groups["decision"])
+    if len(decisions) > 1:
+        raise ValueError(f"two decisions for key {decisions[0].key!r}")
+    d = decisions[0] if decisions else None
+    for pair in groups["pairs"]:
+        yield decided_outcome(pair, d)
 
 
 # --- strict mode -------------------------------------------------------------------------------
@@ -1348,44 +1376,29 @@ def _member_by_root(element):
         yield roots[0], feats[0]
 
 
-class DecideStrictFn(beam.DoFn):
-    """key ⋈ (pairs, feature error, assignment, caption overuse) → one Outcome per pair."""
-
-    def __init__(self, cfg: DedupConfig):
-        self.cfg = cfg
-
-    def setup(self):
-        self.kept = Metrics.counter("mmcorpus.dedup", "kept")
-        self.dups = {r: Metrics.counter("mmcorpus.dedup", f"duplicate_{r}") for r in RULE_BITS}
-        self.errors = Metrics.counter("mmcorpus.dedup", "errors")
+class StrictDecisionsFn(_DecisionsFn):
+    """key ⋈ (feature error, assignment, caption overuse) → the record's ``Decision`` (strict mode); nothing
+    for a record kept as it is (on no edge, or a component member every other member split away from)."""
 
     def process(self, element):
         key, groups = element
         errors = list(groups["error"])
         assigned = list(groups["assignment"])
         overused = list(groups["overused"])
-        for pair in groups["pairs"]:
-            if errors:
-                self.errors.inc()
-                yield Outcome.dropped(pair, ERROR, errors[0], "dedup features failed")
-            elif overused:
-                o = overused[0]
-                detail = f"link={OVERUSED_LINK} pairs={o.pairs} max={o.limit} kept={o.first_key}"
-                yield Outcome.dropped(pair, DUPLICATE, reasons.CAPTION_OVERUSED, detail, kept_key=o.first_key)
-            elif not assigned or (assigned[0].kept_key == key and assigned[0].size <= 1):
-                self.kept.inc()  # a singleton, or a component member every other member split away from
-                yield Outcome.kept(pair)
-            elif assigned[0].kept_key == key:
-                a = assigned[0]
-                cid = cluster_id_of(key)
-                self.kept.inc()
-                yield Outcome.kept(pair.replace(cluster_id=cid, cluster_size=a.size), cluster_id=cid, kept_key=key)
-            else:
-                a = assigned[0]
-                self.dups[a.rule].inc()
-                yield Outcome.dropped(
-                    pair, DUPLICATE, a.rule, format_detail(a), cluster_id=cluster_id_of(a.kept_key), kept_key=a.kept_key
-                )
+        if errors:
+            yield self._count(_error_decision(key, errors[0]))
+        elif overused:
+            o = overused[0]
+            detail = f"link={OVERUSED_LINK} pairs={o.pairs} max={o.limit} kept={o.first_key}"
+            yield self._count(Decision(key, DUPLICATE, reasons.CAPTION_OVERUSED, detail, extra={"kept_key": o.first_key}))
+        elif not assigned or (assigned[0].kept_key == key and assigned[0].size <= 1):
+            return
+        elif assigned[0].kept_key == key:
+            yield self._count(_kept_in_cluster(key, cluster_id_of(key), assigned[0].size))
+        else:
+            a = assigned[0]
+            yield self._count(Decision(key, DUPLICATE, a.rule, format_detail(a),
+                                       extra={"cluster_id": cluster_id_of(a.kept_key), "kept_key": a.kept_key}))
 
 
 class Deduplicate(beam.PTransform):
@@ -1396,6 +1409,12 @@ class Deduplicate(beam.PTransform):
         records: the input's record count (from its manifest), which sizes the bucket and components
             partitions (``bucket_partitions``); None: ``DEFAULT_BUCKET_PARTITIONS``. Changes no output.
 
+        decisions: return ``(records, decisions, report)`` for ``WriteStageOutput(decisions=...)``
+            instead of joining them here: ``records`` holds ``Outcome.kept(pair)`` of every pair,
+            ``decisions`` one ``Decision`` per record whose outcome differs (errors, duplicates, kept
+            representatives of clusters); the writer applies them per shard. Same output bytes, one
+            whole-record shuffle (the writer's) instead of two.
+
     Returns ``(outcomes, report)`` where ``report`` is a single-value PCollection (dict with the
     mode, the LSH parameters, edges per rule, the connected-components rounds and, in strict
     mode, the representative rounds and the caption cap) for ``manifest.extra``.
@@ -1404,9 +1423,10 @@ class Deduplicate(beam.PTransform):
         outcomes, report = pairs | Deduplicate(DedupConfig(near_image_max_hamming=None))
     """
 
-    def __init__(self, cfg: DedupConfig, records: int | None = None):
+    def __init__(self, cfg: DedupConfig, records: int | None = None, decisions: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.decisions = decisions
         bands, _ = cfg.lsh_params()
         self.partitions = bucket_partitions(records, bands + 1)
 
@@ -1418,10 +1438,15 @@ class Deduplicate(beam.PTransform):
             | "ExtractFeatures" >> beam.ParDo(ExtractFeaturesFn(cfg))
         )
         ok_features = features | "WithoutErrors" >> beam.Filter(lambda f: f.error is None)
+        errors = (
+            features
+            | "Errors" >> beam.Filter(lambda f: f.error is not None)
+            | "ErrorByKey" >> beam.Map(lambda f: (f.key, f.error))
+        )
         if cfg.mode == LEGACY:
-            outcomes, edges, cc_report, extra = self._legacy(pairs, features, ok_features)
+            decisions, edges, cc_report, extra = self._legacy(features, ok_features, errors)
         else:
-            outcomes, edges, cc_report, extra = self._strict(pairs, features, ok_features)
+            decisions, edges, cc_report, extra = self._strict(pairs, ok_features, errors)
         bands, rows = cfg.lsh_params()
         # ``edges``: the (rule, n) counts of CandidateEdges(compact=True)
         edge_counts = edges | "CountRules" >> beam.CombinePerKey(sum)
@@ -1442,9 +1467,19 @@ class Deduplicate(beam.PTransform):
         report = cc_report | "Report" >> beam.Map(
             report_of, counts=beam.pvalue.AsSingleton(edge_counts), extra=beam.pvalue.AsSingleton(extra)
         )
+        if self.decisions:
+            return pairs | "Records" >> beam.Map(lambda p: Outcome.kept(p)), decisions, report
+        outcomes = (
+            {
+                "pairs": pairs | "PairsByKey" >> beam.Map(lambda p: (p.key, p)),
+                "decision": decisions | "DecisionByKey" >> beam.Map(lambda d: (d.key, d)),
+            }
+            | "JoinAll" >> beam.CoGroupByKey()
+            | "Decide" >> beam.FlatMap(_apply_decisions)
+        )
         return outcomes, report
 
-    def _legacy(self, pairs, features, ok_features):
+    def _legacy(self, features, ok_features, errors):
         cfg = self.cfg
         # Edges as blocks (each rule's distinct normalised edges), the components on blocks, and every
         # clustered key's rule bits from the same blocks: the edge set, the labels and the bits are
@@ -1462,26 +1497,20 @@ class Deduplicate(beam.PTransform):
             | "RankByRoot" >> beam.FlatMap(_rank_of_member)
         )
         summary = member_ranks | "BestPerCluster" >> beam.CombinePerKey(_BestAndCountFn())
-        members = labels | "MemberByRoot" >> beam.Map(lambda kv: (kv[1], kv[0]))
         membership = (
-            {"members": members, "summary": summary}
+            {"members": member_ranks, "summary": summary}
             | "JoinSummary" >> beam.CoGroupByKey()
             | "SummaryPerMember" >> beam.FlatMap(_members_with_summary)
         )
-        outcomes = (
-            {
-                "pairs": pairs | "PairsByKey" >> beam.Map(lambda p: (p.key, p)),
-                "features": features_by_key,
-                "summary": membership,
-                "rules": rules,
-            }
-            | "JoinAll" >> beam.CoGroupByKey()
-            | "Decide" >> beam.ParDo(DecideFn(cfg))
+        decisions = (
+            {"error": errors, "cluster": membership, "rules": rules}
+            | "JoinDecide" >> beam.CoGroupByKey()
+            | "Decisions" >> beam.ParDo(LegacyDecisionsFn(cfg))
         )
-        extra = pairs.pipeline | "NoStrictReport" >> beam.Create([{}])
-        return outcomes, edge_counts, cc_report, extra
+        extra = features.pipeline | "NoStrictReport" >> beam.Create([{}])
+        return decisions, edge_counts, cc_report, extra
 
-    def _strict(self, pairs, features, ok_features):
+    def _strict(self, pairs, ok_features, errors):
         cfg = self.cfg
         if cfg.max_pairs_per_caption is not None:
             in_pass, overused = ok_features | "CapCaptions" >> CapCaptions(cfg.max_pairs_per_caption)
@@ -1496,20 +1525,14 @@ class Deduplicate(beam.PTransform):
             | "MemberByRoot" >> beam.FlatMap(_member_by_root)
         )
         assigned = members | "Representatives" >> AssignRepresentatives(cfg)
-        errors = (
-            features
-            | "Errors" >> beam.Filter(lambda f: f.error is not None)
-            | "ErrorByKey" >> beam.Map(lambda f: (f.key, f.error))
-        )
-        outcomes = (
+        decisions = (
             {
-                "pairs": pairs | "PairsByKey" >> beam.Map(lambda p: (p.key, p)),
                 "error": errors,
                 "assignment": assigned | "AssignmentByKey" >> beam.Map(lambda a: (a.key, a)),
                 "overused": overused,
             }
-            | "JoinAll" >> beam.CoGroupByKey()
-            | "Decide" >> beam.ParDo(DecideStrictFn(cfg))
+            | "JoinDecide" >> beam.CoGroupByKey()
+            | "Decisions" >> beam.ParDo(StrictDecisionsFn(cfg))
         )
         rounds = cfg.max_split_rounds
         per_round = (
@@ -1530,5 +1553,5 @@ class Deduplicate(beam.PTransform):
             },
             n=beam.pvalue.AsSingleton(n_overused),
         )
-        return outcomes, edge_counts, cc_report, extra
+        return decisions, edge_counts, cc_report, extra
 

@@ -24,7 +24,7 @@ import tracemalloc
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 import pyarrow as pa
@@ -219,10 +219,69 @@ def _outcome_of(blob: bytes) -> Outcome:
     return Outcome(key=key, status=status, reason=reason, pair=pair, detail=detail, source=source, extra=extra)
 
 
+# --- decisions: a record's fate decided apart from the record ---------------------------------------
+# A stage whose verdict on a record is made by a join (dedup) can hand the writer its records as kept
+# outcomes and, separately, one ``Decision`` per record whose fate differs. Decision entries cross the
+# writer's shard shuffle next to the records (same key, same shard), sort right before their key's
+# outcomes, and are applied as the shard is written: no whole-record join before the writer, and the
+# writer's memory stays that of its sort buffer.
+
+# First byte of an encoded decision (pickles start with 0x80, marshal dumps of a tuple with 0x28/0x29/0xa8/0xa9).
+_DECISION_TAG = 0x01
+
+
+class Decision(NamedTuple):
+    """How a record's outcome is replaced in ``WriteStageOutput(..., decisions=...)``.
+
+    The outcome(s) with ``key`` get ``status``, ``reason``, ``detail`` and ledger ``extra`` from the
+    decision; a kept decision also sets the record's fields named in ``updates`` (e.g. ``cluster_id``),
+    any other status drops the record from ``data/`` (ledger row only, as ``Outcome.dropped``).
+    Values are plain (str, int, float, bool, None; ``extra`` and ``updates`` dicts keyed by str)."""
+
+    key: str
+    status: str
+    reason: str
+    detail: str = ""
+    extra: dict | None = None
+    updates: dict | None = None
+
+
+def encode_decision(d: Decision) -> tuple[tuple, bytes]:
+    """The shuffle entry of a decision: ``((key,), tag + marshal dump)``; ValueError for values marshal
+    would not store as themselves."""
+    values = (d.status, d.reason, d.detail, d.extra or {}, d.updates or {})
+    if type(d.key) is not str or not set(map(type, values[:3])) <= {str} or not all(
+        _plain_container(v) for v in values[3:]
+    ):
+        raise ValueError(f"decision for key {d.key!r}: status/reason/detail must be str and extra/updates plain dicts")
+    unknown = set(values[4]) - set(PAIR_FIELDS)
+    if unknown:
+        raise ValueError(f"decision for key {d.key!r} updates unknown record fields {sorted(unknown)}")
+    return (d.key,), bytes((_DECISION_TAG,)) + marshal.dumps(values)
+
+
+def decided_outcome(pair: Pair, d: Decision | None) -> Outcome:
+    """The ``Outcome`` the writer makes of a record read as ``Outcome.kept(pair)`` and its decision (None:
+    kept as it is) — for a stage that applies decisions itself instead of in the writer."""
+    if d is None:
+        return Outcome.kept(pair)
+    if d.status == KEPT:
+        return Outcome(key=pair.key, status=KEPT, reason=d.reason, pair=pair.replace(**d.updates) if d.updates else pair,
+                       detail=d.detail, source=pair.source, extra=dict(d.extra or {}))
+    return Outcome.dropped(pair, d.status, d.reason, d.detail, **(d.extra or {}))
+
+
+def _is_decision(entry: tuple[tuple, bytes]) -> bool:
+    return entry[1][0] == _DECISION_TAG
+
+
 def _full_order(entry: tuple[tuple, bytes]) -> tuple:
-    # Pickled from the decoded outcome: the same bytes as pickling the outcome that was encoded
-    # (same field values and order), whatever the encoding of the entry.
-    return entry[0], pickle.dumps(_outcome_of(entry[1]), protocol=pickle.HIGHEST_PROTOCOL)
+    # Decisions first (by their bytes: two of one key are refused by the writer anyway), then outcomes,
+    # pickled from the decoded outcome: the same bytes as pickling the outcome that was encoded (same
+    # field values and order), whatever the encoding of the entry.
+    if _is_decision(entry):
+        return (0, entry[1])
+    return 1, entry[0], pickle.dumps(_outcome_of(entry[1]), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _order_equal_keys(entries: Iterator[tuple[tuple, bytes]]) -> Iterator[tuple[tuple, bytes]]:
@@ -233,13 +292,23 @@ def _order_equal_keys(entries: Iterator[tuple[tuple, bytes]]) -> Iterator[tuple[
     for entry in entries:
         if group and entry[0][0] != group[0][0][0]:
             if len(group) > 1:
-                group.sort(key=_full_order)
+                _order_group(group)
             yield from group
             group = []
         group.append(entry)
     if len(group) > 1:
-        group.sort(key=_full_order)
+        _order_group(group)
     yield from group
+
+
+def _order_group(group: list[tuple[tuple, bytes]]) -> None:
+    """Sort a run of equal keys in place by ``_full_order``; a decision with its one record (the usual run
+    of ``WriteStageOutput(decisions=...)``) only puts the decision first, without decoding the record."""
+    if len(group) == 2 and _is_decision(group[0]) != _is_decision(group[1]):
+        if _is_decision(group[1]):
+            group.reverse()
+        return
+    group.sort(key=_full_order)
 
 
 def _sorted_entries(outcomes: Iterable[Outcome | tuple[tuple, bytes]], spill_dir: str,
@@ -409,12 +478,26 @@ def _ledger_values(stage: str, key: str, status: str, reason: str, detail: str, 
     return (key, stage, status, reason, detail, source, None, None, None, None)
 
 
+def _updated(pair, updates: dict):
+    """A decoded record (PAIR_FIELDS values, or a pickled outcome's pair) with ``updates`` applied."""
+    if type(pair) is tuple:
+        values = list(pair)
+        for name, v in updates.items():
+            values[_FIELD_INDEX[name]] = v
+        return tuple(values)
+    return pair.replace(**updates)
+
+
+_FIELD_INDEX = {n: i for i, n in enumerate(PAIR_FIELDS)}
+
+
 def _pair_bytes(v: tuple) -> int:
     return len(v[_IMAGE] or b"") + len(v[_CAPTION] or "") + len(v[_RAW_CAPTION] or "") + len(v[_META] or "") + 256
 
 
 class WriteShardFn(beam.DoFn):
-    """Writes one shard's data file and ledger file; resolves duplicate keys.
+    """Writes one shard's data file and ledger file; resolves duplicate keys; applies decision entries
+    (``Decision``, sorted just before their key's outcomes) to the outcomes of their key.
 
     Memory does not grow with the shard: outcomes are sorted through ``sorted_outcomes`` (in-memory
     buffer of ``sort_buffer_bytes``, sorted runs spilled to local disk beyond it) and streamed into
@@ -469,10 +552,29 @@ class WriteShardFn(beam.DoFn):
         ledger = _StreamingParquet(self.output_dir, f"{LEDGER_DIR}/{name}", LEDGER_SCHEMA, LEDGER_ROW_GROUP_ROWS, None, probe)
         counts: Counter = Counter()
         last_kept: tuple[str, str] | None = None  # (key, source) of the last kept record: sorted by key
+        decision: tuple | None = None  # (key, values, applied) of the last decision: it sorts before its outcomes
         try:
-            for _, blob in entries:
+            for skey, blob in entries:
+                if blob[0] == _DECISION_TAG:
+                    dkey = skey[0]
+                    if decision is not None and decision[0] == dkey:
+                        raise ValueError(f"two decisions for key {dkey!r} in shard {shard}")
+                    if decision is not None and not decision[2]:
+                        raise ValueError(f"decision for key {decision[0]!r} has no record in shard {shard}")
+                    decision = (dkey, marshal.loads(blob[1:]), False)
+                    continue
                 # the outcome's fields, read from its encoded entry (no Outcome/Pair objects rebuilt)
                 key, status, reason, detail, source, extra, pair = _decode(blob)
+                if decision is not None:
+                    if decision[0] == key:
+                        status, reason, detail, extra, updates = decision[1]
+                        if status == KEPT and updates and pair is not None:
+                            pair = _updated(pair, updates)
+                        decision = (key, decision[1], True)
+                    elif not decision[2]:
+                        raise ValueError(f"decision for key {decision[0]!r} has no record in shard {shard}")
+                    else:
+                        decision = None
                 if status not in STATUSES:
                     raise ValueError(f"bad status {status!r} for key {key!r}")
                 reasons.check_reason(reason)
@@ -489,6 +591,8 @@ class WriteShardFn(beam.DoFn):
                         data.add(values, _pair_bytes(values))
                 counts[f"{status}/{reason}"] += 1
                 ledger.add(_ledger_values(self.stage, key, status, reason, detail, source, extra))
+            if decision is not None and not decision[2]:
+                raise ValueError(f"decision for key {decision[0]!r} has no record in shard {shard}")
             files = []
             if data.total_rows or data.rows:
                 files.append(data.close(FILE_KIND_DATA))
@@ -533,6 +637,13 @@ def _shard_entries(item, num_shards):
             entries = by_shard[s] = []
         entries.append(entry)
     return sorted(by_shard.items())
+
+
+def _shard_decisions(item, num_shards):
+    """(shard, [encode_decision entries]) for a ``Decision``, or for each shard a list of entries touches."""
+    if type(item) is list:
+        return _shard_entries(item, num_shards)
+    return [(shard_of(item.key, num_shards), [encode_decision(item)])]
 
 
 class _CountRecordsFn(beam.CombineFn):
@@ -621,6 +732,11 @@ class WriteStageOutput(beam.PTransform):
             ``mmcorpus.<stage>/writer_peak_bytes`` (tracemalloc + Arrow pool; slows the write); a path
             also gets one JSON line per shard (see ``WriteShardFn``).
         spill_dir: local directory for sorted runs (needs up to one shard of free space).
+        decisions: optional PCollection of ``Decision``s, or of lists of their ``encode_decision``
+            entries: each replaces the outcome(s) of its key (see ``Decision``), applied per shard as it
+            is written (decision entries ride the shard shuffle and sort just before their key). A
+            decision whose key has no outcome, or two decisions for one key, fail the shard write
+            with a ValueError naming the key; a decision applies to every outcome of its key.
 
     Returns the PCollection holding the one ``Manifest`` written.
 
@@ -641,8 +757,10 @@ class WriteStageOutput(beam.PTransform):
         sort_buffer_bytes: int = SORT_BUFFER_BYTES,
         measure_memory: bool | str = False,
         spill_dir: str | None = None,
+        decisions: beam.PCollection | None = None,
     ):
         super().__init__()
+        self.decisions = decisions
         if num_shards < 1:
             raise ValueError("num_shards must be >= 1")
         if sort_buffer_bytes < 1:
@@ -663,9 +781,12 @@ class WriteStageOutput(beam.PTransform):
         n = self.num_shards
         # elements are Outcomes or batches; a batch crosses the shuffle as one list per shard it touches
         inputs = outcomes | "CountInputs" >> beam.CombineGlobally(_CountRecordsFn())
+        entries = outcomes | "ShardByKey" >> beam.FlatMap(_shard_entries, n)
+        if self.decisions is not None:
+            decided = self.decisions | "ShardDecisions" >> beam.FlatMap(_shard_decisions, n)
+            entries = (entries, decided) | "WithDecisions" >> beam.Flatten()
         results = (
-            outcomes
-            | "ShardByKey" >> beam.FlatMap(_shard_entries, n)
+            entries
             | "GroupShards" >> beam.GroupByKey()
             | "WriteShards" >> beam.ParDo(
                 WriteShardFn(self.output_dir, self.stage, n, self.write_data, self.sort_buffer_bytes,
