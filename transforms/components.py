@@ -349,6 +349,9 @@ class BlockConnectedComponents(beam.PTransform):
             blocks, so nothing is skipped).
         partitions: node partitions per shuffle; a step holds one partition's edges.
 
+        label_blocks: output the last round's edge blocks instead of one ``(node, root)`` per node: the
+            labels are then ``block_labels`` of the blocks a node's partition receives (``LabelBlocksFn``).
+
     Input: PCollection of edge blocks ``(larger keys, smaller keys)`` (repeats allowed, no self loops).
     Output: ``(labels, report)`` as ``ConnectedComponents``.
 
@@ -356,8 +359,9 @@ class BlockConnectedComponents(beam.PTransform):
         labels, report = blocks | BlockConnectedComponents(max_rounds=10, partitions=4)
     """
 
-    def __init__(self, max_rounds: int = 10, partitions: int = 1):
+    def __init__(self, max_rounds: int = 10, partitions: int = 1, label_blocks: bool = False):
         super().__init__()
+        self.label_blocks = label_blocks
         if max_rounds < 2:
             raise ValueError("max_rounds must be >= 2")
         if partitions < 1:
@@ -386,9 +390,36 @@ class BlockConnectedComponents(beam.PTransform):
             | "AllRounds" >> beam.combiners.ToList()
             | "Report" >> beam.Map(lambda per_round: summarize_rounds(sorted(per_round), max_rounds))
         )
+        if self.label_blocks:
+            return blocks, report
         labels = (
             blocks
             | "SelfLabels" >> beam.FlatMap(lambda b: [kv for hi, lo in zip(*b) for kv in ((hi, lo), (lo, lo))])
             | "MinLabel" >> beam.CombinePerKey(min)
         )
         return labels, report
+
+
+class LabelBlocksFn(beam.DoFn):
+    """Last-round edge block → ``(partition of node, (nodes, candidate labels))``: every edge ``(hi, lo)`` offers
+    ``lo`` to both ends (``ConnectedComponents``' labels: each node's smallest such offer)."""
+
+    def __init__(self, partitions: int):
+        self.partitions = partitions
+
+    def process(self, block):
+        hi, lo = block
+        u = [*hi, *lo]
+        yield from _split(u, [*lo, *lo], u, self.partitions)
+
+
+def block_labels(blocks: Iterable[tuple[tuple[str, ...], tuple[str, ...]]]) -> dict[str, str]:
+    """``LabelBlocksFn``'s ``(nodes, offers)`` blocks of one partition → ``{node: its root}`` (smallest offer)."""
+    labels: dict[str, str] = {}
+    get = labels.get
+    for nodes, offers in blocks:
+        for n, o in zip(nodes, offers):
+            cur = get(n)
+            if cur is None or o < cur:
+                labels[n] = o
+    return labels

@@ -63,7 +63,7 @@ from schemas.errors import UserError
 from schemas.records import DUPLICATE, ERROR, KEPT, REASON_OK, Outcome, Pair
 from transforms import minhash as mh
 from transforms import phash as ph
-from transforms.components import BlockConnectedComponents, key_ids
+from transforms.components import BlockConnectedComponents, LabelBlocksFn, block_labels, key_ids
 from transforms.stage_io import Decision, decided_outcome
 
 STRICT = "strict"
@@ -1292,12 +1292,12 @@ class _BestMemberFn(beam.CombineFn):
         return None
 
     def add_input(self, best, m):
-        return m if best is None or m.rank < best.rank else best
+        return m if best is None or m[1] < best[1] else best  # [1]: the rank of a Member or its plain tuple
 
     def merge_accumulators(self, accs):
         best = None
         for m in accs:
-            if m is not None and (best is None or m.rank < best.rank):
+            if m is not None and (best is None or m[1] < best[1]):
                 best = m
         return best
 
@@ -1307,7 +1307,8 @@ class _BestMemberFn(beam.CombineFn):
 
 class AssignRoundFn(beam.DoFn):
     """(root, {best: [rep], members: [Member]}) → an ``Assignment`` for the representative and for
-    every member within the threshold of it; ``(root, Member)`` of the others as ``rest``.
+    every member within the threshold of it; ``(root, Member)`` of the others as ``rest``. Members may
+    arrive as plain tuples of ``Member``'s fields (they cross the shuffles without pickling).
 
     Holds one representative and a counter; the members are streamed once."""
 
@@ -1322,15 +1323,16 @@ class AssignRoundFn(beam.DoFn):
 
     def process(self, element):
         root, groups = element
-        rep = next(iter(groups["best"]))
+        rep = Member._make(next(iter(groups["best"])))
         size = 1
-        for m in groups["members"]:
-            if m.key == rep.key:
+        for t in groups["members"]:
+            if t[0] == rep.key:
                 continue
+            m = Member._make(t)
             link = link_to_representative(m, rep, self.cfg)
             if link is None:
                 self.split.inc()
-                yield beam.pvalue.TaggedOutput(self.REST, (root, m))
+                yield beam.pvalue.TaggedOutput(self.REST, (root, t))
                 continue
             size += 1
             yield Assignment(m.key, rep.key, *link, self.round_index)
@@ -1363,17 +1365,49 @@ class AssignRepresentatives(beam.PTransform):
             assigned.append(res.assigned)
             members = res[AssignRoundFn.REST]
         assigned.append(
-            members | "LeftOver" >> beam.Map(lambda rm: Assignment(rm[1].key, rm[1].key, None, None, None, rounds, 1))
+            members | "LeftOver" >> beam.Map(lambda rm: Assignment(rm[1][0], rm[1][0], None, None, None, rounds, 1))
         )
         return assigned | "AllAssigned" >> beam.Flatten()
 
 
-def _member_by_root(element):
-    key, groups = element
-    roots = list(groups["root"])
-    feats = list(groups["features"])
-    if roots and feats:
-        yield roots[0], feats[0]
+class MemberBlocksFn(beam.DoFn):
+    """Batch of Features → ``(key partition, (Member fields as plain tuples, ...))`` per partition the batch
+    touches (partition: crc32 of the key, as ``transforms.components``); sketches computed for the batch at once."""
+
+    def __init__(self, partitions: int):
+        self.partitions = partitions
+
+    def process(self, batch: list[Features]):
+        sketched = [i for i, f in enumerate(batch) if f.signature is not None and not f.has_image]
+        sketches: list[bytes | None] = [None] * len(batch)
+        if sketched:
+            sigs = np.frombuffer(b"".join(batch[i].signature for i in sketched), dtype="<u4").reshape(len(sketched), -1)
+            rows = (sigs & np.uint32(0xFF)).astype(np.uint8)  # minhash.bbit_sketch of every row
+            for i, row in zip(sketched, rows):
+                sketches[i] = row.tobytes()
+        q = self.partitions
+        out: dict[int, list[tuple]] = {}
+        for f, sk in zip(batch, sketches):
+            part = zlib.crc32(f.key.encode("utf-8")) % q if q > 1 else 0
+            out.setdefault(part, []).append((f.key, f.rank, f.image_sha256, f.dhash, f.caption_digest, sk))
+        for part, members in out.items():
+            yield part, tuple(members)
+
+
+def _members_by_root(element):
+    """A key partition's ``{labels: LabelBlocksFn blocks, members: MemberBlocksFn blocks}`` → ``(root, member
+    tuple)`` for every member on an edge (the first one of a key read twice)."""
+    _, groups = element
+    labels = block_labels(groups["labels"])
+    if not labels:
+        return
+    done = set()
+    for block in groups["members"]:
+        for t in block:
+            root = labels.get(t[0])
+            if root is not None and t[0] not in done:
+                done.add(t[0])
+                yield root, t
 
 
 class StrictDecisionsFn(_DecisionsFn):
@@ -1383,7 +1417,7 @@ class StrictDecisionsFn(_DecisionsFn):
     def process(self, element):
         key, groups = element
         errors = list(groups["error"])
-        assigned = list(groups["assignment"])
+        assigned = [Assignment._make(a) for a in groups["assignment"]]
         overused = list(groups["overused"])
         if errors:
             yield self._count(_error_decision(key, errors[0]))
@@ -1517,18 +1551,25 @@ class Deduplicate(beam.PTransform):
         else:
             in_pass, overused = ok_features, pairs.pipeline | "NoCap" >> beam.Create([])
         edges, edge_counts = in_pass | "CandidateEdges" >> CandidateEdges(cfg, compact=True, partitions=self.partitions)
-        labels, cc_report = edges | "Components" >> BlockConnectedComponents(cfg.max_rounds, self.partitions)
-        # Only records on an edge are joined; a Member carries a 128-byte sketch at most.
+        q = self.partitions
+        final, cc_report = edges | "Components" >> BlockConnectedComponents(cfg.max_rounds, q, label_blocks=True)
+        # Members (a 128-byte sketch at most, no signature) meet their component's labels per key partition,
+        # as blocks: only records on an edge come out, as (root, plain tuple of Member's fields).
         members = (
-            {"root": labels, "features": in_pass | "MemberByKey" >> beam.Map(lambda f: (f.key, member_of(f)))}
+            {
+                "labels": final | "LabelBlocks" >> beam.ParDo(LabelBlocksFn(q)),
+                "members": in_pass
+                | "MemberBatches" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
+                | "MemberBlocks" >> beam.ParDo(MemberBlocksFn(q)),
+            }
             | "JoinRoot" >> beam.CoGroupByKey()
-            | "MemberByRoot" >> beam.FlatMap(_member_by_root)
+            | "MemberByRoot" >> beam.FlatMap(_members_by_root)
         )
         assigned = members | "Representatives" >> AssignRepresentatives(cfg)
         decisions = (
             {
                 "error": errors,
-                "assignment": assigned | "AssignmentByKey" >> beam.Map(lambda a: (a.key, a)),
+                "assignment": assigned | "AssignmentByKey" >> beam.Map(lambda a: (a.key, tuple(a))),
                 "overused": overused,
             }
             | "JoinDecide" >> beam.CoGroupByKey()

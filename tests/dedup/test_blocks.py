@@ -15,14 +15,18 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from bench.dedup_data import synthetic_captions
 from schemas.records import Pair
-from transforms.components import BlockConnectedComponents, ConnectedComponents
+from transforms.components import BlockConnectedComponents, ConnectedComponents, LabelBlocksFn, block_labels
 from transforms.dedup import (
     DEFAULT_BUCKET_PARTITIONS,
     LEGACY,
     RULE_BITS,
     DedupConfig,
     Deduplicate,
+    Features,
+    MemberBlocksFn,
     RuleBitsOfBlocks,
+    _members_by_root,
+    member_of,
     _blocks_by_partition,
     bucket_partitions,
     buckets_of_blocks,
@@ -214,3 +218,29 @@ def test_rule_bits_of_blocks_or_the_rules_of_every_edge_touching_a_key():
             bits = p | f"B{partitions}" >> beam.Create(blocks) | RuleBitsOfBlocks(partitions)
             assert_that(bits, equal_to(sorted(expected.items())))
 
+
+
+def test_members_meet_their_labels_per_key_partition():
+    # strict mode: the last round's edge blocks label their nodes per key partition (smallest offer, as the
+    # per-node MinLabel did), and only members on an edge come out, as (root, Member's fields)
+    edges = _graph(random.Random(4))
+    want = dict(_expected_labels(edges))
+    rng = np.random.default_rng(1)
+    feats = []
+    for i in range(320):  # nodes n0000..n0299 (not all on an edge) and 20 keys never on one
+        sig = rng.integers(0, 2**32, 128, dtype=np.uint32).astype("<u4").tobytes()
+        feats.append(Features(f"n{i:04d}", f"d{i}", None, (1, 0, 0, -i, -i, f"n{i:04d}"), sig if i % 9 else None, None))
+    with TestPipeline() as p:
+        # star edges of the converged graph, as the last round leaves them
+        final = [(k, r) for k, r in sorted(want.items()) if k != r]
+        blocks = p | "Final" >> beam.Create([(tuple(k for k, _ in final[i:i + 13]), tuple(r for _, r in final[i:i + 13]))
+                                             for i in range(0, len(final), 13)])
+        for q in (1, 3):
+            labels = blocks | f"L{q}" >> beam.ParDo(LabelBlocksFn(q))
+            members = p | f"F{q}" >> beam.Create([feats[i:i + 50] for i in range(0, 320, 50)]) | f"M{q}" >> beam.ParDo(MemberBlocksFn(q))
+            out = ({"labels": labels, "members": members} | f"J{q}" >> beam.CoGroupByKey()
+                   | f"R{q}" >> beam.FlatMap(_members_by_root))
+            expected = [(want[f.key], tuple(member_of(f))) for f in feats if f.key in want]
+            assert len(expected) == len(want) < 320
+            assert_that(out, equal_to(expected), label=f"Members{q}")
+    assert block_labels([(("b", "a", "b"), ("a", "a", "0"))]) == {"b": "0", "a": "a"}
