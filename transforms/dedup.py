@@ -64,7 +64,7 @@ from schemas.records import DUPLICATE, ERROR, KEPT, REASON_OK, Outcome, Pair
 from transforms import minhash as mh
 from transforms import phash as ph
 from transforms.components import BlockConnectedComponents, LabelBlocksFn, block_labels, key_ids
-from transforms.stage_io import Decision, decided_outcome
+from transforms.stage_io import Decision, decided_outcome, encode_batch
 
 STRICT = "strict"
 LEGACY = "legacy-transitive"
@@ -308,7 +308,7 @@ class ExtractFeaturesFn(beam.DoFn):
     def process(self, batch: list[Pair]):
         cfg = self.cfg
         rows: list[dict] = []
-        shingle_lists: list[list[str]] = []
+        to_hash: list[str] = []  # per row: its normalised caption when it gets a signature, else ""
         for pair in batch:
             self.total.inc()
             try:
@@ -324,7 +324,6 @@ class ExtractFeaturesFn(beam.DoFn):
                         dh = None
                 # Strict mode never links an image record by its caption: no signature to compute.
                 wants_sig = cfg.near_caption_threshold is not None and (cfg.mode == LEGACY or not has_image(pair))
-                sh = mh.shingles(norm, cfg.shingle, cfg.ngram) if wants_sig else []
                 rows.append(
                     dict(
                         key=pair.key,
@@ -335,13 +334,17 @@ class ExtractFeaturesFn(beam.DoFn):
                         has_image=has_image(pair),
                     )
                 )
-                shingle_lists.append(sh)
+                to_hash.append(norm if wants_sig else "")
             except Exception as exc:  # dead letter: the record becomes an `error` outcome
                 self.errors.inc()
                 yield Features(pair.key, None, None, (), None, None, reasons.exception_reason(exc))
-        sigs = self.hasher.signatures(shingle_lists) if cfg.near_caption_threshold is not None else None
+        sigs = counts = None
+        if cfg.near_caption_threshold is not None and rows:
+            # the batch's shingle hashes at once (minhash.shingle_hashes): the signatures of mh.shingles
+            flat, counts = mh.shingle_hashes(to_hash, cfg.shingle, cfg.ngram)
+            sigs = self.hasher.signatures_from_hashes(flat, counts)
         for i, row in enumerate(rows):
-            sig = mh.sig_to_bytes(sigs[i]) if sigs is not None and shingle_lists[i] else None
+            sig = mh.sig_to_bytes(sigs[i]) if sigs is not None and counts[i] else None
             yield Features(signature=sig, **row)
 
 
@@ -641,9 +644,10 @@ def link_sketch_blocks(blocks: Iterable[tuple], min_count: int, max_compare: int
     pairs of the chunk, ``found`` how many edges ``link_sketch_bucket`` returns for the chunk's buckets
     (repeats included), ``big`` its buckets with more than ``max_compare`` entries.
 
-    Buckets whose keys and sketches are all distinct (nearly all) are compared in numpy: the member at
-    key-order position j against positions 0 … min(j, max_compare) − 1, as ``link_sketch_bucket``
-    does when no sketch repeats; the others go through ``link_sketch_bucket`` itself."""
+    Buckets whose keys are distinct (nearly all) are linked in numpy: a member whose sketch an earlier
+    member (key order) holds links to the first holder only; the first holders, at distinct position d,
+    are compared with those at positions 0 … min(d, max_compare) − 1, as ``link_sketch_bucket`` does.
+    Buckets holding a key twice go through ``link_sketch_bucket`` itself."""
     runs = _partition_runs(blocks)
     if runs is None:
         return
@@ -662,15 +666,27 @@ def link_sketch_blocks(blocks: Iterable[tuple], min_count: int, max_compare: int
     order = np.lexsort((krank[ent], run_of))
     ent = ent[order]
     same_run = run_of[1:] == run_of[:-1]
-    complex_run = np.zeros(len(starts), dtype=bool)
+    complex_run = np.zeros(len(starts), dtype=bool)  # a key twice in one bucket: link_sketch_bucket itself
     complex_run[run_of[1:][same_run & (krank[ent][1:] == krank[ent][:-1])]] = True
-    by_pid = np.lexsort((pid[ent], run_of))
-    p_sorted = pid[ent][by_pid]
-    complex_run[run_of[1:][same_run & (p_sorted[1:] == p_sorted[:-1])]] = True
-    # simple buckets: position j compared with positions < min(j, max_compare)
+    all_ent, all_first = ent, first
+    pos = np.arange(len(ent)) - first[run_of]
+    # A repeated sketch links to the first member (key order) holding it and is compared with nothing; only
+    # first holders are compared, the one at distinct position d with those at distinct positions
+    # < min(d, max_compare) — link_sketch_bucket's rules.
+    pe = pid[ent]
+    o = np.lexsort((pos, pe, run_of))
+    head = np.ones(len(o), dtype=bool)
+    head[1:] = (run_of[o][1:] != run_of[o][:-1]) | (pe[o][1:] != pe[o][:-1])
+    first_pos = np.empty_like(pos)
+    first_pos[o] = pos[o][head][np.cumsum(head) - 1]
+    simple = ~complex_run[run_of]
+    repeat = simple & (first_pos != pos)
+    rep_a, rep_b = ent[repeat], ent[first[run_of[repeat]] + first_pos[repeat]]
+    keep = simple & ~repeat
+    ent, run_of = ent[keep], run_of[keep]
+    first = np.concatenate(([0], np.cumsum(np.bincount(run_of, minlength=len(starts)))[:-1]))
     pos = np.arange(len(ent)) - first[run_of]
     cnt = np.minimum(pos, max_compare)
-    cnt[complex_run[run_of]] = 0
     cum = np.cumsum(cnt)
     done = 0
     lo_e = 0
@@ -691,8 +707,13 @@ def link_sketch_blocks(blocks: Iterable[tuple], min_count: int, max_compare: int
         yield list(zip(uniq[hi_k].tolist(), uniq[lo_k].tolist())), int(hit.sum()), 0
         done += n
         lo_e = hi_e
+    if len(rep_a):
+        a, b = krank[rep_a], krank[rep_b]
+        codes = np.unique(np.maximum(a, b) * len(uniq) + np.minimum(a, b))
+        hi_k, lo_k = np.divmod(codes, len(uniq))
+        yield list(zip(uniq[hi_k].tolist(), uniq[lo_k].tolist())), len(rep_a), 0
     for r in np.flatnonzero(complex_run).tolist():
-        rs = ent[first[r]: first[r] + lens[r]].tolist()
+        rs = all_ent[all_first[r]: all_first[r] + lens[r]].tolist()
         edges = link_sketch_bucket([(keys[x], mat[x].tobytes()) for x in rs], min_count, max_compare)
         yield sorted({(a, b) if a > b else (b, a) for a, b in edges}), len(edges), 0
     if big:
@@ -1040,14 +1061,27 @@ def _members_with_summary(element):
         yield member, (m_digest, m_sha, summary)
 
 
-def _rank_of_member(element):
-    key, groups = element
-    roots = list(groups["root"])
-    feats = list(groups["features"])
-    if not roots or not feats:
-        return
-    f = feats[0]
-    yield roots[0], (f.rank, f.key, f.caption_digest, f.image_sha256)
+class RankBlocksFn(beam.DoFn):
+    """Legacy mode: batch of Features → ``(key partition, ((key, rank, caption digest, sha256), ...))`` per
+    partition the batch touches (partition: crc32 of the key, as ``transforms.components``)."""
+
+    def __init__(self, partitions: int):
+        self.partitions = partitions
+
+    def process(self, batch: list[Features]):
+        q = self.partitions
+        out: dict[int, list[tuple]] = {}
+        for f in batch:
+            part = zlib.crc32(f.key.encode("utf-8")) % q if q > 1 else 0
+            out.setdefault(part, []).append((f.key, f.rank, f.caption_digest, f.image_sha256))
+        for part, members in out.items():
+            yield part, tuple(members)
+
+
+def _ranks_by_root(element):
+    """``_members_by_root`` for ``RankBlocksFn`` blocks: ``(root, (rank, key, caption digest, sha256))``."""
+    for root, (key, rank, digest, sha) in _members_by_root(element):
+        yield root, (rank, key, digest, sha)
 
 
 def rule_names(bits: int) -> list[str]:
@@ -1120,6 +1154,25 @@ class LegacyDecisionsFn(_DecisionsFn):
         reason = reason_for(digest, sha, s, bits, self.cfg)
         detail = f"cluster of {s.size}, kept {s.kept_key}; linked by {','.join(rule_names(bits))}"
         yield self._count(Decision(key, DUPLICATE, reason, detail, extra={"cluster_id": s.cluster_id, "kept_key": s.kept_key}))
+
+
+# A batch of records goes to the writer as encoded batches (stage_io.encode_batch) of at most this many
+# records, closed earlier once they hold this many bytes of image + caption (a bounded element).
+KEPT_BATCH_RECORDS = 1024
+KEPT_BATCH_BYTES = 16 * 1024 * 1024
+
+
+def _kept_batches(pairs: list[Pair]):
+    """A batch of pairs → ``encode_batch`` lists of their ``Outcome.kept`` (bounded by records and bytes)."""
+    batch, size = [], 0
+    for p in pairs:
+        batch.append(Outcome.kept(p))
+        size += len(p.image or b"") + len(p.caption or "")
+        if len(batch) >= KEPT_BATCH_RECORDS or size >= KEPT_BATCH_BYTES:
+            yield encode_batch(batch)
+            batch, size = [], 0
+    if batch:
+        yield encode_batch(batch)
 
 
 def _apply_decisions(element):
@@ -1444,7 +1497,8 @@ class Deduplicate(beam.PTransform):
             partitions (``bucket_partitions``); None: ``DEFAULT_BUCKET_PARTITIONS``. Changes no output.
 
         decisions: return ``(records, decisions, report)`` for ``WriteStageOutput(decisions=...)``
-            instead of joining them here: ``records`` holds ``Outcome.kept(pair)`` of every pair,
+            instead of joining them here: ``records`` holds ``Outcome.kept(pair)`` of every pair (in
+            ``encode_batch`` batches),
             ``decisions`` one ``Decision`` per record whose outcome differs (errors, duplicates, kept
             representatives of clusters); the writer applies them per shard. Same output bytes, one
             whole-record shuffle (the writer's) instead of two.
@@ -1466,11 +1520,8 @@ class Deduplicate(beam.PTransform):
 
     def expand(self, pairs):
         cfg = self.cfg
-        features = (
-            pairs
-            | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
-            | "ExtractFeatures" >> beam.ParDo(ExtractFeaturesFn(cfg))
-        )
+        batches = pairs | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
+        features = batches | "ExtractFeatures" >> beam.ParDo(ExtractFeaturesFn(cfg))
         ok_features = features | "WithoutErrors" >> beam.Filter(lambda f: f.error is None)
         errors = (
             features
@@ -1502,7 +1553,7 @@ class Deduplicate(beam.PTransform):
             report_of, counts=beam.pvalue.AsSingleton(edge_counts), extra=beam.pvalue.AsSingleton(extra)
         )
         if self.decisions:
-            return pairs | "Records" >> beam.Map(lambda p: Outcome.kept(p)), decisions, report
+            return batches | "Records" >> beam.FlatMap(_kept_batches), decisions, report
         outcomes = (
             {
                 "pairs": pairs | "PairsByKey" >> beam.Map(lambda p: (p.key, p)),
@@ -1521,14 +1572,20 @@ class Deduplicate(beam.PTransform):
         edges, edge_counts, rule_blocks = ok_features | "CandidateEdges" >> CandidateEdges(
             cfg, compact=True, partitions=self.partitions, rules=True
         )
-        labels, cc_report = edges | "Components" >> BlockConnectedComponents(cfg.max_rounds, self.partitions)
-        rules = rule_blocks | "RuleBits" >> RuleBitsOfBlocks(self.partitions)
-        # Joins carry only what the decision needs: never the signature or the image.
-        features_by_key = features | "FeaturesByKey" >> beam.Map(lambda f: (f.key, f._replace(signature=None, dhash=None)))
+        q = self.partitions
+        final, cc_report = edges | "Components" >> BlockConnectedComponents(cfg.max_rounds, q, label_blocks=True)
+        rules = rule_blocks | "RuleBits" >> RuleBitsOfBlocks(q)
+        # Ranks meet their component's labels per key partition, as blocks (only what the decision needs:
+        # never the signature or the image); only records on an edge come out.
         member_ranks = (
-            {"root": labels, "features": features_by_key}
+            {
+                "labels": final | "LabelBlocks" >> beam.ParDo(LabelBlocksFn(q)),
+                "members": ok_features
+                | "RankBatches" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
+                | "RankBlocks" >> beam.ParDo(RankBlocksFn(q)),
+            }
             | "JoinRank" >> beam.CoGroupByKey()
-            | "RankByRoot" >> beam.FlatMap(_rank_of_member)
+            | "RankByRoot" >> beam.FlatMap(_ranks_by_root)
         )
         summary = member_ranks | "BestPerCluster" >> beam.CombinePerKey(_BestAndCountFn())
         membership = (

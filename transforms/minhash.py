@@ -237,6 +237,54 @@ class MinHasher:
         return out
 
 
+def _crc32_table() -> np.ndarray:
+    table = np.empty(256, dtype=np.uint32)
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+        table[i] = c
+    return table
+
+
+_CRC_TABLE = _crc32_table()  # zlib's CRC-32 (reflected polynomial 0xEDB88320), one byte at a time
+
+
+def shingle_hashes(normalized: Sequence[str], kind: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``hash32`` (zlib.crc32 of the UTF-8 bytes) of the shingles of every caption, concatenated, and the
+    number of hashes per caption: what ``signatures_from_hashes`` takes. Equal to hashing
+    ``shingles(c, kind, n)`` for the signatures it gives (a minimum over the same set of values); an
+    ASCII caption longer than ``n`` in ``char`` mode — nearly all captions by default — is hashed in numpy,
+    every window at once, its repeated n-grams included, instead of one Python call per shingle."""
+    counts = np.zeros(len(normalized), dtype=np.int64)
+    parts: list[np.ndarray] = [np.empty(0, dtype=np.uint32)] * len(normalized)
+    fast = [i for i, c in enumerate(normalized) if kind == CHAR and len(c) > n and c.isascii()] if n >= 1 else []
+    crc = zlib.crc32
+    fast_set = set(fast)
+    for i, c in enumerate(normalized):
+        if i not in fast_set:
+            h = np.fromiter((crc(x.encode("utf-8")) for x in shingles(c, kind, n)), dtype=np.uint32)
+            parts[i] = h
+            counts[i] = len(h)
+    if fast:
+        lens = np.fromiter((len(normalized[i]) for i in fast), dtype=np.int64, count=len(fast))
+        buf = np.frombuffer("".join(normalized[i] for i in fast).encode("ascii"), dtype=np.uint8)
+        windows = lens - n + 1
+        base = np.concatenate(([0], np.cumsum(lens)[:-1]))
+        wstart = np.concatenate(([0], np.cumsum(windows)[:-1]))
+        total = int(windows.sum())
+        pos = np.repeat(base - wstart, windows) + np.arange(total)
+        c = np.full(total, 0xFFFFFFFF, dtype=np.uint32)
+        for k in range(n):
+            c = _CRC_TABLE[(c ^ buf[pos + k]) & 0xFF] ^ (c >> np.uint32(8))
+        c ^= np.uint32(0xFFFFFFFF)
+        for j, i in enumerate(fast):
+            parts[i] = c[wstart[j]: wstart[j] + windows[j]]
+            counts[i] = windows[j]
+    flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint32)
+    return flat.astype(np.uint32, copy=False), counts
+
+
 def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     """Fraction of equal signature slots (datasketch's ``MinHash.jaccard``)."""
     return float(np.count_nonzero(sig_a == sig_b)) / float(len(sig_a))

@@ -244,3 +244,38 @@ def test_members_meet_their_labels_per_key_partition():
             assert len(expected) == len(want) < 320
             assert_that(out, equal_to(expected), label=f"Members{q}")
     assert block_labels([(("b", "a", "b"), ("a", "a", "0"))]) == {"b": "0", "a": "a"}
+
+
+def test_repeated_sketches_are_linked_in_numpy_like_link_sketch_bucket(monkeypatch):
+    # exact duplicate captions share a sketch: such buckets are linked in numpy (no per-bucket Python call)
+    # with link_sketch_bucket's edges and counts; only a key repeated in a bucket still falls back
+    import transforms.dedup as dd
+
+    rng = random.Random(21)
+    records = _records(rng, 300)[:-2]  # distinct keys
+    records = list({k: (k, s) for k, s in records}.values())
+    for i in range(0, len(records), 4):  # a quarter of the records repeat an earlier record's sketch
+        j = rng.randrange(max(1, i))
+        records[i] = (records[i][0], records[j][1])
+    entries = _entries(rng, records, bands=5, buckets_per_band=30)
+    buckets = defaultdict(list)
+    for b, d, r in entries:
+        buckets[(b, d)].append(records[r])
+    calls = []
+    real = dd.link_sketch_bucket
+    monkeypatch.setattr(dd, "link_sketch_bucket", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for t, mc in ((0.6, 64), (0.3, 4)):
+        need = min_matching_slots(128, t)
+        want_edges, want_found = set(), 0
+        for members in buckets.values():
+            if len(members) >= 2:
+                e = real(members, need, mc)
+                want_found += len(e)
+                want_edges |= {(a, b) if a > b else (b, a) for a, b in e}
+        got_edges, got_found = set(), 0
+        for part in _blocks(records, entries, batch=64, partitions=2).values():
+            for edges, found, _ in link_sketch_blocks(part, need, mc, chunk_pairs=50):
+                got_edges |= set(edges)
+                got_found += found
+        assert (got_edges, got_found) == (want_edges, want_found) and want_found > len(want_edges) > 100
+    assert calls == []

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import zlib
 
 import numpy as np
 import pytest
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
+from bench.dedup_data import synthetic_captions
 from transforms import minhash as mh
 from transforms.dedup import DedupConfig, link_bucket
 
@@ -136,3 +138,23 @@ def test_config_from_toml(tmp_path):
     path.write_text("[dedup\n")
     with pytest.raises(UserError, match="not valid TOML"):
         DedupConfig.from_toml(str(path))
+
+
+def test_shingle_hashes_are_the_crc32_of_the_shingles():
+    # the batch path (numpy CRC-32 over every character window of ASCII captions) hashes the same set of
+    # shingles as zlib.crc32 over shingles(): the same signatures
+    caps, _ = synthetic_captions(400, seed=9)
+    norms = [mh.normalize_caption(c) for c in caps] + [
+        "", "abc", "abcde", "abcdef", "aaaaaaaaaaaa", "日本語のキャプションです", "café au lait près de la gare", "a b"]
+    hasher = mh.MinHasher(128, 1)
+    for kind, n in (("char", 5), ("char", 3), ("char", 1), ("word", 2)):
+        flat, counts = mh.shingle_hashes(norms, kind, n)
+        assert len(counts) == len(norms) and int(counts.sum()) == len(flat)
+        start = 0
+        for c, k in zip(norms, counts.tolist()):
+            assert set(flat[start:start + k].tolist()) == {zlib.crc32(s.encode("utf-8")) for s in mh.shingles(c, kind, n)}, (kind, n, c)
+            start += k
+        want = hasher.signatures([mh.shingles(c, kind, n) for c in norms])
+        assert (hasher.signatures_from_hashes(flat, counts) == want).all()
+    flat, counts = mh.shingle_hashes(["abcdefgh"], "char", 5)  # 4 windows, hashed by hand with zlib
+    assert flat.tolist() == [zlib.crc32(b"abcde"), zlib.crc32(b"bcdef"), zlib.crc32(b"cdefg"), zlib.crc32(b"defgh")]
