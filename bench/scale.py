@@ -215,12 +215,19 @@ class Sampler:
             self._sample()
             self._stop.wait(self.period)
 
-    def stop(self) -> tuple[dict[str, int], float]:
-        """(peak RSS bytes per process, CPU seconds of the extra processes and their children since start)."""
+    def stop(self) -> tuple[dict[str, int], dict[str, float]]:
+        """(peak RSS bytes per process, CPU seconds since start per extra process, its children included)."""
         self._stop.set()
         self._thread.join()
         # Dask processes live across stages: count only the CPU they spent since this stage started.
-        cpu = sum(self._cpu(p) - self._cpu0.get(p.pid, 0.0) for p in self._extra_tree())
+        cpu = {}
+        for name, p in self.extra.items():
+            tree = [p]
+            try:
+                tree += p.children(recursive=True)
+            except self.psutil.Error:
+                pass
+            cpu[name] = sum(self._cpu(q) - self._cpu0.get(q.pid, 0.0) for q in tree)
         return self.peaks, cpu
 
 
@@ -333,7 +340,9 @@ def run_stage_measured(argv: list[str], extra_pids: dict[str, int], log_path: st
         with open(log_path, errors="replace") as f:
             raise RuntimeError(f"mmcorpus {' '.join(argv)} exited {proc.returncode}:\n{f.read()[-3000:]}")
     # Not ru_maxrss: Linux carries the parent's RSS at fork/exec into the child's, and this process is big.
-    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime + extra_cpu, "peaks": peaks}
+    driver_cpu = ru.ru_utime + ru.ru_stime
+    return {"wall_s": wall, "cpu_s": driver_cpu + sum(extra_cpu.values()), "peaks": peaks,
+            "cpu_by_process": {"driver": driver_cpu, **extra_cpu}}
 
 
 def _writer_peaks(path: str) -> list[float]:
@@ -437,25 +446,32 @@ def _peaks(peaks: dict[str, int]) -> str:
     return "; ".join(f"{name} {v / 2**20:,.0f}" for name, v in named if v > 0)
 
 
+def _cpus(cpu: dict[str, float]) -> str:
+    """Only when other processes than the driver took part (Dask): the driver's figure alone is the total."""
+    if len(cpu) < 2:
+        return "–"
+    return "; ".join(f"{name} {v:,.0f}" for name, v in cpu.items())
+
+
 def to_markdown(res: dict, command: str) -> str:
     lines = [f"`{command}` (load average {res['load_avg']:.1f} at the end; {os.cpu_count()} cores)", ""]
     for n, info in res["inputs"].items():
         lines.append(f"- n = {n:,}: {info['images']:,} pairs with real image bytes ({info['image_bytes'] / 1e6:,.0f} MB of re-encoded "
                      f"bundled photos), the rest caption-only; input written in {info['seconds']:.0f} s.")
-    lines += ["", "| engine | pairs | stage | in → out | wall s | CPU s | pairs/s/core | peak RSS MiB per process | writer peak MiB per shard: largest / median | Dask memory events |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| engine | pairs | stage | in → out | wall s | CPU s | pairs/s/core | CPU s per process | peak RSS MiB per process | writer peak MiB per shard: largest / median | Dask memory events |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes: list[str] = []
     for run in res["runs"]:
         for r in run["rows"]:
             ev = r.get("dask_events")
             ev_s = "–" if ev is None else f"spill {ev['spill']}, paused {ev['paused']}, died {ev['died']}"
             lines.append(f"| {r['engine']} | {r['n']:,} | {r['stage']} | {r['inputs']:,} → {r['outputs']:,} | {r['wall_s']:.1f} | "
-                         f"{r['cpu_s']:.1f} | {r['inputs'] / max(r['cpu_s'], 1e-9):,.0f} | {_peaks(r['peaks'])} | {_peak_cell(r['writer_peaks_mib'])} | {ev_s} |")
+                         f"{r['cpu_s']:.1f} | {r['inputs'] / max(r['cpu_s'], 1e-9):,.0f} | {_cpus(r.get('cpu_by_process', {}))} | {_peaks(r['peaks'])} | {_peak_cell(r['writer_peaks_mib'])} | {ev_s} |")
         exit_note = "" if run["verify_exit"] == 0 else f", but the verify process exited {run['verify_exit']} after printing its report"
         notes.append(f"- {run['engine']}, {run['n']:,} pairs: `mmcorpus verify` passed every check on all four outputs "
                      f"({run['verify_s']:.1f} s){exit_note}.")
         total_wall = sum(r["wall_s"] for r in run["rows"])
-        lines.append(f"| {run['engine']} | {run['n']:,} | **all four** | | **{total_wall:.1f}** | {sum(r['cpu_s'] for r in run['rows']):.1f} | | | | |")
+        lines.append(f"| {run['engine']} | {run['n']:,} | **all four** | | **{total_wall:.1f}** | {sum(r['cpu_s'] for r in run['rows']):.1f} | | | | | |")
     lines += ["", *notes]
     sizes = res["sizes"]
     if len(sizes) >= 2:
