@@ -16,7 +16,9 @@ Two modes (``DedupConfig.mode``):
         Hamming <= max_hamming_to_kept; same caption or estimated Jaccard >= min_jaccard_to_kept) is its
         duplicate; the rest go to the next round. Members left after the last round are their own
         representatives (kept). So no chain A~B~C puts A and C together unless C is close to the kept A.
-    pairs ⋈ assignment ⋈ caption cap → one Outcome per input record
+    error ⋈ assignment ⋈ caption cap → one ``Decision`` per record whose outcome is not "kept as read";
+        the records themselves go straight to the writer, which applies each decision in its shard
+        (``WriteStageOutput(decisions=...)``: one whole-record shuffle), or ``Deduplicate`` joins them
 
 ``legacy-transitive`` — the first wave's behaviour: every rule's edges in ONE graph, a whole connected
     component is one cluster (A exact-caption B, B near-image C ⇒ {A, B, C}); no caption cap, no split.
@@ -1101,14 +1103,15 @@ def reason_for(pair_digest: str | None, pair_sha: str | None, summary: ClusterSu
 
 
 class _DecisionsFn(beam.DoFn):
-    """Shared counters of the decision steps (per decided record, not per pair of a repeated key)."""
+    """Shared counters of the decision steps (per decided key). The writer counts every ledger row by
+    status and reason (``mmcorpus.dedup/kept``, ``duplicate_<reason>``, ...), so these count only what
+    it cannot tell: cluster representatives, and records whose features failed."""
 
     def __init__(self, cfg: DedupConfig):
         self.cfg = cfg
 
     def setup(self):
         self.kept = Metrics.counter("mmcorpus.dedup", "kept_in_clusters")
-        self.dups = {r: Metrics.counter("mmcorpus.dedup", f"duplicate_{r}") for r in (*RULE_BITS, reasons.CAPTION_OVERUSED)}
         self.errors = Metrics.counter("mmcorpus.dedup", "errors")
 
     def _count(self, d: Decision) -> Decision:
@@ -1116,8 +1119,6 @@ class _DecisionsFn(beam.DoFn):
             self.kept.inc()
         elif d.status == ERROR:
             self.errors.inc()
-        else:
-            self.dups[d.reason].inc()
         return d
 
 
