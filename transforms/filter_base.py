@@ -90,7 +90,7 @@ def filter_record(item, filters: Sequence[BaseFilter], flaggers: Sequence = (), 
         flags: list[str] = []
         for flagger in flaggers:
             flags.extend(flagger(pair))
-        return kept(pair, sorted(set(flags)))
+        return kept(pair, sorted(set(flags)) if flags else flags)
     except Exception as e:  # dead letter: accounted for with the exception type only
         if errors is not None:
             errors.inc()
