@@ -32,6 +32,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import socket
 import subprocess
 import sys
@@ -214,12 +215,19 @@ class Sampler:
             self._sample()
             self._stop.wait(self.period)
 
-    def stop(self) -> tuple[dict[str, int], float]:
-        """(peak RSS bytes per process, CPU seconds of the extra processes and their children since start)."""
+    def stop(self) -> tuple[dict[str, int], dict[str, float]]:
+        """(peak RSS bytes per process, CPU seconds since start per extra process, its children included)."""
         self._stop.set()
         self._thread.join()
         # Dask processes live across stages: count only the CPU they spent since this stage started.
-        cpu = sum(self._cpu(p) - self._cpu0.get(p.pid, 0.0) for p in self._extra_tree())
+        cpu = {}
+        for name, p in self.extra.items():
+            tree = [p]
+            try:
+                tree += p.children(recursive=True)
+            except self.psutil.Error:
+                pass
+            cpu[name] = sum(self._cpu(q) - self._cpu0.get(q.pid, 0.0) for q in tree)
         return self.peaks, cpu
 
 
@@ -332,18 +340,30 @@ def run_stage_measured(argv: list[str], extra_pids: dict[str, int], log_path: st
         with open(log_path, errors="replace") as f:
             raise RuntimeError(f"mmcorpus {' '.join(argv)} exited {proc.returncode}:\n{f.read()[-3000:]}")
     # Not ru_maxrss: Linux carries the parent's RSS at fork/exec into the child's, and this process is big.
-    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime + extra_cpu, "peaks": peaks}
+    driver_cpu = ru.ru_utime + ru.ru_stime
+    return {"wall_s": wall, "cpu_s": driver_cpu + sum(extra_cpu.values()), "peaks": peaks,
+            "cpu_by_process": {"driver": driver_cpu, **extra_cpu}}
 
 
-def _writer_peak(path: str) -> str:
-    """Largest per-shard peak (MiB) of the stage writer's own memory (tracemalloc + Arrow pool), from the
-    JSON lines each shard write appends to ``$MMCORPUS_WRITER_MEMORY`` (pipelines.runner); a dash
-    when this checkout's writer wrote none."""
+def _writer_peaks(path: str) -> list[float]:
+    """Per-shard peaks (MiB, in shard order) of the stage writer's memory (tracemalloc + Arrow pool),
+    from the JSON lines each shard write appends to ``$MMCORPUS_WRITER_MEMORY`` (pipelines.runner);
+    empty when this checkout's writer wrote none."""
     peaks = []
     if os.path.exists(path):
         with open(path) as f:
-            peaks = [json.loads(line)["peak_bytes"] for line in f if line.strip()]
-    return f"{max(peaks) / 2**20:,.1f} ({len(peaks)} shards)" if peaks else "–"
+            peaks = sorted((d["shard"], d["peak_bytes"] / 2**20) for d in map(json.loads, filter(str.strip, f)))
+    return [round(p, 2) for _, p in peaks]
+
+
+def _peak_cell(peaks: list[float]) -> str:
+    if not peaks:
+        return "–"
+    return f"{max(peaks):,.1f} / {statistics.median(peaks):,.1f} ({len(peaks)} shards)"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{b / a:.2f}" if a else "–"
 
 
 def run_engine(engine: str, n: int, root: str, image_share: float, cores_direct: int, stage_extra: list[str],
@@ -369,7 +389,7 @@ def run_engine(engine: str, n: int, root: str, image_share: float, cores_direct:
                                    writer_log)
             m = read_manifest(os.path.join(root, "out", stage))
             r.update(stage=stage, engine=engine, n=n, inputs=m.counts["inputs"], outputs=m.counts["outputs"], cores=cores,
-                     writer_peak_mib=_writer_peak(writer_log), files=len(m.files))
+                     writer_peaks_mib=_writer_peaks(writer_log), files=len(m.files))
             if cluster is not None:
                 r["dask_events"] = cluster.events()
             rows.append(r)
@@ -426,41 +446,57 @@ def _peaks(peaks: dict[str, int]) -> str:
     return "; ".join(f"{name} {v / 2**20:,.0f}" for name, v in named if v > 0)
 
 
+def _cpus(cpu: dict[str, float]) -> str:
+    """Only when other processes than the driver took part (Dask): the driver's figure alone is the total."""
+    if len(cpu) < 2:
+        return "–"
+    return "; ".join(f"{name} {v:,.0f}" for name, v in cpu.items())
+
+
 def to_markdown(res: dict, command: str) -> str:
     lines = [f"`{command}` (load average {res['load_avg']:.1f} at the end; {os.cpu_count()} cores)", ""]
     for n, info in res["inputs"].items():
         lines.append(f"- n = {n:,}: {info['images']:,} pairs with real image bytes ({info['image_bytes'] / 1e6:,.0f} MB of re-encoded "
                      f"bundled photos), the rest caption-only; input written in {info['seconds']:.0f} s.")
-    lines += ["", "| engine | pairs | stage | in → out | wall s | CPU s | pairs/s/core | peak RSS MiB per process | writer peak MiB, largest shard (tracemalloc + Arrow) | Dask memory events |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| engine | pairs | stage | in → out | wall s | CPU s | pairs/s/core | CPU s per process | peak RSS MiB per process | writer peak MiB per shard: largest / median | Dask memory events |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes: list[str] = []
     for run in res["runs"]:
         for r in run["rows"]:
             ev = r.get("dask_events")
             ev_s = "–" if ev is None else f"spill {ev['spill']}, paused {ev['paused']}, died {ev['died']}"
             lines.append(f"| {r['engine']} | {r['n']:,} | {r['stage']} | {r['inputs']:,} → {r['outputs']:,} | {r['wall_s']:.1f} | "
-                         f"{r['cpu_s']:.1f} | {r['inputs'] / max(r['cpu_s'], 1e-9):,.0f} | {_peaks(r['peaks'])} | {r['writer_peak_mib']} | {ev_s} |")
+                         f"{r['cpu_s']:.1f} | {r['inputs'] / max(r['cpu_s'], 1e-9):,.0f} | {_cpus(r.get('cpu_by_process', {}))} | {_peaks(r['peaks'])} | {_peak_cell(r['writer_peaks_mib'])} | {ev_s} |")
         exit_note = "" if run["verify_exit"] == 0 else f", but the verify process exited {run['verify_exit']} after printing its report"
         notes.append(f"- {run['engine']}, {run['n']:,} pairs: `mmcorpus verify` passed every check on all four outputs "
                      f"({run['verify_s']:.1f} s){exit_note}.")
         total_wall = sum(r["wall_s"] for r in run["rows"])
-        lines.append(f"| {run['engine']} | {run['n']:,} | **all four** | | **{total_wall:.1f}** | {sum(r['cpu_s'] for r in run['rows']):.1f} | | | | |")
+        lines.append(f"| {run['engine']} | {run['n']:,} | **all four** | | **{total_wall:.1f}** | {sum(r['cpu_s'] for r in run['rows']):.1f} | | | | | |")
     lines += ["", *notes]
     sizes = res["sizes"]
     if len(sizes) >= 2:
         small, big = sizes[0], sizes[-1]
         lines += ["", f"Growth {small:,} → {big:,} pairs (×{big / small:g}; target for ×4: wall ≤ 4.6):", "",
-                  "| engine | stage | wall ratio | CPU ratio | peak driver RSS ratio |", "|---|---|---|---|---|"]
+                  "| engine | stage | wall ratio | CPU ratio | peak driver RSS ratio | writer peak ratio: largest shard, median shard (target ≤ 1.3) |",
+                  "|---|---|---|---|---|---|"]
         for engine in res["engines"]:
             a = next(r for r in res["runs"] if r["engine"] == engine and r["n"] == small)
             b = next(r for r in res["runs"] if r["engine"] == engine and r["n"] == big)
             for ra, rb in zip(a["rows"], b["rows"]):
+                pa_, pb = ra["writer_peaks_mib"], rb["writer_peaks_mib"]
+                writer = (f"{_ratio(max(pa_), max(pb))}, {_ratio(statistics.median(pa_), statistics.median(pb))}"
+                          if pa_ and pb else "–")
                 lines.append(f"| {engine} | {ra['stage']} | {rb['wall_s'] / ra['wall_s']:.2f} | {rb['cpu_s'] / max(ra['cpu_s'], 1e-9):.2f} | "
-                             f"{rb['peaks'].get('driver', 0) / max(ra['peaks'].get('driver', 1), 1):.2f} |")
+                             f"{rb['peaks'].get('driver', 0) / max(ra['peaks'].get('driver', 1), 1):.2f} | {writer} |")
             wa, wb = sum(r["wall_s"] for r in a["rows"]), sum(r["wall_s"] for r in b["rows"])
-            lines.append(f"| {engine} | **all four** | **{wb / wa:.2f}** | | |")
-    lines += ["", "Writer peak: each shard write's own peak memory (tracemalloc + Arrow pool), written by the stage writer "
-              "to `$MMCORPUS_WRITER_MEMORY` (the harness sets it per stage; measuring slows the writer); a dash: no report."]
+            lines.append(f"| {engine} | **all four** | **{wb / wa:.2f}** | | | |")
+    lines += ["", "Writer peak: each shard write's peak memory (tracemalloc + Arrow pool, from the start to the end of the "
+              "write), written by the stage writer to `$MMCORPUS_WRITER_MEMORY` (the harness sets it per stage; measuring "
+              "slows the writer); a dash: no report. tracemalloc counts every thread of the process. In the DirectRunner's "
+              "process only the writer runs then. A Dask worker runs one task at a time (`--nthreads 1`), but its "
+              "communication thread keeps receiving and deserialising other tasks' inputs (shuffle buckets) during a write, "
+              "and those allocations are counted too: a Dask shard's figure is an upper bound, and the median shard is "
+              "closer to the writer's own."]
     return "\n".join(lines) + "\n"
 
 

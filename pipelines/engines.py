@@ -575,10 +575,11 @@ class _Translator(beam.pipeline.PipelineVisitor):
     def _identity(self, node, inputs):
         return inputs[0]
 
-    def _shuffle(self, node, parts: list, split, merge, kind: str, *extra) -> list:
-        """All-to-all: every input partition's chain runs and splits into P buckets (one task per input
-        partition); output partition j merges bucket j of every split (one task per output)."""
-        n = self.partitions
+    def _shuffle(self, node, parts: list, split, merge, kind: str, *extra, n: int | None = None) -> list:
+        """All-to-all: every input partition's chain runs and splits into n buckets (P unless given; one
+        task per input partition); output partition j merges bucket j of every split (one task per
+        output). Tasks: inputs x (n + 1) + n, so P x P per shuffle at the default."""
+        n = n or self.partitions
         g = self.graph
         split_name, bucket_name = _name(node.full_label, f"{kind}-split"), _name(node.full_label, f"{kind}-bucket")
         merge_name = _name(node.full_label, f"{kind}-merge")
@@ -609,7 +610,10 @@ class _Translator(beam.pipeline.PipelineVisitor):
 
             self._lifted.add(combine)
             fn_bytes = self.graph.data((_name(node.full_label, "combine-fn"), 0), cloudpickle.dumps(combine.transform.fn))
-            return self._shuffle(node, inputs[0], _split_combine, _merge_combine, "combine", fn_bytes)
+            # A global combine (CombineGlobally: counts, ToList, ToDict, ...) has one key, so one output
+            # partition holds everything whatever P is: its shuffle needs one bucket per input, not P.
+            n = 1 if self._global(combine) else None
+            return self._shuffle(node, inputs[0], _split_combine, _merge_combine, "combine", fn_bytes, n=n)
         return self._shuffle(node, inputs[0], _split_by_key, _merge_groups, "group")
 
     @staticmethod
@@ -619,6 +623,12 @@ class _Translator(beam.pipeline.PipelineVisitor):
         if parent is not None and isinstance(parent.transform, beam.CombinePerKey):
             return parent
         return None
+
+    @staticmethod
+    def _global(combine) -> bool:
+        """Whether a CombinePerKey composite is the one inside a CombineGlobally (its single key: None)."""
+        parent = combine.parent
+        return parent is not None and isinstance(parent.transform, beam.CombineGlobally)
 
     def _liftable(self, node):
         """The CombinePerKey whose GroupByKey ``node`` is, when its CombineFn takes no extra arguments."""

@@ -109,9 +109,10 @@ def frozen_heap():
     (``gc.freeze``), and put them back after (``gc.unfreeze``).
 
     Every full collection scans every live container object. At start the process already holds
-    Beam's, pyarrow's and our modules (~300k objects, more when a caller holds data, e.g. a benchmark's
-    records); a stage's read/transform/write loop allocates several tracked objects a record, which triggers a
-    few full collections per 100k records, each scanning that whole heap: 5-7 µs a record of CPU
+    Beam's, pyarrow's and our modules (~300k objects, more when a caller holds data, e.g. a
+    benchmark's records); a stage's read/transform/write loop allocates several tracked objects a
+    record, which triggers a few full collections per 100k records, each scanning that whole heap:
+    5-7 µs a record of CPU
     (measured at 100k caption-only records: 0.5-0.7 s of GC against 0.15-0.25 s frozen). Objects made
     during the run are collected as before, so memory stays bounded; the frozen ones were alive at
     the start anyway. A caller that froze its heap itself (``gc.get_freeze_count()``), or runs with

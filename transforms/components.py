@@ -104,6 +104,18 @@ def _sum_stats(values: Iterable[tuple[int, int]]) -> tuple[int, int]:
     return n, c
 
 
+def _round_stats(stats, r: int):
+    """``(r, summed stats)`` of round r. Every stats element of a round has the key r, so this is a
+    global combine, not CombinePerKey: on the Dask engine a global combine's shuffle has one bucket per
+    partition instead of P (P x P tasks for one key, ten rounds)."""
+    return (
+        stats
+        | f"R{r}StatValues" >> beam.Values()
+        | f"R{r}SumStats" >> beam.CombineGlobally(_sum_stats).without_defaults()
+        | f"R{r}KeyStats" >> beam.Map(lambda v, r=r: (r, v))
+    )
+
+
 def _convergence(prev: list[tuple[int, tuple[int, int]]], r: int) -> dict:
     """From the stats of rounds r-2 and r-1: whether r-1 reproduced r-2, and round r's stats if so."""
     by_round = dict(prev)
@@ -204,7 +216,7 @@ class ConnectedComponents(beam.PTransform):
                 | f"R{r}SmallStar" >> beam.ParDo(SmallStarFn(r)).with_outputs(SmallStarFn.STATS, main="edges")
             )
             edges = small.edges
-            round_stats = small.stats | f"R{r}SumStats" >> beam.CombinePerKey(_sum_stats)
+            round_stats = _round_stats(small.stats, r)
             if done is not None:
                 edges = (edges, done) | f"R{r}Edges" >> beam.Flatten()
                 round_stats = (round_stats, copied) | f"R{r}Stats" >> beam.Flatten()
@@ -378,7 +390,7 @@ class BlockConnectedComponents(beam.PTransform):
                 | f"R{r}SmallStar" >> beam.ParDo(SmallStarBlockFn(r)).with_outputs(SmallStarBlockFn.STATS, main="edges")
             )
             blocks = small.edges
-            stats.append(small.stats | f"R{r}SumStats" >> beam.CombinePerKey(_sum_stats))
+            stats.append(_round_stats(small.stats, r))
         max_rounds = self.max_rounds
         report = (
             stats

@@ -115,6 +115,36 @@ def test_graph_is_exact_and_builds_in_linear_time():
     assert seconds < 60, f"building {tasks:,} tasks took {seconds:.0f} s of CPU"
 
 
+def test_global_combine_shuffles_into_one_bucket_per_partition():
+    """A CombineGlobally has one key, so its shuffle needs one bucket per input partition and one merge,
+    not P x P buckets: at P = 8, after a GroupByKey (8 partitions), Count.Globally makes 8 splits, 8
+    buckets and 1 merge (counted by hand), while a Count.PerKey beside it keeps 8 x 8 buckets. And
+    ten rounds of connected components' stats (one key per round) are global combines now:
+    dedup's graph at P = 50 holds no P x P stats shuffle."""
+    import apache_beam as beam
+
+    p = beam.Pipeline()
+    grouped = p | beam.Create([("a", 1), ("b", 2), ("a", 3)]) | beam.GroupByKey()
+    _ = grouped | "Global" >> beam.combiners.Count.Globally()
+    _ = grouped | "PerKey" >> beam.combiners.Count.PerKey()
+    kinds = collections.Counter(
+        (key[0].split(":")[0], key[0].split(":")[1].split("/")[0]) for key in _graph_of(p, 8).graph.dsk
+        if key[0].startswith("combine-"))
+    assert kinds == {
+        ("combine-fn", "Global"): 1, ("combine-split", "Global"): 8, ("combine-bucket", "Global"): 8, ("combine-merge", "Global"): 1,
+        ("combine-fn", "PerKey"): 1, ("combine-split", "PerKey"): 8, ("combine-bucket", "PerKey"): 64, ("combine-merge", "PerKey"): 8,
+    }
+
+    from transforms.components import BlockConnectedComponents
+
+    p = beam.Pipeline()
+    _ = p | beam.Create([]) | BlockConnectedComponents(partitions=4)
+    buckets = collections.Counter(key[0].split(":")[1] for key in _graph_of(p, 50).graph.dsk
+                                  if key[0].startswith("combine-bucket"))
+    stats = {label: n for label, n in buckets.items() if "SumStats" in label}
+    assert len(stats) == 10 and set(stats.values()) == {50}, stats
+
+
 def test_shuffle_buckets_cross_as_bytes_dask_sizes_exactly():
     """A split's buckets are pickled byte strings: dask's sizeof of them is their length (its sizeof of a
     list samples 10 items and extrapolates, which refused a 1M-record dedup task as "7.54 GiB of input"
