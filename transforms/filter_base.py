@@ -68,11 +68,18 @@ def run_filters(pair: Pair, filters: Sequence[BaseFilter]) -> tuple[Pair, str | 
     return pair, None, ""
 
 
-def filter_record(item, filters: Sequence[BaseFilter], flaggers: Sequence = (), errors=None) -> Outcome:
+def kept_outcome(pair: Pair, flags: list[str]) -> Outcome:
+    """The outcome of a record that passed the filters with these (sorted) quality flags."""
+    return Outcome.kept(with_fields(pair, quality_flags=flags, needs_rewrite=bool(flags)))
+
+
+def filter_record(item, filters: Sequence[BaseFilter], flaggers: Sequence = (), errors=None, kept=kept_outcome):
     """One record through the filters: ``Outcome`` kept with its quality flags, or rejected with the
     first failing rule's reason. Ingest outcomes (already ledger rows) pass through unchanged; an
     unexpected exception becomes an ``error`` outcome with reason ``exception_<Type>`` (``errors``,
-    a Beam counter, counts it): the record is accounted for, never lost."""
+    a Beam counter, counts it): the record is accounted for, never lost. ``kept(pair, flags)`` makes
+    the result of a kept record (default ``kept_outcome``; the filter stage's read step makes the
+    writer's entry of that outcome straight away)."""
     if isinstance(item, Outcome):
         return item
     pair: Pair = item
@@ -83,8 +90,7 @@ def filter_record(item, filters: Sequence[BaseFilter], flaggers: Sequence = (), 
         flags: list[str] = []
         for flagger in flaggers:
             flags.extend(flagger(pair))
-        flags = sorted(set(flags))
-        return Outcome.kept(with_fields(pair, quality_flags=flags, needs_rewrite=bool(flags)))
+        return kept(pair, sorted(set(flags)) if flags else flags)
     except Exception as e:  # dead letter: accounted for with the exception type only
         if errors is not None:
             errors.inc()

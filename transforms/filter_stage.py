@@ -7,10 +7,10 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.filter_base import BaseFilter, filter_record
+from transforms.filter_base import BaseFilter, filter_record, kept_outcome
 from transforms.ingest import ExpandUnitsFn, ReadInputUnitFn, ResolvedInput
 from transforms.sources import tag_record
-from transforms.stage_io import encode_batch
+from transforms.stage_io import encode_kept, encode_outcome
 
 # Outcomes per batch (``stage_io.encode_batch``) that ReadAndFilter emits, and the record bytes (image + caption) at which a
 # batch closes earlier: the per-element costs of the runner are paid once per batch, and a worker holds
@@ -50,26 +50,43 @@ class ReadAndFilterFn(ReadInputUnitFn):
         self.errors = Metrics.counter("mmcorpus.filter", "errors")
 
     def process(self, unit):
-        outcomes = self._outcomes(unit)
         if not self.batch_records:
-            yield from outcomes
+            yield from self._outcomes(unit)
             return
-        batch, size = [], 0
-        for o in outcomes:
-            batch.append(o)
-            if o.pair is not None:
-                size += len(o.pair.image or b"") + len(o.pair.caption or "")
-            if len(batch) >= self.batch_records or size >= self.batch_bytes:
-                yield encode_batch(batch)
-                batch, size = [], 0
+        filters, flaggers, errors = self.filters, self.flaggers, self.errors
+        max_records, max_bytes = self.batch_records, self.batch_bytes
+        batch: list = []
+        size = 0
+        kept_bytes = [0]
+
+        def kept(pair, flags):
+            # a kept record goes straight to its writer entry (no Pair copy, no Outcome object)
+            kept_bytes[0] += len(pair.image or b"") + len(pair.caption or "")
+            entry = encode_kept(pair, flags)
+            return entry if entry is not None else encode_outcome(kept_outcome(pair, flags))
+
+        for item in self._records(unit):
+            r = filter_record(item, filters, flaggers, errors, kept)
+            if type(r) is tuple:
+                batch.append(r)
+            else:
+                batch.append(encode_outcome(r))
+                if r.pair is not None:
+                    size += len(r.pair.image or b"") + len(r.pair.caption or "")
+            if len(batch) >= max_records or size + kept_bytes[0] >= max_bytes:
+                yield batch
+                batch, size, kept_bytes[0] = [], 0, 0
         if batch:
-            yield encode_batch(batch)
+            yield batch
+
+    def _records(self, unit):
+        if not self.tag:
+            return super().process(unit)
+        return (tag_record(item, self.name, self.license) for item in super().process(unit))
 
     def _outcomes(self, unit):
         filters, flaggers, errors = self.filters, self.flaggers, self.errors
-        for item in super().process(unit):
-            if self.tag:
-                item = tag_record(item, self.name, self.license)
+        for item in self._records(unit):
             yield filter_record(item, filters, flaggers, errors)
 
 

@@ -35,7 +35,7 @@ from schemas import reasons
 from schemas.errors import InputSchemaError, UserError
 from schemas.manifest import MANIFEST_NAME
 from schemas.records import ERROR, REJECTED, Outcome, Pair
-from transforms.keys import is_safe_key, record_key, safe_key
+from transforms.keys import is_safe_key, record_key, record_key_prefix, safe_key, text_record_key
 
 FORMATS = ("auto", "webdataset", "i2d-parquet", "table", "stage")
 TABLE_EXTS = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
@@ -504,6 +504,9 @@ class ReadInputUnitFn(beam.DoFn):
             table = pf.read_row_group(rg)
         key_col = self._key_col(table.column_names)
         others = [c for c in table.column_names if c not in (self.spec.url_col, self.spec.caption_col, key_col)]
+        if self._text_only(table, key_col, others):
+            yield from self._read_text_columns(rel, offset, table)
+            return
         if len(set(table.column_names)) != len(table.column_names):  # repeated names: row dicts keep the last
             rows = table.to_pylist()
             cols = {c: [r[c] for r in rows] for c in table.column_names}
@@ -519,6 +522,32 @@ class ReadInputUnitFn(beam.DoFn):
                 rel, offset + i, urls[i], captions[i], keys[i] if keys is not None else None,
                 {c: col[i] for c, col in other_cols},
             )
+
+    def _text_only(self, table: pa.Table, key_col: str | None, others: list[str]) -> bool:
+        """A caption-only table (the common metadata table): url and caption columns of Arrow string
+        type, no key column, no other columns, no repeated names. Its values are str (valid UTF-8,
+        so without surrogates) or None: no field can need ``_bad_text_field``."""
+        names = table.column_names
+        return (
+            key_col is None and not others and len(set(names)) == len(names)
+            and not has_surrogates(self.spec.url_col)
+            and all(pa.types.is_string(t) or pa.types.is_large_string(t)
+                    for t in (table.schema.field(self.spec.url_col).type, table.schema.field(self.spec.caption_col).type))
+        )
+
+    def _read_text_columns(self, rel: str, offset: int, table: pa.Table) -> Iterator[Pair | Outcome]:
+        """``_table_record`` for each row of a ``_text_only`` table, without its per-record checks where
+        they cannot fail: a row with a caption and a url is a Pair keyed by ``text_record_key`` (the
+        same key as ``record_key``); any other row goes through ``_table_record`` (same outcome)."""
+        urls = table.column(self.spec.url_col).to_pylist()
+        captions = table.column(self.spec.caption_col).to_pylist()
+        del table
+        prefix = record_key_prefix(rel)
+        for i, (url, cap) in enumerate(zip(urls, captions), offset):
+            if cap is None or not url:
+                yield self._table_record(rel, i, url, cap, None, {})
+                continue
+            yield Pair(key=text_record_key(prefix, url, cap), url=url, caption=cap, source=f"{rel}#{i:08d}", meta="{}")
 
     def _read_csv(self, path: str, rel: str) -> Iterator[Pair | Outcome]:
         with FileSystems.open(path, compression_type="uncompressed") as f:

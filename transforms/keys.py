@@ -35,6 +35,18 @@ def record_key(source_name: str, url: str | None, caption: str | None) -> str:
     return hash_key(source_name, url, caption)
 
 
+def record_key_prefix(source_name: str) -> bytes:
+    """What ``record_key`` hashes before the url: for ``text_record_key``."""
+    return b"\x00" + _utf8(source_name) + b"\x1f\x00"
+
+
+def text_record_key(prefix: bytes, url: str, caption: str) -> str:
+    """``record_key(source_name, url, caption)`` for a url and caption that are str without surrogates
+    (text read from Arrow string columns), given ``record_key_prefix(source_name)``: the same bytes
+    hashed in one update (half the cost of ``hash_key``'s six)."""
+    return hashlib.sha256(b"".join((prefix, url.encode(), b"\x1f\x00", caption.encode(), b"\x1f"))).hexdigest()[:16]
+
+
 def safe_key(candidate: str | None, *fallback_parts: str | None) -> str:
     """``candidate`` when it is a safe key, else a hash of it and ``fallback_parts`` prefixed ``x``."""
     if candidate is not None and is_safe_key(candidate):

@@ -84,7 +84,11 @@ def test_written_bytes_are_the_pickling_writers(tmp_path):
     _write(tmp_path, "b", [encode_outcome(o) for o in outcomes])
     _write(tmp_path, "c", [encode_batch(outcomes[:25]), encode_batch(outcomes[25:])], batched=True)
     _write(tmp_path, "d", outcomes, sort_buffer_bytes=3_000)
-    assert _sha(tmp_path, "b") == _sha(tmp_path, "c") == _sha(tmp_path, "d") == EXPECTED_SHA256
+    # batches as they cross the shuffle: one marshal dump per shard part (``_packed``)
+    packed = [stage_io._packed(encode_batch(outcomes[:25])), stage_io._packed(encode_batch(outcomes[25:]))]
+    assert [type(p) for p in packed] == [bytes, bytes]
+    _write(tmp_path, "e", packed, batched=True)
+    assert _sha(tmp_path, "b") == _sha(tmp_path, "c") == _sha(tmp_path, "d") == _sha(tmp_path, "e") == EXPECTED_SHA256
     ledger = pq.read_table(tmp_path / "a" / "ledger" / "part-00001-of-00004.parquet").to_pylist()
     (row,) = [r for r in ledger if r["key"] == "k0003" and r["reason"] == "ok"]
     assert (row["cluster_id"], row["kept_key"]) == ("c3", "k0003")
