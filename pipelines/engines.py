@@ -9,6 +9,7 @@ import operator
 import os
 import pickle
 import socket
+import sys
 import typing as t
 from urllib.parse import urlsplit
 
@@ -351,6 +352,43 @@ def _pickled_split(split, *args) -> tuple:
     size (dedup's edge blocks) it estimated one 1M-record split at 7.54 GiB and refused to run the task
     on a 4 GiB worker (bench.scale). A bucket crosses between workers as those bytes."""
     return tuple(_dumps(b) for b in split(*args))
+
+
+# dask sizes every task result (its memory manager, and a task whose inputs it thinks exceed the
+# worker's memory limit is refused with MemoryError). Its size of a list or tuple samples 10 random items
+# and extrapolates: with the stages' uneven elements (dedup's edge and label blocks, a few large numpy
+# blocks beside small ones) that was off by orders of magnitude, at random: bench.scale once stopped
+# with "Task ('group-split:Dedup/Components/R0GroupNeighbours/GroupByKey', 27) has 12.19 GiB worth of
+# input dependencies, but worker ... has memory_limit set to 4.00 GiB" on a 1M-record run whose
+# previous run, same code and input, had passed.
+_SIZEOF_ITEMS = 4096
+
+
+def _sizeof_sequence(seq) -> int:
+    """A list's or tuple's size for dask: the sum over every item up to 4,096 items; beyond, 4,096
+    evenly spaced items scaled up (deterministic; elements that many are records, alike in size)."""
+    from dask.sizeof import sizeof
+
+    n = len(seq)
+    if n <= _SIZEOF_ITEMS:
+        return sys.getsizeof(seq) + sum(map(sizeof, seq))
+    step = n / _SIZEOF_ITEMS
+    sample = sum(sizeof(seq[int(i * step)]) for i in range(_SIZEOF_ITEMS))
+    return sys.getsizeof(seq) + int(sample * n / _SIZEOF_ITEMS)
+
+
+def _register_sizeof() -> None:
+    """Install ``_sizeof_sequence`` in this process (the driver and, through the task functions of this
+    module that every worker unpickles, each Dask worker)."""
+    try:
+        from dask.sizeof import sizeof
+    except ImportError:  # no Dask extra installed: no engine to size for
+        return
+    sizeof.register(list)(_sizeof_sequence)
+    sizeof.register(tuple)(_sizeof_sequence)
+
+
+_register_sizeof()
 
 
 def _apply_merge(merge, n_extra: int, *args):
