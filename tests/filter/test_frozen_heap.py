@@ -65,7 +65,9 @@ def test_a_caller_frozen_heap_or_disabled_gc_is_left_alone():
     frozen = gc.get_freeze_count()
     with runner.frozen_heap():
         pass
-    assert gc.get_freeze_count() == frozen  # not unfrozen under the caller
+    # not unfrozen under the caller (an unfreeze empties the permanent generation; a frozen object that
+    # another thread releases meanwhile leaves it, so the count may drop by a few, never to 0)
+    assert frozen > 1000 and gc.get_freeze_count() > frozen // 2
     gc.unfreeze()
     gc.disable()
     try:
