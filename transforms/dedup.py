@@ -350,6 +350,26 @@ class ExtractFeaturesFn(beam.DoFn):
             yield Features(signature=sig, **row)
 
 
+class ExtractFeatureBatchesFn(ExtractFeaturesFn):
+    """``ExtractFeaturesFn`` that keeps the batch: its records' Features without an error as one list
+    (main output; nothing for a batch of failures only) and ``(key, error)`` of each failed record
+    (``ERRORS``). Legacy mode's bucket and rank steps read whole batches: no per-record element passes
+    the error filters and two re-batching steps (the records, their features and the outputs are those
+    of ``ExtractFeaturesFn``)."""
+
+    ERRORS = "errors"
+
+    def process(self, batch: list[Pair]):
+        ok = []
+        for f in super().process(batch):
+            if f.error is None:
+                ok.append(f)
+            else:
+                yield beam.pvalue.TaggedOutput(self.ERRORS, (f.key, f.error))
+        if ok:
+            yield ok
+
+
 def link_bucket(members: Iterable[tuple[str, Any]], similar, max_compare: int) -> list[tuple[str, str]]:
     """Edges inside one LSH bucket.
 
@@ -840,21 +860,34 @@ class CandidateEdges(beam.PTransform):
             (``bucket_partitions`` picks the count from the record count). Same edges. With
             ``compact`` the edges then come out as edge blocks ``(larger keys, smaller keys)`` for
             ``BlockConnectedComponents``.
+        batched: (needs ``partitions``) the input holds lists of Features (``ExtractFeatureBatchesFn``),
+            not one element per record: the bucket blocks are made per input list, the image rules' keys
+            per record of it. Same edges.
 
     Example:
         edges = features | CandidateEdges(DedupConfig())
     """
 
-    def __init__(self, cfg: DedupConfig, compact: bool = False, partitions: int | None = None, rules: bool = False):
+    def __init__(self, cfg: DedupConfig, compact: bool = False, partitions: int | None = None, rules: bool = False,
+                 batched: bool = False):
         super().__init__()
         if partitions is not None and partitions < 1:
             raise ValueError("partitions must be >= 1 or None")
         if rules and not (compact and partitions is not None):
             raise ValueError("rules needs compact=True and partitions")
+        if batched and partitions is None:
+            raise ValueError("batched needs partitions")
         self.cfg = cfg
         self.compact = compact
         self.partitions = partitions
         self.rules = rules
+        self.batched = batched
+
+    def _per_record(self, fn):
+        """``fn`` (Features → iterable) over this transform's input elements (a record, or a list of them)."""
+        if not self.batched:
+            return fn
+        return lambda batch: [x for f in batch for x in fn(f)]
 
     def _link(self, rule, blocks: bool = False):
         if not self.compact:
@@ -875,7 +908,9 @@ class CandidateEdges(beam.PTransform):
         parts = []
         block_parts: set[int] = set()  # parts whose edges come out as edge blocks already
         batches = None
-        if self.partitions is not None and (cfg.exact_caption or cfg.near_caption_threshold is not None):
+        if self.batched:
+            batches = features
+        elif self.partitions is not None and (cfg.exact_caption or cfg.near_caption_threshold is not None):
             batches = features | "BatchForBuckets" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
         part_rules: list[str] = []  # the rule of each part
         for rule, on in ((reasons.EXACT_CAPTION, cfg.exact_caption), (reasons.EXACT_IMAGE, cfg.exact_image)):
@@ -887,7 +922,7 @@ class CandidateEdges(beam.PTransform):
             elif on:
                 parts.append(
                     features
-                    | f"Key_{rule}" >> beam.FlatMap(_exact_key(rule, cfg.mode))
+                    | f"Key_{rule}" >> beam.FlatMap(self._per_record(_exact_key(rule, cfg.mode)))
                     | f"Group_{rule}" >> beam.GroupByKey()
                     | f"Link_{rule}" >> self._link(rule)
                 )
@@ -932,7 +967,7 @@ class CandidateEdges(beam.PTransform):
             rule = reasons.NEAR_IMAGE
             parts.append(
                 features
-                | "Bands_near-image" >> beam.FlatMap(bucket_near_image)
+                | "Bands_near-image" >> beam.FlatMap(self._per_record(bucket_near_image))
                 | "Group_near-image" >> beam.GroupByKey()
                 | "Link_near-image" >> self._link(rule)
             )
@@ -1522,16 +1557,20 @@ class Deduplicate(beam.PTransform):
     def expand(self, pairs):
         cfg = self.cfg
         batches = pairs | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
-        features = batches | "ExtractFeatures" >> beam.ParDo(ExtractFeaturesFn(cfg))
-        ok_features = features | "WithoutErrors" >> beam.Filter(lambda f: f.error is None)
-        errors = (
-            features
-            | "Errors" >> beam.Filter(lambda f: f.error is not None)
-            | "ErrorByKey" >> beam.Map(lambda f: (f.key, f.error))
-        )
         if cfg.mode == LEGACY:
-            decisions, edges, cc_report, extra = self._legacy(features, ok_features, errors)
+            # features stay in their batches (lists without errors): legacy's bucket and rank steps read batches
+            res = batches | "ExtractFeatures" >> beam.ParDo(ExtractFeatureBatchesFn(cfg)).with_outputs(
+                ExtractFeatureBatchesFn.ERRORS, main="ok"
+            )
+            decisions, edges, cc_report, extra = self._legacy(res.ok, res[ExtractFeatureBatchesFn.ERRORS])
         else:
+            features = batches | "ExtractFeatures" >> beam.ParDo(ExtractFeaturesFn(cfg))
+            ok_features = features | "WithoutErrors" >> beam.Filter(lambda f: f.error is None)
+            errors = (
+                features
+                | "Errors" >> beam.Filter(lambda f: f.error is not None)
+                | "ErrorByKey" >> beam.Map(lambda f: (f.key, f.error))
+            )
             decisions, edges, cc_report, extra = self._strict(pairs, ok_features, errors)
         bands, rows = cfg.lsh_params()
         # ``edges``: the (rule, n) counts of CandidateEdges(compact=True)
@@ -1565,13 +1604,13 @@ class Deduplicate(beam.PTransform):
         )
         return outcomes, report
 
-    def _legacy(self, features, ok_features, errors):
+    def _legacy(self, ok_batches, errors):
         cfg = self.cfg
         # Edges as blocks (each rule's distinct normalised edges), the components on blocks, and every
         # clustered key's rule bits from the same blocks: the edge set, the labels and the bits are
         # those of the per-edge path (components and OR-ed bits depend on the set of edges only).
-        edges, edge_counts, rule_blocks = ok_features | "CandidateEdges" >> CandidateEdges(
-            cfg, compact=True, partitions=self.partitions, rules=True
+        edges, edge_counts, rule_blocks = ok_batches | "CandidateEdges" >> CandidateEdges(
+            cfg, compact=True, partitions=self.partitions, rules=True, batched=True
         )
         q = self.partitions
         final, cc_report = edges | "Components" >> BlockConnectedComponents(cfg.max_rounds, q, label_blocks=True)
@@ -1581,9 +1620,7 @@ class Deduplicate(beam.PTransform):
         member_ranks = (
             {
                 "labels": final | "LabelBlocks" >> beam.ParDo(LabelBlocksFn(q)),
-                "members": ok_features
-                | "RankBatches" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
-                | "RankBlocks" >> beam.ParDo(RankBlocksFn(q)),
+                "members": ok_batches | "RankBlocks" >> beam.ParDo(RankBlocksFn(q)),
             }
             | "JoinRank" >> beam.CoGroupByKey()
             | "RankByRoot" >> beam.FlatMap(_ranks_by_root)
@@ -1599,7 +1636,7 @@ class Deduplicate(beam.PTransform):
             | "JoinDecide" >> beam.CoGroupByKey()
             | "Decisions" >> beam.ParDo(LegacyDecisionsFn(cfg))
         )
-        extra = features.pipeline | "NoStrictReport" >> beam.Create([{}])
+        extra = ok_batches.pipeline | "NoStrictReport" >> beam.Create([{}])
         return decisions, edge_counts, cc_report, extra
 
     def _strict(self, pairs, ok_features, errors):
