@@ -66,6 +66,23 @@ def test_signatures_chunking_does_not_change_values(monkeypatch):
     assert (whole[-1] == mh.EMPTY_HASH).all()
 
 
+def test_row_kernel_chunks_and_empty_rows_bit_identical_to_datasketch():
+    # rows of up to hundreds of shingles reduced 7 at a time, empty rows first, between and last: every
+    # signature equals datasketch's own MinHash of the same shingles (an independent implementation)
+    caps = _real_like_captions(60, seed=11)
+    sh = [[]] + [mh.shingles(mh.normalize_caption(c), "char", 3) for c in caps[:30]] + [[], ["x"]]
+    sh += [mh.shingles(mh.normalize_caption(c), "char", 3) for c in caps[30:]] + [[]]
+    small = mh.MinHasher(64, 3)
+    small.MAX_MATRIX_ELEMS = 64 * 7
+    assert max(len(x) for x in sh) > 7 * 8  # rows of 9 chunks and more
+    ref = MinHash.bulk([[s.encode() for s in x] for x in sh], num_perm=64, seed=3, hashfunc=mh.hash32)
+    for sig_small, sig_whole, theirs in zip(small.signatures(sh), mh.MinHasher(64, 3).signatures(sh), ref):
+        np.testing.assert_array_equal(sig_small, theirs.hashvalues)
+        np.testing.assert_array_equal(sig_whole, theirs.hashvalues)
+    assert (small.signatures([[]])[0] == np.uint32(0xFFFFFFFF)).all()
+    assert small.signatures([]).shape == (0, 64)
+
+
 def test_estimates_track_true_jaccard():
     a = set(range(0, 100))
     b = set(range(30, 130))  # J = 70 / 130
