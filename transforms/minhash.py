@@ -302,11 +302,29 @@ def bbit_jaccard(a: bytes, b: bytes) -> float:
     return max(0.0, (match - 1.0 / 256.0) / (1.0 - 1.0 / 256.0))
 
 
+# datasketch.lsh._optimal_param's answers for common settings (threshold, num_perm, fp_weight, fn_weight):
+# its search integrates the S-curve for every (bands, rows) split, about 0.5 CPU s per dedup run.
+# tests/dedup/test_minhash.py checks every entry against datasketch itself.
+KNOWN_BANDS: dict[tuple[float, int, float, float], tuple[int, int]] = {
+    (0.5, 128, 0.5, 0.5): (25, 5),
+    (0.6, 128, 0.5, 0.5): (18, 7),
+    (0.7, 128, 0.5, 0.5): (14, 9),
+    (0.75, 128, 0.5, 0.5): (11, 11),
+    (0.8, 128, 0.5, 0.5): (9, 13),
+    (0.85, 128, 0.5, 0.5): (8, 16),
+    (0.9, 128, 0.5, 0.5): (5, 25),
+}
+
+
 @functools.lru_cache(maxsize=64)
 def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
     """(bands, rows) minimising the weighted false-positive + false-negative probability mass of
     the LSH S-curve around ``threshold``: datasketch's own ``MinHashLSH`` parameter search
-    (``datasketch.lsh._optimal_param``), called directly so the choice always matches it."""
+    (``datasketch.lsh._optimal_param``), called directly so the choice always matches it
+    (``KNOWN_BANDS`` holds its answers for common settings)."""
+    known = KNOWN_BANDS.get((threshold, num_perm, fp_weight, fn_weight))
+    if known is not None:
+        return known
     from datasketch.lsh import _optimal_param
 
     b, r = _optimal_param(threshold, num_perm, fp_weight, fn_weight)

@@ -100,6 +100,15 @@ def test_band_parameters_are_datasketchs(threshold):
     assert DedupConfig(near_caption_threshold=threshold).lsh_params() == (lsh.b, lsh.r)
 
 
+def test_known_bands_table_is_datasketchs_search():
+    from datasketch.lsh import _optimal_param
+
+    assert (0.7, 128, 0.5, 0.5) in mh.KNOWN_BANDS  # the default config's entry
+    for (threshold, num_perm, fp, fn), bands_rows in mh.KNOWN_BANDS.items():
+        assert bands_rows == tuple(int(x) for x in _optimal_param(threshold, num_perm, fp, fn))
+    assert mh.optimal_bands(0.65, 128) == tuple(int(x) for x in _optimal_param(0.65, 128, 0.5, 0.5))
+
+
 def test_band_keys_equal_for_equal_bands_only():
     sig = np.arange(128, dtype=np.uint32)
     other = sig.copy()
