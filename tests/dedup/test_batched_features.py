@@ -1,0 +1,76 @@
+"""Legacy mode's features stay in their extract batches; sketch ids by row hash equal np.unique's grouping."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from schemas.records import Pair
+from transforms.dedup import LEGACY, DedupConfig, Deduplicate, row_ids
+
+
+def test_legacy_feature_errors_become_error_outcomes():
+    good = [Pair(key="g1", caption="same caption here"), Pair(key="g2", caption="Same caption, here!"),
+            Pair(key="g3", caption="a different caption entirely")]
+    bad = [Pair(key="bad", caption=12345), Pair(key="bad2", caption=["x"])]  # not str: normalisation raises
+    with TestPipeline() as p:
+        outcomes, _ = p | beam.Create(good + bad) | Deduplicate(DedupConfig(mode=LEGACY))
+        assert_that(
+            outcomes | beam.Map(lambda o: (o.key, o.status, o.reason, o.extra.get("kept_key"))),
+            equal_to([("bad", "error", "exception_AttributeError", None),
+                      ("bad2", "error", "exception_AttributeError", None),
+                      ("g1", "kept", "ok", "g1"), ("g2", "duplicate", "exact-caption", "g1"),
+                      ("g3", "kept", "ok", None)]),
+        )
+
+
+def test_legacy_batch_of_errors_only():
+    with TestPipeline() as p:
+        outcomes, _ = p | beam.Create([Pair(key="bad", caption=7)]) | Deduplicate(DedupConfig(mode=LEGACY))
+        assert_that(outcomes | beam.Map(lambda o: (o.key, o.status)), equal_to([("bad", "error")]))
+
+
+class _Count(beam.pipeline.PipelineVisitor):
+    def __init__(self):
+        self.labels: list[str] = []
+
+    def visit_transform(self, node):
+        self.labels.append(node.full_label)
+
+
+def _labels(cfg: DedupConfig) -> list[str]:
+    p = beam.Pipeline()
+    _ = p | beam.Create([Pair(key="a", caption="x")]) | "Dedup" >> Deduplicate(cfg)
+    v = _Count()
+    p.visit(v)
+    return v.labels
+
+
+def test_legacy_features_cross_as_batches_not_records():
+    # one BatchElements (the pairs'), no per-record error filter or re-batching of features; strict mode keeps
+    # its per-record features (the caption cap shuffles them by caption)
+    def batching(labels):  # of records or features (BatchEdges batch the image rules' edges)
+        return [x for x in labels if x.endswith("/ParDo(_GlobalWindowsBatchingDoFn)") and "/BatchEdges" not in x]
+
+    legacy = _labels(DedupConfig(mode=LEGACY))
+    assert batching(legacy) == ["Dedup/Batch/ParDo(_GlobalWindowsBatchingDoFn)"]
+    assert not [x for x in legacy if "WithoutErrors" in x or "/Errors" in x or "RankBatches" in x or "BatchForBuckets" in x]
+    strict = _labels(DedupConfig())
+    assert len(batching(strict)) == 3 and any("WithoutErrors" in x for x in strict)
+
+
+def test_row_ids_equal_exactly_for_equal_rows():
+    rng = np.random.default_rng(4)
+    base = rng.integers(0, 256, size=(40, 13), dtype=np.uint8)  # 13 bytes: padded to two 8-byte words
+    mat = base[rng.integers(0, 40, size=500)]
+    mat[7, 12] ^= 1  # differs from its source row in the last (padded) byte only
+    ids = row_ids(mat)
+    by_bytes: dict[bytes, set[int]] = {}
+    for i, r in enumerate(mat):
+        by_bytes.setdefault(r.tobytes(), set()).add(int(ids[i]))
+    assert all(len(s) == 1 for s in by_bytes.values())  # equal rows, one id
+    assert len({next(iter(s)) for s in by_bytes.values()}) == len(by_bytes)  # different rows, different ids
+    assert row_ids(np.zeros((0, 128), dtype=np.uint8)).shape == (0,)
+    assert row_ids(np.zeros((3, 128), dtype=np.uint8)).tolist() == [0, 0, 0]
