@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import operator
 import os
 import pickle
 import socket
 import sys
+import threading
 import typing as t
 from urllib.parse import urlsplit
 
@@ -39,6 +41,9 @@ _SCHEDULER_CHECK_TIMEOUT_S = 10.0
 # the dedup stage (bench.scale, caption-only records with 2% images, workers of 4 GiB): 40,000 records
 # per partition peaked at 1.4 GiB of worker RSS, 83,000 passed 3.8 GiB and the nanny restarted the worker.
 DEFAULT_PARTITION_RECORDS = 20_000
+# A one-stage shuffle is P x P bucket tasks: 2,500 at P = 50 (1M records), 10^8 at 200M. Above this many
+# partitions a shuffle goes through two stages (dask.dataframe's task shuffle uses the same default).
+DEFAULT_MAX_BRANCH = 32
 
 
 class LocalDaskOptions(PipelineOptions):
@@ -55,6 +60,12 @@ class LocalDaskOptions(PipelineOptions):
             "--dask_min_partitions", type=int, default=None,
             help="at least this many partitions per shuffle (set by the stage runner to the input's bytes / "
             "--target-shard-bytes, so a partition holds about one shard); --dask_npartitions overrides it",
+        )
+        parser.add_argument(
+            "--dask_max_branch", type=int, default=DEFAULT_MAX_BRANCH,
+            help="a shuffle of more partitions than this runs in two stages of about sqrt(P) branches "
+            "each (about 2 x P x sqrt(P) tasks instead of P x P), as dask.dataframe's max_branch "
+            "(default %(default)s)",
         )
         parser.add_argument(
             "--dask_partition_records", type=int, default=DEFAULT_PARTITION_RECORDS,
@@ -361,20 +372,32 @@ def _pickled_split(split, *args) -> tuple:
 # with "Task ('group-split:Dedup/Components/R0GroupNeighbours/GroupByKey', 27) has 12.19 GiB worth of
 # input dependencies, but worker ... has memory_limit set to 4.00 GiB" on a 1M-record run whose
 # previous run, same code and input, had passed.
-_SIZEOF_ITEMS = 4096
+# Items sized per list or tuple, by nesting depth: every item of a top-level result up to 256 (so a list
+# of a few uneven blocks is exact), evenly spaced beyond; 16 inside one, 4 deeper. Without the depth
+# limit a 20,000-group merge output (key, [values]) took 88 ms to size, on every task: a quarter of a
+# Dask worker's CPU in the 1M-record dedup (py-spy).
+_SIZEOF_ITEMS = (256, 16, 4)
+_sizeof_depth = threading.local()
 
 
 def _sizeof_sequence(seq) -> int:
-    """A list's or tuple's size for dask: the sum over every item up to 4,096 items; beyond, 4,096
-    evenly spaced items scaled up (deterministic; elements that many are records, alike in size)."""
+    """A list's or tuple's size for dask: the sum over its items up to ``_SIZEOF_ITEMS[depth]`` of them;
+    beyond, that many evenly spaced items scaled up (deterministic; elements that many are records,
+    alike in size)."""
     from dask.sizeof import sizeof
 
+    depth = getattr(_sizeof_depth, "depth", 0)
+    limit = _SIZEOF_ITEMS[min(depth, len(_SIZEOF_ITEMS) - 1)]
     n = len(seq)
-    if n <= _SIZEOF_ITEMS:
-        return sys.getsizeof(seq) + sum(map(sizeof, seq))
-    step = n / _SIZEOF_ITEMS
-    sample = sum(sizeof(seq[int(i * step)]) for i in range(_SIZEOF_ITEMS))
-    return sys.getsizeof(seq) + int(sample * n / _SIZEOF_ITEMS)
+    _sizeof_depth.depth = depth + 1
+    try:
+        if n <= limit:
+            return sys.getsizeof(seq) + sum(map(sizeof, seq))
+        step = n / limit
+        sample = sum(sizeof(seq[int(i * step)]) for i in range(limit))
+        return sys.getsizeof(seq) + int(sample * n / limit)
+    finally:
+        _sizeof_depth.depth = depth
 
 
 def _register_sizeof() -> None:
@@ -393,8 +416,25 @@ _register_sizeof()
 
 def _apply_merge(merge, n_extra: int, *args):
     """``merge(buckets, *extra)`` of a shuffle's output partition, from positional arguments
-    ``(*extra, *pickled buckets)``."""
-    return merge([pickle.loads(b) for b in args[n_extra:]], *args[:n_extra])
+    ``(*extra, *pieces)``: a piece is one pickled bucket, or (two-stage shuffle) a tuple of them."""
+    buckets = []
+    for piece in args[n_extra:]:
+        if type(piece) is tuple:
+            buckets.extend(pickle.loads(b) for b in piece)
+        else:
+            buckets.append(pickle.loads(piece))
+    return merge(buckets, *args[:n_extra])
+
+
+def _transpose(*slices: tuple) -> tuple:
+    """Two-stage shuffle, hop 1: each of a group's splits gives its buckets for one block of outputs;
+    returns, per output of the block, the group's buckets for it in split order (still pickled)."""
+    return tuple(zip(*slices)) if slices else ()
+
+
+def _isqrt_up(n: int) -> int:
+    r = math.isqrt(n)
+    return r if r * r == n else r + 1
 
 
 def _parts_task(graph: _Graph, fn, parts: list, key):
@@ -525,7 +565,7 @@ class _Translator(beam.pipeline.PipelineVisitor):
     shuffle (GroupByKey, Reshuffle), as a side input, and at the sinks.
     """
 
-    def __init__(self, bag_kwargs: dict, partitions: int, uses: dict):
+    def __init__(self, bag_kwargs: dict, partitions: int, uses: dict, max_branch: int = DEFAULT_MAX_BRANCH):
         from apache_beam.runners.dask.overrides import (
             _Create, _Flatten, _GroupAlsoByWindow, _GroupByKeyOnly, _Read, _Reshuffle,
         )
@@ -534,6 +574,7 @@ class _Translator(beam.pipeline.PipelineVisitor):
         self.graph = _Graph()
         self._n_empty = 0
         self.partitions = partitions  # of every shuffle's output (GroupByKey, Reshuffle) and Flatten's cap
+        self.max_branch = max(2, max_branch)
         self.uses = uses
         self.pcolls: dict = {}
         self._lifted: set = set()  # CombinePerKey nodes whose combine runs around the shuffle
@@ -616,20 +657,49 @@ class _Translator(beam.pipeline.PipelineVisitor):
     def _shuffle(self, node, parts: list, split, merge, kind: str, *extra, n: int | None = None) -> list:
         """All-to-all: every input partition's chain runs and splits into n buckets (P unless given; one
         task per input partition); output partition j merges bucket j of every split (one task per
-        output). Tasks: inputs x (n + 1) + n, so P x P per shuffle at the default."""
+        output), in split order. One stage: a task per bucket, inputs x n + inputs + n tasks, so P x P.
+        With more inputs and outputs than ``max_branch``, two stages (``_two_stage``)."""
         n = n or self.partitions
         g = self.graph
         split_name, bucket_name = _name(node.full_label, f"{kind}-split"), _name(node.full_label, f"{kind}-bucket")
         merge_name = _name(node.full_label, f"{kind}-merge")
         extra_refs = tuple(ref(k) for k in extra)
         splits = [g.task((split_name, i), _pickled_split, split, ref(key), chain, n, *extra_refs) for i, (key, chain) in enumerate(parts)]
-        # Bucket j of split i is a task of its own, run where the split is: only that bucket moves.
-        for i, s in enumerate(splits):
-            for j in range(n):
-                g.task((bucket_name, i, j), operator.getitem, ref(s), j)
-        return [(g.task((merge_name, j), _apply_merge, merge, len(extra_refs), *extra_refs,
-                        *(ref((bucket_name, i, j)) for i in range(len(splits)))), ())
+        if min(len(splits), n) > self.max_branch:
+            pieces = self._two_stage(node.full_label, kind, splits, n)
+        else:
+            # Bucket j of split i is a task of its own, run where the split is: only that bucket moves.
+            for i, s in enumerate(splits):
+                for j in range(n):
+                    g.task((bucket_name, i, j), operator.getitem, ref(s), j)
+            pieces = [tuple(ref((bucket_name, i, j)) for i in range(len(splits))) for j in range(n)]
+        return [(g.task((merge_name, j), _apply_merge, merge, len(extra_refs), *extra_refs, *pieces[j]), ())
                 for j in range(n)]
+
+    def _two_stage(self, label: str, kind: str, splits: list, n: int) -> list[tuple]:
+        """Route split i's bucket j to output j in two hops, like dask.dataframe's task shuffle: splits
+        form groups of about sqrt(inputs) neighbours, outputs blocks of about sqrt(n) neighbours.
+        Hop 1: split i's slice of block c (one task each) goes to the transpose task of (its group, c),
+        which regroups its group's slices per output (bytes only, nothing unpickled). Hop 2: output j
+        takes its piece of every group's transpose. About 2 x P x sqrt(P) tasks instead of P x P, and
+        each output still gets the buckets in split order (same elements, same order: same bytes)."""
+        g = self.graph
+        k_in = _isqrt_up(len(splits))
+        k_out = _isqrt_up(n)
+        groups = [range(a, min(a + k_in, len(splits))) for a in range(0, len(splits), k_in)]
+        blocks = [range(a, min(a + k_out, n)) for a in range(0, n, k_out)]
+        slice_name, transpose_name = _name(label, f"{kind}-slice"), _name(label, f"{kind}-transpose")
+        piece_name = _name(label, f"{kind}-piece")
+        for i, s in enumerate(splits):
+            for c, block in enumerate(blocks):
+                g.task((slice_name, i, c), operator.getitem, ref(s), slice(block.start, block.stop))
+        pieces: list[list] = [[] for _ in range(n)]
+        for gi, group in enumerate(groups):
+            for c, block in enumerate(blocks):
+                t = g.task((transpose_name, gi, c), _transpose, *(ref((slice_name, i, c)) for i in group))
+                for o, j in enumerate(block):
+                    pieces[j].append(ref(g.task((piece_name, gi, j), operator.getitem, ref(t), o)))
+        return [tuple(p) for p in pieces]
 
     def _reshuffle(self, node, inputs):
         # Spread the elements over P partitions (neighbours kept together, order kept).
@@ -814,7 +884,8 @@ class DaskRunner(_dask_runner_base()):
             # shard of input (the runner's --dask_min_partitions), and never fewer than the threads.
             min_partitions = options.view_as(LocalDaskOptions).dask_min_partitions or 1
             partitions = bag_kwargs.get("npartitions") or max(threads, min_partitions)
-            translator = _Translator(bag_kwargs, partitions=partitions, uses=uses.uses)
+            translator = _Translator(bag_kwargs, partitions=partitions, uses=uses.uses,
+                                     max_branch=options.view_as(LocalDaskOptions).dask_max_branch)
             pipeline.visit(translator)
             sinks = translator.sinks()
             log.info("Dask engine: %d transforms, %d sinks, %d partitions per shuffle",

@@ -74,7 +74,7 @@ def test_partitions_also_bounded_by_records():
         _min_partitions([*dask, "--dask_partition_records", "0"], small)
 
 
-def _graph_of(pipeline, partitions: int):
+def _graph_of(pipeline, partitions: int, max_branch: int | None = None):
     """The Dask engine's task graph for ``pipeline`` at ``partitions`` per shuffle (no cluster needed)."""
     from apache_beam.runners.dask.overrides import dask_overrides
 
@@ -83,7 +83,8 @@ def _graph_of(pipeline, partitions: int):
     pipeline.replace_all(dask_overrides())
     uses = engines._Uses()
     pipeline.visit(uses)
-    translator = engines._Translator({}, partitions=partitions, uses=uses.uses)
+    translator = engines._Translator({}, partitions=partitions, uses=uses.uses,
+                                     max_branch=max_branch or engines.DEFAULT_MAX_BRANCH)
     pipeline.visit(translator)
     return translator
 
@@ -109,10 +110,36 @@ def test_graph_is_exact_and_builds_in_linear_time():
         pcoll = ({"x": pcoll, "y": pcoll} | f"Join{r}" >> beam.CoGroupByKey()
                  | f"Flat{r}" >> beam.FlatMap(lambda kv: [(kv[0], v) for v in kv[1]["x"]]))
     t0 = _time.process_time()
-    tasks = len(_graph_of(p, 60).graph.dsk)
+    tasks = len(_graph_of(p, 60, max_branch=60).graph.dsk)  # one-stage shuffles
     seconds = _time.process_time() - t0
     assert tasks > 11 * 60 * 60  # every join after the first: a 60 x 60 all-to-all of buckets
     assert seconds < 60, f"building {tasks:,} tasks took {seconds:.0f} s of CPU"
+
+
+def test_shuffle_of_more_partitions_than_max_branch_runs_in_two_stages():
+    """Two GroupByKeys at P = 10: the second has 10 input partitions. One stage: 10 splits, 10 x 10
+    buckets, 10 merges (120 tasks). With --dask_max_branch 3, two stages of ceil(sqrt(10)) = 4: splits
+    in groups of 4 (4, 4, 2) and outputs in blocks of 4 (4, 4, 2), so 10 splits, 10 x 3 slices, 3 x 3
+    transposes, 3 x 10 pieces and 10 merges (89 tasks), counted by hand. The first GroupByKey (one
+    input partition) stays one stage: 1 split, 10 buckets, 10 merges. At P = 50 (1M records in
+    bench.scale) a shuffle is 2,600 tasks in one stage; in two (groups and blocks of 8: 7 of each)
+    50 + 50 x 7 + 7 x 7 + 7 x 50 + 50 = 849."""
+    import apache_beam as beam
+
+    def kinds(partitions, max_branch):
+        p = beam.Pipeline()
+        _ = (p | beam.Create([("a", 1), ("b", 2), ("a", 3)]) | "G1" >> beam.GroupByKey()
+             | beam.Map(lambda kv: (kv[1][0], kv[0])) | "G2" >> beam.GroupByKey())
+        return collections.Counter((key[0].split(":")[1].split("/")[0], key[0].split(":")[0])
+                                   for key in _graph_of(p, partitions, max_branch).graph.dsk
+                                   if key[0].startswith("group-"))
+
+    one = {("G1", "group-split"): 1, ("G1", "group-bucket"): 10, ("G1", "group-merge"): 10}
+    assert kinds(10, 32) == {**one, ("G2", "group-split"): 10, ("G2", "group-bucket"): 100, ("G2", "group-merge"): 10}
+    assert kinds(10, 3) == {**one, ("G2", "group-split"): 10, ("G2", "group-slice"): 30, ("G2", "group-transpose"): 9,
+                            ("G2", "group-piece"): 30, ("G2", "group-merge"): 10}
+    g2 = {k: n for (label, k), n in kinds(50, None).items() if label == "G2"}
+    assert sum(g2.values()) == 849 and g2["group-transpose"] == 49, g2
 
 
 def test_global_combine_shuffles_into_one_bucket_per_partition():
@@ -169,18 +196,26 @@ def test_shuffle_buckets_cross_as_bytes_dask_sizes_exactly():
 def test_dask_sizes_uneven_lists_exactly():
     """dask's own size of a list samples 10 random items and extrapolates: one 8 MB block among 999
     small ones came out near 0 or near 800 MB, at random (bench.scale was refused a task at 12.19 GiB).
-    With the engine imported, the size is the sum over the items (up to 4,096), every time; longer
-    lists of alike records are sampled evenly."""
+    With the engine imported, the size is the sum over the items (up to 256 of a task's result), every
+    time; longer lists of alike records, and lists nested in them, are sampled evenly."""
     from dask.sizeof import sizeof
+
+    import sys as _sys
 
     import pipelines.engines  # noqa: F401  (installs the engine's sizing, as in every worker)
 
     big = b"x" * 8_000_000
-    items = [b"y" * 10 for _ in range(999)]
-    items.insert(500, big)
+    items = [b"y" * 10 for _ in range(255)]
+    items.insert(100, big)
     for seq in (items, tuple(items)):
         for _ in range(20):
-            assert 8_000_000 <= sizeof(seq) <= 8_000_000 + 200_000
+            assert 8_000_000 <= sizeof(seq) <= 8_000_000 + 20_000
     records = [(f"key-{i:08d}", "a caption of some words " * 3) for i in range(100_000)]
     exact = sum(sizeof(r) for r in records)
     assert 0.97 * exact <= sizeof(records) <= 1.03 * exact + 1_000_000
+    # a GroupByKey merge's output: (key, [values]) groups; sized from 256 groups, 16 values of each
+    groups = [(f"key-{i:08d}", [("v" * 40, i, b"b" * 100)] * (1 + i % 40)) for i in range(20_000)]
+    exact = sum(_sys.getsizeof(g) + _sys.getsizeof(g[0]) + _sys.getsizeof(g[1]) + len(g[1]) * (
+        _sys.getsizeof(g[1][0]) + _sys.getsizeof("v" * 40) + _sys.getsizeof(g[1][0][1]) + _sys.getsizeof(b"b" * 100))
+        for g in groups)
+    assert 0.8 * exact <= sizeof(groups) <= 1.25 * exact
