@@ -170,6 +170,23 @@ def test_dedup_planted_groups_identical_with_beams_own_flags(dask_cluster, tmp_p
     assert read_manifest(str(tmp_path / "dask")).extra["dedup"]["components"]["converged"] is True
 
 
+def test_dedup_legacy_transitive_identical(dask_cluster, tmp_path, sample_dir):
+    # legacy mode's features cross as batches beside a tagged error output (ExtractFeatureBatchesFn)
+    from tests.dedup.stage_fixture import write_pairs
+    from tests.dedup.test_stage import LEGACY_EXPECTED, planted_pairs
+
+    pairs, _ = planted_pairs(sample_dir)
+    inp = write_pairs(str(tmp_path / "in"), pairs)
+    cfg = tmp_path / "legacy.toml"
+    cfg.write_text('[dedup]\nmode = "legacy-transitive"\n')
+    run("dedup", "--input", inp, "--output", str(tmp_path / "direct"), "--num-shards", "3", "--config", str(cfg))
+    run("dedup", "--input", inp, "--output", str(tmp_path / "dask"), "--num-shards", "3", "--config", str(cfg),
+        *on_dask(dask_cluster))
+    assert_identical(tmp_path / "direct", tmp_path / "dask")
+    ledger = read_table(str(tmp_path / "dask"), "ledger").to_pylist()
+    assert {r["key"]: (r["status"], r["reason"], r["kept_key"]) for r in ledger} == LEGACY_EXPECTED
+
+
 FAULTS = ("http_500", "malformed_json", "truncated")
 
 
