@@ -393,6 +393,10 @@ def run_engine(engine: str, n: int, root: str, image_share: float, cores_direct:
             if cluster is not None:
                 r["dask_events"] = cluster.events()
             rows.append(r)
+            errors = m.counts.get("by_status", {}).get("error", 0)
+            if errors:  # the synthetic input has no record a stage should fail on: a bug, not a figure
+                raise RuntimeError(f"bench.scale: {engine} {stage} at {n:,} pairs: {errors:,} error rows in its "
+                                   f"ledger ({m.counts.get('by_reason')}); see {os.path.join(root, 'out', stage)}")
             # Progress, one JSON line per stage as it ends (stderr; the section prints only at the end).
             print(f"bench.scale: {json.dumps(r, sort_keys=True)}", file=sys.stderr, flush=True)
         t = time.perf_counter()
