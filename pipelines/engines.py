@@ -574,7 +574,7 @@ class _Translator(beam.pipeline.PipelineVisitor):
         self.graph = _Graph()
         self._n_empty = 0
         self.partitions = partitions  # of every shuffle's output (GroupByKey, Reshuffle) and Flatten's cap
-        self.max_branch = max(2, max_branch)
+        self.max_branch = max(2, max_branch)  # the stage runner refuses < 2 with a UserError
         self.uses = uses
         self.pcolls: dict = {}
         self._lifted: set = set()  # CombinePerKey nodes whose combine runs around the shuffle

@@ -139,9 +139,12 @@ def bound_dask_partitions(opts: PipelineOptions, target_shard_bytes: int, input_
         return
     from apache_beam.runners.dask.dask_runner import DaskOptions  # dask is an extra: import it only here
 
+    local = opts.view_as(engines.LocalDaskOptions)
+    if local.dask_max_branch is not None and local.dask_max_branch < 2:
+        raise UserError(f"--dask_max_branch {local.dask_max_branch}: must be at least 2 (a shuffle of more "
+                        "partitions than this runs in two stages)")
     if opts.view_as(DaskOptions).npartitions:
         return
-    local = opts.view_as(engines.LocalDaskOptions)
     if local.dask_partition_records is not None and local.dask_partition_records < 1:
         raise UserError(f"--dask_partition_records {local.dask_partition_records}: must be at least 1")
     if not local.dask_min_partitions:

@@ -72,6 +72,8 @@ def test_partitions_also_bounded_by_records():
     assert _min_partitions(["--runner", "direct"], small) is None  # other runners: untouched
     with pytest.raises(Exception, match="--dask_partition_records 0: must be at least 1"):
         _min_partitions([*dask, "--dask_partition_records", "0"], small)
+    with pytest.raises(Exception, match="--dask_max_branch 1: must be at least 2"):
+        _min_partitions([*dask, "--dask_max_branch", "1", "--dask_npartitions", "4"], small)
 
 
 def _graph_of(pipeline, partitions: int, max_branch: int | None = None):
