@@ -23,7 +23,8 @@ Two modes (``DedupConfig.mode``):
 ``legacy-transitive`` — the first wave's behaviour: every rule's edges in ONE graph, a whole connected
     component is one cluster (A exact-caption B, B near-image C ⇒ {A, B, C}); no caption cap, no split.
     Its edges travel as blocks too (``BlockConnectedComponents``), and a removed record's rule bits are
-    OR-ed per key partition from the same blocks (``RuleBitsOfBlocks``).
+    OR-ed per key partition from the same blocks, in the join that meets the labels and the ranks
+    (``_ranks_by_root``; ``RuleBitsOfBlocks`` is the same OR as a transform of its own).
 
 Keep policy (smallest rank wins; a total order, so reruns keep the same record):
     strict, image clusters: ``(needs_rewrite, -width*height, key)`` — a caption that needs no
@@ -1041,15 +1042,20 @@ class _SpreadRuleBitsFn(beam.DoFn):
             yield part, (bit, tuple(ks))
 
 
-def _or_rule_bits(element):
-    """A key partition's ``(rule bit, keys)`` items → ``(key, OR of its bits)`` per key."""
-    _, items = element
+def _rule_bits(items) -> dict[str, int]:
+    """A key partition's ``(rule bit, keys)`` items → ``{key: OR of its bits}``."""
     bits: dict[str, int] = {}
     get = bits.get
     for bit, keys in items:
         for k in keys:
             bits[k] = get(k, 0) | bit
-    yield from bits.items()
+    return bits
+
+
+def _or_rule_bits(element):
+    """A key partition's ``(rule bit, keys)`` items → ``(key, OR of its bits)`` per key."""
+    _, items = element
+    yield from _rule_bits(items).items()
 
 
 class RuleBitsOfBlocks(beam.PTransform):
@@ -1109,13 +1115,15 @@ class _BestAndCountFn(beam.CombineFn):
 
 
 def _members_with_summary(element):
+    """``(root, {members: [(rank, key, digest, sha256, rule bits)], summary: [(best member, size)]})`` →
+    ``(key, (digest, sha256, ClusterSummary, rule bits))`` per member."""
     root, groups = element
     summaries = list(groups["summary"])
     (best, size), = summaries
-    rank, key, digest, sha = best
+    rank, key, digest, sha, _ = best
     summary = ClusterSummary(cluster_id_of(root), key, size, digest, sha)
-    for _, member, m_digest, m_sha in groups["members"]:
-        yield member, (m_digest, m_sha, summary)
+    for _, member, m_digest, m_sha, m_bits in groups["members"]:
+        yield member, (m_digest, m_sha, summary, m_bits)
 
 
 class RankBlocksFn(beam.DoFn):
@@ -1136,9 +1144,15 @@ class RankBlocksFn(beam.DoFn):
 
 
 def _ranks_by_root(element):
-    """``_members_by_root`` for ``RankBlocksFn`` blocks: ``(root, (rank, key, caption digest, sha256))``."""
+    """``_members_by_root`` for ``RankBlocksFn`` blocks, with the key partition's rule bits (``rules``:
+    ``_SpreadRuleBitsFn`` items of the same key partitions) → ``(root, (rank, key, caption digest, sha256,
+    OR of the rule bits of the edges touching the key))``. The bits meet the ranks here, in the partition
+    that already holds the labels, instead of crossing a shuffle of their own and the decision join as one
+    element per key."""
+    _, groups = element
+    bits = _rule_bits(groups["rules"])
     for root, (key, rank, digest, sha) in _members_by_root(element):
-        yield root, (rank, key, digest, sha)
+        yield root, (rank, key, digest, sha, bits.get(key, 0))
 
 
 def rule_names(bits: int) -> list[str]:
@@ -1187,7 +1201,7 @@ def _kept_in_cluster(key: str, cid: str, size: int) -> Decision:
 
 
 class LegacyDecisionsFn(_DecisionsFn):
-    """key ⋈ (feature error, (own caption digest, own sha256, cluster summary), incident rule bits) →
+    """key ⋈ (feature error, (own caption digest, own sha256, cluster summary, incident rule bits)) →
     the record's ``Decision`` (legacy mode): error, kept representative (cluster fields set) or duplicate;
     nothing for a record on no edge (kept as it is)."""
 
@@ -1200,13 +1214,10 @@ class LegacyDecisionsFn(_DecisionsFn):
         clusters = list(groups["cluster"])
         if not clusters:
             return
-        digest, sha, s = clusters[0]
+        digest, sha, s, bits = clusters[0]
         if s.kept_key == key:
             yield self._count(_kept_in_cluster(key, s.cluster_id, s.size))
             return
-        bits = 0
-        for b in groups["rules"]:
-            bits |= b
         reason = reason_for(digest, sha, s, bits, self.cfg)
         detail = f"cluster of {s.size}, kept {s.kept_key}; linked by {','.join(rule_names(bits))}"
         yield self._count(Decision(key, DUPLICATE, reason, detail, extra={"cluster_id": s.cluster_id, "kept_key": s.kept_key}))
@@ -1634,13 +1645,14 @@ class Deduplicate(beam.PTransform):
         )
         q = self.partitions
         final, cc_report = edges | "Components" >> BlockConnectedComponents(cfg.max_rounds, q, label_blocks=True)
-        rules = rule_blocks | "RuleBits" >> RuleBitsOfBlocks(q)
-        # Ranks meet their component's labels per key partition, as blocks (only what the decision needs:
-        # never the signature or the image); only records on an edge come out.
+        # Ranks meet their component's labels and their rule bits (RuleBitsOfBlocks' items) per key partition,
+        # as blocks (only what the decision needs: never the signature or the image); only records on an edge
+        # come out.
         member_ranks = (
             {
                 "labels": final | "LabelBlocks" >> beam.ParDo(LabelBlocksFn(q)),
                 "members": ok_batches | "RankBlocks" >> beam.ParDo(RankBlocksFn(q)),
+                "rules": rule_blocks | "RuleBits" >> beam.ParDo(_SpreadRuleBitsFn(q)),
             }
             | "JoinRank" >> beam.CoGroupByKey()
             | "RankByRoot" >> beam.FlatMap(_ranks_by_root)
@@ -1652,7 +1664,7 @@ class Deduplicate(beam.PTransform):
             | "SummaryPerMember" >> beam.FlatMap(_members_with_summary)
         )
         decisions = (
-            {"error": errors, "cluster": membership, "rules": rules}
+            {"error": errors, "cluster": membership}
             | "JoinDecide" >> beam.CoGroupByKey()
             | "Decisions" >> beam.ParDo(LegacyDecisionsFn(cfg))
         )
