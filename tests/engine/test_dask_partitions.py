@@ -148,8 +148,8 @@ def test_global_combine_shuffles_into_one_bucket_per_partition():
     """A CombineGlobally has one key, so its shuffle needs one bucket per input partition and one merge,
     not P x P buckets: at P = 8, after a GroupByKey (8 partitions), Count.Globally makes 8 splits, 8
     buckets and 1 merge (counted by hand), while a Count.PerKey beside it keeps 8 x 8 buckets. And
-    ten rounds of connected components' stats (one key per round) are global combines now:
-    dedup's graph at P = 50 holds no P x P stats shuffle."""
+    the ten rounds of connected components' stats are summed by ONE global combine (``AllRounds``, per
+    round inside it): dedup's graph at P = 50 holds no P x P stats shuffle and no combine per round."""
     import apache_beam as beam
 
     p = beam.Pipeline()
@@ -170,8 +170,9 @@ def test_global_combine_shuffles_into_one_bucket_per_partition():
     _ = p | beam.Create([]) | BlockConnectedComponents(partitions=4)
     buckets = collections.Counter(key[0].split(":")[1] for key in _graph_of(p, 50).graph.dsk
                                   if key[0].startswith("combine-bucket"))
-    stats = {label: n for label, n in buckets.items() if "SumStats" in label}
-    assert len(stats) == 10 and set(stats.values()) == {50}, stats
+    assert not [label for label in buckets if "SumStats" in label or "StatValues" in label], buckets
+    stats = {label: n for label, n in buckets.items() if "AllRounds" in label}
+    assert len(stats) == 1 and set(stats.values()) == {50}, stats
 
 
 def test_shuffle_buckets_cross_as_bytes_dask_sizes_exactly():
