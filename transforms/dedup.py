@@ -371,6 +371,20 @@ class ExtractFeatureBatchesFn(ExtractFeaturesFn):
             yield ok
 
 
+class ExtractFeaturesSplitFn(ExtractFeaturesFn):
+    """``ExtractFeaturesFn`` with the failures apart: Features without an error (main output) and ``(key, error)``
+    of each failed record (``ERRORS``), instead of two filters and a map over every record's Features."""
+
+    ERRORS = "errors"
+
+    def process(self, batch: list[Pair]):
+        for f in super().process(batch):
+            if f.error is None:
+                yield f
+            else:
+                yield beam.pvalue.TaggedOutput(self.ERRORS, (f.key, f.error))
+
+
 def link_bucket(members: Iterable[tuple[str, Any]], similar, max_compare: int) -> list[tuple[str, str]]:
     """Edges inside one LSH bucket.
 
@@ -1595,14 +1609,10 @@ class Deduplicate(beam.PTransform):
             )
             decisions, edges, cc_report, extra = self._legacy(res.ok, res[ExtractFeatureBatchesFn.ERRORS])
         else:
-            features = batches | "ExtractFeatures" >> beam.ParDo(ExtractFeaturesFn(cfg))
-            ok_features = features | "WithoutErrors" >> beam.Filter(lambda f: f.error is None)
-            errors = (
-                features
-                | "Errors" >> beam.Filter(lambda f: f.error is not None)
-                | "ErrorByKey" >> beam.Map(lambda f: (f.key, f.error))
+            res = batches | "ExtractFeatures" >> beam.ParDo(ExtractFeaturesSplitFn(cfg)).with_outputs(
+                ExtractFeaturesSplitFn.ERRORS, main="ok"
             )
-            decisions, edges, cc_report, extra = self._strict(pairs, ok_features, errors)
+            decisions, edges, cc_report, extra = self._strict(pairs, res.ok, res[ExtractFeaturesSplitFn.ERRORS])
         bands, rows = cfg.lsh_params()
         # ``edges``: the (rule, n) counts of CandidateEdges(compact=True)
         edge_counts = edges | "CountRules" >> beam.CombinePerKey(sum)

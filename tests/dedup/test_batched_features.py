@@ -1,4 +1,4 @@
-"""Legacy mode's features stay in their extract batches; sketch ids by row hash equal np.unique's grouping."""
+"""Legacy mode's features stay in their extract batches; fewer transforms per run; sketch ids by row hash equal np.unique's grouping."""
 
 from __future__ import annotations
 
@@ -58,7 +58,24 @@ def test_legacy_features_cross_as_batches_not_records():
     assert batching(legacy) == ["Dedup/Batch/ParDo(_GlobalWindowsBatchingDoFn)"]
     assert not [x for x in legacy if "WithoutErrors" in x or "/Errors" in x or "RankBatches" in x or "BatchForBuckets" in x]
     strict = _labels(DedupConfig())
-    assert len(batching(strict)) == 3 and any("WithoutErrors" in x for x in strict)
+    # strict keeps its per-record features, but the failures leave ExtractFeatures on a tagged output (no filters)
+    assert len(batching(strict)) == 3
+    assert not [x for x in strict if "WithoutErrors" in x or "/Errors" in x or "ErrorByKey" in x]
+
+
+def test_fewer_transforms_per_run():
+    # the fixed cost per run is mostly Beam building, translating and running every transform: the components
+    # rounds spread their blocks inside SmallStar (one Spread in all), their stats are summed by one global
+    # combine, and legacy's rule bits join the ranks (no RuleBits group of their own)
+    for cfg in (DedupConfig(), DedupConfig(mode=LEGACY)):
+        labels = _labels(cfg)
+        assert [x for x in labels if "Spread" in x and x.startswith("Dedup/Components/")] == ["Dedup/Components/R0Spread"]
+        assert not [x for x in labels if "StatValues" in x or "SumStats" in x or "KeyStats" in x]
+        assert "Dedup/Components/AllRounds/CombinePerKey/GroupByKey" in labels
+        assert len([x for x in labels if "SmallStar" in x]) == cfg.max_rounds
+    legacy = _labels(DedupConfig(mode=LEGACY))
+    assert "Dedup/RuleBits" in legacy  # the spread (a ParDo); its items go into JoinRank
+    assert not [x for x in legacy if x.startswith("Dedup/RuleBits/")]
 
 
 def test_row_ids_equal_exactly_for_equal_rows():
