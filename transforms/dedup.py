@@ -1128,16 +1128,9 @@ class _BestAndCountFn(beam.CombineFn):
         return acc
 
 
-def _members_with_summary(element):
-    """``(root, {members: [(rank, key, digest, sha256, rule bits)], summary: [(best member, size)]})`` →
-    ``(key, (digest, sha256, ClusterSummary, rule bits))`` per member."""
-    root, groups = element
-    summaries = list(groups["summary"])
-    (best, size), = summaries
-    rank, key, digest, sha, _ = best
-    summary = ClusterSummary(cluster_id_of(root), key, size, digest, sha)
-    for _, member, m_digest, m_sha, m_bits in groups["members"]:
-        yield member, (m_digest, m_sha, summary, m_bits)
+def _key_partition(key: str, q: int) -> int:
+    """A key's partition of ``q`` (crc32 of its UTF-8 bytes, as ``transforms.components``)."""
+    return zlib.crc32(key.encode("utf-8")) % q if q > 1 else 0
 
 
 class RankBlocksFn(beam.DoFn):
@@ -1167,6 +1160,36 @@ def _ranks_by_root(element):
     bits = _rule_bits(groups["rules"])
     for root, (key, rank, digest, sha) in _members_by_root(element):
         yield root, (rank, key, digest, sha, bits.get(key, 0))
+
+
+@beam.typehints.with_output_types(tuple[Any, Any])
+class RankByRootFn(beam.DoFn):
+    """Legacy mode, one key partition ``{labels, members (RankBlocksFn), rules (_SpreadRuleBitsFn), errors:
+    [(key, error)]}`` → ``(root, (rank, key, caption digest, sha256, rule bits, error or None))`` for every
+    member on an edge (``_ranks_by_root`` plus the key's first feature error, for a key read twice) and, on
+    the ``decisions`` output, the error ``Decision`` of every failed key that is no such member. Every key
+    thus gets its decision from exactly one step, without a decision join by key."""
+
+    DECISIONS = "decisions"
+
+    def setup(self):
+        self.errors = Metrics.counter("mmcorpus.dedup", "errors")
+
+    def process(self, element):
+        _, groups = element
+        errors: dict[str, str] = {}
+        for key, error in groups["errors"]:
+            errors.setdefault(key, error)
+        get = errors.get
+        members = set()
+        for root, t in _ranks_by_root(element):
+            if errors:
+                members.add(t[1])
+            yield root, t + (get(t[1]),)
+        for key, error in errors.items():
+            if key not in members:
+                self.errors.inc()
+                yield beam.pvalue.TaggedOutput(self.DECISIONS, _error_decision(key, error))
 
 
 def rule_names(bits: int) -> list[str]:
@@ -1214,27 +1237,25 @@ def _kept_in_cluster(key: str, cid: str, size: int) -> Decision:
                     updates={"cluster_id": cid, "cluster_size": size})
 
 
-class LegacyDecisionsFn(_DecisionsFn):
-    """key ⋈ (feature error, (own caption digest, own sha256, cluster summary, incident rule bits)) →
-    the record's ``Decision`` (legacy mode): error, kept representative (cluster fields set) or duplicate;
-    nothing for a record on no edge (kept as it is)."""
+class LegacySummaryDecisionsFn(_DecisionsFn):
+    """Legacy mode: ``(root, {members: RankByRootFn tuples, summary: [(best member, size)]})`` → the ``Decision``
+    of every member from its own error, digest, sha256 and rule bits: error, kept representative (cluster
+    fields set) or duplicate (``reason_for``)."""
 
     def process(self, element):
-        key, groups = element
-        errors = list(groups["error"])
-        if errors:
-            yield self._count(_error_decision(key, errors[0]))
-            return
-        clusters = list(groups["cluster"])
-        if not clusters:
-            return
-        digest, sha, s, bits = clusters[0]
-        if s.kept_key == key:
-            yield self._count(_kept_in_cluster(key, s.cluster_id, s.size))
-            return
-        reason = reason_for(digest, sha, s, bits, self.cfg)
-        detail = f"cluster of {s.size}, kept {s.kept_key}; linked by {','.join(rule_names(bits))}"
-        yield self._count(Decision(key, DUPLICATE, reason, detail, extra={"cluster_id": s.cluster_id, "kept_key": s.kept_key}))
+        root, groups = element
+        (best, size), = list(groups["summary"])
+        s = ClusterSummary(cluster_id_of(root), best[1], size, best[2], best[3])
+        for _, key, digest, sha, bits, error in groups["members"]:
+            if error is not None:
+                yield self._count(_error_decision(key, error))
+            elif s.kept_key == key:
+                yield self._count(_kept_in_cluster(key, s.cluster_id, s.size))
+            else:
+                reason = reason_for(digest, sha, s, bits, self.cfg)
+                detail = f"cluster of {s.size}, kept {s.kept_key}; linked by {','.join(rule_names(bits))}"
+                yield self._count(Decision(key, DUPLICATE, reason, detail,
+                                           extra={"cluster_id": s.cluster_id, "kept_key": s.kept_key}))
 
 
 # A batch of records goes to the writer as encoded batches (stage_io.encode_batch) of at most this many
@@ -1663,20 +1684,22 @@ class Deduplicate(beam.PTransform):
                 "labels": final | "LabelBlocks" >> beam.ParDo(LabelBlocksFn(q)),
                 "members": ok_batches | "RankBlocks" >> beam.ParDo(RankBlocksFn(q)),
                 "rules": rule_blocks | "RuleBits" >> beam.ParDo(_SpreadRuleBitsFn(q)),
+                "errors": errors | "PartitionOfErrors" >> beam.Map(lambda ke, q=q: (_key_partition(ke[0], q), ke)),
             }
             | "JoinRank" >> beam.CoGroupByKey()
-            | "RankByRoot" >> beam.FlatMap(_ranks_by_root)
+            | "RankByRoot" >> beam.ParDo(RankByRootFn()).with_outputs(RankByRootFn.DECISIONS, main="members")
         )
-        summary = member_ranks | "BestPerCluster" >> beam.CombinePerKey(_BestAndCountFn())
-        membership = (
-            {"members": member_ranks, "summary": summary}
-            | "JoinSummary" >> beam.CoGroupByKey()
-            | "SummaryPerMember" >> beam.FlatMap(_members_with_summary)
-        )
+        summary = member_ranks.members | "BestPerCluster" >> beam.CombinePerKey(_BestAndCountFn())
+        # each member's decision is made with its cluster's summary (no join by key after it: a failed key's
+        # error travels with its member tuple, a failed key on no edge got its decision in RankByRoot)
         decisions = (
-            {"error": errors, "cluster": membership}
-            | "JoinDecide" >> beam.CoGroupByKey()
-            | "Decisions" >> beam.ParDo(LegacyDecisionsFn(cfg))
+            (
+                {"members": member_ranks.members, "summary": summary}
+                | "JoinSummary" >> beam.CoGroupByKey()
+                | "Decisions" >> beam.ParDo(LegacySummaryDecisionsFn(cfg)),
+                member_ranks[RankByRootFn.DECISIONS],
+            )
+            | "AllDecisions" >> beam.Flatten()
         )
         extra = ok_batches.pipeline | "NoStrictReport" >> beam.Create([{}])
         return decisions, edge_counts, cc_report, extra

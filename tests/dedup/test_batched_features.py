@@ -91,3 +91,17 @@ def test_row_ids_equal_exactly_for_equal_rows():
     assert len({next(iter(s)) for s in by_bytes.values()}) == len(by_bytes)  # different rows, different ids
     assert row_ids(np.zeros((0, 128), dtype=np.uint8)).shape == (0,)
     assert row_ids(np.zeros((3, 128), dtype=np.uint8)).tolist() == [0, 0, 0]
+
+
+def test_legacy_key_read_twice_one_copy_failing():
+    # the failing copy's error is the key's decision (every copy of it becomes that error row), while its good
+    # copy still ranks in its cluster: "a" is the cluster's representative, "b" its exact-caption duplicate
+    pairs = [Pair(key="a", caption="same caption here"), Pair(key="a", caption=123),
+             Pair(key="b", caption="Same caption, here!"), Pair(key="c", caption=["x"])]
+    with TestPipeline() as p:
+        outcomes, _ = p | beam.Create(pairs) | Deduplicate(DedupConfig(mode=LEGACY))
+        assert_that(
+            outcomes | beam.Map(lambda o: (o.key, o.status, o.reason, o.extra.get("kept_key"))),
+            equal_to([("a", "error", "exception_AttributeError", None), ("a", "error", "exception_AttributeError", None),
+                      ("b", "duplicate", "exact-caption", "a"), ("c", "error", "exception_AttributeError", None)]),
+        )
