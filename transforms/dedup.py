@@ -371,18 +371,31 @@ class ExtractFeatureBatchesFn(ExtractFeaturesFn):
             yield ok
 
 
-class ExtractFeaturesSplitFn(ExtractFeaturesFn):
-    """``ExtractFeaturesFn`` with the failures apart: Features without an error (main output) and ``(key, error)``
-    of each failed record (``ERRORS``), instead of two filters and a map over every record's Features."""
+class ExtractStrictBatchesFn(ExtractFeaturesFn):
+    """Strict mode's ``ExtractFeaturesFn``: a batch's error-free Features that the caption cap does not touch as
+    ONE list (main output; nothing when none), each Features the cap may remove (``capped``: a record with an
+    image and a caption, when ``cap`` is set) on its own on ``CAPPED`` (the cap shuffles them by caption), and
+    ``(key, error)`` of each failed record on ``ERRORS``. The rest of the strict steps read the lists: no
+    per-record element passes the cap's filters, a flatten and two re-batching steps."""
 
     ERRORS = "errors"
+    CAPPED = "capped"
+
+    def __init__(self, cfg: DedupConfig, cap: bool):
+        super().__init__(cfg)
+        self.cap = cap
 
     def process(self, batch: list[Pair]):
+        rest = []
         for f in super().process(batch):
-            if f.error is None:
-                yield f
-            else:
+            if f.error is not None:
                 yield beam.pvalue.TaggedOutput(self.ERRORS, (f.key, f.error))
+            elif self.cap and _capped(f):
+                yield beam.pvalue.TaggedOutput(self.CAPPED, f)
+            else:
+                rest.append(f)
+        if rest:
+            yield rest
 
 
 def link_bucket(members: Iterable[tuple[str, Any]], similar, max_compare: int) -> list[tuple[str, str]]:
@@ -1409,6 +1422,11 @@ class CapCaptionFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(self.OVERUSED, (f.key, Overuse(min(first), n, self.limit)))
 
 
+def _capped(f: Features) -> bool:
+    """Whether the caption cap (strict mode) counts this record: it has an image and a caption."""
+    return f.has_image and f.caption_digest is not None
+
+
 class CapCaptions(beam.PTransform):
     """Features → (features of records still in the pass, ``(key, Overuse)`` of removed records).
 
@@ -1417,15 +1435,21 @@ class CapCaptions(beam.PTransform):
 
     Args:
         limit: ``DedupConfig.max_pairs_per_caption``.
+        only_capped: the input holds only records the cap counts (``_capped``): no filters, and the first
+            output holds the capped records still in the pass only.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, only_capped: bool = False):
         super().__init__()
         self.limit = limit
+        self.only_capped = only_capped
 
     def expand(self, features):
-        capped = features | "ToCap" >> beam.Filter(lambda f: f.has_image and f.caption_digest is not None)
-        rest = features | "NotCapped" >> beam.Filter(lambda f: not (f.has_image and f.caption_digest is not None))
+        if self.only_capped:
+            capped, rest = features, None
+        else:
+            capped = features | "ToCap" >> beam.Filter(_capped)
+            rest = features | "NotCapped" >> beam.Filter(lambda f: not _capped(f))
         first = (
             capped
             | "DigestKey" >> beam.Map(lambda f: (f.caption_digest, f.key))
@@ -1436,6 +1460,8 @@ class CapCaptions(beam.PTransform):
             | "JoinFirst" >> beam.CoGroupByKey()
             | "Cap" >> beam.ParDo(CapCaptionFn(self.limit)).with_outputs(CapCaptionFn.OVERUSED, main="kept")
         )
+        if rest is None:
+            return res.kept, res[CapCaptionFn.OVERUSED]
         kept = (res.kept, rest) | "StillIn" >> beam.Flatten()
         return kept, res[CapCaptionFn.OVERUSED]
 
@@ -1630,10 +1656,14 @@ class Deduplicate(beam.PTransform):
             )
             decisions, edges, cc_report, extra = self._legacy(res.ok, res[ExtractFeatureBatchesFn.ERRORS])
         else:
-            res = batches | "ExtractFeatures" >> beam.ParDo(ExtractFeaturesSplitFn(cfg)).with_outputs(
-                ExtractFeaturesSplitFn.ERRORS, main="ok"
+            # features in their batches (lists without errors); records the caption cap counts leave one by one
+            cap = cfg.max_pairs_per_caption is not None
+            res = batches | "ExtractFeatures" >> beam.ParDo(ExtractStrictBatchesFn(cfg, cap)).with_outputs(
+                ExtractStrictBatchesFn.ERRORS, ExtractStrictBatchesFn.CAPPED, main="ok"
             )
-            decisions, edges, cc_report, extra = self._strict(pairs, res.ok, res[ExtractFeaturesSplitFn.ERRORS])
+            decisions, edges, cc_report, extra = self._strict(
+                pairs, res.ok, res[ExtractStrictBatchesFn.CAPPED] if cap else None, res[ExtractStrictBatchesFn.ERRORS]
+            )
         bands, rows = cfg.lsh_params()
         # ``edges``: the (rule, n) counts of CandidateEdges(compact=True)
         edge_counts = edges | "CountRules" >> beam.CombinePerKey(sum)
@@ -1704,13 +1734,18 @@ class Deduplicate(beam.PTransform):
         extra = ok_batches.pipeline | "NoStrictReport" >> beam.Create([{}])
         return decisions, edge_counts, cc_report, extra
 
-    def _strict(self, pairs, ok_features, errors):
+    def _strict(self, pairs, ok_batches, capped, errors):
+        """``ok_batches``: lists of error-free Features the cap does not count; ``capped``: Features it counts, one
+        by one (None without a cap)."""
         cfg = self.cfg
-        if cfg.max_pairs_per_caption is not None:
-            in_pass, overused = ok_features | "CapCaptions" >> CapCaptions(cfg.max_pairs_per_caption)
+        if capped is not None:
+            kept, overused = capped | "CapCaptions" >> CapCaptions(cfg.max_pairs_per_caption, only_capped=True)
+            kept_batches = kept | "CappedBatches" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
+            in_pass = (ok_batches, kept_batches) | "InPass" >> beam.Flatten()
         else:
-            in_pass, overused = ok_features, pairs.pipeline | "NoCap" >> beam.Create([])
-        edges, edge_counts = in_pass | "CandidateEdges" >> CandidateEdges(cfg, compact=True, partitions=self.partitions)
+            in_pass, overused = ok_batches, pairs.pipeline | "NoCap" >> beam.Create([])
+        edges, edge_counts = in_pass | "CandidateEdges" >> CandidateEdges(
+            cfg, compact=True, partitions=self.partitions, batched=True)
         q = self.partitions
         final, cc_report = edges | "Components" >> BlockConnectedComponents(cfg.max_rounds, q, label_blocks=True)
         # Members (a 128-byte sketch at most, no signature) meet their component's labels per key partition,
@@ -1718,9 +1753,7 @@ class Deduplicate(beam.PTransform):
         members = (
             {
                 "labels": final | "LabelBlocks" >> beam.ParDo(LabelBlocksFn(q)),
-                "members": in_pass
-                | "MemberBatches" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
-                | "MemberBlocks" >> beam.ParDo(MemberBlocksFn(q)),
+                "members": in_pass | "MemberBlocks" >> beam.ParDo(MemberBlocksFn(q)),
             }
             | "JoinRoot" >> beam.CoGroupByKey()
             | "MemberByRoot" >> beam.FlatMap(_members_by_root)

@@ -49,8 +49,7 @@ def _labels(cfg: DedupConfig) -> list[str]:
 
 
 def test_legacy_features_cross_as_batches_not_records():
-    # one BatchElements (the pairs'), no per-record error filter or re-batching of features; strict mode keeps
-    # its per-record features (the caption cap shuffles them by caption)
+    # one BatchElements (the pairs'), no per-record error filter or re-batching of features
     def batching(labels):  # of records or features (BatchEdges batch the image rules' edges)
         return [x for x in labels if x.endswith("/ParDo(_GlobalWindowsBatchingDoFn)") and "/BatchEdges" not in x]
 
@@ -58,9 +57,11 @@ def test_legacy_features_cross_as_batches_not_records():
     assert batching(legacy) == ["Dedup/Batch/ParDo(_GlobalWindowsBatchingDoFn)"]
     assert not [x for x in legacy if "WithoutErrors" in x or "/Errors" in x or "RankBatches" in x or "BatchForBuckets" in x]
     strict = _labels(DedupConfig())
-    # strict keeps its per-record features, but the failures leave ExtractFeatures on a tagged output (no filters)
-    assert len(batching(strict)) == 3
-    assert not [x for x in strict if "WithoutErrors" in x or "/Errors" in x or "ErrorByKey" in x]
+    # strict too: only the records the caption cap counts leave one by one, and are batched again after the cap
+    assert batching(strict) == ["Dedup/Batch/ParDo(_GlobalWindowsBatchingDoFn)",
+                                "Dedup/CappedBatches/ParDo(_GlobalWindowsBatchingDoFn)"]
+    assert not [x for x in strict if "WithoutErrors" in x or "/Errors" in x or "ErrorByKey" in x or "BatchForBuckets" in x
+                or "MemberBatches" in x or "ToCap" in x or "NotCapped" in x]
 
 
 def test_fewer_transforms_per_run():
