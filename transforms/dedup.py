@@ -1310,7 +1310,9 @@ class Assignment(NamedTuple):
     """Where one clustered record ended: ``kept_key`` is its representative (itself for a
     representative, whose ``size`` counts it and its duplicates); ``rule``/``metric``/``value``
     say how it is tied to the representative; ``round`` is the representative round (0-based;
-    ``max_split_rounds`` for a member left unassigned and kept as its own representative)."""
+    ``max_split_rounds`` for a member left unassigned and kept as its own representative); ``override``
+    is the record's decision when it is not the assignment's (``_override``: its feature error or caption
+    overuse, for a key read twice)."""
 
     key: str
     kept_key: str
@@ -1319,6 +1321,7 @@ class Assignment(NamedTuple):
     value: float | int | None
     round: int
     size: int = 0
+    override: tuple | None = None
 
 
 class Overuse(NamedTuple):
@@ -1504,20 +1507,21 @@ class AssignRoundFn(beam.DoFn):
 
     def process(self, element):
         root, groups = element
-        rep = Member._make(next(iter(groups["best"])))
+        best = next(iter(groups["best"]))
+        rep = Member._make(best[:_MEMBER_FIELDS])
         size = 1
         for t in groups["members"]:
             if t[0] == rep.key:
                 continue
-            m = Member._make(t)
+            m = Member._make(t[:_MEMBER_FIELDS])
             link = link_to_representative(m, rep, self.cfg)
             if link is None:
                 self.split.inc()
                 yield beam.pvalue.TaggedOutput(self.REST, (root, t))
                 continue
             size += 1
-            yield Assignment(m.key, rep.key, *link, self.round_index)
-        yield Assignment(rep.key, rep.key, None, None, None, self.round_index, size)
+            yield Assignment(m.key, rep.key, *link, self.round_index, 0, _override_of(t))
+        yield Assignment(rep.key, rep.key, None, None, None, self.round_index, size, _override_of(best))
 
 
 class AssignRepresentatives(beam.PTransform):
@@ -1546,7 +1550,8 @@ class AssignRepresentatives(beam.PTransform):
             assigned.append(res.assigned)
             members = res[AssignRoundFn.REST]
         assigned.append(
-            members | "LeftOver" >> beam.Map(lambda rm: Assignment(rm[1][0], rm[1][0], None, None, None, rounds, 1))
+            members | "LeftOver" >> beam.Map(
+                lambda rm: Assignment(rm[1][0], rm[1][0], None, None, None, rounds, 1, _override_of(rm[1])))
         )
         return assigned | "AllAssigned" >> beam.Flatten()
 
@@ -1591,27 +1596,73 @@ def _members_by_root(element):
                 yield root, t
 
 
-class StrictDecisionsFn(_DecisionsFn):
-    """key ⋈ (feature error, assignment, caption overuse) → the record's ``Decision`` (strict mode); nothing
-    for a record kept as it is (on no edge, or a component member every other member split away from)."""
+_MEMBER_FIELDS = len(Member._fields)
+
+
+def _override_of(t: tuple) -> tuple | None:
+    """The override a member tuple carries after ``Member``'s fields (``StrictMembersByRootFn``), or None."""
+    return t[_MEMBER_FIELDS] if len(t) > _MEMBER_FIELDS else None
+
+
+def _override_decision(key: str, override: tuple) -> Decision:
+    """``("error", exception reason)`` or ``("overused", Overuse fields)`` → the record's Decision."""
+    kind, value = override
+    if kind == ERROR:
+        return _error_decision(key, value)
+    o = Overuse(*value)
+    detail = f"link={OVERUSED_LINK} pairs={o.pairs} max={o.limit} kept={o.first_key}"
+    return Decision(key, DUPLICATE, reasons.CAPTION_OVERUSED, detail, extra={"kept_key": o.first_key})
+
+
+@beam.typehints.with_output_types(tuple[Any, Any])
+class StrictMembersByRootFn(beam.DoFn):
+    """Strict mode, one key partition ``{labels, members (MemberBlocksFn), errors: [(key, error)], overused:
+    [(key, Overuse)]}`` → ``(root, member tuple + (override,))`` for every member on an edge (``_members_by_root``;
+    override: its key's first feature error, else its first caption overuse, else None — a key read twice) and,
+    on ``decisions``, the Decision of every failed or overused key that is no such member. With the override
+    riding the member through the representative rounds, each key's decision comes from its ``Assignment``
+    alone (``StrictAssignmentDecisionsFn``): no decision join by key."""
+
+    DECISIONS = "decisions"
+
+    def setup(self):
+        self.errors = Metrics.counter("mmcorpus.dedup", "errors")
 
     def process(self, element):
-        key, groups = element
-        errors = list(groups["error"])
-        assigned = [Assignment._make(a) for a in groups["assignment"]]
-        overused = list(groups["overused"])
-        if errors:
-            yield self._count(_error_decision(key, errors[0]))
-        elif overused:
-            o = overused[0]
-            detail = f"link={OVERUSED_LINK} pairs={o.pairs} max={o.limit} kept={o.first_key}"
-            yield self._count(Decision(key, DUPLICATE, reasons.CAPTION_OVERUSED, detail, extra={"kept_key": o.first_key}))
-        elif not assigned or (assigned[0].kept_key == key and assigned[0].size <= 1):
+        _, groups = element
+        overrides: dict[str, tuple] = {}
+        for key, error in groups["errors"]:
+            if key not in overrides:
+                overrides[key] = (ERROR, error)
+        for key, o in groups["overused"]:
+            if key not in overrides:
+                overrides[key] = ("overused", tuple(o))
+        get = overrides.get
+        members = set()
+        for root, t in _members_by_root(element):
+            if overrides:
+                members.add(t[0])
+            yield root, t + (get(t[0]),)
+        for key, override in overrides.items():
+            if key not in members:
+                if override[0] == ERROR:
+                    self.errors.inc()
+                yield beam.pvalue.TaggedOutput(self.DECISIONS, _override_decision(key, override))
+
+
+class StrictAssignmentDecisionsFn(_DecisionsFn):
+    """``Assignment`` → the record's ``Decision`` (strict mode): its override, a kept representative of a cluster
+    or a duplicate; nothing for a record kept as it is (a component member every other member split away from)."""
+
+    def process(self, a: Assignment):
+        key = a.key
+        if a.override is not None:
+            yield self._count(_override_decision(key, a.override))
+        elif a.kept_key == key and a.size <= 1:
             return
-        elif assigned[0].kept_key == key:
-            yield self._count(_kept_in_cluster(key, cluster_id_of(key), assigned[0].size))
+        elif a.kept_key == key:
+            yield self._count(_kept_in_cluster(key, cluster_id_of(key), a.size))
         else:
-            a = assigned[0]
             yield self._count(Decision(key, DUPLICATE, a.rule, format_detail(a),
                                        extra={"cluster_id": cluster_id_of(a.kept_key), "kept_key": a.kept_key}))
 
@@ -1754,20 +1805,20 @@ class Deduplicate(beam.PTransform):
             {
                 "labels": final | "LabelBlocks" >> beam.ParDo(LabelBlocksFn(q)),
                 "members": in_pass | "MemberBlocks" >> beam.ParDo(MemberBlocksFn(q)),
+                "errors": errors | "PartitionOfErrors" >> beam.Map(lambda ke, q=q: (_key_partition(ke[0], q), ke)),
+                "overused": overused | "PartitionOfOverused" >> beam.Map(lambda ko, q=q: (_key_partition(ko[0], q), ko)),
             }
             | "JoinRoot" >> beam.CoGroupByKey()
-            | "MemberByRoot" >> beam.FlatMap(_members_by_root)
+            | "MemberByRoot" >> beam.ParDo(StrictMembersByRootFn()).with_outputs(StrictMembersByRootFn.DECISIONS,
+                                                                                 main="members")
         )
-        assigned = members | "Representatives" >> AssignRepresentatives(cfg)
+        assigned = members.members | "Representatives" >> AssignRepresentatives(cfg)
+        # each key's decision from its assignment (its override first) or, for a failed or overused key on no
+        # edge, from MemberByRoot: no join by key
         decisions = (
-            {
-                "error": errors,
-                "assignment": assigned | "AssignmentByKey" >> beam.Map(lambda a: (a.key, tuple(a))),
-                "overused": overused,
-            }
-            | "JoinDecide" >> beam.CoGroupByKey()
-            | "Decisions" >> beam.ParDo(StrictDecisionsFn(cfg))
-        )
+            assigned | "Decisions" >> beam.ParDo(StrictAssignmentDecisionsFn(cfg)),
+            members[StrictMembersByRootFn.DECISIONS],
+        ) | "AllDecisions" >> beam.Flatten()
         rounds = cfg.max_split_rounds
         per_round = (
             assigned

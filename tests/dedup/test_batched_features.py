@@ -106,3 +106,32 @@ def test_legacy_key_read_twice_one_copy_failing():
             equal_to([("a", "error", "exception_AttributeError", None), ("a", "error", "exception_AttributeError", None),
                       ("b", "duplicate", "exact-caption", "a"), ("c", "error", "exception_AttributeError", None)]),
         )
+
+
+def test_strict_key_read_twice_one_copy_failing():
+    # strict mode: the same outcomes as legacy's (the failing copy's error is the key's decision; its good copy is
+    # still the representative its duplicate points to), with no decision join by key
+    pairs = [Pair(key="a", caption="same caption here"), Pair(key="a", caption=123),
+             Pair(key="b", caption="Same caption, here!"), Pair(key="c", caption=["x"])]
+    with TestPipeline() as p:
+        outcomes, _ = p | beam.Create(pairs) | Deduplicate(DedupConfig())
+        assert_that(
+            outcomes | beam.Map(lambda o: (o.key, o.status, o.reason, o.extra.get("kept_key"))),
+            equal_to([("a", "error", "exception_AttributeError", None), ("a", "error", "exception_AttributeError", None),
+                      ("b", "duplicate", "exact-caption", "a"), ("c", "error", "exception_AttributeError", None)]),
+        )
+
+
+def test_strict_key_read_twice_one_copy_overused():
+    # k2's first copy loses the caption cap (limit 1); its second copy (another caption, k1's image bytes) is in the
+    # pass and an exact-image duplicate of k1: the overuse is k2's decision (both copies), k1 stays the kept
+    # representative of a cluster of two
+    pairs = [Pair(key="k1", caption="stock photo", image=b"img1"), Pair(key="k2", caption="stock photo", image=b"img2"),
+             Pair(key="k2", caption="other words", image=b"img1")]
+    with TestPipeline() as p:
+        outcomes, _ = p | beam.Create(pairs) | Deduplicate(DedupConfig(max_pairs_per_caption=1))
+        assert_that(
+            outcomes | beam.Map(lambda o: (o.key, o.status, o.reason, o.extra.get("kept_key"), o.pair.cluster_size if o.pair else None)),
+            equal_to([("k1", "kept", "ok", "k1", 2), ("k2", "duplicate", "caption_overused", "k1", None),
+                      ("k2", "duplicate", "caption_overused", "k1", None)]),
+        )
