@@ -599,10 +599,10 @@ class WriteShardFn(beam.DoFn):
     Memory does not grow with the shard: outcomes are sorted through ``sorted_outcomes`` (in-memory
     buffer of ``sort_buffer_bytes``, sorted runs spilled to local disk beyond it) and streamed into
     Parquet one row group at a time (``DATA_ROW_GROUP_ROWS`` rows or ``DATA_ROW_GROUP_BYTES``).
-    With ``measure_memory`` the step's own peak (tracemalloc + Arrow pool) is reported as the Beam
-    distribution ``mmcorpus.<stage>/writer_peak_bytes``; when ``measure_memory`` is a path, each shard
-    also appends ``{"stage", "shard", "records", "peak_bytes"}`` as a JSON line to that (local or shared)
-    file, for runners whose results carry no metrics.
+    With ``measure_memory`` the step's own peak (its tracemalloc traces + Arrow pool: ``_MemoryProbe``) is
+    reported as the Beam distribution ``mmcorpus.<stage>/writer_peak_bytes``; when ``measure_memory`` is a
+    path, each shard also appends ``{"stage", "shard", "records", "peak_bytes", "process_peak_bytes",
+    "samples"}`` as a JSON line to that (local or shared) file, for runners whose results carry no metrics.
     """
 
     def __init__(self, output_dir: str, stage: str, num_shards: int, write_data: bool = True,
