@@ -390,8 +390,11 @@ def _sizeof_sequence(seq) -> int:
     from dask.sizeof import sizeof
 
     n = len(seq)
-    if set(map(type, seq)) <= _FLAT_TYPES:
-        return sys.getsizeof(seq) + sum(map(sys.getsizeof, seq))
+    types = set(map(type, seq))
+    if types <= _FLAT_TYPES:  # dask's own size of each, without its dispatch per item where it can
+        if types == {bytes}:
+            return sys.getsizeof(seq) + sum(map(len, seq))
+        return sys.getsizeof(seq) + sum(map(sizeof, seq))
     depth = getattr(_sizeof_depth, "depth", 0)
     limit = _SIZEOF_ITEMS[min(depth, len(_SIZEOF_ITEMS) - 1)]
     _sizeof_depth.depth = depth + 1
