@@ -376,7 +376,7 @@ def _pickled_split(split, *args) -> tuple:
 # of a few uneven blocks is exact), evenly spaced beyond; 16 inside one, 4 deeper. Without the depth
 # limit a 20,000-group merge output (key, [values]) took 88 ms to size, on every task: a quarter of a
 # Dask worker's CPU in the 1M-record dedup (py-spy).
-_SIZEOF_ITEMS = (256, 16, 16, 4)
+_SIZEOF_ITEMS = (256, 16, 16, 16, 4)
 _sizeof_depth = threading.local()
 # Items sized exactly at any length: one C-speed pass, no sampling (a shard's list of packed batches
 # holds a few large ones among many small: four samples of it once made 5.48 GiB of ~0.2).
