@@ -345,21 +345,32 @@ def run_stage_measured(argv: list[str], extra_pids: dict[str, int], log_path: st
             "cpu_by_process": {"driver": driver_cpu, **extra_cpu}}
 
 
-def _writer_peaks(path: str) -> list[float]:
-    """Per-shard peaks (MiB, in shard order) of the stage writer's memory (tracemalloc + Arrow pool),
-    from the JSON lines each shard write appends to ``$MMCORPUS_WRITER_MEMORY`` (pipelines.runner);
-    empty when this checkout's writer wrote none."""
+def _writer_peaks(path: str, field: str = "peak_bytes") -> list[float]:
+    """Per-shard peaks (MiB, in shard order) of the stage writer's memory, from the JSON lines each shard
+    write appends to ``$MMCORPUS_WRITER_MEMORY`` (pipelines.runner): ``peak_bytes`` is the writer's own
+    (its traced allocations + Arrow pool), ``process_peak_bytes`` the whole process's tracemalloc peak
+    over the write (+ Arrow pool). Empty when this checkout's writer wrote none."""
     peaks = []
     if os.path.exists(path):
         with open(path) as f:
-            peaks = sorted((d["shard"], d["peak_bytes"] / 2**20) for d in map(json.loads, filter(str.strip, f)))
+            peaks = sorted((d["shard"], d[field] / 2**20) for d in map(json.loads, filter(str.strip, f)) if field in d)
     return [round(p, 2) for _, p in peaks]
 
 
-def _peak_cell(peaks: list[float]) -> str:
+def _peak_cell(peaks: list[float], process: list[float] | None = None) -> str:
     if not peaks:
         return "–"
-    return f"{max(peaks):,.1f} / {statistics.median(peaks):,.1f} ({len(peaks)} shards)"
+    cell = f"{max(peaks):,.1f} / {statistics.median(peaks):,.1f} ({len(peaks)} shards)"
+    if process:
+        cell += f"; process {max(process):,.1f} / {statistics.median(process):,.1f}"
+    return cell
+
+
+def _own_share(runs: list[dict], engine: str) -> tuple[float, float, int] | None:
+    """(min, median, shards) over every shard of ``engine``'s runs of own peak / whole-process peak."""
+    shares = [a / b for run in runs if run["engine"] == engine for r in run["rows"]
+              for a, b in zip(r["writer_peaks_mib"], r.get("writer_process_peaks_mib") or []) if b]
+    return (min(shares), statistics.median(shares), len(shares)) if shares else None
 
 
 def _ratio(a: float, b: float) -> str:
@@ -389,7 +400,8 @@ def run_engine(engine: str, n: int, root: str, image_share: float, cores_direct:
                                    writer_log)
             m = read_manifest(os.path.join(root, "out", stage))
             r.update(stage=stage, engine=engine, n=n, inputs=m.counts["inputs"], outputs=m.counts["outputs"], cores=cores,
-                     writer_peaks_mib=_writer_peaks(writer_log), files=len(m.files))
+                     writer_peaks_mib=_writer_peaks(writer_log),
+                     writer_process_peaks_mib=_writer_peaks(writer_log, "process_peak_bytes"), files=len(m.files))
             if cluster is not None:
                 r["dask_events"] = cluster.events()
             rows.append(r)
@@ -462,7 +474,7 @@ def to_markdown(res: dict, command: str) -> str:
     for n, info in res["inputs"].items():
         lines.append(f"- n = {n:,}: {info['images']:,} pairs with real image bytes ({info['image_bytes'] / 1e6:,.0f} MB of re-encoded "
                      f"bundled photos), the rest caption-only; input written in {info['seconds']:.0f} s.")
-    lines += ["", "| engine | pairs | stage | in → out | wall s | CPU s | pairs/s/core | CPU s per process | peak RSS MiB per process | writer peak MiB per shard: largest / median | Dask memory events |",
+    lines += ["", "| engine | pairs | stage | in → out | wall s | CPU s | pairs/s/core | CPU s per process | peak RSS MiB per process | writer peak MiB per shard, own: largest / median; process: largest / median | Dask memory events |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes: list[str] = []
     for run in res["runs"]:
@@ -470,7 +482,7 @@ def to_markdown(res: dict, command: str) -> str:
             ev = r.get("dask_events")
             ev_s = "–" if ev is None else f"spill {ev['spill']}, paused {ev['paused']}, died {ev['died']}"
             lines.append(f"| {r['engine']} | {r['n']:,} | {r['stage']} | {r['inputs']:,} → {r['outputs']:,} | {r['wall_s']:.1f} | "
-                         f"{r['cpu_s']:.1f} | {r['inputs'] / max(r['cpu_s'], 1e-9):,.0f} | {_cpus(r.get('cpu_by_process', {}))} | {_peaks(r['peaks'])} | {_peak_cell(r['writer_peaks_mib'])} | {ev_s} |")
+                         f"{r['cpu_s']:.1f} | {r['inputs'] / max(r['cpu_s'], 1e-9):,.0f} | {_cpus(r.get('cpu_by_process', {}))} | {_peaks(r['peaks'])} | {_peak_cell(r['writer_peaks_mib'], r.get('writer_process_peaks_mib'))} | {ev_s} |")
         exit_note = "" if run["verify_exit"] == 0 else f", but the verify process exited {run['verify_exit']} after printing its report"
         notes.append(f"- {run['engine']}, {run['n']:,} pairs: `mmcorpus verify` passed every check on all four outputs "
                      f"({run['verify_s']:.1f} s){exit_note}.")
@@ -494,13 +506,17 @@ def to_markdown(res: dict, command: str) -> str:
                              f"{rb['peaks'].get('driver', 0) / max(ra['peaks'].get('driver', 1), 1):.2f} | {writer} |")
             wa, wb = sum(r["wall_s"] for r in a["rows"]), sum(r["wall_s"] for r in b["rows"])
             lines.append(f"| {engine} | **all four** | **{wb / wa:.2f}** | | | |")
-    lines += ["", "Writer peak: each shard write's peak memory (tracemalloc + Arrow pool, from the start to the end of the "
-              "write), written by the stage writer to `$MMCORPUS_WRITER_MEMORY` (the harness sets it per stage; measuring "
-              "slows the writer); a dash: no report. tracemalloc counts every thread of the process. In the DirectRunner's "
-              "process only the writer runs then. A Dask worker runs one task at a time (`--nthreads 1`), but its "
-              "communication thread keeps receiving and deserialising other tasks' inputs (shuffle buckets) during a write, "
-              "and those allocations are counted too: a Dask shard's figure is an upper bound, and the median shard is "
-              "closer to the writer's own."]
+    lines += ["", "Writer peak: each shard write's own peak memory, written by the stage writer to `$MMCORPUS_WRITER_MEMORY` "
+              "(the harness sets it per stage; measuring slows the writer; a dash: no report). Own = the largest sum, at the points "
+              "where the writer holds the most (a full sort buffer, the end of its input, a row group built), of the live "
+              "tracemalloc traces allocated by the writer's module, plus the Arrow pool's growth. \"process\" = tracemalloc's "
+              "peak of the whole process over the write (+ Arrow pool): it also counts other threads, such as a Dask worker's "
+              "communication thread receiving and deserialising other tasks' inputs during a write (`--nthreads 1`), so on "
+              "Dask it is only an upper bound. The growth ratios use the own figures."]
+    share = _own_share(res["runs"], "direct")
+    if share:
+        lines += ["", f"Check of the own figure where nothing else runs during a write (the DirectRunner's process): own / process "
+                     f"peak per shard, over all {share[2]} direct shards of this run: lowest {share[0]:.2f}, median {share[1]:.2f}."]
     return "\n".join(lines) + "\n"
 
 

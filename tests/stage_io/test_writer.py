@@ -127,3 +127,55 @@ def test_writer_peak_memory_does_not_grow_with_the_shard(tmp_path, monkeypatch, 
     shard_bytes = 2000 * image_bytes
     assert peaks[2000] < 1.3 * peaks[500], peaks
     assert peaks[2000] < shard_bytes / 4, peaks
+
+
+def _batches(n: int, per: int = 500):
+    """The writer's input as WriteStageOutput hands it over: marshal-packed batches of encoded outcomes."""
+    outcomes = [Outcome.kept(_pair(i, 0)) for i in range(n)]
+    return [stage_io._packed(stage_io.encode_batch(outcomes[i:i + per])) for i in range(0, n, per)]
+
+
+def test_writer_own_peak_leaves_out_other_threads(tmp_path):
+    """A Dask worker's communication thread deserialises other tasks' inputs while a shard is written;
+    tracemalloc counts every thread. Here a second thread holds 200 MB for the whole write: the process
+    peak sees it, the writer's own figure must not (it was the whole-process peak before: Dask shards read
+    up to 36x their DirectRunner figure). Alone, the own figure must be most of the process peak."""
+    import json
+    import threading
+
+    held: list[bytes] = []
+    allocated, finished = threading.Event(), threading.Event()
+
+    def other_thread():
+        held.extend(bytes(100_000) + bytes([i % 256]) for i in range(2_000))  # 200 MB
+        allocated.set()
+        finished.wait()
+        held.clear()
+
+    def feed(batches, with_thread):
+        for i, b in enumerate(batches):
+            if i == 0 and with_thread:  # the write has started (the probe is on): the other thread allocates now
+                threading.Thread(target=other_thread, daemon=True).start()
+                assert allocated.wait(60)
+            yield b
+
+    batches = _batches(20_000)
+    lines = {}
+    for name, with_thread in (("alone", False), ("beside", True)):  # `finished` stays clear until "beside" ends
+        log = tmp_path / f"{name}.jsonl"
+        fn = WriteShardFn(str(tmp_path / name), "filter", 1, measure_memory=str(log), spill_dir=str(tmp_path), batched=True)
+        fn.setup()
+        list(fn.process((0, feed(batches, with_thread))))
+        if with_thread:
+            finished.set()  # the other thread lets go only now, after the write
+        lines[name] = json.loads(log.read_text())
+    alone, beside = lines["alone"], lines["beside"]
+    assert alone["records"] == beside["records"] == 20_000
+    mb = 1e6
+    # the other thread's 200 MB shows in the process peak ...
+    assert 195 * mb < beside["process_peak_bytes"] - alone["process_peak_bytes"] < 215 * mb, (alone, beside)
+    # ... not in the writer's own figure, which stays what it is alone
+    assert abs(beside["peak_bytes"] - alone["peak_bytes"]) < 0.05 * alone["peak_bytes"], (alone, beside)
+    assert alone["peak_bytes"] < 50 * mb
+    # alone, the own figure is nearly all of the process peak (the sums are taken where the writer holds most)
+    assert 0.85 * alone["process_peak_bytes"] <= alone["peak_bytes"] <= alone["process_peak_bytes"], alone
