@@ -1667,6 +1667,33 @@ class StrictAssignmentDecisionsFn(_DecisionsFn):
                                        extra={"cluster_id": cluster_id_of(a.kept_key), "kept_key": a.kept_key}))
 
 
+class _SumByKeyFn(beam.CombineFn):
+    """``(key, n)`` elements (or what ``pair_of`` makes of each element) → ``{key: sum of n}``: one global combine
+    whose accumulator is bounded by the distinct keys (rules, representative rounds), instead of a per-key
+    combine and a ``ToDict`` (twice the transforms, and a map per element before it)."""
+
+    def __init__(self, pair_of=None):
+        self.pair_of = pair_of
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, item):
+        k, n = self.pair_of(item) if self.pair_of is not None else item
+        acc[k] = acc.get(k, 0) + n
+        return acc
+
+    def merge_accumulators(self, accs):
+        out: dict = {}
+        for acc in accs:
+            for k, n in acc.items():
+                out[k] = out.get(k, 0) + n
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
 class Deduplicate(beam.PTransform):
     """Pairs → one ``Outcome`` per pair (kept representatives and ``duplicate`` rows) plus a report.
 
@@ -1717,8 +1744,7 @@ class Deduplicate(beam.PTransform):
             )
         bands, rows = cfg.lsh_params()
         # ``edges``: the (rule, n) counts of CandidateEdges(compact=True)
-        edge_counts = edges | "CountRules" >> beam.CombinePerKey(sum)
-        edge_counts = edge_counts | "EdgeCountsDict" >> beam.combiners.ToDict()
+        edge_counts = edges | "EdgeCountsDict" >> beam.CombineGlobally(_SumByKeyFn())
         mode = cfg.mode
 
         def report_of(cc, counts, extra):
@@ -1822,9 +1848,7 @@ class Deduplicate(beam.PTransform):
         rounds = cfg.max_split_rounds
         per_round = (
             assigned
-            | "RoundOf" >> beam.Map(lambda a: a.round)
-            | "CountRounds" >> beam.combiners.Count.PerElement()
-            | "RoundsDict" >> beam.combiners.ToDict()
+            | "RoundsDict" >> beam.CombineGlobally(_SumByKeyFn(lambda a: (a.round, 1)))
         )
         n_overused = overused | "CountOverused" >> beam.combiners.Count.Globally()
         extra = per_round | "StrictReport" >> beam.Map(

@@ -74,6 +74,8 @@ def test_fewer_transforms_per_run():
         assert not [x for x in labels if "StatValues" in x or "SumStats" in x or "KeyStats" in x]
         assert "Dedup/Components/AllRounds/CombinePerKey/GroupByKey" in labels
         assert len([x for x in labels if "SmallStar" in x]) == cfg.max_rounds
+        # the report's counts: one global combine each (no per-key combine + ToDict, no map per assignment)
+        assert not [x for x in labels if "CountRules" in x or "RoundOf" in x or "CountRounds" in x]
     legacy = _labels(DedupConfig(mode=LEGACY))
     assert "Dedup/RuleBits" in legacy  # the spread (a ParDo); its items go into JoinRank
     assert not [x for x in legacy if x.startswith("Dedup/RuleBits/")]
