@@ -179,21 +179,3 @@ def test_writer_own_peak_leaves_out_other_threads(tmp_path):
     assert alone["peak_bytes"] < 50 * mb
     # alone, the own figure is nearly all of the process peak (the sums are taken where the writer holds most)
     assert 0.85 * alone["process_peak_bytes"] <= alone["peak_bytes"] <= alone["process_peak_bytes"], alone
-
-
-def test_writer_own_peak_counts_the_row_group_on_its_way_to_the_file(tmp_path):
-    """Arrow hands each encoded row group to the Python sink as one bytes object (allocated under
-    pyarrow's frames, between sample points): with 30 KB images that transient is the largest thing a
-    writer holds. Alone in the process, the own figure must match the process peak; without the
-    write window it was 0.65-0.77 of it."""
-    import json
-
-    outcomes = [Outcome.kept(_pair(i, 30_000)) for i in range(600)]
-    batches = [stage_io._packed(stage_io.encode_batch(outcomes[i:i + 50])) for i in range(0, 600, 50)]
-    log = tmp_path / "peaks.jsonl"
-    fn = WriteShardFn(str(tmp_path / "out"), "filter", 1, measure_memory=str(log), spill_dir=str(tmp_path), batched=True)
-    fn.setup()
-    list(fn.process((0, iter(batches))))
-    line = json.loads(log.read_text())
-    assert line["records"] == 600
-    assert 0.95 * line["process_peak_bytes"] <= line["peak_bytes"] <= line["process_peak_bytes"], line
