@@ -409,10 +409,9 @@ class _MemoryProbe:
     tracemalloc counts every thread of the process. On the DirectRunner only the writer runs during a
     write, but a Dask worker's communication thread keeps receiving and deserialising other tasks'
     inputs meanwhile. So the figure is "own": at the points where the writer holds the most (a full
-    sort buffer before it spills, the end of its input, a row group built) the live traces allocated in
-    this module are summed; a row group's sum also gets the process's growth over the short window in
-    which it is written (``written``). ``peak`` is the largest such figure plus the Arrow pool's
-    largest growth at the same points. ``global_peak`` is tracemalloc's peak of
+    sort buffer before it spills, the end of its input, a row group about to be written) the live
+    traces whose traceback passes through this module are summed, and ``peak`` is the largest such sum
+    plus the Arrow pool's largest growth at the same points. ``global_peak`` is tracemalloc's peak of
     the whole process (an upper bound; on the DirectRunner it is the writer's true peak, which the
     tests hold ``peak`` against). A sum is taken only when the process as a whole holds more than the
     largest own sum so far (else it cannot be a new maximum), so a quiet process pays almost nothing.
@@ -426,8 +425,6 @@ class _MemoryProbe:
         self.on = on
         self.arrow_peak = 0
         self.own_peak = 0
-        self._own_at: int | None = None  # own sum at the last row group built, until it is written
-        self._current_at = 0
         self.samples = 0  # own sums taken (each walks every live trace)
         self.peak = self.global_peak = 0
 
@@ -441,10 +438,10 @@ class _MemoryProbe:
                 _MemoryProbe._active += 1
         return self
 
-    def sample(self, own: bool = True, row_group: bool = False) -> None:
+    def sample(self, own: bool = True) -> None:
         """A point where the writer may hold its most: a sort buffer full, the end of the input, a row
-        group built (``row_group``: ``written`` follows). ``own=False``: the Arrow pool only (a point
-        that cannot hold more Python memory than an earlier one)."""
+        group built. ``own=False``: the Arrow pool only (a point that cannot hold more Python memory
+        than an earlier one)."""
         if not self.on:
             return
         self.arrow_peak = max(self.arrow_peak, pa.total_allocated_bytes() - self._arrow_base)
@@ -453,25 +450,9 @@ class _MemoryProbe:
             # the sum's own temporaries (arrays over every trace) are not the writer's: the process
             # peak is kept from before it and restarted after it
             self._process_peak = max(self._process_peak, peak)
-            own_bytes = _own_traced_bytes()
-            self.own_peak = max(self.own_peak, own_bytes)
+            self.own_peak = max(self.own_peak, _own_traced_bytes())
             self.samples += 1
             tracemalloc.reset_peak()
-            if row_group:
-                self._own_at, self._current_at = own_bytes, tracemalloc.get_traced_memory()[0]
-
-    def written(self) -> None:
-        """After a row group went to the file: Arrow hands the encoded pages to the Python sink as
-        bytes, a transient the size of the compressed row group that no sample point sees, allocated
-        under pyarrow's frames. The process's growth from the row group's own sum to the peak of this
-        short window (the build, the write) is added to that sum."""
-        if not self.on:
-            return
-        if self._own_at is not None:
-            peak = tracemalloc.get_traced_memory()[1]
-            self.own_peak = max(self.own_peak, self._own_at + max(0, peak - self._current_at))
-            self._own_at = None
-        self.sample(own=False)
 
     def __exit__(self, *exc):
         if self.on:
@@ -536,11 +517,11 @@ class _StreamingParquet:
         # the rows and their table both held: a row group's most. Own sums at a file's 1st, 2nd, 4th, 8th...
         # row group: the sort buffer only shrinks after the first, and a row group is bounded
         self.flushes += 1
-        self.probe.sample(own=self.flushes & (self.flushes - 1) == 0, row_group=True)
+        self.probe.sample(own=self.flushes & (self.flushes - 1) == 0)
         self.total_rows += len(self.rows)
         self.rows, self.pending_bytes = [], 0
         self.writer.write_table(table, row_group_size=table.num_rows)
-        self.probe.written()
+        self.probe.sample(own=False)
         del table
 
     def _open(self) -> None:
