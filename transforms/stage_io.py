@@ -409,9 +409,10 @@ class _MemoryProbe:
     tracemalloc counts every thread of the process. On the DirectRunner only the writer runs during a
     write, but a Dask worker's communication thread keeps receiving and deserialising other tasks'
     inputs meanwhile. So the figure is "own": at the points where the writer holds the most (a full
-    sort buffer before it spills, the end of its input, a row group about to be written) the live
-    traces whose traceback passes through this module are summed, and ``peak`` is the largest such sum
-    plus the Arrow pool's largest growth at the same points. ``global_peak`` is tracemalloc's peak of
+    sort buffer before it spills, the end of its input, a row group built) the live traces allocated in
+    this module are summed, and ``peak`` is the largest such sum plus the Arrow pool's largest growth at
+    the same points. It misses what Arrow hands the Python sink while a row group is written (at most
+    one compressed row group; docs/verify-and-benchmarks.md). ``process_peak`` is tracemalloc's peak of
     the whole process (an upper bound; on the DirectRunner it is the writer's true peak, which the
     tests hold ``peak`` against). A sum is taken only when the process as a whole holds more than the
     largest own sum so far (else it cannot be a new maximum), so a quiet process pays almost nothing.
@@ -426,7 +427,7 @@ class _MemoryProbe:
         self.arrow_peak = 0
         self.own_peak = 0
         self.samples = 0  # own sums taken (each walks every live trace)
-        self.peak = self.global_peak = 0
+        self.peak = self.process_peak = 0
 
     def __enter__(self):
         if self.on:
@@ -457,7 +458,7 @@ class _MemoryProbe:
     def __exit__(self, *exc):
         if self.on:
             self.sample()
-            self.global_peak = max(self._process_peak, tracemalloc.get_traced_memory()[1]) + self.arrow_peak
+            self.process_peak = max(self._process_peak, tracemalloc.get_traced_memory()[1]) + self.arrow_peak
             self.peak = self.own_peak + self.arrow_peak
             with _MemoryProbe._lock:
                 _MemoryProbe._active -= 1
@@ -466,7 +467,8 @@ class _MemoryProbe:
 
 
 def _own_traced_bytes(module_file: str = __file__) -> int:
-    """Bytes of the live tracemalloc traces whose traceback passes through ``module_file``."""
+    """Bytes of the live tracemalloc traces with a frame in ``module_file`` (the allocating frame, at
+    ``_MemoryProbe._NFRAME`` = 1)."""
     traces = tracemalloc._get_traces()  # (domain, size, traceback, total frames); what take_snapshot reads
     if not traces:
         return 0
@@ -475,7 +477,7 @@ def _own_traced_bytes(module_file: str = __file__) -> int:
     ids = np.fromiter(map(id, tbs), dtype=np.int64, count=len(tbs))
     sizes = np.fromiter(map(operator.itemgetter(1), traces), dtype=np.int64, count=len(traces))
     del traces
-    distinct, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
     own = np.fromiter((any(f[0] == module_file for f in tbs[i]) for i in first.tolist()), dtype=bool, count=len(first))
     return int(sizes[own[inverse]].sum())
 
@@ -639,7 +641,7 @@ class WriteShardFn(beam.DoFn):
             self._peak.update(int(probe.peak))
             if isinstance(self.measure_memory, str):
                 line = {"stage": self.stage, "shard": shard, "records": sum(result.counts.values()), "peak_bytes": int(probe.peak),
-                        "process_peak_bytes": int(probe.global_peak), "samples": probe.samples}
+                        "process_peak_bytes": int(probe.process_peak), "samples": probe.samples}
                 with open(self.measure_memory, "a", encoding="utf-8") as f:  # one short append per shard
                     f.write(json.dumps(line, sort_keys=True) + "\n")
         yield result
