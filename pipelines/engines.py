@@ -276,8 +276,20 @@ def _steps(items: t.Iterable, chain: tuple) -> t.Iterator:
     return it
 
 
+class _Partition(list):
+    """A task's list of elements. distributed sends a plain ``list`` result to another worker element
+    by element (``to_serialize`` serialises a list, tuple or dict item by item: a pickle call, an
+    ``inspect.getmodule`` probe, a header and a frame per element, and the same again to deserialise);
+    a subclass is pickled whole, in one C-speed call. In the pack stage at 100k pairs that per-element
+    path was about 30% of the Dask workers' CPU (py-spy: ``Worker.get_data`` and ``gather_dep``
+    sending and receiving materialised partitions); 70,000 records serialised in 6.6 s item by item,
+    0.18 s whole."""
+
+    __slots__ = ()
+
+
 def _materialize(items, chain) -> list:
-    return list(_steps(items, chain))
+    return _Partition(_steps(items, chain))
 
 
 # The stage's dask graph is one plain dict of tasks ({key: Task}), built in O(tasks) and referenced by
@@ -330,7 +342,7 @@ def ref(key):
 def _concat_parts(chains, *items) -> list:
     """Partitions ``items[i]`` with their chains ``chains[i]`` -> one list: the chains run one after the
     other, in order."""
-    out: list = []
+    out = _Partition()
     for part, chain in zip(items, chains):
         out.extend(_steps(part, chain))
     return out
@@ -432,7 +444,7 @@ def _apply_merge(merge, n_extra: int, *args):
             buckets.extend(pickle.loads(b) for b in piece)
         else:
             buckets.append(pickle.loads(piece))
-    return merge(buckets, *args[:n_extra])
+    return _Partition(merge(buckets, *args[:n_extra]))
 
 
 def _transpose(*slices: tuple) -> tuple:
@@ -626,7 +638,7 @@ class _Translator(beam.pipeline.PipelineVisitor):
     def _empty(self):
         """A partition with no elements (a fresh key each time)."""
         self._n_empty += 1
-        return self.graph.data((_name("empty", "data"), self._n_empty), [])
+        return self.graph.data((_name("empty", "data"), self._n_empty), _Partition())
 
     # one method per translated transform: (node, input partitions) -> partitions
     def _unsupported(self, node, inputs=None):
@@ -645,7 +657,7 @@ class _Translator(beam.pipeline.PipelineVisitor):
         if not values:  # an empty Create still needs one (empty) partition to flow through
             return [(self._empty(), ())]
         name = _name(node.full_label, "create")
-        return [(self.graph.data((name, i), values[start:start + size]), ())
+        return [(self.graph.data((name, i), _Partition(values[start:start + size])), ())
                 for i, start in enumerate(range(0, len(values), size))]
 
     def _flatten(self, node, inputs):
