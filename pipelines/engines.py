@@ -288,8 +288,30 @@ class _Partition(list):
     __slots__ = ()
 
 
+# Whether this process is a Dask worker of a stage run (set by ``_trim_memory``, which the driver
+# runs on every worker before a stage): only there do task results get frozen (``_held``).
+_FREEZE_RESULTS = False
+
+
+def _held(part: _Partition) -> _Partition:
+    """A task result that the worker holds until its consumers have run: moved out of the cyclic
+    garbage collector's reach (``gc.freeze``, with everything else alive now). A worker holds its
+    materialised partitions and shuffle outputs (hundreds of thousands of records, several objects
+    each) while it runs other tasks, and every full collection scanned them all again: in the pack
+    stage at 100k pairs 30 full collections took 6.2 s of a single worker's 22 s of CPU (the
+    DirectRunner's whole process: 0.6 s; it holds encoded bytes between steps). The records hold no
+    reference cycles, so reference counting still frees them when the last consumer lets go. What
+    the freeze also catches is cyclic garbage not yet collected; ``_trim_memory`` unfreezes and
+    collects it before the next stage, so it is held for one stage at most."""
+    if _FREEZE_RESULTS:
+        import gc
+
+        gc.freeze()
+    return part
+
+
 def _materialize(items, chain) -> list:
-    return _Partition(_steps(items, chain))
+    return _held(_Partition(_steps(items, chain)))
 
 
 # The stage's dask graph is one plain dict of tasks ({key: Task}), built in O(tasks) and referenced by
@@ -345,7 +367,7 @@ def _concat_parts(chains, *items) -> list:
     out = _Partition()
     for part, chain in zip(items, chains):
         out.extend(_steps(part, chain))
-    return out
+    return _held(out)
 
 
 def _count_parts(chains, *items) -> int:
@@ -444,7 +466,7 @@ def _apply_merge(merge, n_extra: int, *args):
             buckets.extend(pickle.loads(b) for b in piece)
         else:
             buckets.append(pickle.loads(piece))
-    return _Partition(merge(buckets, *args[:n_extra]))
+    return _held(_Partition(merge(buckets, *args[:n_extra])))
 
 
 def _transpose(*slices: tuple) -> tuple:
@@ -808,10 +830,15 @@ def _concat(lists) -> list:
 
 
 def _trim_memory() -> int:
-    """Run on a worker: collect garbage and hand glibc's free heap pages back to the OS (0 elsewhere)."""
+    """Run on a worker: collect garbage (the last stage's frozen results too, see ``_held``) and hand
+    glibc's free heap pages back to the OS (0 elsewhere); from now on this worker freezes its held
+    task results."""
     import ctypes
     import gc
 
+    global _FREEZE_RESULTS
+    _FREEZE_RESULTS = True
+    gc.unfreeze()
     gc.collect()
     try:
         return int(ctypes.CDLL("libc.so.6").malloc_trim(0))
