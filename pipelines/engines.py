@@ -267,9 +267,37 @@ def _tag_steps(items: t.Iterable, tag) -> t.Iterator:
     return (v.value for v in items if isinstance(v, beam.pvalue.TaggedOutput) and v.tag == tag)
 
 
+# Whether this process is a Dask worker of a stage run (set by ``_trim_memory``, which the driver
+# runs on every worker before a stage): only there does ``_freeze`` freeze.
+_FREEZE_RESULTS = False
+
+
+def _freeze() -> None:
+    """Move everything alive now out of the cyclic garbage collector's scans (``gc.freeze``), on a
+    Dask worker during a stage run: called when a task starts (its inputs, perhaps just received from
+    another worker) and when it ends (its result). A worker holds its materialised partitions and
+    shuffle outputs (hundreds of thousands of records, several objects each) while it runs other
+    tasks, and every full collection scanned them all again: in the pack stage at 100k pairs on one
+    worker, 30 full collections took 6.2 s of its 22 s of CPU (the DirectRunner's whole process: 0.6 s;
+    it holds encoded bytes between steps); frozen, 1.3 s of 16 s. The records hold no reference
+    cycles, so reference counting still frees them when their last consumer lets go. Cyclic garbage
+    not yet collected is frozen too (about 3,000-6,000 objects per worker per pack run);
+    ``_trim_memory`` unfreezes and collects it before the next stage, so it lives one stage at most."""
+    if _FREEZE_RESULTS:
+        import gc
+
+        gc.freeze()
+
+
+def _held(part: list) -> list:
+    _freeze()
+    return part
+
+
 def _steps(items: t.Iterable, chain: tuple) -> t.Iterator:
     """Run a fused chain of steps over one partition, lazily. ``chain`` holds ``("tag", tag)`` and
     ``("pardo", spec_bytes, side_values)`` steps; dask has already put the computed side inputs in."""
+    _freeze()
     it = iter(items)
     for step in chain:
         it = _tag_steps(it, step[1]) if step[0] == "tag" else _dofn_steps(it, step[1], step[2])
@@ -280,34 +308,11 @@ class _Partition(list):
     """A task's list of elements. distributed sends a plain ``list`` result to another worker element
     by element (``to_serialize`` serialises a list, tuple or dict item by item: a pickle call, an
     ``inspect.getmodule`` probe, a header and a frame per element, and the same again to deserialise);
-    a subclass is pickled whole, in one C-speed call. In the pack stage at 100k pairs that per-element
-    path was about 30% of the Dask workers' CPU (py-spy: ``Worker.get_data`` and ``gather_dep``
-    sending and receiving materialised partitions); 70,000 records serialised in 6.6 s item by item,
-    0.18 s whole."""
+    a subclass is pickled whole, in one call. 70,000 ``Pair`` records (2% with 30 KB images): 1.74 s
+    of CPU to serialise and deserialise item by item, 0.76 s whole. In the pack stage at 100k pairs
+    (two workers) sending results was about a fifth of the workers' CPU (py-spy: ``Worker.get_data``)."""
 
     __slots__ = ()
-
-
-# Whether this process is a Dask worker of a stage run (set by ``_trim_memory``, which the driver
-# runs on every worker before a stage): only there do task results get frozen (``_held``).
-_FREEZE_RESULTS = False
-
-
-def _held(part: _Partition) -> _Partition:
-    """A task result that the worker holds until its consumers have run: moved out of the cyclic
-    garbage collector's reach (``gc.freeze``, with everything else alive now). A worker holds its
-    materialised partitions and shuffle outputs (hundreds of thousands of records, several objects
-    each) while it runs other tasks, and every full collection scanned them all again: in the pack
-    stage at 100k pairs 30 full collections took 6.2 s of a single worker's 22 s of CPU (the
-    DirectRunner's whole process: 0.6 s; it holds encoded bytes between steps). The records hold no
-    reference cycles, so reference counting still frees them when the last consumer lets go. What
-    the freeze also catches is cyclic garbage not yet collected; ``_trim_memory`` unfreezes and
-    collects it before the next stage, so it is held for one stage at most."""
-    if _FREEZE_RESULTS:
-        import gc
-
-        gc.freeze()
-    return part
 
 
 def _materialize(items, chain) -> list:
