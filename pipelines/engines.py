@@ -807,6 +807,12 @@ class _Translator(beam.pipeline.PipelineVisitor):
         transform = node.transform
         if self._combine_of(node) in self._lifted and type(transform.fn).__name__ == "CombineValuesDoFn":
             return inputs[0]  # its lifted GroupByKey already emits (key, combined output)
+        if type(transform.fn) is beam.GroupByKey.ReifyWindows:
+            # Beam's GroupByKey wraps every value in a WindowedValue (its window and timestamp) for the
+            # shuffle, through a DoFn invoker that rebuilds its arguments per element; the engine runs
+            # the global window only and its shuffle unwrapped the values again, so the values go
+            # through as they are (pack at 100k pairs: about 1 s per 100k values shuffled).
+            return inputs[0]
         args, kwargs = transform.raw_side_inputs
         sides = list(node.side_inputs)
         spec = _ParDoSpec(
