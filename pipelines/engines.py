@@ -45,6 +45,10 @@ DEFAULT_PARTITION_RECORDS = 20_000
 # partitions a shuffle goes through several hops of at most this many branches (dask.dataframe's task
 # shuffle uses the same default): two up to 1,024 partitions, three up to 32,768.
 DEFAULT_MAX_BRANCH = 32
+# Above this many tasks a stage's graph gets a warning before it is submitted: the driver holds about
+# 850 bytes per task (bench.engine_graph: dedup at P = 2,200 is 4.1M tasks and 3.2 GiB of driver memory)
+# and dask's scheduler, one thread, handles every task.
+TASKS_WARNING = 2_000_000
 
 
 class LocalDaskOptions(PipelineOptions):
@@ -918,6 +922,48 @@ class DaskRunResult(PipelineResult):
         raise NotImplementedError("Beam's Dask runner does not collect metrics; counts are in the manifest")
 
 
+def translate_pipeline(pipeline, options, threads: int) -> tuple["_Translator", t.Any]:
+    """The Dask engine's task graph for ``pipeline``: (the translator, whose ``graph.dsk`` holds every
+    task, and a ``Delayed`` of the total element count of every sink, which runs the whole stage).
+    ``threads``: the cluster's worker threads (the least partition count). Needs no cluster: bench
+    engine_graph measures the graph's size at corpus-scale partition counts with it."""
+    from dask.delayed import Delayed
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+    from apache_beam.runners.dask.overrides import dask_overrides
+
+    dask_options = options.view_as(DaskOptions).get_all_options(drop_default=True, current_only=True)
+    bag_kwargs = DaskOptions._extract_bag_kwargs(dask_options)
+    pipeline.replace_all(dask_overrides())
+    uses = _Uses()
+    pipeline.visit(uses)
+    # P: --dask_npartitions when given, else enough partitions that each holds about one target
+    # shard of input (the runner's --dask_min_partitions), and never fewer than the threads.
+    min_partitions = options.view_as(LocalDaskOptions).dask_min_partitions or 1
+    partitions = bag_kwargs.get("npartitions") or max(threads, min_partitions)
+    translator = _Translator(bag_kwargs, partitions=partitions, uses=uses.uses,
+                             max_branch=options.view_as(LocalDaskOptions).dask_max_branch)
+    pipeline.visit(translator)
+    sinks = translator.sinks()
+    # Every sink reduced to its element count (each partition's chain runs inside its count task),
+    # all in ONE collection: computing several collections that share upstream tasks ran those
+    # tasks once per collection (seen here: every DoFn twice), and side effects must run once.
+    graph = translator.graph
+    counts = [_parts_task(graph, _count_parts, [part], (_name("sink", "count"), i))
+              for i, part in enumerate(p for parts in sinks for p in parts)]
+    total = Delayed(graph.task((_name("sink", "total"), 0), _sum, *(ref(k) for k in counts)), graph.dsk)
+    log.info("Dask engine: %d transforms, %d sinks, %d partitions per shuffle, %d tasks",
+             len(translator.pcolls), len(sinks), translator.partitions, len(graph.dsk))
+    if len(graph.dsk) > TASKS_WARNING:
+        log.warning("Dask engine: %s tasks at %s partitions per shuffle: about %.1f GiB of driver memory for "
+                    "the graph alone and as many tasks for dask's scheduler to run. Fewer, larger partitions "
+                    "make far fewer tasks (about P^(4/3)): raise --dask_partition_records or "
+                    "--target-shard-bytes (with worker memory), or set --dask_npartitions; for a corpus "
+                    "this size, a runner with its own shuffle service (Dataflow, Flink, Spark) also works "
+                    "(docs/operations.md)", f"{len(graph.dsk):,}", f"{translator.partitions:,}",
+                    len(graph.dsk) * 850 / 2**30)
+    return translator, total
+
+
 def _dask_runner_base():
     from apache_beam.runners.dask.dask_runner import DaskRunner as BeamDaskRunner
 
@@ -934,12 +980,9 @@ class DaskRunner(_dask_runner_base()):
 
     def run_pipeline(self, pipeline, options):
         import dask.distributed as ddist
-        from dask.delayed import Delayed
         from apache_beam.runners.dask.dask_runner import DaskOptions
-        from apache_beam.runners.dask.overrides import dask_overrides
 
         dask_options = options.view_as(DaskOptions).get_all_options(drop_default=True, current_only=True)
-        bag_kwargs = DaskOptions._extract_bag_kwargs(dask_options)
         local_workers = options.view_as(LocalDaskOptions).dask_local_workers
         # dask sets its own loggers to INFO; follow the CLI's level instead (WARNING unless asked).
         logging.getLogger("distributed").setLevel(max(logging.getLogger().getEffectiveLevel(), logging.WARNING))
@@ -958,26 +1001,7 @@ class DaskRunner(_dask_runner_base()):
         try:
             threads = sum(client.nthreads().values()) or 1
             _trim_workers(client)
-            pipeline.replace_all(dask_overrides())
-            uses = _Uses()
-            pipeline.visit(uses)
-            # P: --dask_npartitions when given, else enough partitions that each holds about one target
-            # shard of input (the runner's --dask_min_partitions), and never fewer than the threads.
-            min_partitions = options.view_as(LocalDaskOptions).dask_min_partitions or 1
-            partitions = bag_kwargs.get("npartitions") or max(threads, min_partitions)
-            translator = _Translator(bag_kwargs, partitions=partitions, uses=uses.uses,
-                                     max_branch=options.view_as(LocalDaskOptions).dask_max_branch)
-            pipeline.visit(translator)
-            sinks = translator.sinks()
-            # Every sink reduced to its element count (each partition's chain runs inside its count task),
-            # all in ONE collection: computing several collections that share upstream tasks ran those
-            # tasks once per collection (seen here: every DoFn twice), and side effects must run once.
-            graph = translator.graph
-            counts = [_parts_task(graph, _count_parts, [part], (_name("sink", "count"), i))
-                      for i, part in enumerate(p for parts in sinks for p in parts)]
-            total = Delayed(graph.task((_name("sink", "total"), 0), _sum, *(ref(k) for k in counts)), graph.dsk)
-            log.info("Dask engine: %d transforms, %d sinks, %d partitions per shuffle, %d tasks",
-                     len(translator.pcolls), len(sinks), translator.partitions, len(graph.dsk))
+            _, total = translate_pipeline(pipeline, options, threads)
             # optimize_graph=False: dask's fusion makes partitions lazy iterators, and a lazy partition
             # read by two consumers is exhausted by the first (seen as wrong joins in dedup).
             futures = [client.compute(total, optimize_graph=False)]

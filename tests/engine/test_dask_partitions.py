@@ -327,3 +327,29 @@ def test_workers_give_freed_memory_back_before_a_stage(dask_cluster, tmp_path):
     assert set(after) == set(fragmented)
     for worker, rss in fragmented.items():
         assert rss - after[worker] > 250 * 2**20, (worker, rss, after[worker])
+
+
+def test_a_graph_past_the_task_warning_is_warned_about_before_submitting(monkeypatch, caplog):
+    """A stage whose graph passes ``TASKS_WARNING`` tasks gets one WARNING naming the count, the partitions
+    and the flags that shrink it; under the threshold, none. (bench.engine_graph measures real stages:
+    dedup at P = 2,200 is about 4M tasks.)"""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import engines
+
+    def translate(threshold):
+        monkeypatch.setattr(engines, "TASKS_WARNING", threshold)
+        caplog.clear()
+        p = beam.Pipeline()
+        _ = p | beam.Create([("a", 1), ("b", 2)]) | beam.GroupByKey()
+        with caplog.at_level(logging.WARNING, logger="mmcorpus"):
+            translator, _ = engines.translate_pipeline(p, PipelineOptions([]), threads=4)
+        return len(translator.graph.dsk), [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    tasks, warnings = translate(10**9)
+    assert tasks > 10 and warnings == []
+    tasks, warnings = translate(10)
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"Dask engine: {tasks:,} tasks at 4 partitions per shuffle: about ")
+    assert "--dask_partition_records" in warnings[0] and "--dask_npartitions" in warnings[0]
