@@ -149,13 +149,15 @@ def test_shuffle_of_more_partitions_than_max_branch_runs_in_hops():
 
 @pytest.mark.parametrize("inputs,outputs,max_branch,hops", [
     (10, 10, 3, 3), (7, 7, 2, 3), (50, 50, 32, 2), (33, 33, 32, 2), (30, 10, 3, 4), (10, 30, 3, 4),
-    (100, 37, 4, 4), (64, 64, 2, 6), (5, 200, 2, 8), (2, 200, 2, 1), (200, 32, 32, 1), (1024, 40, 32, 2), (1025, 40, 32, 3),
+    (100, 37, 4, 4), (64, 64, 2, 6), (5, 200, 2, 8), (2, 200, 2, 1), (200, 5, 32, 1), (200, 32, 32, 2), (32, 2000, 32, 3),
+    (1024, 40, 32, 2), (1025, 40, 32, 3),
 ])
 def test_multi_hop_shuffle_delivers_every_bucket_in_split_order(inputs, outputs, max_branch, hops):
     """Whatever the shape, output j of a shuffle receives bucket j of every split, in split order (the
     order the merge depends on for identical bytes): split i's bucket j here is the pickled pair
     (i, j), and the graph runs on dask's synchronous scheduler. ``hops`` is the least h with
-    max_branch ** h >= the larger side, 1 when either side fits in max_branch (worked out by hand)."""
+    max_branch ** h >= the larger side; 1 when inputs x outputs <= max_branch ** 2 or a side is at most 2
+    (worked out by hand). 32 inputs into 2,000 outputs: 64,000 buckets in one stage, three hops here."""
     import pickle
 
     from dask.local import get_sync
