@@ -12,6 +12,7 @@ one Parquet byte string) on the same shard.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -73,6 +74,18 @@ def run_writer(records: int, mean_image_bytes: int, workdir: str, target: int | 
     }
 
 
+class _PoolSampledBuffer(io.BytesIO):
+    """A BytesIO that keeps the Arrow pool's largest growth over ``base`` seen at its writes."""
+
+    def __init__(self, base: int):
+        super().__init__()
+        self.base, self.pool_peak = base, 0
+
+    def write(self, b) -> int:
+        self.pool_peak = max(self.pool_peak, pa.total_allocated_bytes() - self.base)
+        return super().write(b)
+
+
 def whole_shard_peak(records: int, mean_image_bytes: int, num_shards: int) -> float:
     """Peak (MB) of the old write step on shard 0 of the same outcomes: everything sorted and encoded in memory."""
     outcomes = [o for o in (make_outcome(i, mean_image_bytes) for i in range(records)) if shard_of(o.key, num_shards) == 0]
@@ -81,8 +94,11 @@ def whole_shard_peak(records: int, mean_image_bytes: int, num_shards: int) -> fl
     ordered = sorted(outcomes, key=_sort_key)
     table = pairs_to_table(o.pair for o in ordered if o.pair is not None and o.status == "kept")
     arrow = pa.total_allocated_bytes() - base
-    data = table_to_parquet_bytes(table, DATA_ROW_GROUP_ROWS)
-    arrow = max(arrow, pa.total_allocated_bytes() - base)
+    # through a buffer that samples the pool at each write Arrow hands it (when the pool holds the
+    # encoded and compressed pages), as the streaming writer's probe does
+    buf = _PoolSampledBuffer(base)
+    data = table_to_parquet_bytes(table, DATA_ROW_GROUP_ROWS, buf)
+    arrow = max(arrow, buf.pool_peak, pa.total_allocated_bytes() - base)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     del data, table, ordered

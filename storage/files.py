@@ -89,8 +89,9 @@ def delete_tree(path: str) -> None:
         FileSystems.delete(sorted(m.path for m in found))
 
 
-def table_to_parquet_bytes(table: pa.Table, row_group_rows: int) -> bytes:
-    buf = io.BytesIO()
+def table_to_parquet_bytes(table: pa.Table, row_group_rows: int, buf: io.BytesIO | None = None) -> bytes:
+    """The Parquet file of ``table`` as bytes; written through ``buf`` if given (a bench samples memory there)."""
+    buf = io.BytesIO() if buf is None else buf
     pq.write_table(
         table,
         buf,

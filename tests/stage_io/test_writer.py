@@ -3,6 +3,7 @@ rows and bytes, checksums match the files, and its own peak memory does not grow
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 
@@ -208,6 +209,7 @@ print(json.dumps({"traced_peak": traced_peak, "pool_peak": pool.max_memory() - p
 """
 
 
+@functools.lru_cache(maxsize=None)  # one fresh process per input, shared by the tests below
 def _true_peak(n: int, image_bytes: int) -> dict:
     import json
     import os
@@ -268,3 +270,51 @@ def test_writer_bytes_are_unchanged(tmp_path, measure):
         "ledger/part-00000-of-00001.parquet": (7468, "493bb2e6ffcdb3e0ae6d9b7bd165c474070669d0cfc8db74ae103af836261632",
                                                "493bb2e6ffcdb3e0ae6d9b7bd165c474070669d0cfc8db74ae103af836261632"),
     }
+
+
+def test_writer_own_peak_leaves_out_a_thread_that_allocates_during_the_write(tmp_path, monkeypatch):
+    """The reverted "write window" fix added the process's growth while Arrow writes a row group, and on
+    Dask it caught the communication thread deserialising meanwhile. Here a second thread allocates 100 MB
+    exactly while the sink is handed the image column chunk, and holds it to the end of the write: the
+    process peak grows by it, the own figure (the writer's traces + the bytes its sink was handed + the
+    pool) stays what it is alone."""
+    import json
+    import threading
+
+    from storage import files
+
+    real_write = files.HashingSink.write
+    state = {"beside": False, "started": False}
+    held: list[bytes] = []
+    allocated, finished = threading.Event(), threading.Event()
+
+    def other_thread():
+        held.extend(bytes(100_000) + bytes([i % 256]) for i in range(1_000))  # 100 MB
+        allocated.set()
+        finished.wait()
+        held.clear()
+
+    def write(self, data):
+        if state["beside"] and not state["started"] and len(data) > 1_000_000:  # the image column chunk
+            state["started"] = True
+            threading.Thread(target=other_thread, daemon=True).start()
+            assert allocated.wait(60)
+        return real_write(self, data)
+
+    monkeypatch.setattr(files.HashingSink, "write", write)
+    lines = {}
+    for name in ("alone", "beside"):
+        state["beside"] = name == "beside"
+        log = tmp_path / f"{name}.jsonl"
+        fn = WriteShardFn(str(tmp_path / name), "filter", 1, measure_memory=str(log), spill_dir=str(tmp_path))
+        fn.setup()
+        list(fn.process((0, (Outcome.kept(_pair(i, 30_000)) for i in range(600)))))
+        lines[name] = json.loads(log.read_text())
+    finished.set()
+    alone, beside = lines["alone"], lines["beside"]
+    assert state["started"]
+    mb = 1e6
+    assert 95 * mb < beside["process_peak_bytes"] - alone["process_peak_bytes"] < 110 * mb, (alone, beside)
+    assert abs(beside["peak_bytes"] - alone["peak_bytes"]) < 0.05 * alone["peak_bytes"], (alone, beside)
+    # alone, the own figure is the process peak: nothing the writer holds is left out
+    assert 0.95 * alone["process_peak_bytes"] <= alone["peak_bytes"] <= alone["process_peak_bytes"], alone
