@@ -9,7 +9,7 @@ import os
 import posixpath
 import shutil
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -89,8 +89,9 @@ def delete_tree(path: str) -> None:
         FileSystems.delete(sorted(m.path for m in found))
 
 
-def table_to_parquet_bytes(table: pa.Table, row_group_rows: int) -> bytes:
-    buf = io.BytesIO()
+def table_to_parquet_bytes(table: pa.Table, row_group_rows: int, buf: io.BytesIO | None = None) -> bytes:
+    """The Parquet file of ``table`` as bytes; written through ``buf`` if given (a bench samples memory there)."""
+    buf = io.BytesIO() if buf is None else buf
     pq.write_table(
         table,
         buf,
@@ -104,18 +105,28 @@ def table_to_parquet_bytes(table: pa.Table, row_group_rows: int) -> bytes:
 
 class HashingSink:
     """A write-only binary file that hashes and counts the bytes passing through to ``path``
-    (opened with ``FileSystems.create``): a shard's sha256 and size without holding its bytes."""
+    (opened with ``FileSystems.create``): a shard's sha256 and size without holding its bytes.
 
-    def __init__(self, path: str):
+    ``on_write(nbytes)``, if given, is called in the writing thread with each write's size while its
+    bytes are held: as a Parquet sink, Arrow hands over a whole column chunk (up to one compressed row
+    group) as one new ``bytes`` object, which the shard writer's memory probe counts."""
+
+    def __init__(self, path: str, on_write: Callable[[int], None] | None = None):
         makedirs_for(path)
         self.path = path
         self._f = FileSystems.create(path)
         self._sha = hashlib.sha256()
         self.size = 0
         self.closed = False
+        self.on_write = on_write
 
     def write(self, data) -> int:
+        # pyarrow's Python sink passes a new bytes object, which bytes() returns as it is (no copy);
+        # anything else (a memoryview, a pyarrow Buffer) is copied once, so no file object keeps a view
+        # of a buffer its owner may reuse
         data = bytes(data)
+        if self.on_write is not None:
+            self.on_write(len(data))
         self._sha.update(data)
         self._f.write(data)
         self.size += len(data)
