@@ -62,6 +62,7 @@ from schemas.records import (
 )
 from storage.files import (  # noqa: F401  (re-exported: callers import these from here)
     PARQUET_COMPRESSION,
+    PARQUET_WRITE_BATCH_ROWS,
     HashingSink,
     join,
     read_bytes,
@@ -552,7 +553,8 @@ class _StreamingParquet:
         if self.writer is None:
             self.sink = HashingSink(self.tmp, on_write=self.probe.on_write if self.probe.on else None)
             self.writer = pq.ParquetWriter(
-                self.sink, self.schema, compression=PARQUET_COMPRESSION, write_statistics=True, store_schema=True
+                self.sink, self.schema, compression=PARQUET_COMPRESSION, write_statistics=True, store_schema=True,
+                write_batch_size=PARQUET_WRITE_BATCH_ROWS,
             )
 
     def close(self, kind: str) -> FileEntry:

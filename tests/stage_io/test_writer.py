@@ -224,12 +224,14 @@ def _true_peak(n: int, image_bytes: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_writer_own_peak_counts_what_arrow_hands_the_sink(tmp_path):
+def test_writer_own_peak_counts_what_arrow_holds_while_writing(tmp_path):
     """600 records of 30 KB incompressible images: one 18 MB row group. While it is written, Arrow hands
-    the sink the image column chunk as one new bytes object (18 MB, under pyarrow's frame) and its pool
-    holds the table and the encoded and compressed pages: the writer's true peak. The own figure missed
-    both (about 0.4 of the true peak before), and the process figure missed the pool's part. The true
-    peak is measured in a fresh process that only writes, without the probe."""
+    the sink the image pages as new bytes objects (under pyarrow's frame) and its pool holds the table
+    and the encoded and compressed pages. The own figure missed both (about 0.3 of the true peak, and
+    below the pool's peak alone), the process figure the pool's part. The true peak is measured in a
+    fresh process that only writes, without the probe: tracemalloc's peak and the pool's peak, each over
+    the whole write. The writer's peak lies between the larger of the two (each is held at some moment)
+    and their sum (their moments may differ)."""
     import json
 
     n, image_bytes = 600, 30_000
@@ -240,9 +242,21 @@ def test_writer_own_peak_counts_what_arrow_hands_the_sink(tmp_path):
     fn.setup()
     list(fn.process((0, (Outcome.kept(_pair(i, image_bytes)) for i in range(n)))))
     line = json.loads(log.read_text())
-    true_peak = true["traced_peak"] + true["pool_peak"]
-    assert 0.9 * true_peak <= line["peak_bytes"] <= 1.05 * true_peak, (line, true)
-    assert 0.9 * true_peak <= line["process_peak_bytes"] <= 1.05 * true_peak, (line, true)
+    low, high = max(true["traced_peak"], true["pool_peak"]), true["traced_peak"] + true["pool_peak"]
+    assert low <= line["peak_bytes"] <= 1.05 * high, (line, true)
+    assert low <= line["process_peak_bytes"] <= 1.05 * high, (line, true)
+
+
+def test_writer_holds_under_three_row_groups_while_writing_images():
+    """Arrow closes a page only between batches of ``PARQUET_WRITE_BATCH_ROWS`` rows: at its default
+    batch (1,024 rows) a 600-image row group was one 18 MB page, encoded as a dictionary and then again
+    plain, and the write held 6.8 row groups (traced + pool, 121.8 MB). In batches of 32 the pages are
+    about 1 MB, and the whole write holds under 3 row groups (the rows while the table is built, then
+    the table and a page or two)."""
+    n, image_bytes = 600, 30_000
+    true = _true_peak(n, image_bytes)
+    group = n * image_bytes
+    assert true["traced_peak"] + true["pool_peak"] < 3 * group, true
 
 
 def test_writer_lets_go_of_the_rows_before_arrow_writes_them():
@@ -258,18 +272,25 @@ def test_writer_lets_go_of_the_rows_before_arrow_writes_them():
 @pytest.mark.parametrize("measure", [False, True])
 def test_writer_bytes_are_unchanged(tmp_path, measure):
     """Two row groups of 30 KB images (1,024 + 176 rows) and the ledger, measured or not: the same bytes
-    as before the memory probe counted the sink (digests written from main at 3078b37, not computed here)."""
+    (digests recorded once from the writer with 32-row Arrow batches, not computed here; the data file's
+    changed from 3078b37's 90453d7a… only by those batches, its ledger did not), and every image reads back."""
     fn = WriteShardFn(str(tmp_path / "out"), "filter", 1, measure_memory=measure, spill_dir=str(tmp_path))
     fn.setup()
     (result,) = list(fn.process((0, (Outcome.kept(_pair(i, 30_000)) for i in range(1200)))))
     got = {f.path: (f.bytes, f.sha256, hashlib.sha256((tmp_path / "out" / f.path).read_bytes()).hexdigest())
            for f in result.files}
     assert got == {
-        "data/part-00000-of-00001.parquet": (36026941, "90453d7aa7bcf12f3abde18c756e3878b26238c299160e3ece29fd6bb537cca4",
-                                             "90453d7aa7bcf12f3abde18c756e3878b26238c299160e3ece29fd6bb537cca4"),
+        "data/part-00000-of-00001.parquet": (36026368, "e105c1a85492c3148d946d4f0ecf725b1cfc62b450c2ab6ca5036324c4841d78",
+                                             "e105c1a85492c3148d946d4f0ecf725b1cfc62b450c2ab6ca5036324c4841d78"),
         "ledger/part-00000-of-00001.parquet": (7468, "493bb2e6ffcdb3e0ae6d9b7bd165c474070669d0cfc8db74ae103af836261632",
                                                "493bb2e6ffcdb3e0ae6d9b7bd165c474070669d0cfc8db74ae103af836261632"),
     }
+    import pyarrow.parquet as pq
+
+    data = pq.ParquetFile(tmp_path / "out" / "data" / "part-00000-of-00001.parquet")
+    assert [data.metadata.row_group(i).num_rows for i in range(data.num_row_groups)] == [1024, 176]
+    images = dict(zip(*data.read(columns=["key", "image"]).to_pydict().values()))
+    assert images == {f"k{i:06d}": random.Random(i).randbytes(30_000) for i in range(1200)}
 
 
 def test_writer_own_peak_leaves_out_a_thread_that_allocates_during_the_write(tmp_path, monkeypatch):
@@ -295,7 +316,7 @@ def test_writer_own_peak_leaves_out_a_thread_that_allocates_during_the_write(tmp
         held.clear()
 
     def write(self, data):
-        if state["beside"] and not state["started"] and len(data) > 1_000_000:  # the image column chunk
+        if state["beside"] and not state["started"] and len(data) > 500_000:  # image pages (about 1 MB each)
             state["started"] = True
             threading.Thread(target=other_thread, daemon=True).start()
             assert allocated.wait(60)
@@ -314,7 +335,10 @@ def test_writer_own_peak_leaves_out_a_thread_that_allocates_during_the_write(tmp
     alone, beside = lines["alone"], lines["beside"]
     assert state["started"]
     mb = 1e6
-    assert 95 * mb < beside["process_peak_bytes"] - alone["process_peak_bytes"] < 110 * mb, (alone, beside)
+    # the process peak holds the other thread's 100 MB (beside what the writer held at that moment, which
+    # is less than its own peak: the rows are freed by then) ...
+    assert 100 * mb <= beside["process_peak_bytes"] < alone["process_peak_bytes"] + 110 * mb, (alone, beside)
+    # ... the own figure does not
     assert abs(beside["peak_bytes"] - alone["peak_bytes"]) < 0.05 * alone["peak_bytes"], (alone, beside)
     # alone, the own figure is the process peak: nothing the writer holds is left out
     assert 0.95 * alone["process_peak_bytes"] <= alone["peak_bytes"] <= alone["process_peak_bytes"], alone
