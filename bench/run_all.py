@@ -31,7 +31,7 @@ BENCH_DIR = os.path.join(REPO, "bench")
 ORDER = [
     "filter_throughput", "filter_rejections", "dedup_quality", "dedup_speed", "rewrite_throughput",
     "rewrite_cache_latency", "rewrite_faithfulness", "rewrite_vllm", "pack_fill", "sft", "ops_overhead", "input_fingerprint",
-    "report_scale", "select_mix", "rlaifv", "writer_memory", "verify_scale", "scale",
+    "report_scale", "select_mix", "rlaifv", "writer_memory", "verify_scale", "engine_graph", "scale",
 ]
 # Modules in bench/ that are helpers, not benchmarks.
 HELPERS = {"run_all", "dedup_data", "dedup_photos"}

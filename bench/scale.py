@@ -508,8 +508,9 @@ def to_markdown(res: dict, command: str) -> str:
             lines.append(f"| {engine} | **all four** | **{wb / wa:.2f}** | | | |")
     lines += ["", "Writer peak: each shard write's own peak memory, written by the stage writer to `$MMCORPUS_WRITER_MEMORY` "
               "(the harness sets it per stage; measuring slows the writer; a dash: no report). Own = the largest sum, at the points "
-              "where the writer holds the most (a full sort buffer, the end of its input, a row group built), of the live "
-              "tracemalloc traces allocated by the writer's module, plus the Arrow pool's growth. \"process\" = tracemalloc's "
+              "where the writer holds the most (a full sort buffer, the end of its input, a row group built, a row group "
+              "written), of the live tracemalloc traces allocated by the writer's module, plus the largest column chunk "
+              "Arrow handed the file sink during that write, plus the Arrow pool's growth. \"process\" = tracemalloc's "
               "peak of the whole process over the write (+ Arrow pool): it also counts other threads, such as a Dask worker's "
               "communication thread receiving and deserialising other tasks' inputs during a write (`--nthreads 1`), so on "
               "Dask it is only an upper bound. The growth ratios use the own figures."]

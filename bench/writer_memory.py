@@ -1,7 +1,9 @@
 """Shard writer memory at two corpus sizes: the write step's own peak (tracemalloc + Arrow pool, reported
 by the stage as the Beam distribution ``mmcorpus.<stage>/writer_peak_bytes``) with a fixed
-``--target-shard-bytes`` and with a fixed shard count, against a whole-shard-in-memory writer (the
-design before issue 9: sort every Outcome, one Arrow table, one Parquet byte string) on the same shard.
+``--target-shard-bytes`` and with a fixed shard count, beside the whole process's peak (tracemalloc + the
+same Arrow pool samples; the DirectRunner runs nothing else during a write, so it is the true peak), and
+against a whole-shard-in-memory writer (the design before issue 9: sort every Outcome, one Arrow table,
+one Parquet byte string) on the same shard.
 
     .venv/bin/python -m bench.writer_memory                       # 2,000 and 8,000 records, about 1-2 minutes
     .venv/bin/python -m bench.writer_memory --records 5000 --factor 4 --target 64MiB
@@ -10,6 +12,8 @@ design before issue 9: sort every Outcome, one Arrow table, one Parquet byte str
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import random
 import shutil
@@ -44,7 +48,8 @@ def run_writer(records: int, mean_image_bytes: int, workdir: str, target: int | 
     """Run a real stage (DirectRunner) whose outcomes are generated on the workers; return its writer peaks."""
     out = os.path.join(workdir, f"out-{records}-{target}-{num_shards}")
     input_bytes = records * mean_image_bytes
-    os.environ[MEASURE_WRITER_MEMORY_ENV] = "1"
+    log = out + ".peaks.jsonl"  # a line per shard: own and whole-process peak
+    os.environ[MEASURE_WRITER_MEMORY_ENV] = log
     t0 = time.monotonic()
     try:
         result = run_stage(
@@ -58,11 +63,27 @@ def run_writer(records: int, mean_image_bytes: int, workdir: str, target: int | 
     peaks = result.writer_peak_bytes or {}
     data = [f for f in result.manifest.files if f.kind == "data"]
     shutil.rmtree(out, ignore_errors=True)
+    with open(log, encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f if line.strip()]
     return {
         "records": records, "input_mb": input_bytes / MB, "shards": result.manifest.config["num_shards"],
         "largest_shard_mb": max(f.bytes for f in data) / MB, "peak_max_mb": peaks.get("max", 0) / MB,
-        "peak_mean_mb": peaks.get("mean", 0) / MB, "seconds": time.monotonic() - t0,
+        "peak_mean_mb": peaks.get("mean", 0) / MB,
+        "process_max_mb": max(line["process_peak_bytes"] for line in lines) / MB,
+        "own_share": min(line["peak_bytes"] / line["process_peak_bytes"] for line in lines), "seconds": time.monotonic() - t0,
     }
+
+
+class _PoolSampledBuffer(io.BytesIO):
+    """A BytesIO that keeps the Arrow pool's largest growth over ``base`` seen at its writes."""
+
+    def __init__(self, base: int):
+        super().__init__()
+        self.base, self.pool_peak = base, 0
+
+    def write(self, b) -> int:
+        self.pool_peak = max(self.pool_peak, pa.total_allocated_bytes() - self.base)
+        return super().write(b)
 
 
 def whole_shard_peak(records: int, mean_image_bytes: int, num_shards: int) -> float:
@@ -73,8 +94,11 @@ def whole_shard_peak(records: int, mean_image_bytes: int, num_shards: int) -> fl
     ordered = sorted(outcomes, key=_sort_key)
     table = pairs_to_table(o.pair for o in ordered if o.pair is not None and o.status == "kept")
     arrow = pa.total_allocated_bytes() - base
-    data = table_to_parquet_bytes(table, DATA_ROW_GROUP_ROWS)
-    arrow = max(arrow, pa.total_allocated_bytes() - base)
+    # through a buffer that samples the pool at each write Arrow hands it (when the pool holds the
+    # encoded and compressed pages), as the streaming writer's probe does
+    buf = _PoolSampledBuffer(base)
+    data = table_to_parquet_bytes(table, DATA_ROW_GROUP_ROWS, buf)
+    arrow = max(arrow, buf.pool_peak, pa.total_allocated_bytes() - base)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     del data, table, ordered
@@ -109,10 +133,12 @@ def markdown(argv: list[str]) -> str:
         shutil.rmtree(workdir, ignore_errors=True)
     out = [f"`python -m bench.writer_memory {' '.join(argv)}`".replace(" `", "`"), "",
            "| sharding | records | input MB | shards | largest data shard MB | writer peak max MB | mean MB "
-           "| whole-shard writer peak MB (shard 0) | stage s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| process peak max MB | own / process (lowest shard) | whole-shard writer peak MB (shard 0) | stage s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['mode']} | {r['records']:,} | {r['input_mb']:.1f} | {r['shards']} | {r['largest_shard_mb']:.1f} "
-                   f"| {r['peak_max_mb']:.1f} | {r['peak_mean_mb']:.1f} | {r['old_mb']:.1f} | {r['seconds']:.1f} |")
+                   f"| {r['peak_max_mb']:.1f} | {r['peak_mean_mb']:.1f} | {r['process_max_mb']:.1f} | {r['own_share']:.2f} "
+                   f"| {r['old_mb']:.1f} | {r['seconds']:.1f} |")
     out.append("")
     for mode in ("target", "fixed"):
         a, b = [r for r in rows if r["mode"].startswith("--target" if mode == "target" else "--num")]

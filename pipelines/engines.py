@@ -42,8 +42,13 @@ _SCHEDULER_CHECK_TIMEOUT_S = 10.0
 # per partition peaked at 1.4 GiB of worker RSS, 83,000 passed 3.8 GiB and the nanny restarted the worker.
 DEFAULT_PARTITION_RECORDS = 20_000
 # A one-stage shuffle is P x P bucket tasks: 2,500 at P = 50 (1M records), 10^8 at 200M. Above this many
-# partitions a shuffle goes through two stages (dask.dataframe's task shuffle uses the same default).
+# partitions a shuffle goes through several hops of at most this many branches (dask.dataframe's task
+# shuffle uses the same default): two up to 1,024 partitions, three up to 32,768.
 DEFAULT_MAX_BRANCH = 32
+# Above this many tasks a stage's graph gets a warning before it is submitted: the driver holds about
+# 850 bytes per task (bench.engine_graph: dedup at P = 2,200 is 4.1M tasks and 3.2 GiB of driver memory)
+# and dask's scheduler, one thread, handles every task.
+TASKS_WARNING = 2_000_000
 
 
 class LocalDaskOptions(PipelineOptions):
@@ -63,9 +68,9 @@ class LocalDaskOptions(PipelineOptions):
         )
         parser.add_argument(
             "--dask_max_branch", type=int, default=DEFAULT_MAX_BRANCH,
-            help="a shuffle of more partitions than this runs in two stages of about sqrt(P) branches "
-            "each (about 2 x P x sqrt(P) tasks instead of P x P), as dask.dataframe's max_branch "
-            "(default %(default)s)",
+            help="a shuffle of more partitions than this runs in h hops of at most this many branches "
+            "each (h = ceil(log P / log max_branch); about h x P x P^(1/h) tasks instead of P x P), as "
+            "dask.dataframe's max_branch (default %(default)s)",
         )
         parser.add_argument(
             "--dask_partition_records", type=int, default=DEFAULT_PARTITION_RECORDS,
@@ -464,7 +469,7 @@ _register_sizeof()
 
 def _apply_merge(merge, n_extra: int, *args):
     """``merge(buckets, *extra)`` of a shuffle's output partition, from positional arguments
-    ``(*extra, *pieces)``: a piece is one pickled bucket, or (two-stage shuffle) a tuple of them."""
+    ``(*extra, *pieces)``: a piece is one pickled bucket, or (multi-hop shuffle) a tuple of them."""
     buckets = []
     for piece in args[n_extra:]:
         if type(piece) is tuple:
@@ -474,15 +479,49 @@ def _apply_merge(merge, n_extra: int, *args):
     return _held(_Partition(merge(buckets, *args[:n_extra])))
 
 
-def _transpose(*slices: tuple) -> tuple:
-    """Two-stage shuffle, hop 1: each of a group's splits gives its buckets for one block of outputs;
-    returns, per output of the block, the group's buckets for it in split order (still pickled)."""
-    return tuple(zip(*slices)) if slices else ()
+def _regroup(*slices: tuple) -> tuple:
+    """One hop of a multi-hop shuffle: each of a range's holders gives its slice for one block of
+    outputs (a tuple per output: one pickled bucket, or a tuple of them in input order); returns, per
+    output of the block, the range's buckets for it in input order (still pickled: nothing is
+    unpickled between the split and the merge)."""
+    return tuple(tuple(b for entry in col for b in (entry if type(entry) is tuple else (entry,)))
+                 for col in zip(*slices)) if slices else ()
 
 
-def _isqrt_up(n: int) -> int:
-    r = math.isqrt(n)
-    return r if r * r == n else r + 1
+def _root_up(n: int, hops: int) -> int:
+    """The least k with k ** hops >= n (integers only, no float rounding)."""
+    k = max(1, int(round(n ** (1 / hops))))
+    while k ** hops < n:
+        k += 1
+    while k > 1 and (k - 1) ** hops >= n:
+        k -= 1
+    return k
+
+
+def _hops(inputs: int, outputs: int, max_branch: int) -> int:
+    """Hops of a shuffle of ``inputs`` splits into ``outputs`` partitions: 1 while its inputs x outputs
+    bucket tasks are few (at most max_branch ** 2) or one side is 1 or 2 (a global combine, a read of
+    one file: hops would move the data more often to save few tasks); else the least h >= 2 with
+    max_branch ** h >= the larger side, as dask.dataframe's task shuffle. So 32 large input files
+    read into P = 10,000 partitions take three hops (about 25,000 tasks), not 320,000 buckets."""
+    if min(inputs, outputs) <= 2 or inputs * outputs <= max_branch ** 2:
+        return 1
+    h = 2
+    while max_branch ** h < max(inputs, outputs):
+        h += 1
+    return h
+
+
+def _sub_blocks(block: range, k: int) -> list[range]:
+    """``block`` cut into min(k, len) neighbouring ranges whose sizes differ by at most one."""
+    parts = min(k, len(block))
+    q, extra = divmod(len(block), parts)
+    out, a = [], block.start
+    for i in range(parts):
+        b = a + q + (i < extra)
+        out.append(range(a, b))
+        a = b
+    return out
 
 
 def _parts_task(graph: _Graph, fn, parts: list, key):
@@ -706,15 +745,16 @@ class _Translator(beam.pipeline.PipelineVisitor):
         """All-to-all: every input partition's chain runs and splits into n buckets (P unless given; one
         task per input partition); output partition j merges bucket j of every split (one task per
         output), in split order. One stage: a task per bucket, inputs x n + inputs + n tasks, so P x P.
-        With more inputs and outputs than ``max_branch``, two stages (``_two_stage``)."""
+        With more inputs and outputs than ``max_branch``, several hops (``_multi_hop``)."""
         n = n or self.partitions
         g = self.graph
         split_name, bucket_name = _name(node.full_label, f"{kind}-split"), _name(node.full_label, f"{kind}-bucket")
         merge_name = _name(node.full_label, f"{kind}-merge")
         extra_refs = tuple(ref(k) for k in extra)
         splits = [g.task((split_name, i), _pickled_split, split, ref(key), chain, n, *extra_refs) for i, (key, chain) in enumerate(parts)]
-        if min(len(splits), n) > self.max_branch:
-            pieces = self._two_stage(node.full_label, kind, splits, n)
+        hops = _hops(len(splits), n, self.max_branch)
+        if hops > 1:
+            pieces = self._multi_hop(node.full_label, kind, splits, n, hops)
         else:
             # Bucket j of split i is a task of its own, run where the split is: only that bucket moves.
             for i, s in enumerate(splits):
@@ -724,29 +764,42 @@ class _Translator(beam.pipeline.PipelineVisitor):
         return [(g.task((merge_name, j), _apply_merge, merge, len(extra_refs), *extra_refs, *pieces[j]), ())
                 for j in range(n)]
 
-    def _two_stage(self, label: str, kind: str, splits: list, n: int) -> list[tuple]:
-        """Route split i's bucket j to output j in two hops, like dask.dataframe's task shuffle: splits
-        form groups of about sqrt(inputs) neighbours, outputs blocks of about sqrt(n) neighbours.
-        Hop 1: split i's slice of block c (one task each) goes to the transpose task of (its group, c),
-        which regroups its group's slices per output (bytes only, nothing unpickled). Hop 2: output j
-        takes its piece of every group's transpose. About 2 x P x sqrt(P) tasks instead of P x P, and
-        each output still gets the buckets in split order (same elements, same order: same bytes)."""
+    def _multi_hop(self, label: str, kind: str, splits: list, n: int, hops: int) -> list[tuple]:
+        """Route split i's bucket j to output j in ``hops`` hops, like dask.dataframe's task shuffle.
+        A holder holds, for a range of splits, their buckets for a block of outputs. Before hop 1 each
+        split is a holder of itself and every output. Each hop before the last joins k_in neighbouring
+        ranges (k_in = least k with k ** hops >= splits) and cuts each block into k_out sub-blocks
+        (likewise for n): one slice task per (old holder, sub-block), one regroup task per new holder,
+        about P holders after each hop. The last hop: output j takes its piece from each of the at
+        most k_in final ranges. About hops x P x (k + 1) tasks: at P = 10,000 and max_branch 32, three
+        hops of k = 22 (about 7 x 10^5 tasks) instead of two of k = 100 (2 x 10^6) or one (10^8). The
+        data crosses the network once per hop but is pickled once, and each output still receives the
+        buckets in split order (same elements, same order: same bytes)."""
         g = self.graph
-        k_in = _isqrt_up(len(splits))
-        k_out = _isqrt_up(n)
-        groups = [range(a, min(a + k_in, len(splits))) for a in range(0, len(splits), k_in)]
-        blocks = [range(a, min(a + k_out, n)) for a in range(0, n, k_out)]
-        slice_name, transpose_name = _name(label, f"{kind}-slice"), _name(label, f"{kind}-transpose")
+        k_in, k_out = _root_up(len(splits), hops), _root_up(n, hops)
+        slice_name, regroup_name = _name(label, f"{kind}-slice"), _name(label, f"{kind}-regroup")
         piece_name = _name(label, f"{kind}-piece")
-        for i, s in enumerate(splits):
-            for c, block in enumerate(blocks):
-                g.task((slice_name, i, c), operator.getitem, ref(s), slice(block.start, block.stop))
+        # holders[r] = [(key, block), ...]: range r's holders, one per block (blocks are the same for
+        # every range of a hop: they depend on the hop only).
+        holders = [[(s, range(n))] for s in splits]
+        for hop in range(1, hops):
+            joined = []
+            for r0 in range(0, len(holders), k_in):
+                group = holders[r0:r0 + k_in]
+                row = []
+                for c, (_, block) in enumerate(group[0]):
+                    for sub in _sub_blocks(block, k_out):
+                        cut = slice(sub.start - block.start, sub.stop - block.start)
+                        slices = [ref(g.task((slice_name, hop, r0 + x, sub.start), operator.getitem, ref(h[c][0]), cut))
+                                  for x, h in enumerate(group)]
+                        row.append((g.task((regroup_name, hop, r0 // k_in, sub.start), _regroup, *slices), sub))
+                joined.append(row)
+            holders = joined
         pieces: list[list] = [[] for _ in range(n)]
-        for gi, group in enumerate(groups):
-            for c, block in enumerate(blocks):
-                t = g.task((transpose_name, gi, c), _transpose, *(ref((slice_name, i, c)) for i in group))
+        for r, row in enumerate(holders):
+            for key, block in row:
                 for o, j in enumerate(block):
-                    pieces[j].append(ref(g.task((piece_name, gi, j), operator.getitem, ref(t), o)))
+                    pieces[j].append(ref(g.task((piece_name, r, j), operator.getitem, ref(key), o)))
         return [tuple(p) for p in pieces]
 
     def _reshuffle(self, node, inputs):
@@ -921,6 +974,48 @@ class DaskRunResult(PipelineResult):
         raise NotImplementedError("Beam's Dask runner does not collect metrics; counts are in the manifest")
 
 
+def translate_pipeline(pipeline, options, threads: int) -> tuple["_Translator", t.Any]:
+    """The Dask engine's task graph for ``pipeline``: (the translator, whose ``graph.dsk`` holds every
+    task, and a ``Delayed`` of the total element count of every sink, which runs the whole stage).
+    ``threads``: the cluster's worker threads (the least partition count). Needs no cluster: bench
+    engine_graph measures the graph's size at corpus-scale partition counts with it."""
+    from dask.delayed import Delayed
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+    from apache_beam.runners.dask.overrides import dask_overrides
+
+    dask_options = options.view_as(DaskOptions).get_all_options(drop_default=True, current_only=True)
+    bag_kwargs = DaskOptions._extract_bag_kwargs(dask_options)
+    pipeline.replace_all(dask_overrides())
+    uses = _Uses()
+    pipeline.visit(uses)
+    # P: --dask_npartitions when given, else enough partitions that each holds about one target
+    # shard of input (the runner's --dask_min_partitions), and never fewer than the threads.
+    min_partitions = options.view_as(LocalDaskOptions).dask_min_partitions or 1
+    partitions = bag_kwargs.get("npartitions") or max(threads, min_partitions)
+    translator = _Translator(bag_kwargs, partitions=partitions, uses=uses.uses,
+                             max_branch=options.view_as(LocalDaskOptions).dask_max_branch)
+    pipeline.visit(translator)
+    sinks = translator.sinks()
+    # Every sink reduced to its element count (each partition's chain runs inside its count task),
+    # all in ONE collection: computing several collections that share upstream tasks ran those
+    # tasks once per collection (seen here: every DoFn twice), and side effects must run once.
+    graph = translator.graph
+    counts = [_parts_task(graph, _count_parts, [part], (_name("sink", "count"), i))
+              for i, part in enumerate(p for parts in sinks for p in parts)]
+    total = Delayed(graph.task((_name("sink", "total"), 0), _sum, *(ref(k) for k in counts)), graph.dsk)
+    log.info("Dask engine: %d transforms, %d sinks, %d partitions per shuffle, %d tasks",
+             len(translator.pcolls), len(sinks), translator.partitions, len(graph.dsk))
+    if len(graph.dsk) > TASKS_WARNING:
+        log.warning("Dask engine: %s tasks at %s partitions per shuffle: about %.1f GiB of driver memory for "
+                    "the graph alone and as many tasks for dask's scheduler to run. Fewer, larger partitions "
+                    "make far fewer tasks (about P^(4/3)): raise --dask_partition_records or "
+                    "--target-shard-bytes (with worker memory), or set --dask_npartitions; for a corpus "
+                    "this size, a runner with its own shuffle service (Dataflow, Flink, Spark) also works "
+                    "(docs/operations.md)", f"{len(graph.dsk):,}", f"{translator.partitions:,}",
+                    len(graph.dsk) * 850 / 2**30)
+    return translator, total
+
+
 def _dask_runner_base():
     from apache_beam.runners.dask.dask_runner import DaskRunner as BeamDaskRunner
 
@@ -937,12 +1032,10 @@ class DaskRunner(_dask_runner_base()):
 
     def run_pipeline(self, pipeline, options):
         import dask.distributed as ddist
-        from dask.delayed import Delayed
         from apache_beam.runners.dask.dask_runner import DaskOptions
-        from apache_beam.runners.dask.overrides import dask_overrides
 
         dask_options = options.view_as(DaskOptions).get_all_options(drop_default=True, current_only=True)
-        bag_kwargs = DaskOptions._extract_bag_kwargs(dask_options)
+        DaskOptions._extract_bag_kwargs(dask_options)  # takes the bag's own flags (npartitions) out: not Client's
         local_workers = options.view_as(LocalDaskOptions).dask_local_workers
         # dask sets its own loggers to INFO; follow the CLI's level instead (WARNING unless asked).
         logging.getLogger("distributed").setLevel(max(logging.getLogger().getEffectiveLevel(), logging.WARNING))
@@ -961,26 +1054,7 @@ class DaskRunner(_dask_runner_base()):
         try:
             threads = sum(client.nthreads().values()) or 1
             _trim_workers(client)
-            pipeline.replace_all(dask_overrides())
-            uses = _Uses()
-            pipeline.visit(uses)
-            # P: --dask_npartitions when given, else enough partitions that each holds about one target
-            # shard of input (the runner's --dask_min_partitions), and never fewer than the threads.
-            min_partitions = options.view_as(LocalDaskOptions).dask_min_partitions or 1
-            partitions = bag_kwargs.get("npartitions") or max(threads, min_partitions)
-            translator = _Translator(bag_kwargs, partitions=partitions, uses=uses.uses,
-                                     max_branch=options.view_as(LocalDaskOptions).dask_max_branch)
-            pipeline.visit(translator)
-            sinks = translator.sinks()
-            # Every sink reduced to its element count (each partition's chain runs inside its count task),
-            # all in ONE collection: computing several collections that share upstream tasks ran those
-            # tasks once per collection (seen here: every DoFn twice), and side effects must run once.
-            graph = translator.graph
-            counts = [_parts_task(graph, _count_parts, [part], (_name("sink", "count"), i))
-                      for i, part in enumerate(p for parts in sinks for p in parts)]
-            total = Delayed(graph.task((_name("sink", "total"), 0), _sum, *(ref(k) for k in counts)), graph.dsk)
-            log.info("Dask engine: %d transforms, %d sinks, %d partitions per shuffle, %d tasks",
-                     len(translator.pcolls), len(sinks), translator.partitions, len(graph.dsk))
+            _, total = translate_pipeline(pipeline, options, threads)
             # optimize_graph=False: dask's fusion makes partitions lazy iterators, and a lazy partition
             # read by two consumers is exhausted by the first (seen as wrong joins in dedup).
             futures = [client.compute(total, optimize_graph=False)]

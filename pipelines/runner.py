@@ -142,7 +142,7 @@ def bound_dask_partitions(opts: PipelineOptions, target_shard_bytes: int, input_
     local = opts.view_as(engines.LocalDaskOptions)
     if local.dask_max_branch is not None and local.dask_max_branch < 2:
         raise UserError(f"--dask_max_branch {local.dask_max_branch}: must be at least 2 (a shuffle of more "
-                        "partitions than this runs in two stages)")
+                        "partitions than this runs in hops of at most this many branches)")
     if opts.view_as(DaskOptions).npartitions:
         return
     if local.dask_partition_records is not None and local.dask_partition_records < 1:

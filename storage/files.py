@@ -9,7 +9,7 @@ import os
 import posixpath
 import shutil
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +19,12 @@ from schemas.manifest import FILE_KIND_DATA, MANIFEST_NAME, Manifest
 from schemas.records import LEDGER_SCHEMA, PAIR_SCHEMA
 
 PARQUET_COMPRESSION = "zstd"
+# Rows Arrow encodes per batch; it closes a data page only between batches. At its default (1,024), a
+# column of 30 KB images is one 30 MB page per 1,024 rows, dictionary-encoded first and then re-encoded
+# plain: during the write Arrow held about 4.7x the row group (an 18 MB group of 600 images: 64 MiB of
+# pool growth, 0.12 s of CPU). 32 rows per batch make pages of about 1 MB of such images (12 MiB, 0.013 s);
+# caption columns still page at the 1 MiB data page size, at the same CPU (docs/scale.md, the bound).
+PARQUET_WRITE_BATCH_ROWS = 32
 
 
 def software_version() -> str:
@@ -89,8 +95,9 @@ def delete_tree(path: str) -> None:
         FileSystems.delete(sorted(m.path for m in found))
 
 
-def table_to_parquet_bytes(table: pa.Table, row_group_rows: int) -> bytes:
-    buf = io.BytesIO()
+def table_to_parquet_bytes(table: pa.Table, row_group_rows: int, buf: io.BytesIO | None = None) -> bytes:
+    """The Parquet file of ``table`` as bytes; written through ``buf`` if given (a bench samples memory there)."""
+    buf = io.BytesIO() if buf is None else buf
     pq.write_table(
         table,
         buf,
@@ -104,18 +111,28 @@ def table_to_parquet_bytes(table: pa.Table, row_group_rows: int) -> bytes:
 
 class HashingSink:
     """A write-only binary file that hashes and counts the bytes passing through to ``path``
-    (opened with ``FileSystems.create``): a shard's sha256 and size without holding its bytes."""
+    (opened with ``FileSystems.create``): a shard's sha256 and size without holding its bytes.
 
-    def __init__(self, path: str):
+    ``on_write(nbytes)``, if given, is called in the writing thread with each write's size while its
+    bytes are held: as a Parquet sink, Arrow hands over a whole column chunk (up to one compressed row
+    group) as one new ``bytes`` object, which the shard writer's memory probe counts."""
+
+    def __init__(self, path: str, on_write: Callable[[int], None] | None = None):
         makedirs_for(path)
         self.path = path
         self._f = FileSystems.create(path)
         self._sha = hashlib.sha256()
         self.size = 0
         self.closed = False
+        self.on_write = on_write
 
     def write(self, data) -> int:
+        # pyarrow's Python sink passes a new bytes object, which bytes() returns as it is (no copy);
+        # anything else (a memoryview, a pyarrow Buffer) is copied once, so no file object keeps a view
+        # of a buffer its owner may reuse
         data = bytes(data)
+        if self.on_write is not None:
+            self.on_write(len(data))
         self._sha.update(data)
         self._f.write(data)
         self.size += len(data)

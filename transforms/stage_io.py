@@ -62,6 +62,7 @@ from schemas.records import (
 )
 from storage.files import (  # noqa: F401  (re-exported: callers import these from here)
     PARQUET_COMPRESSION,
+    PARQUET_WRITE_BATCH_ROWS,
     HashingSink,
     join,
     read_bytes,
@@ -409,13 +410,17 @@ class _MemoryProbe:
     tracemalloc counts every thread of the process. On the DirectRunner only the writer runs during a
     write, but a Dask worker's communication thread keeps receiving and deserialising other tasks'
     inputs meanwhile. So the figure is "own": at the points where the writer holds the most (a full
-    sort buffer before it spills, the end of its input, a row group built) the live traces allocated in
-    this module are summed, and ``peak`` is the largest such sum plus the Arrow pool's largest growth at
-    the same points. It misses what Arrow hands the Python sink while a row group is written (at most
-    one compressed row group; docs/verify-and-benchmarks.md). ``process_peak`` is tracemalloc's peak of
-    the whole process (an upper bound; on the DirectRunner it is the writer's true peak, which the
-    tests hold ``peak`` against). A sum is taken only when the process as a whole holds more than the
-    largest own sum so far (else it cannot be a new maximum), so a quiet process pays almost nothing.
+    sort buffer before it spills, the end of its input, a row group built, a row group written) the
+    live traces allocated in this module are summed, and ``peak`` is the largest such sum plus the
+    Arrow pool's largest growth at the same points. While a row group is written, Arrow hands the sink
+    each column chunk as one new bytes object, allocated under pyarrow's frame (up to one compressed
+    row group): the sink reports each write's size and the pool at that moment (``on_write``, in the
+    writing thread only), and the sum after the write adds the largest one. During ``write_table`` this
+    module allocates and frees nothing, so that sum plus the largest write is what the writer held at
+    it. ``process_peak`` is tracemalloc's peak of the whole process plus the same pool growth (an upper
+    bound; on the DirectRunner it is the writer's true peak, which the tests hold ``peak`` against). A
+    sum is taken only when the process as a whole could hold more than the largest own figure so far
+    (else it cannot be a new maximum), so a quiet process pays almost nothing.
     """
 
     _NFRAME = 1  # the allocating frame only: 4 frames make the measured write ~2.3x slower
@@ -428,6 +433,7 @@ class _MemoryProbe:
         self.own_peak = 0
         self.samples = 0  # own sums taken (each walks every live trace)
         self.peak = self.process_peak = 0
+        self._write_bytes = 0  # the largest sink write since the last sample (held by Arrow's frame)
 
     def __enter__(self):
         if self.on:
@@ -439,19 +445,29 @@ class _MemoryProbe:
                 _MemoryProbe._active += 1
         return self
 
+    def on_write(self, nbytes: int) -> None:
+        """The sink was handed ``nbytes`` (``HashingSink``, called in the writing thread while the bytes
+        are held): the pool at this moment holds the table and Arrow's encoded and compressed pages."""
+        if self.on:
+            self.arrow_peak = max(self.arrow_peak, pa.total_allocated_bytes() - self._arrow_base)
+            self._write_bytes = max(self._write_bytes, nbytes)
+
     def sample(self, own: bool = True) -> None:
         """A point where the writer may hold its most: a sort buffer full, the end of the input, a row
-        group built. ``own=False``: the Arrow pool only (a point that cannot hold more Python memory
-        than an earlier one)."""
+        group built, a row group written (the largest sink write since the last sample is added to the
+        sum). ``own=False``: the Arrow pool only (a point that cannot hold more Python memory than an
+        earlier one)."""
         if not self.on:
             return
+        written, self._write_bytes = self._write_bytes, 0
         self.arrow_peak = max(self.arrow_peak, pa.total_allocated_bytes() - self._arrow_base)
         current, peak = tracemalloc.get_traced_memory()
-        if own and current > self.own_peak:
+        # the own sum is at most ``current`` (every trace), so below the largest figure it cannot win
+        if own and current + written > self.own_peak:
             # the sum's own temporaries (arrays over every trace) are not the writer's: the process
             # peak is kept from before it and restarted after it
             self._process_peak = max(self._process_peak, peak)
-            self.own_peak = max(self.own_peak, _own_traced_bytes())
+            self.own_peak = max(self.own_peak, _own_traced_bytes() + written)
             self.samples += 1
             tracemalloc.reset_peak()
 
@@ -516,21 +532,29 @@ class _StreamingParquet:
         # Parquet bytes), without a dict per row or a per-column lookup in every one
         columns = zip(*self.rows)
         table = pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, self.schema)], schema=self.schema)
-        # the rows and their table both held: a row group's most. Own sums at a file's 1st, 2nd, 4th, 8th...
-        # row group: the sort buffer only shrinks after the first, and a row group is bounded
+        # the exhausted zip still holds the iterators of every row but the first, so every row's values:
+        # let go of it, or the rows stay alive through the write beside their table and its pages
+        del columns
+        # the rows and their table both held: a row group's most before the write. Own sums at a file's
+        # 1st, 2nd, 4th, 8th... row group: the sort buffer only shrinks after the first, and a row group
+        # is bounded
         self.flushes += 1
-        self.probe.sample(own=self.flushes & (self.flushes - 1) == 0)
+        own = self.flushes & (self.flushes - 1) == 0
+        self.probe.sample(own=own)
         self.total_rows += len(self.rows)
         self.rows, self.pending_bytes = [], 0
         self.writer.write_table(table, row_group_size=table.num_rows)
-        self.probe.sample(own=False)
+        # Arrow handed the sink each column chunk as a new bytes object, now freed; this module
+        # allocated nothing meanwhile, so the sum now plus the largest write is what the write held
+        self.probe.sample(own=own)
         del table
 
     def _open(self) -> None:
         if self.writer is None:
-            self.sink = HashingSink(self.tmp)
+            self.sink = HashingSink(self.tmp, on_write=self.probe.on_write if self.probe.on else None)
             self.writer = pq.ParquetWriter(
-                self.sink, self.schema, compression=PARQUET_COMPRESSION, write_statistics=True, store_schema=True
+                self.sink, self.schema, compression=PARQUET_COMPRESSION, write_statistics=True, store_schema=True,
+                write_batch_size=PARQUET_WRITE_BATCH_ROWS,
             )
 
     def close(self, kind: str) -> FileEntry:

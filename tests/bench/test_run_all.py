@@ -97,3 +97,24 @@ def test_scale_input_images_are_deterministic_and_distinct(tmp_path):
     assert len({hashlib.sha256(b).hexdigest() for b in jpgs}) == 60
     scale.write_input(str(tmp_path / "b"), 3_000, image_share=0.02)
     assert (tmp_path / "a" / "00000.parquet").read_bytes() == (tmp_path / "b" / "00000.parquet").read_bytes()
+
+
+def test_engine_graph_counts_the_tasks_of_a_real_stage_without_a_cluster():
+    """bench.engine_graph translates a real stage (filter, run first on the DirectRunner) at two partition
+    counts without a cluster. The stage reads its one input file through a Reshuffle into P partitions:
+    one split of P buckets (a single input partition needs one hop) and P merges, worked out by hand;
+    every shuffle of P > 32 on both sides runs in hops (slices, regroups and pieces), and the graph
+    grows faster than P (each hop has about k = P^(1/2) branches here)."""
+    from bench import engine_graph
+
+    res = engine_graph.run([40, 160], ["filter"])
+    a, b = res["rows"]
+    assert (a["stage"], a["partitions"], b["partitions"]) == ("filter", 40, 160)
+    for r, p in ((a, 40), (b, 160)):
+        assert r["kinds"]["reshuffle-split"] == 1
+        assert r["kinds"]["reshuffle-bucket"] == p and r["kinds"]["reshuffle-merge"] == p
+        assert r["kinds"]["group-slice"] > 0 and r["kinds"]["group-regroup"] > 0 and r["kinds"]["group-piece"] > 0
+        assert "group-bucket" not in r["kinds"]  # no one-stage P x P shuffle left
+    assert b["tasks"] > 4 * a["tasks"]
+    md = engine_graph.to_markdown(res, "python -m bench.engine_graph --partitions 40,160 --stages filter")
+    assert "| filter | 40 | 2 | " in md and "| filter | 160 | 2 | " in md

@@ -161,10 +161,10 @@ def test_dedup_planted_groups_identical_with_beams_own_flags(dask_cluster, tmp_p
     run("dedup", "--input", inp, "--output", str(tmp_path / "dask"), "--num-shards", "3",
         *on_dask(dask_cluster, alias=False))
     assert_identical(tmp_path / "direct", tmp_path / "dask")
-    # every shuffle in two stages (7 partitions > max branch 2: groups and blocks of 3, 3, 1)
-    run("dedup", "--input", inp, "--output", str(tmp_path / "dask-two-stage"), "--num-shards", "3",
+    # every shuffle of 7 partitions in three hops (2 ** 2 < 7 <= 2 ** 3 for max branch 2)
+    run("dedup", "--input", inp, "--output", str(tmp_path / "dask-hops"), "--num-shards", "3",
         *on_dask(dask_cluster), "--dask_npartitions", "7", "--dask_max_branch", "2")
-    assert_identical(tmp_path / "direct", tmp_path / "dask-two-stage")
+    assert_identical(tmp_path / "direct", tmp_path / "dask-hops")
     ledger = read_table(str(tmp_path / "dask"), "ledger").to_pylist()
     assert {r["key"]: (r["status"], r["reason"], r["kept_key"]) for r in ledger} == expected
     assert read_manifest(str(tmp_path / "dask")).extra["dedup"]["components"]["converged"] is True

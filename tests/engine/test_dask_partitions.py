@@ -118,14 +118,16 @@ def test_graph_is_exact_and_builds_in_linear_time():
     assert seconds < 60, f"building {tasks:,} tasks took {seconds:.0f} s of CPU"
 
 
-def test_shuffle_of_more_partitions_than_max_branch_runs_in_two_stages():
+def test_shuffle_of_more_partitions_than_max_branch_runs_in_hops():
     """Two GroupByKeys at P = 10: the second has 10 input partitions. One stage: 10 splits, 10 x 10
-    buckets, 10 merges (120 tasks). With --dask_max_branch 3, two stages of ceil(sqrt(10)) = 4: splits
-    in groups of 4 (4, 4, 2) and outputs in blocks of 4 (4, 4, 2), so 10 splits, 10 x 3 slices, 3 x 3
-    transposes, 3 x 10 pieces and 10 merges (89 tasks), counted by hand. The first GroupByKey (one
-    input partition) stays one stage: 1 split, 10 buckets, 10 merges. At P = 50 (1M records in
-    bench.scale) a shuffle is 2,600 tasks in one stage; in two (groups and blocks of 8: 7 of each)
-    50 + 50 x 7 + 7 x 7 + 7 x 50 + 50 = 849."""
+    buckets, 10 merges (120 tasks). With --dask_max_branch 3, three hops of 3 branches (3 ** 2 < 10 <=
+    3 ** 3), counted by hand. Hop 1: each split is cut into 3 blocks of outputs (sizes 4, 3, 3): 30
+    slices; splits join in ranges of 3 (3, 3, 3, 1): 4 x 3 regroups. Hop 2: each of those 12 holders is
+    cut in 3 again (4 -> 2, 1, 1; 3 -> 1, 1, 1): 36 slices; the 4 ranges join in 2 (3, 1), over 9 blocks:
+    18 regroups. Last hop: each output takes one piece from each of the 2 ranges: 20 pieces; 10 merges.
+    The first GroupByKey (one input partition) stays one stage: 1 split, 10 buckets, 10 merges. At P = 50
+    (1M records in bench.scale) a shuffle is 2,600 tasks in one stage; in two hops of 8 branches (7
+    ranges of up to 8 splits, 8 blocks of 6 or 7 outputs): 50 + 50 x 8 + 7 x 8 + 7 x 50 + 50 = 906."""
     import apache_beam as beam
 
     def kinds(partitions, max_branch):
@@ -138,10 +140,67 @@ def test_shuffle_of_more_partitions_than_max_branch_runs_in_two_stages():
 
     one = {("G1", "group-split"): 1, ("G1", "group-bucket"): 10, ("G1", "group-merge"): 10}
     assert kinds(10, 32) == {**one, ("G2", "group-split"): 10, ("G2", "group-bucket"): 100, ("G2", "group-merge"): 10}
-    assert kinds(10, 3) == {**one, ("G2", "group-split"): 10, ("G2", "group-slice"): 30, ("G2", "group-transpose"): 9,
-                            ("G2", "group-piece"): 30, ("G2", "group-merge"): 10}
+    assert kinds(10, 3) == {**one, ("G2", "group-split"): 10, ("G2", "group-slice"): 66, ("G2", "group-regroup"): 30,
+                            ("G2", "group-piece"): 20, ("G2", "group-merge"): 10}
     g2 = {k: n for (label, k), n in kinds(50, None).items() if label == "G2"}
-    assert sum(g2.values()) == 849 and g2["group-transpose"] == 49, g2
+    assert g2 == {"group-split": 50, "group-slice": 400, "group-regroup": 56, "group-piece": 350,
+                  "group-merge": 50}, g2
+
+
+@pytest.mark.parametrize("inputs,outputs,max_branch,hops", [
+    (10, 10, 3, 3), (7, 7, 2, 3), (50, 50, 32, 2), (33, 33, 32, 2), (30, 10, 3, 4), (10, 30, 3, 4),
+    (100, 37, 4, 4), (64, 64, 2, 6), (5, 200, 2, 8), (2, 200, 2, 1), (200, 5, 32, 1), (200, 32, 32, 2), (32, 2000, 32, 3),
+    (1024, 40, 32, 2), (1025, 40, 32, 3),
+])
+def test_multi_hop_shuffle_delivers_every_bucket_in_split_order(inputs, outputs, max_branch, hops):
+    """Whatever the shape, output j of a shuffle receives bucket j of every split, in split order (the
+    order the merge depends on for identical bytes): split i's bucket j here is the pickled pair
+    (i, j), and the graph runs on dask's synchronous scheduler. ``hops`` is the least h with
+    max_branch ** h >= the larger side; 1 when inputs x outputs <= max_branch ** 2 or a side is at most 2
+    (worked out by hand). 32 inputs into 2,000 outputs: 64,000 buckets in one stage, three hops here."""
+    import pickle
+
+    from dask.local import get_sync
+
+    from pipelines import engines
+
+    assert engines._hops(inputs, outputs, max_branch) == hops
+    if hops == 1:
+        return
+    translator = engines._Translator({}, partitions=outputs, uses={}, max_branch=max_branch)
+    g = translator.graph
+    splits = [g.data(("split", i), tuple(pickle.dumps((i, j)) for j in range(outputs))) for i in range(inputs)]
+    pieces = translator._multi_hop("L", "group", splits, outputs, hops)
+    merged = get_sync(g.dsk, [g.task(("out", j), engines._apply_merge, list, 0, *pieces[j]) for j in range(outputs)])
+    for j, buckets in enumerate(merged):
+        assert buckets == [(i, j) for i in range(inputs)]
+
+
+def test_shuffle_of_200m_records_default_partitions_is_three_hops():
+    """At 200M records the default P is 200,000,000 / 20,000 = 10,000. With the default max_branch 32
+    (32 ** 2 < 10,000 <= 32 ** 3) a shuffle is three hops of 22 branches (21 ** 3 < 10,000 <= 22 ** 3),
+    counted by hand: 10,000 x 22 slices; 455 ranges (454 of 22 splits, one of 12) x 22 blocks regrouped;
+    10,010 holders x 22 slices; 21 ranges (20 of 22 earlier ranges, one of 15) x 484 blocks regrouped;
+    21 x 10,000 pieces: 690,394 tasks with the 10,000 splits and 10,000 merges, against 2,030,000 in two
+    hops of 100 and 10^8 in one. The graph builds in seconds."""
+    import time as _time
+
+    from pipelines import engines
+
+    translator = engines._Translator({}, partitions=10_000, uses={}, max_branch=engines.DEFAULT_MAX_BRANCH)
+    g = translator.graph
+    t0 = _time.process_time()
+    splits = [g.data(("split", i), None) for i in range(10_000)]
+    pieces = translator._multi_hop("L", "group", splits, 10_000, engines._hops(10_000, 10_000, 32))
+    for j, p in enumerate(pieces):
+        g.task(("merge", j), engines._apply_merge, list, 0, *p)
+    seconds = _time.process_time() - t0
+    kinds = collections.Counter(key[0].split(":")[0] for key in g.dsk)
+    assert kinds == {"split": 10_000, "group-slice": 220_000 + 220_220, "group-regroup": 10_010 + 10_164,
+                     "group-piece": 210_000, "merge": 10_000}, kinds
+    assert sum(kinds.values()) == 690_394
+    assert {len(p) for p in pieces} == {21}  # each output merges one piece per final range
+    assert seconds < 120, f"building {len(g.dsk):,} tasks took {seconds:.0f} s of CPU"
 
 
 def test_global_combine_shuffles_into_one_bucket_per_partition():
@@ -270,3 +329,29 @@ def test_workers_give_freed_memory_back_before_a_stage(dask_cluster, tmp_path):
     assert set(after) == set(fragmented)
     for worker, rss in fragmented.items():
         assert rss - after[worker] > 250 * 2**20, (worker, rss, after[worker])
+
+
+def test_a_graph_past_the_task_warning_is_warned_about_before_submitting(monkeypatch, caplog):
+    """A stage whose graph passes ``TASKS_WARNING`` tasks gets one WARNING naming the count, the partitions
+    and the flags that shrink it; under the threshold, none. (bench.engine_graph measures real stages:
+    dedup at P = 2,200 is about 4M tasks.)"""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import engines
+
+    def translate(threshold):
+        monkeypatch.setattr(engines, "TASKS_WARNING", threshold)
+        caplog.clear()
+        p = beam.Pipeline()
+        _ = p | beam.Create([("a", 1), ("b", 2)]) | beam.GroupByKey()
+        with caplog.at_level(logging.WARNING, logger="mmcorpus"):
+            translator, _ = engines.translate_pipeline(p, PipelineOptions([]), threads=4)
+        return len(translator.graph.dsk), [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    tasks, warnings = translate(10**9)
+    assert tasks > 10 and warnings == []
+    tasks, warnings = translate(10)
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"Dask engine: {tasks:,} tasks at 4 partitions per shuffle: about ")
+    assert "--dask_partition_records" in warnings[0] and "--dask_npartitions" in warnings[0]
