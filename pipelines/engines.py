@@ -864,7 +864,8 @@ class _Translator(beam.pipeline.PipelineVisitor):
             # Beam's GroupByKey wraps every value in a WindowedValue (its window and timestamp) for the
             # shuffle, through a DoFn invoker that rebuilds its arguments per element; the engine runs
             # the global window only and its shuffle unwrapped the values again, so the values go
-            # through as they are (pack at 100k pairs: about 1 s per 100k values shuffled).
+            # through as they are (one DoFn invocation and one WindowedValue less per value shuffled;
+            # pack at 100k pairs on one worker: about 2-3 s of 20 s of CPU, measured under load).
             return inputs[0]
         args, kwargs = transform.raw_side_inputs
         sides = list(node.side_inputs)
