@@ -640,6 +640,15 @@ class _Uses(beam.pipeline.PipelineVisitor):
                 self.uses[pc.producer] = self.uses.get(pc.producer, 0) + 1
 
 
+def _windows_elements(transform) -> bool:
+    """A WindowInto other than the global window: the engine runs every element in the global window
+    (its GroupByKey groups by key alone and passes values through without their windows), so it refuses
+    such a transform instead of grouping across windows."""
+    from apache_beam.transforms.window import GlobalWindows
+
+    return isinstance(transform, beam.WindowInto) and not isinstance(transform.windowing.windowfn, GlobalWindows)
+
+
 class _Translator(beam.pipeline.PipelineVisitor):
     """Translate every leaf transform into dask tasks, fusing chains of ParDos.
 
@@ -686,7 +695,7 @@ class _Translator(beam.pipeline.PipelineVisitor):
         kind = self._kinds.get(type(transform))
         if kind is None and isinstance(transform, beam.ParDo):
             kind = self._pardo
-        if kind is None:
+        if kind is None or _windows_elements(transform):
             self._unsupported(node)
         inputs = [self._input(pc) for pc in node.main_inputs.values() if not isinstance(pc, beam.pvalue.PBegin)]
         parts = kind(node, inputs)
@@ -710,8 +719,8 @@ class _Translator(beam.pipeline.PipelineVisitor):
     def _unsupported(self, node, inputs=None):
         raise NotImplementedError(
             f"the Dask engine cannot run {node.full_label!r} ({type(node.transform).__name__}): Beam's Dask "
-            "runner translates only Create, ParDo, GroupByKey, Flatten and Reshuffle; use the DirectRunner "
-            "or Dataflow for this stage"
+            "runner translates only Create, ParDo, GroupByKey, Flatten and Reshuffle, in the global window; "
+            "use the DirectRunner or Dataflow for this stage"
         )
 
     def _create(self, node, inputs):

@@ -355,3 +355,19 @@ def test_a_graph_past_the_task_warning_is_warned_about_before_submitting(monkeyp
     assert len(warnings) == 1
     assert warnings[0].startswith(f"Dask engine: {tasks:,} tasks at 4 partitions per shuffle: about ")
     assert "--dask_partition_records" in warnings[0] and "--dask_npartitions" in warnings[0]
+
+
+def test_a_window_other_than_the_global_one_is_refused_by_name():
+    """The engine groups by key alone in the global window (Beam's ReifyWindows step is passed through),
+    so a WindowInto(FixedWindows) stops the translation with the transform's name; a WindowInto of the
+    global window translates."""
+    import apache_beam as beam
+    from apache_beam.transforms import window
+
+    p = beam.Pipeline()
+    _ = p | beam.Create([("a", 1)]) | "Global" >> beam.WindowInto(window.GlobalWindows()) | beam.GroupByKey()
+    assert _graph_of(p, 4).graph.dsk
+    p = beam.Pipeline()
+    _ = p | beam.Create([("a", 1)]) | "Fixed" >> beam.WindowInto(window.FixedWindows(10)) | beam.GroupByKey()
+    with pytest.raises(NotImplementedError, match=r"the Dask engine cannot run 'Fixed' \(WindowInto\).*global window"):
+        _graph_of(p, 4)
