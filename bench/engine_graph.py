@@ -83,7 +83,7 @@ def _stage_argv(stage: str, root: str, cfg: str, output: str) -> list[str]:
 def prepare(root: str) -> str:
     """bench.scale's input of PAIRS pairs, and each stage's output on the DirectRunner (the next
     stage's input). Returns the stage config's path."""
-    from bench.scale import CONFIG, write_input
+    from bench.scale import CONFIG, stage_argv, write_input
 
     write_input(os.path.join(root, "input"), PAIRS, 0.02)
     cfg = os.path.join(root, "bench-scale.toml")
@@ -91,8 +91,6 @@ def prepare(root: str) -> str:
         f.write(CONFIG)
     env = dict(os.environ, MMCORPUS_PROGRESS="0")
     for stage in STAGES:
-        from bench.scale import stage_argv
-
         subprocess.run([sys.executable, "-m", "pipelines.cli", *stage_argv(stage, root, cfg, [])], check=True,
                        cwd=REPO, env=env, stdout=subprocess.DEVNULL)
     return cfg

@@ -503,7 +503,8 @@ def _hops(inputs: int, outputs: int, max_branch: int) -> int:
     bucket tasks are few (at most max_branch ** 2) or one side is 1 or 2 (a global combine, a read of
     one file: hops would move the data more often to save few tasks); else the least h >= 2 with
     max_branch ** h >= the larger side, as dask.dataframe's task shuffle. So 32 large input files
-    read into P = 10,000 partitions take three hops (about 25,000 tasks), not 320,000 buckets."""
+    read into P = 10,000 partitions take three hops (25,720 slice, regroup and piece tasks), not
+    320,000 buckets."""
     if min(inputs, outputs) <= 2 or inputs * outputs <= max_branch ** 2:
         return 1
     h = 2
@@ -754,7 +755,8 @@ class _Translator(beam.pipeline.PipelineVisitor):
         """All-to-all: every input partition's chain runs and splits into n buckets (P unless given; one
         task per input partition); output partition j merges bucket j of every split (one task per
         output), in split order. One stage: a task per bucket, inputs x n + inputs + n tasks, so P x P.
-        With more inputs and outputs than ``max_branch``, several hops (``_multi_hop``)."""
+        Past max_branch ** 2 buckets (and more than 2 on each side), several hops (``_hops``,
+        ``_multi_hop``)."""
         n = n or self.partitions
         g = self.graph
         split_name, bucket_name = _name(node.full_label, f"{kind}-split"), _name(node.full_label, f"{kind}-bucket")
