@@ -114,8 +114,9 @@ class HashingSink:
     (opened with ``FileSystems.create``): a shard's sha256 and size without holding its bytes.
 
     ``on_write(nbytes)``, if given, is called in the writing thread with each write's size while its
-    bytes are held: as a Parquet sink, Arrow hands over a whole column chunk (up to one compressed row
-    group) as one new ``bytes`` object, which the shard writer's memory probe counts."""
+    bytes are held: as a Parquet sink, Arrow hands over each page (``PARQUET_WRITE_BATCH_ROWS`` rows of
+    a column, at most; about 1 MB of 30 KB images) as one new ``bytes`` object, which the shard writer's
+    memory probe counts."""
 
     def __init__(self, path: str, on_write: Callable[[int], None] | None = None):
         makedirs_for(path)

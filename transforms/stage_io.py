@@ -413,8 +413,8 @@ class _MemoryProbe:
     sort buffer before it spills, the end of its input, a row group built, a row group written) the
     live traces allocated in this module are summed, and ``peak`` is the largest such sum plus the
     Arrow pool's largest growth at the same points. While a row group is written, Arrow hands the sink
-    each column chunk as one new bytes object, allocated under pyarrow's frame (up to one compressed
-    row group): the sink reports each write's size and the pool at that moment (``on_write``, in the
+    each page as one new bytes object, allocated under pyarrow's frame (``PARQUET_WRITE_BATCH_ROWS``
+    rows of a column at most): the sink reports each write's size and the pool at that moment (``on_write``, in the
     writing thread only), and the sum after the write adds the largest one. During ``write_table`` this
     module allocates and frees nothing, so that sum plus the largest write is what the writer held at
     it. ``process_peak`` is tracemalloc's peak of the whole process plus the same pool growth (an upper
